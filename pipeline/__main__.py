@@ -1,0 +1,6 @@
+"""``python -m pipeline <command>``: see ``pipeline.cli``."""
+import sys
+
+from pipeline.cli import main
+
+sys.exit(main())

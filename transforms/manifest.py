@@ -1,0 +1,69 @@
+"""ReadManifest: Parquet manifest rows → normalised, de-duplicated rows plus error rows."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from pipeline.manifest import ManifestRow, RowError, normalize_row
+from transforms.errors import ERRORS
+
+STAGE_DEDUPLICATE = "deduplicate"
+
+
+class _NormalizeFn(beam.DoFn):
+    def __init__(self) -> None:
+        self._read = Metrics.counter("inctrl", "manifest_rows_read")
+        self._bad = Metrics.counter("inctrl", "manifest_rows_rejected")
+
+    def process(self, raw: dict) -> Iterable:
+        self._read.inc()
+        row = normalize_row(raw)
+        if isinstance(row, RowError):
+            self._bad.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, row)
+        else:
+            yield row
+
+
+class _KeepFirstFn(beam.DoFn):
+    """Of rows sharing (role, image_id), keep the one with the smallest URI; the rest are errors."""
+
+    def __init__(self) -> None:
+        self._dupes = Metrics.counter("inctrl", "manifest_rows_duplicate")
+
+    def process(self, element: tuple[tuple[str, str], Iterable[ManifestRow]]) -> Iterable:
+        (_, image_id), rows = element
+        ordered = sorted(rows, key=lambda r: (r.image_uri, r.dataset, r.category))
+        yield ordered[0]
+        for dup in ordered[1:]:
+            self._dupes.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, RowError(
+                image_uri=dup.image_uri, dataset=dup.dataset, category=dup.category,
+                image_id=dup.image_id, role=dup.role, stage=STAGE_DEDUPLICATE,
+                reason=f"duplicate image_id {image_id!r}: already used by {ordered[0].image_uri}",
+            ))
+
+
+class ReadManifest(beam.PTransform):
+    """Reads a Parquet manifest (file pattern) into ``{'rows': ManifestRow, 'errors': RowError}``."""
+
+    def __init__(self, file_pattern: str) -> None:
+        super().__init__()
+        self._pattern = file_pattern
+
+    def expand(self, pbegin):
+        normalized = (
+            pbegin
+            | "ReadParquet" >> beam.io.ReadFromParquet(self._pattern)
+            | "Normalize" >> beam.ParDo(_NormalizeFn()).with_outputs(ERRORS, main="rows")
+        )
+        unique = (
+            normalized.rows
+            | "KeyByRoleAndId" >> beam.Map(lambda r: ((r.role, r.image_id), r))
+            | "GroupById" >> beam.GroupByKey()
+            | "KeepFirst" >> beam.ParDo(_KeepFirstFn()).with_outputs(ERRORS, main="rows")
+        )
+        errors = (normalized[ERRORS], unique[ERRORS]) | "MergeErrors" >> beam.Flatten()
+        return {"rows": unique.rows, ERRORS: errors}

@@ -1,0 +1,149 @@
+"""WritePartitioned: records → hive-partitioned Parquet, committed atomically per partition.
+
+Workers write part files into a staging folder of the run. One commit step, after all
+bundles succeeded, moves exactly the reported files into a hidden folder beside the
+partition, marks it with ``_SUCCESS`` and swaps it in: a rerun replaces a partition whole,
+never duplicates rows, and a failed run leaves the previous partition as it was.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+import apache_beam as beam
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
+
+from pipeline.schemas import partition_dir, partition_value, to_table
+
+LOG = logging.getLogger(__name__)
+
+SUCCESS_MARKER = "_SUCCESS"
+
+
+def staging_root(output: str, run_id: str) -> str:
+    return f"{output}/_staging/{run_id}"
+
+
+def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, _, (root,) = fsspec.get_fs_token_paths(path)
+    return fs, root
+
+
+class _WriteFilesFn(beam.DoFn):
+    """Buffers records per dataset and writes part files to staging: yields (dataset, path)."""
+
+    def __init__(self, output: str, table: str, schema: pa.Schema, run_id: str,
+                 rows_per_file: int) -> None:
+        self._output = output
+        self._table = table
+        self._schema = schema
+        self._run_id = run_id
+        self._rows_per_file = rows_per_file
+        self._rows = Metrics.counter("inctrl", f"{table}_rows_written")
+
+    def start_bundle(self) -> None:
+        self._buffers: dict[str, list[dict]] = defaultdict(list)
+
+    def _flush(self, dataset: str) -> str:
+        records = self._buffers.pop(dataset)
+        folder = f"{staging_root(self._output, self._run_id)}/{self._table}/dataset={dataset}"
+        path = f"{folder}/part-{uuid.uuid4().hex}.parquet"
+        fs, local = _fs(path)
+        fs.makedirs(local.rpartition("/")[0], exist_ok=True)
+        with fs.open(local, "wb") as f:
+            pq.write_table(to_table(records, self._schema), f)
+        self._rows.inc(len(records))
+        return path
+
+    def process(self, record: dict) -> Iterable:
+        dataset = partition_value(record.get("dataset"))
+        buf = self._buffers[dataset]
+        buf.append(record)
+        if len(buf) >= self._rows_per_file:
+            yield dataset, self._flush(dataset)
+
+    def finish_bundle(self) -> Iterable:
+        for dataset in list(self._buffers):
+            yield WindowedValue((dataset, self._flush(dataset)), 0, [GlobalWindow()])
+
+
+def commit_partitions(output: str, table: str, run_date: str, run_id: str,
+                      files: Sequence[tuple[str, str]], datasets: Iterable[str]) -> list[str]:
+    """Swap each dataset's staged files in as its ``run_date`` partition.
+
+    ``datasets`` lists every dataset this run is responsible for: one without files gets an
+    empty partition (its old rows for that date are replaced by none).
+    """
+    by_dataset: dict[str, list[str]] = defaultdict(list)
+    for dataset, path in files:
+        by_dataset[dataset].append(path)
+    for dataset in datasets:
+        by_dataset.setdefault(partition_value(dataset), [])
+    committed = []
+    for dataset, paths in sorted(by_dataset.items()):
+        final = partition_dir(output, table, dataset, run_date)
+        parent, _, name = final.rpartition("/")
+        incoming = f"{parent}/.{name}.incoming-{run_id}"
+        retired = f"{parent}/.{name}.old-{run_id}"
+        fs, local_incoming = _fs(incoming)
+        fs.makedirs(local_incoming, exist_ok=True)
+        for path in sorted(paths):
+            fs.mv(_fs(path)[1], f"{local_incoming}/{path.rpartition('/')[2]}")
+        with fs.open(f"{local_incoming}/{SUCCESS_MARKER}", "wb") as f:
+            f.write(f"{run_id}\n".encode())
+        local_final = _fs(final)[1]
+        local_retired = _fs(retired)[1]
+        had_old = fs.exists(local_final)
+        if had_old:
+            fs.mv(local_final, local_retired, recursive=True)
+        fs.mv(local_incoming, local_final, recursive=True)
+        if had_old:
+            fs.rm(local_retired, recursive=True)
+        committed.append(final)
+        LOG.info("Committed %s (%d files)", final, len(paths))
+    fs, staged = _fs(f"{staging_root(output, run_id)}/{table}")
+    if fs.exists(staged):  # stray files of retried bundles
+        fs.rm(staged, recursive=True)
+    return committed
+
+
+class _CommitFn(beam.DoFn):
+    def __init__(self, output: str, table: str, run_date: str, run_id: str) -> None:
+        self._args = (output, table, run_date, run_id)
+
+    def process(self, files: list, datasets: list) -> Iterable:
+        yield from commit_partitions(*self._args, files=files, datasets=datasets)
+
+
+class WritePartitioned(beam.PTransform):
+    """Dict records with a ``dataset`` key → ``<output>/<table>/dataset=/run_date=`` Parquet.
+
+    Returns the committed partition folders. ``datasets`` (a PCollection of names) are the
+    partitions this run owns even if it writes no row for them.
+    """
+
+    def __init__(self, output: str, table: str, schema: pa.Schema, run_date: str, run_id: str,
+                 datasets=None, rows_per_file: int = 50_000) -> None:
+        super().__init__()
+        self._write = _WriteFilesFn(output, table, schema, run_id, rows_per_file)
+        self._commit = _CommitFn(output, table, run_date, run_id)
+        self._datasets = datasets
+
+    def expand(self, records):
+        files = (
+            records
+            | "WriteFiles" >> beam.ParDo(self._write)
+            | "AllFiles" >> beam.combiners.ToList()
+        )
+        if self._datasets is None:
+            datasets = files.pipeline | "NoDatasets" >> beam.Create([])
+        else:
+            datasets = self._datasets
+        return files | "Commit" >> beam.ParDo(self._commit, datasets=beam.pvalue.AsList(datasets))
