@@ -15,6 +15,7 @@ from pipeline.config import ScoreConfig, add_score_flags, score_config_from_args
 from pipeline.manifest import validate_manifest_schema
 from pipeline.model.loading import heads_hash, model_id
 from pipeline.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
+from transforms.cache import extract_features
 from transforms.errors import ERRORS as ERROR_TAG
 from transforms.errors import error_records
 from transforms.features import ExtractFeatures
@@ -75,8 +76,8 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Sc
     drawn = rows | "SelectReferences" >> SelectReferences(config.k, config.seeds)
     ref_images = (distinct_references(drawn["sets"])
                   | "LoadReferenceImages" >> LoadImages(spec, config.max_pixels, config.min_side))
-    ref_features = ref_images["images"] | "ExtractReferenceFeatures" >> ExtractFeatures(
-        spec, config.batch_size, config.share_model_across_processes)
+    ref_features = ref_images["images"] | "ExtractReferenceFeatures" >> extract_features(
+        config.feature_cache, spec, config.batch_size, config.share_model_across_processes)
     ref_sets = (
         {"sets": drawn["sets"],
          "features": ref_features | "RowOnly" >> beam.MapTuple(lambda key, f: (key[0], f))}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# With no arguments: generate the embedded demo set, score it on the DirectRunner and print
+# the summary. With arguments: score a manifest, for example
+#   ./run_local.sh --manifest my.parquet --output out/ --k 4 --seeds 0,1,2
+# Sets itself up on first use: a virtual environment in .venv with this package, reinstalled
+# when setup.py changes. Needs only python3 (3.10+) and the package registry.
+# ./run_local.sh --setup [EXTRAS] only does the set-up (used by run_tests.sh).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${INCTRL_VENV:-$PWD/.venv}"
+
+setup() {
+  local extras="${1:-}"
+  local stamp="$VENV/.installed-$(sha256sum setup.py | cut -c1-16)${extras:+-$extras}"
+  [ -f "$stamp" ] && return 0
+  [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet -e ".${extras:+[$extras]}"
+  touch "$stamp"
+}
+
+if [ "${1:-}" = "--setup" ]; then
+  setup "${2:-}"
+  exit 0
+fi
+setup
+export PYTHONUNBUFFERED=1
+if [ "$#" -eq 0 ]; then
+  exec "$VENV/bin/python" -m pipeline demo
+fi
+exec "$VENV/bin/python" -m pipeline score "$@"

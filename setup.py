@@ -1,0 +1,33 @@
+"""InCTRL batch anomaly scoring on Apache Beam."""
+from setuptools import find_packages, setup
+
+REQUIRES = [
+    # torch and torchvision must be a matching pair; open_clip imports torchvision.
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "open_clip_torch>=3.3,<4",
+    # Not apache-beam[torch]: that extra caps torch far below what open_clip needs.
+    "apache-beam==2.77.0",
+    "numpy>=1.26,<2.5",
+    "pyarrow>=17,<26",
+    "pillow>=10,<13",
+    "pandas>=2.2",
+    "fsspec>=2024.6",
+    "scikit-learn>=1.5",
+    "safetensors>=0.4",
+]
+
+setup(
+    name="inctrl-beam",
+    version="0.1.0",
+    description="Generalist few-shot image anomaly scoring (InCTRL) as an Apache Beam batch job",
+    packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
+    package_data={"pipeline.model": ["configs/*.json"]},
+    python_requires=">=3.10",
+    install_requires=REQUIRES,
+    extras_require={
+        "dask": ["dask[distributed]>=2024.6"],
+        "test": ["pytest>=8", "dask[distributed]>=2024.6"],
+    },
+    entry_points={"console_scripts": ["inctrl-beam=pipeline.cli:main"]},
+)
