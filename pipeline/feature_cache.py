@@ -12,6 +12,7 @@ import logging
 import uuid
 
 import fsspec
+import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -56,15 +57,42 @@ class FeatureCache:
 
     def put(self, content_hash: str, features: ImageFeatures) -> None:
         """Store one image's features (batch dimension 1) atomically."""
-        path = self._local(content_hash)
-        folder = path.rpartition("/")[0]
-        self._fs.makedirs(folder, exist_ok=True)
-        data = st_save(
+        self._atomic_write(self._local(content_hash), st_save(
             {"tokens": features.tokens.detach().cpu().contiguous(),
              "embeds": features.embeds.detach().cpu().contiguous()},
             metadata={"identity": self.identity},
-        )
-        tmp = f"{folder}/.{content_hash}.{uuid.uuid4().hex}.tmp"
+        ))
+
+    # Prompt-ensemble embeddings live beside the image features: same backbone identity.
+    def _text_local(self, prompts_key: str) -> str:
+        return f"{self._local_root}/text/{prompts_key}.safetensors"
+
+    def get_text(self, prompts_key: str) -> torch.Tensor | None:
+        """Cached (2, embed_dim) text features for a prompt set, or None."""
+        try:
+            with self._fs.open(self._text_local(prompts_key), "rb") as f:
+                return st_load(f.read())["text"]
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            LOG.warning("Ignoring unreadable prompt cache entry %s: %s", prompts_key, exc)
+            return None
+
+    def put_text(self, prompts_key: str, text: torch.Tensor) -> None:
+        self._atomic_write(self._text_local(prompts_key),
+                           st_save({"text": text.detach().cpu().contiguous()},
+                                   metadata={"identity": self.identity}))
+
+    def _atomic_write(self, path: str, data: bytes) -> None:
+        folder, _, name = path.rpartition("/")
+        self._fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
         with self._fs.open(tmp, "wb") as f:
             f.write(data)
         self._fs.mv(tmp, path)
+
+
+def prompts_key(normal: list[str], anomalous: list[str]) -> str:
+    """Content key of a prompt set: the features depend on the exact texts only."""
+    text = "\n".join(normal) + "\x1e" + "\n".join(anomalous)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -83,7 +83,8 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Sc
          "features": ref_features | "RowOnly" >> beam.MapTuple(lambda key, f: (key[0], f))}
         | "AssembleReferenceSets" >> AssembleReferenceSets()
     )
-    prompts = queries | "EncodePrompts" >> EncodePrompts(spec, config.semantic_classes)
+    prompts = queries | "EncodePrompts" >> EncodePrompts(
+        spec, config.semantic_classes, config.feature_cache)
 
     query_images = queries | "LoadQueryImages" >> LoadImages(
         spec, config.max_pixels, config.min_side)

@@ -1,4 +1,9 @@
-"""EncodePrompts: the text prior's prompt embeddings, computed once per category."""
+"""EncodePrompts: the text prior's prompt embeddings, computed once per category.
+
+With a feature cache the embeddings are also kept on disk across runs (keyed by the
+backbone identity and the exact prompt texts), since a prompt ensemble costs the text
+tower hundreds of sequences.
+"""
 from __future__ import annotations
 
 from typing import Iterable
@@ -6,30 +11,46 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from pipeline.feature_cache import FeatureCache, prompts_key
 from pipeline.model.backbone import BackboneSpec, get_backbone
-from pipeline.model.inctrl import build_text_features
+from pipeline.model.inctrl import encode_prompt_pair
+from pipeline.model.prompts import prompts_for
 
 
 class _EncodeFn(beam.DoFn):
-    def __init__(self, spec: BackboneSpec, semantic_classes: frozenset[str]) -> None:
+    def __init__(self, spec: BackboneSpec, semantic_classes: frozenset[str],
+                 cache_root: str | None) -> None:
         self._spec = spec
         self._semantic = semantic_classes
+        self._cache_root = cache_root
         self._encoded = Metrics.counter("inctrl", "prompt_sets_encoded")
+        self._cached = Metrics.counter("inctrl", "prompt_sets_from_cache")
 
     def setup(self) -> None:
         self._backbone = get_backbone(self._spec)
+        self._cache = FeatureCache(self._cache_root, self._spec) if self._cache_root else None
 
     def process(self, category: str) -> Iterable:
-        self._encoded.inc()
-        yield category, build_text_features(self._backbone, category, self._semantic).cpu()
+        normal, anomalous = prompts_for(category, self._semantic)
+        key = prompts_key(normal, anomalous)
+        text = self._cache.get_text(key) if self._cache else None
+        if text is None:
+            text = encode_prompt_pair(self._backbone, normal, anomalous).cpu()
+            self._encoded.inc()
+            if self._cache:
+                self._cache.put_text(key, text)
+        else:
+            self._cached.inc()
+        yield category, text
 
 
 class EncodePrompts(beam.PTransform):
     """ManifestRow → (category, (2, embed_dim) normal/anomalous text features), once each."""
 
-    def __init__(self, spec: BackboneSpec, semantic_classes: frozenset[str]) -> None:
+    def __init__(self, spec: BackboneSpec, semantic_classes: frozenset[str],
+                 cache_root: str | None = None) -> None:
         super().__init__()
-        self._fn = _EncodeFn(spec, semantic_classes)
+        self._fn = _EncodeFn(spec, semantic_classes, cache_root)
 
     def expand(self, rows):
         return (

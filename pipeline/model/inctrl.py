@@ -63,7 +63,11 @@ def build_text_features(
     semantic_classes: frozenset[str] = DEFAULT_SEMANTIC_CLASSES,
 ) -> torch.Tensor:
     """Normal and anomalous prompt-ensemble embeddings for one category: (2, embed_dim), unit rows."""
-    normal, anomalous = prompts_for(category, semantic_classes)
+    return encode_prompt_pair(backbone, *prompts_for(category, semantic_classes))
+
+
+def encode_prompt_pair(backbone: ClipBackbone, normal: list[str], anomalous: list[str]) -> torch.Tensor:
+    """Encode, normalise, average per side, normalise again: (2, embed_dim)."""
     sides = [F.normalize(backbone.encode_texts(texts).mean(dim=0), dim=-1)
              for texts in (normal, anomalous)]
     return torch.stack(sides)
