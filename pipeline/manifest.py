@@ -157,17 +157,7 @@ def _read_file_schema(fs: fsspec.AbstractFileSystem, path: str, shown: str) -> p
         ) from exc
 
 
-def validate_manifest_schema(path: str) -> pa.Schema:
-    """Read only the Parquet schema of the manifest at ``path`` and check it.
-
-    ``path`` is a local path or any fsspec URL, naming a Parquet file or a
-    directory of Parquet files (each file is checked). Fails early, before a
-    job starts, with one message naming every bad column.
-
-    Raises:
-        ManifestSchemaError: the manifest is missing, not Parquet, or has
-            missing or mistyped columns.
-    """
+def _manifest_files(path: str) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     try:
         fs, fs_path = fsspec.core.url_to_fs(path)
     except (ImportError, ValueError) as exc:
@@ -182,6 +172,28 @@ def validate_manifest_schema(path: str) -> pa.Schema:
             )
     else:
         files = [fs_path]
+    return fs, fs_path, files
+
+
+def manifest_files(path: str) -> list[str]:
+    """The data files a manifest path names (the file itself, or every non-hidden file of a
+    folder, recursively), as URLs: exactly the files validation checks and the job reads."""
+    fs, _, files = _manifest_files(path)
+    return [fs.unstrip_protocol(f) if "://" in path else f for f in files]
+
+
+def validate_manifest_schema(path: str) -> pa.Schema:
+    """Read only the Parquet schema of the manifest at ``path`` and check it.
+
+    ``path`` is a local path or any fsspec URL, naming a Parquet file or a
+    directory of Parquet files (each file is checked). Fails early, before a
+    job starts, with one message naming every bad column.
+
+    Raises:
+        ManifestSchemaError: the manifest is missing, not Parquet, or has
+            missing or mistyped columns.
+    """
+    fs, fs_path, files = _manifest_files(path)
 
     schemas = []
     for f in files:

@@ -30,6 +30,7 @@ from transforms.write import WritePartitioned
 LOG = logging.getLogger(__name__)
 
 DIRECT_RUNNERS = {"DirectRunner", "SwitchingDirectRunner", None}
+DASK_RUNNERS = {"DaskRunner", "apache_beam.runners.dask.dask_runner.DaskRunner"}
 
 
 def manifest_pattern(path: str) -> str:
@@ -43,12 +44,17 @@ def make_runner(options: PipelineOptions):
 
     Beam's DirectRunner first tries to fetch a Prism binary from the network; for batch jobs
     it then uses the in-process FnApiRunner, which we pick directly so offline runs stay offline.
+    ``DaskRunner`` is Beam's, with the translation fixes of ``pipeline.runners``.
     """
     name = options.view_as(StandardOptions).runner
     if name in DIRECT_RUNNERS:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
         return FnApiRunner()
+    if name in DASK_RUNNERS:
+        from pipeline.runners import DaskRunner  # needs the [dask] extra
+
+        return DaskRunner()
     return None  # Beam resolves it from the options
 
 
@@ -61,9 +67,11 @@ class JobOutputs:
 
 def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Schema | None,
                    carried_scores: beam.PCollection | None = None,
-                   query_filter=None) -> JobOutputs:
+                   query_filter=None, reference_filter=None) -> JobOutputs:
     """Wire the scoring job into ``p``. ``query_filter(row) -> bool`` narrows the queries
-    (nightly: one date, not yet scored); ``carried_scores`` are kept rows merged into the output."""
+    (nightly: one date, not yet scored), ``reference_filter(row) -> bool`` the reference
+    candidates (nightly: none captured after the date); ``carried_scores`` are kept rows
+    merged into the output."""
     heads = heads_hash(config.checkpoint)
     mid = model_id(config.backbone, heads)
     spec = config.backbone
@@ -73,7 +81,9 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Sc
     queries = rows | "Queries" >> beam.Filter(
         lambda r, keep: r.role == "query" and (keep is None or keep(r)), query_filter)
 
-    drawn = rows | "SelectReferences" >> SelectReferences(config.k, config.seeds)
+    candidates = rows if reference_filter is None else rows | "References" >> beam.Filter(
+        lambda r, keep: r.role != "reference" or keep(r), reference_filter)
+    drawn = candidates | "SelectReferences" >> SelectReferences(config.k, config.seeds)
     ref_images = (distinct_references(drawn["sets"])
                   | "LoadReferenceImages" >> LoadImages(spec, config.max_pixels, config.min_side))
     ref_features = ref_images["images"] | "ExtractReferenceFeatures" >> extract_features(

@@ -30,6 +30,7 @@ def error_records(
     base = dict(error.to_record(), run_id=run_id, model_id=model_id)
     if seed is not None:
         return [dict(base, seed=seed)]
-    if error.role == "query":
+    # A row rejected while reading keeps its role as written ("Query"); valid rows are lower-cased.
+    if (error.role or "").strip().lower() == "query":
         return [dict(base, seed=s) for s in seeds]
     return [dict(base, seed=None)]

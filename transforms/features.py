@@ -1,13 +1,79 @@
-"""ExtractFeatures: RunInference with a ModelHandler around the frozen CLIP backbone."""
+"""ExtractFeatures: RunInference with a ModelHandler around the frozen CLIP backbone.
+
+Also the Beam coders of pixel tensors and ImageFeatures. Beam estimates the size of sampled
+elements of every PCollection by encoding them, and samples nearly every batch of a short
+run; pickling a batch of features costs more than a GPU needs to compute it. These coders
+write raw tensor bytes and report sizes without encoding anything.
+"""
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+import pickle
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import torch
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
 from pipeline.model.backbone import BackboneSpec, ClipBackbone, ImageFeatures, get_backbone
+
+
+def _tensor_state(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
+    t = t.detach().to("cpu").contiguous()
+    return str(t.dtype).removeprefix("torch."), tuple(t.shape), \
+        t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _tensor_from_state(state: tuple[str, tuple[int, ...], bytes]) -> torch.Tensor:
+    dtype, shape, data = state
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+        torch.empty(0, dtype=torch.uint8)
+    return flat.view(getattr(torch, dtype)).reshape(shape)
+
+
+def _tensor_size(t: torch.Tensor) -> int:
+    return t.element_size() * t.nelement() + 32 + 8 * t.dim()
+
+
+class TensorCoder(beam.coders.Coder):
+    """A CPU tensor as dtype, shape and raw bytes; decodes to a CPU tensor."""
+
+    def encode(self, value: torch.Tensor) -> bytes:
+        return pickle.dumps(_tensor_state(value), pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, encoded: bytes) -> torch.Tensor:
+        return _tensor_from_state(pickle.loads(encoded))
+
+    def estimate_size(self, value: torch.Tensor) -> int:
+        return _tensor_size(value)
+
+    def to_type_hint(self):
+        return torch.Tensor
+
+
+class ImageFeaturesCoder(beam.coders.Coder):
+    """ImageFeatures as two raw tensors; decodes to CPU tensors."""
+
+    def encode(self, value: ImageFeatures) -> bytes:
+        return pickle.dumps((_tensor_state(value.tokens), _tensor_state(value.embeds)),
+                            pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, encoded: bytes) -> ImageFeatures:
+        tokens, embeds = pickle.loads(encoded)
+        return ImageFeatures(_tensor_from_state(tokens), _tensor_from_state(embeds))
+
+    def estimate_size(self, value: ImageFeatures) -> int:
+        return _tensor_size(value.tokens) + _tensor_size(value.embeds)
+
+    def to_type_hint(self):
+        return ImageFeatures
+
+
+beam.coders.registry.register_coder(torch.Tensor, TensorCoder)
+beam.coders.registry.register_coder(ImageFeatures, ImageFeaturesCoder)
+
+#: Element types of the keyed pixel and feature PCollections; they select the coders above.
+KeyedPixels = Tuple[Any, torch.Tensor]
+KeyedFeatures = Tuple[Any, ImageFeatures]
 
 
 class ClipFeatureHandler(ModelHandler[torch.Tensor, ImageFeatures, ClipBackbone]):
@@ -19,7 +85,10 @@ class ClipFeatureHandler(ModelHandler[torch.Tensor, ImageFeatures, ClipBackbone]
 
     def __init__(self, spec: BackboneSpec, batch_size: int,
                  share_across_processes: bool = False) -> None:
-        super().__init__(min_batch_size=1, max_batch_size=batch_size,
+        # Fixed-size batches: BatchElements' timing-based sizing would start at one image and
+        # settle on small batches (it weighs the whole fused downstream as per-batch cost),
+        # which starves a GPU. Only a bundle's last batch is smaller.
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size,
                          large_model=share_across_processes)
         self._spec = spec
 
@@ -28,9 +97,11 @@ class ClipFeatureHandler(ModelHandler[torch.Tensor, ImageFeatures, ClipBackbone]
 
     def run_inference(self, batch: Sequence[torch.Tensor], model: ClipBackbone,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[ImageFeatures]:
-        feats = model.encode_images(torch.stack(list(batch))).to("cpu")
-        # Clone per element: a view would pickle the whole batch's storage downstream.
-        return [ImageFeatures(feats.tokens[i:i + 1].clone(), feats.embeds[i:i + 1].clone())
+        feats = model.encode_images(torch.stack(list(batch)))
+        # One copy per image into its own CPU tensor (from the device directly): a view of the
+        # batch would carry the whole batch's storage downstream.
+        return [ImageFeatures(feats.tokens[i:i + 1].to("cpu", copy=True),
+                              feats.embeds[i:i + 1].to("cpu", copy=True))
                 for i in range(len(batch))]
 
     def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
@@ -53,4 +124,5 @@ class ExtractFeatures(beam.PTransform):
             ClipFeatureHandler(spec, batch_size, share_across_processes))
 
     def expand(self, keyed_pixels):
-        return keyed_pixels | "RunInference" >> RunInference(self._handler)
+        return keyed_pixels | "RunInference" >> RunInference(self._handler).with_output_types(
+            KeyedFeatures)

@@ -10,6 +10,7 @@ from pipeline.images import ImageLoadError, content_hash, decode_image, read_byt
 from pipeline.manifest import ManifestRow
 from pipeline.model.backbone import BackboneSpec, get_backbone
 from transforms.errors import ERRORS, row_error
+from transforms.features import KeyedPixels
 
 STAGE_PREPROCESS = "preprocess_image"
 
@@ -56,5 +57,13 @@ class LoadImages(beam.PTransform):
         self._fn = _LoadFn(spec, max_pixels, min_side)
 
     def expand(self, rows):
-        out = rows | "Load" >> beam.ParDo(self._fn).with_outputs(ERRORS, main="images")
+        # A fusion break on the (small) rows: decoding, the backbone and scoring then run in
+        # one stage, so pixels and features stream through it batch by batch instead of
+        # being materialised between stages (the runner would otherwise cut the fused chain
+        # just before the first transform that reads a side input built from these rows),
+        # and a runner can spread the expensive per-image work over its workers.
+        out = (rows
+               | "SpreadRows" >> beam.Reshuffle()
+               | "Load" >> beam.ParDo(self._fn).with_output_types(KeyedPixels)
+               .with_outputs(ERRORS, main="images"))
         return {"images": out.images, ERRORS: out[ERRORS]}

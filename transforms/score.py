@@ -77,6 +77,7 @@ class _ScoreFn(beam.DoFn):
         self._scorer, self._heads = get_scorer(spec, self._config.checkpoint)
         self._mode = WITH_HEADS if self._scorer.has_heads else TRAINING_FREE
         self._prepared: OrderedDict[tuple, ReferenceSet] = OrderedDict()
+        self._texts: dict[str, torch.Tensor] = {}  # category → text features on the device
 
     def _references(self, key: tuple, payload: ReferencePayload) -> ReferenceSet:
         refs = self._prepared.get(key)
@@ -98,8 +99,11 @@ class _ScoreFn(beam.DoFn):
         cfg = self._config
         for (dataset, category), items in groups.items():
             rows = [r for r, _ in items]
-            feats = ImageFeatures.cat([f for _, f in items]).to(self._device)
-            text = prompts[category].to(self._device)
+            # Each image straight to the device, then one concatenation there: no extra host copy.
+            feats = ImageFeatures.cat([f.to(self._device) for _, f in items])
+            text = self._texts.get(category)
+            if text is None:
+                text = self._texts[category] = prompts[category].to(self._device)
             for seed in cfg.seeds:
                 payload = ref_sets.get((dataset, category, seed))
                 if payload is None:
@@ -138,7 +142,7 @@ class ScoreQueries(beam.PTransform):
     def expand(self, query_features):
         out = (
             query_features
-            | "Batch" >> beam.BatchElements(min_batch_size=1,
+            | "Batch" >> beam.BatchElements(min_batch_size=self._config.batch_size,
                                             max_batch_size=self._config.batch_size)
             | "Score" >> beam.ParDo(
                 _ScoreFn(self._config, self._model_id),

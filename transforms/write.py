@@ -75,11 +75,13 @@ class _WriteFilesFn(beam.DoFn):
 
 
 def commit_partitions(output: str, table: str, run_date: str, run_id: str,
-                      files: Sequence[tuple[str, str]], datasets: Iterable[str]) -> list[str]:
+                      files: Sequence[tuple[str, str]], datasets: Iterable[str],
+                      schema: pa.Schema | None = None) -> list[str]:
     """Swap each dataset's staged files in as its ``run_date`` partition.
 
     ``datasets`` lists every dataset this run is responsible for: one without files gets an
-    empty partition (its old rows for that date are replaced by none).
+    empty partition (its old rows for that date are replaced by none), holding one empty
+    file of ``schema`` when given, so that readers still see the table's columns.
     """
     by_dataset: dict[str, list[str]] = defaultdict(list)
     for dataset, path in files:
@@ -96,6 +98,9 @@ def commit_partitions(output: str, table: str, run_date: str, run_id: str,
         fs.makedirs(local_incoming, exist_ok=True)
         for path in sorted(paths):
             fs.mv(_fs(path)[1], f"{local_incoming}/{path.rpartition('/')[2]}")
+        if not paths and schema is not None:
+            with fs.open(f"{local_incoming}/part-empty.parquet", "wb") as f:
+                pq.write_table(schema.empty_table(), f)
         with fs.open(f"{local_incoming}/{SUCCESS_MARKER}", "wb") as f:
             f.write(f"{run_id}\n".encode())
         local_final = _fs(final)[1]
@@ -114,12 +119,44 @@ def commit_partitions(output: str, table: str, run_date: str, run_id: str,
     return committed
 
 
+def recover_partitions(output: str, table: str, run_date: str) -> list[str]:
+    """Tidy the ``run_date`` partitions of ``table`` after a run that died while committing.
+
+    A commit retires the old partition, then renames the new one into place. If the process
+    died between the two, the old partition is put back; hidden folders a dead commit left
+    beside a partition are removed. Returns the partitions restored. Call it only while no
+    other run writes the same date.
+    """
+    fs, root = _fs(f"{output}/{table}")
+    if not fs.exists(root):
+        return []
+    name = f"run_date={run_date}"
+    restored = []
+    for dataset_dir in sorted(fs.ls(root, detail=False)):
+        if not dataset_dir.rstrip("/").rpartition("/")[2].startswith("dataset="):
+            continue
+        final = f"{dataset_dir}/{name}"
+        leftovers = sorted(fs.glob(f"{dataset_dir}/.{name}.*"))
+        retired = [p for p in leftovers if ".old-" in p.rpartition("/")[2]]
+        if retired and not fs.exists(final):
+            fs.mv(retired[-1], final, recursive=True)
+            restored.append(final)
+            LOG.warning("Restored %s, retired by a commit that did not finish", final)
+        for path in leftovers:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+    return restored
+
+
 class _CommitFn(beam.DoFn):
-    def __init__(self, output: str, table: str, run_date: str, run_id: str) -> None:
+    def __init__(self, output: str, table: str, run_date: str, run_id: str,
+                 schema: pa.Schema | None = None) -> None:
         self._args = (output, table, run_date, run_id)
+        self._schema = schema
 
     def process(self, files: list, datasets: list) -> Iterable:
-        yield from commit_partitions(*self._args, files=files, datasets=datasets)
+        yield from commit_partitions(*self._args, files=files, datasets=datasets,
+                                     schema=self._schema)
 
 
 class WritePartitioned(beam.PTransform):
@@ -133,7 +170,7 @@ class WritePartitioned(beam.PTransform):
                  datasets=None, rows_per_file: int = 50_000) -> None:
         super().__init__()
         self._write = _WriteFilesFn(output, table, schema, run_id, rows_per_file)
-        self._commit = _CommitFn(output, table, run_date, run_id)
+        self._commit = _CommitFn(output, table, run_date, run_id, schema)
         self._datasets = datasets
 
     def expand(self, records):

@@ -128,6 +128,9 @@ class InCTRLScorer(nn.Module):
         if self.heads is None:
             nan = torch.full_like(fine, float("nan"))
             return ScoreComponents(fine, fine, nan, nan, prior, patch_map)
+        if refs.adapted_mean is None:
+            raise ValueError("this reference set was prepared by a scorer without heads; "
+                             "prepare it with the scorer that scores")
         residual = image_residual(self.heads.adapter(queries.embeds), refs.adapted_mean)
         img_score = self.heads.image_head(residual)  # (B,)
         holistic_in = patch_map + prior.unsqueeze(1) + img_score.unsqueeze(1)  # (B, P)

@@ -73,11 +73,12 @@ def official_adapter(state: dict, x: torch.Tensor, prefix: str = "adapter") -> t
     return torch.relu(torch.relu(x.double() @ w0.T) @ w2.T)
 
 
-def official_state(embed_dim: int, patches: int, seed: int = 0, prefix: str = "") -> dict:
+def official_state(embed_dim: int, patches: int, seed: int = 0, prefix: str = "",
+                   scale: float = 0.3) -> dict:
     """A small state dict in the official InCTRL layout, with fake CLIP tower keys."""
     g = torch.Generator().manual_seed(seed)
 
-    def rnd(*shape, scale=0.3):
+    def rnd(*shape, scale=scale):
         return torch.randn(*shape, generator=g) * scale
 
     s = {

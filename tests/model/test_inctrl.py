@@ -10,7 +10,16 @@ from pipeline.model.backbone import ImageFeatures
 from pipeline.model.heads import InCTRLHeads
 from pipeline.model.inctrl import InCTRLScorer, ReferenceSet, build_text_features
 from pipeline.model.prompts import prompts_for
-from tests.model.helpers import geometry, paste_square, residual_loop, texture
+from pipeline.model.checkpoint import import_official_checkpoint
+from tests.model.helpers import (
+    geometry,
+    official_adapter,
+    official_head,
+    official_state,
+    paste_square,
+    residual_loop,
+    texture,
+)
 
 COMPONENTS = ("final", "fine", "holistic", "image_residual", "text_prior", "patch_map")
 DEFECT = dict(top=24, left=8, side=16)  # covers patches rows 3-4, cols 1-2 of the 8x8 grid
@@ -106,8 +115,9 @@ def test_without_heads_final_is_fine_and_head_scores_are_nan(tiny, feats, text):
     out = scorer(feats["queries"], refs, text)
     assert torch.equal(out.final, out.fine)
     assert torch.isnan(out.holistic).all() and torch.isnan(out.image_residual).all()
-    assert torch.isfinite(out.text_prior).all()
-    assert ((out.text_prior >= 0) & (out.text_prior <= 1)).all()
+    e = F.normalize(feats["queries"].embeds, dim=-1)
+    prior = torch.softmax(100 * torch.stack([e @ text[0], e @ text[1]], dim=1), dim=1)[:, 1]
+    torch.testing.assert_close(out.text_prior, prior)
 
 
 @pytest.mark.parametrize("with_heads", [False, True])
@@ -192,3 +202,35 @@ def test_text_features_are_normalised_ensemble_means(tiny, category):
             torch.testing.assert_close(got[side], F.normalize(emb.mean(dim=0), dim=0),
                                        atol=1e-6, rtol=1e-5)
     assert not torch.allclose(got[0], got[1])
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_scores_equal_the_official_forward_by_hand(tmp_path, k):
+    """Every score against InCTRL's forward written out from a raw official state dict."""
+    embed, grid, width = 16, (3, 3), 16
+    state = official_state(embed, grid[0] * grid[1], seed=k, scale=0.15)
+    torch.save({"model_state": state}, tmp_path / "official.pyth")
+    scorer = InCTRLScorer(geometry(embed, grid, width),
+                          import_official_checkpoint(str(tmp_path / "official.pyth"))).eval()
+    g = torch.Generator().manual_seed(10 + k)
+    q = ImageFeatures(torch.randn(4, 2, 9, width, generator=g), torch.randn(4, embed, generator=g))
+    r = ImageFeatures(torch.randn(k, 2, 9, width, generator=g) * 2,
+                      torch.randn(k, embed, generator=g) * 2)
+    text = F.normalize(torch.randn(2, embed, generator=g), dim=-1)
+    text[1] = F.normalize(text[0] + 0.05 * torch.randn(embed, generator=g), dim=0)
+
+    out = scorer(q, scorer.prepare_references(r), text)
+
+    token_ref = official_adapter(state, r.embeds).mean(dim=0) - official_adapter(state, q.embeds)
+    img = official_head(state, "diff_head_ref", token_ref)
+    e = F.normalize(q.embeds.double(), dim=-1)
+    prior = torch.softmax(100 * e @ text.double().T, dim=-1)[:, 1]
+    _, amap, fine = residual_loop(q.tokens, r.tokens)
+    holistic = official_head(state, "diff_head", prior[:, None] + img[:, None] + amap)
+    final = (holistic + fine) / 2
+    for name, want in (("image_residual", img), ("text_prior", prior), ("patch_map", amap),
+                       ("fine", fine), ("holistic", holistic), ("final", final)):
+        torch.testing.assert_close(getattr(out, name).double(), want, atol=1e-5, rtol=1e-4,
+                                   msg=name)
+    for v in (img, holistic):  # the heads are neither saturated nor constant
+        assert 0.01 < v.min() and v.max() < 0.99 and v.std() > 1e-4

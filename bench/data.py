@@ -1,0 +1,71 @@
+"""Synthetic benchmark inputs: distinct images on disk and a one-group manifest over them."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.manifest import write_manifest
+
+DATASET = "bench"
+# Not a semantic class name, so the category gets InCTRL's full prompt ensemble.
+CATEGORY = "widget"
+FORMATS = {"png": "PNG", "jpg": "JPEG"}
+
+
+def draw_image(index: int, size: int) -> Image.Image:
+    """A distinct RGB image: a smooth random pattern plus fine noise (so PNG stays realistic)."""
+    rng = np.random.default_rng([20240, index])
+    coarse = rng.uniform(0, 255, (max(2, size // 32), max(2, size // 32), 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
+    noisy = base.astype(np.int16) + rng.integers(-6, 7, (size, size, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def encode_image(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=FORMATS[fmt], **({"quality": 90} if fmt == "jpg" else {}))
+    return buf.getvalue()
+
+
+def write_image(job: tuple[str, int, int, str]) -> str:
+    """Write image ``index`` at ``path`` unless it exists; ``job`` = (path, index, size, fmt)."""
+    path, index, size, fmt = job
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(encode_image(draw_image(index, size), fmt))
+        os.replace(tmp, path)
+    return path
+
+
+def write_images(folder: str, count: int, size: int, fmt: str, map_fn=map) -> list[str]:
+    """``count`` distinct images ``folder/NNNNNN.<fmt>``; existing files are reused.
+
+    ``map_fn`` may be a process pool's ``map`` to draw them in parallel.
+    """
+    os.makedirs(folder, exist_ok=True)
+    jobs = [(os.path.join(folder, f"{i:06d}.{fmt}"), i, size, fmt) for i in range(count)]
+    return list(map_fn(write_image, jobs))
+
+
+def one_group_manifest(paths: list[str], references: int, path: str) -> None:
+    """One dataset and category: the first ``references`` images are normal references, the
+    rest queries (every fourth labelled anomalous, so the summary has both classes)."""
+    rows = []
+    for i, uri in enumerate(paths):
+        is_ref = i < references
+        label = 0 if is_ref else int((i - references) % 4 == 3)
+        rows.append({
+            "image_uri": os.path.abspath(uri),
+            "image_id": f"img{i:06d}",
+            "dataset": DATASET,
+            "category": CATEGORY,
+            "role": "reference" if is_ref else "query",
+            "label": label,
+            "defect_type": "synthetic" if label else None,
+        })
+    write_manifest(pd.DataFrame(rows), path)

@@ -1,0 +1,167 @@
+"""Cost scaling of the score job: time linear in queries, reference work per group, flat memory.
+
+    python -m bench.scaling                    # tiny test backbone, 64 px PNGs, ~2 minutes
+    python -m bench.scaling --queries 500 --rows 500 --threads 2
+
+Every run is a fresh process (``--child``) scoring a one-category manifest on the
+DirectRunner; it loads the model before the clock starts and reports its wall time, its
+peak RSS (``ru_maxrss``) and the job's Beam counters.
+  * linearity: Q, 2Q and 4Q queries against the same k references; the time per extra query
+    of each doubling should agree, and reference forwards, reference sets prepared and
+    prompt sets encoded should not move with Q;
+  * memory: N and 10 N rows (distinct small images); the peak RSS ratio should stay under
+    1.3. The tiny backbone keeps 10 N rows fast; its features are ~50 KB per image, so the
+    per-row slope is also printed: a job that held every row's features would show it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from bench.data import one_group_manifest, write_images
+from bench.measure import (Timer, beam_metrics, command_line, machine, max_rss_mib, today,
+                           work_summary)
+
+LOG = logging.getLogger("bench.scaling")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queries", type=int, default=250, help="Q: runs with Q, 2Q and 4Q queries")
+    p.add_argument("--rows", type=int, default=200, help="N: runs with N and 10 N rows")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--backbone", default="InCTRL-Tiny-ViT-TESTONLY")
+    p.add_argument("--pretrained", default="random:0")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "inctrl-scaling"))
+    p.add_argument("--checks", default="linear,memory", help="which checks to run")
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # manifest of one run
+    return p.parse_args(argv)
+
+
+def child(args: argparse.Namespace) -> int:
+    """One run in this fresh process; prints one JSON line."""
+    import torch
+
+    from pipeline.config import ScoreConfig
+    from pipeline.model.backbone import BackboneSpec, get_backbone
+    from pipeline.run import run_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = BackboneSpec(args.backbone, args.pretrained)
+    get_backbone(spec)
+    output = args.child + ".out"
+    config = ScoreConfig(manifest=args.child, output=output, k=args.k, seeds=(0,),
+                         backbone=spec, batch_size=args.batch_size, run_id="scaling",
+                         run_date="2000-01-01")
+    with Timer() as t:
+        result = run_config(config, [])
+    shutil.rmtree(output, ignore_errors=True)
+    print(json.dumps({"seconds": t.seconds, "peak_rss_mib": max_rss_mib(),
+                      **work_summary(beam_metrics(result))}))
+    return 0
+
+
+def run_child(args: argparse.Namespace, manifest: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.scaling", "--child", manifest, "--k", str(args.k),
+           "--batch-size", str(args.batch_size), "--backbone", args.backbone,
+           "--pretrained", args.pretrained, "--threads", str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run(cmd, cwd=_REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    LOG.warning("%s: %.1f s, %.0f MiB", os.path.basename(manifest), out["seconds"],
+                out["peak_rss_mib"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.child:
+        return child(args)
+    q, n, k = args.queries, args.rows, args.k
+    os.makedirs(args.workdir, exist_ok=True)
+    checks = set(args.checks.split(","))
+    plan = [("Q", q), ("2Q", 2 * q), ("4Q", 4 * q)] if "linear" in checks else []
+    plan += [("N", n - k), ("10N", 10 * n - k)] if "memory" in checks else []
+    paths = write_images(os.path.join(args.workdir, f"images-{args.image_size}"),
+                         max(queries for _, queries in plan) + k, args.image_size, "png")
+    runs: dict[str, dict] = {}
+    for label, queries in plan:
+        manifest = os.path.join(args.workdir, f"manifest-{queries + k}.parquet")
+        one_group_manifest(paths[:queries + k], k, manifest)
+        runs[label] = run_child(args, manifest)
+    res = {"date": today(), "machine": machine(), "command": command_line(),
+           "backbone": f"{args.backbone}@{args.pretrained}", "k": k, "queries": q, "rows": n,
+           "batch_size": args.batch_size, "image_size": args.image_size, "runs": runs}
+    report(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def report(res: dict) -> None:
+    w = sys.stdout.write
+    runs, q, n, k = res["runs"], res["queries"], res["rows"], res["k"]
+    w(f"\nInCTRL scoring cost scaling  ({res['date']})\nmachine:  {res['machine']}\n"
+      f"command:  {res['command']}\n")
+    w(f"workload: {res['backbone']}, one category, k={k}, batch {res['batch_size']}, "
+      f"{res['image_size']} px PNG; each run a fresh process, model loaded before the clock\n\n")
+    w(f"{'run':6}{'queries':>8}{'seconds':>9}{'ref fwd':>9}{'query fwd':>10}{'ref sets':>9}"
+      f"{'prompts':>8}{'ref model s':>12}{'peak RSS MiB':>14}\n")
+    for label, r in runs.items():
+        w(f"{label:6}{r['queries_scored']:8.0f}{r['seconds']:9.2f}{r['reference_forwards']:9.0f}"
+          f"{r['query_forwards']:10.0f}{r['reference_sets_prepared']:9.0f}"
+          f"{r['prompt_sets_encoded']:8.0f}{r['reference_model_s']:12.3f}"
+          f"{r['peak_rss_mib']:14.0f}\n")
+    if "Q" in runs:
+        linearity(runs, w)
+    if "N" in runs:
+        memory(runs, n, w)
+
+
+def linearity(runs: dict, w) -> None:
+    xs = [runs[x]["queries_scored"] for x in ("Q", "2Q", "4Q")]
+    ts = [runs[x]["seconds"] for x in ("Q", "2Q", "4Q")]
+    mx, mt = sum(xs) / 3, sum(ts) / 3
+    per_query = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
+    fixed = mt - per_query * mx
+    worst = max(abs(fixed + per_query * x - t) / t for x, t in zip(xs, ts))
+    w(f"\nLinear in queries: T = {fixed:.2f} s + {1e3 * per_query:.2f} ms x queries fits Q, 2Q, "
+      f"4Q within {worst:.1%}; T(2Q)/T(Q) = {ts[1] / ts[0]:.2f} with the fixed cost, "
+      f"{(ts[1] - fixed) / (ts[0] - fixed):.2f} without, T(4Q)/T(2Q) = "
+      f"{(ts[2] - fixed) / (ts[1] - fixed):.2f} without.\n")
+    refs = {runs[x]["reference_forwards"] for x in ("Q", "2Q", "4Q")}
+    sets = {runs[x]["reference_sets_prepared"] for x in ("Q", "2Q", "4Q")}
+    w(f"Reference work per group: reference forwards {sorted(refs)}, reference sets prepared "
+      f"{sorted(sets)} at Q, 2Q and 4Q ({'constant' if len(refs) == len(sets) == 1 else 'NOT constant'}"
+      ").\n")
+
+
+def memory(runs: dict, n: int, w) -> None:
+    r1, r10 = runs["N"], runs["10N"]
+    ratio = r10["peak_rss_mib"] / r1["peak_rss_mib"]
+    slope = 1024 * (r10["peak_rss_mib"] - r1["peak_rss_mib"]) / (9 * n)
+    w(f"Memory: {n} rows {r1['peak_rss_mib']:.0f} MiB, {10 * n} rows {r10['peak_rss_mib']:.0f} MiB"
+      f": ratio {ratio:.2f} ({'under' if ratio < 1.3 else 'NOT under'} 1.3), {slope:.1f} KiB per "
+      "extra row.\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Shared helpers for the pipeline tests: an offline test runner, counters and output readers.
+
+Whole-job runs are expensive (tens of seconds), so each test module runs its job once in a
+module-scoped fixture and its tests only read the outputs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+from apache_beam.metrics import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from pipeline.manifest import ManifestRow
+from pipeline.run import make_runner
+
+
+def offline_pipeline() -> TestPipeline:
+    """A TestPipeline on the in-process runner the job itself uses (no Prism download)."""
+    return TestPipeline(runner=make_runner(PipelineOptions([])))
+
+
+@pytest.fixture
+def test_pipeline() -> Callable[[], TestPipeline]:
+    return offline_pipeline
+
+
+def counter(result, name: str) -> int:
+    """A Beam counter summed over every step that reports it (0 when none does)."""
+    found = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+    return sum(c.committed for c in found)
+
+
+def read_table(output: str, table: str) -> pd.DataFrame:
+    """A hive-partitioned output table as pandas, partition columns as plain strings."""
+    data = pads.dataset(f"{output}/{table}", format="parquet", partitioning="hive")
+    return data.to_table().to_pandas()
+
+
+def mrow(image_id: str, *, role: str = "reference", category: str = "cat", dataset: str = "ds",
+         label: int | None = 0, uri: str | None = None, extra: tuple = ()) -> ManifestRow:
+    """A valid manifest row for transform tests."""
+    return ManifestRow(
+        image_uri=uri or f"/data/{dataset}/{category}/{image_id}.png", dataset=dataset,
+        category=category, role=role, label=label, image_id=image_id, defect_type=None,
+        capture_date=None, extra=extra)
