@@ -30,7 +30,9 @@ import torch
 if not torch.cuda.is_available():
     print("note: no CUDA device visible; the benchmark runs on the CPU", file=sys.stderr)
 EOF
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+fi
 set -o pipefail
 # 290 s: the whole script stays under 5 minutes even if a stage hangs.
 timeout 290 "$PY" -m bench.gpu --json "$out/gpu_bench.json" "$@" 2>&1 | tee "$out/gpu_bench.log"

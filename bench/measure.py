@@ -45,7 +45,10 @@ def machine() -> str:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv])
+    """How this process was started, as ``python -m bench.x ...`` when it was run that way."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+    return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
 
 
 def today() -> str:

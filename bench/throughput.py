@@ -1,6 +1,6 @@
 """Throughput benchmark: the bare backbone forward against the whole scoring pipeline.
 
-    python -m bench.throughput                      # full-size ViT-B-16-plus-240, N=256, CPU
+    python -m bench.throughput                      # full-size ViT-B-16-plus-240, N=512, CPU
     python -m bench.throughput --n 24 --backbone InCTRL-Tiny-ViT-TESTONLY   # quick check
 
 In one process it writes N synthetic images and a manifest over them (k references and
@@ -8,14 +8,16 @@ N - k queries of one category, so the pipeline runs exactly N backbone forwards)
 times
   (a) the bare backbone forward over the N images, already decoded and preprocessed,
       batched as the pipeline batches them (--batch-size), with the same torch threads;
-  (b) the whole ``score`` job on the same N images (DirectRunner, in-process), cold
-      (prompt ensemble encoded by the text tower) and with a warm prompt cache
-      (``--feature-cache``; the cached reference features are deleted first, so both
-      runs do the same N image forwards).
+  (b) the whole ``score`` job on the same N images (DirectRunner, in-process): cold
+      (prompt ensemble encoded by the text tower), with a warm prompt cache
+      (``--feature-cache``; cached reference features are deleted first, so both runs do
+      the same N image forwards), and once more on k + 1 images only, which measures the
+      fixed cost of a run and so the marginal throughput a long run approaches.
 The model is loaded and warmed up (one batch) before (a) and (b); neither timing includes
 the load or the warm-up, and (b) reuses the loaded model (one model per process, as on a
-worker). (a) runs before and after (b); the ratio uses their mean. Decoding, the prompt
-ensemble and the model load are timed apart and reported beside the ratio.
+worker). (a) runs before and after (b) (the decoded images are dropped in between, so they
+do not inflate (b)'s memory); the ratio uses their mean. Decoding, the prompt ensemble and
+the model load are timed apart and reported beside the ratio.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ LOG = logging.getLogger("bench.throughput")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=256, help="images in all (k references + queries)")
+    p.add_argument("--n", type=int, default=512, help="images in all (k references + queries)")
     p.add_argument("--k", type=int, default=4, help="references (the few shots)")
     p.add_argument("--batch-size", type=int, default=16, help="as the pipeline's --batch-size")
     p.add_argument("--backbone", default="ViT-B-16-plus-240")
@@ -58,8 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--image-size", type=int, default=512, help="side of the square test images")
     p.add_argument("--image-format", choices=("png", "jpg"), default="png")
-    p.add_argument("--runs", default="cold,warm",
-                   help="pipeline runs: 'cold' (empty feature cache), 'warm' (prompt cache warm)")
+    p.add_argument("--runs", default="cold,warm,fixed",
+                   help="pipeline runs: 'cold' (empty feature cache), 'warm' (prompt cache warm), "
+                        "'fixed' (warm, on k + 1 images only: the cost of a run itself)")
     p.add_argument("--bare-repeats", type=int, default=2,
                    help="runs of (a); with 2, one before and one after (b)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "inctrl-bench"),
@@ -69,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.n <= args.k:
         p.error("--n must exceed --k (there must be queries)")
     for run in args.runs.split(","):
-        if run not in ("cold", "warm"):
+        if run not in ("cold", "warm", "fixed"):
             p.error(f"unknown run {run!r}")
     return args
 
@@ -142,16 +145,18 @@ def main(argv: list[str] | None = None) -> int:
 
     cache = os.path.join(args.workdir, "feature-cache")
     shutil.rmtree(cache, ignore_errors=True)
-    saved_pixels = pixels if args.bare_repeats > 1 else None
-    del pixels
+    small = manifest.replace(".parquet", "-fixed.parquet")
+    one_group_manifest(paths[:k + 1], k, small)
+    del pixels  # (b) decodes for itself; (a) decodes again afterwards
     gc.collect()
     res["pipeline"] = {}
     for run in args.runs.split(","):
-        if run == "warm":
+        if run != "cold":
             res["dropped_image_features"] = drop_image_features(cache)
         output = os.path.join(args.workdir, f"out-{run}")
         shutil.rmtree(output, ignore_errors=True)
-        config = ScoreConfig(manifest=manifest, output=output, k=k, seeds=(0,), backbone=spec,
+        config = ScoreConfig(manifest=small if run == "fixed" else manifest, output=output, k=k,
+                             seeds=(0,), backbone=spec,
                              batch_size=bs, feature_cache=cache, run_date="2000-01-01",
                              run_id=f"bench-{run}")
         with mem.phase(peaks, f"pipeline_{run}"), Timer() as t:
@@ -161,16 +166,19 @@ def main(argv: list[str] | None = None) -> int:
         LOG.warning("(b) pipeline %s: %.1f s %s", run, t.seconds, work)
         shutil.rmtree(output, ignore_errors=True)
 
-    if saved_pixels is not None:
-        pixels = saved_pixels
+    if args.bare_repeats > 1:
+        pixels = [backbone.preprocess(decode_image(read_bytes(p))) for p in paths]
         for _ in range(args.bare_repeats - 1):
             run_bare()
-        del pixels, saved_pixels
     report(res)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
     return 0
+
+
+def _images(res: dict, run: str) -> int:
+    return res["k"] + 1 if run == "fixed" else res["n"]
 
 
 def report(res: dict) -> None:
@@ -191,12 +199,21 @@ def report(res: dict) -> None:
     for i, s in enumerate(res["bare_s"], 1):
         w(f"{f'(a) bare forward, run {i}':40}{s:9.1f}{n / s:10.2f}{'':>8}"
           f"{peaks.get(f'bare_{i}', float('nan')):7.0f} MiB\n")
-    labels = {"cold": "(b) score pipeline, cold", "warm": "(b) score pipeline, warm prompt cache"}
-    for run, r in res["pipeline"].items():
-        ips = n / r["seconds"]
+    labels = {"cold": "(b) score pipeline, cold", "warm": "(b) score pipeline, warm prompt cache",
+              "fixed": f"(b) same, on {res['k'] + 1} images only"}
+    runs = res["pipeline"]
+    for run, r in runs.items():
+        ips = _images(res, run) / r["seconds"]
         w(f"{labels[run]:40}{r['seconds']:9.1f}{ips:10.2f}{ips / bare_ips:8.1%}"
           f"{peaks.get(f'pipeline_{run}', float('nan')):7.0f} MiB\n")
     w(f"\n(a) mean {bare_ips:.2f} images/s over {len(res['bare_s'])} run(s).\n")
+    if "warm" in runs and "fixed" in runs:
+        extra = n - _images(res, "fixed")
+        marginal = extra / (runs["warm"]["seconds"] - runs["fixed"]["seconds"])
+        w(f"Fixed cost of a run (graph, stages, side inputs; {res['k'] + 1} images): "
+          f"{runs['fixed']['seconds']:.1f} s. Marginal throughput, warm run minus that one: "
+          f"{marginal:.2f} images/s = {marginal / bare_ips:.1%} of (a), what a long run "
+          "approaches.\n")
     w(f"Apart: model load {res['load_s']:.1f} s (random init; peak RSS {peaks['load']:.0f} MiB);"
       f" decode + preprocess {res['decode_ms_per_image']:.1f} ms/image (one process); prompt "
       f"ensemble ({res['prompts']} prompts, text tower) {res['prompt_s']:.1f} s = the forward "
@@ -209,14 +226,17 @@ def report(res: dict) -> None:
           f"encoded {r['prompt_sets_encoded']:.0f}, from cache {r['prompt_sets_from_cache']:.0f};"
           f" time in the backbone (RunInference) {model_s:.1f} s, everything else "
           f"{r['seconds'] - model_s:.1f} s\n")
-        if r["reference_forwards"] + r["query_forwards"] != n:
-            w(f"  NOTE: {r['reference_forwards'] + r['query_forwards']:.0f} forwards, not {n}: "
+        if r["reference_forwards"] + r["query_forwards"] != _images(res, run):
+            w(f"  NOTE: {r['reference_forwards'] + r['query_forwards']:.0f} forwards, not "
+              f"{_images(res, run)}: "
               "(a) and (b) did different backbone work\n")
     cells = [f"(a) {bare_ips:.2f} img/s"] + [
         f"(b) {run} {n / r['seconds']:.2f} img/s ({n / r['seconds'] / bare_ips:.0%})"
-        for run, r in res["pipeline"].items()]
-    cells.append("peak RSS " + "/".join(f"{peaks[k]:.0f}" for k in peaks
-                                        if k.startswith("pipeline")) + " MiB")
+        for run, r in runs.items() if run != "fixed"]
+    if "warm" in runs and "fixed" in runs:
+        cells.append(f"marginal {marginal / bare_ips:.0%}")
+    cells.append("peak RSS (b) " + "/".join(f"{peaks[f'pipeline_{r}']:.0f}" for r in runs
+                                            if r != "fixed") + " MiB")
     w("\nMarkdown row for bench/RESULTS.md:\n")
     w(f"| {res['date']} | {res['machine']} | `{res['command']}` | {'; '.join(cells)} |\n")
 

@@ -15,11 +15,11 @@
 #   GPU_TYPE=nvidia-l4  GPU_COUNT=1  MACHINE_TYPE=g2-standard-8 (G2 carries L4 GPUs; use an
 #       N1 type such as n1-standard-8 for nvidia-tesla-t4, a2-highgpu-1g for nvidia-tesla-a100)
 #   GPU_TYPE=none       CPU workers (MACHINE_TYPE=n2-standard-8, --device cpu)
+#   MODEL_SHARING=shared   (default) one SDK process per vCPU; the image model (RunInference)
+#       is served once per VM to all of them (--share-model-across-processes); the other
+#       stages hold no model on the GPU (config-only geometry, text tower on the CPU).
 #   MODEL_SHARING=process  one SDK process per worker VM (Dataflow's
-#       no_use_multiple_sdk_containers): every stage of the job uses that process's single
-#       model copy, so the GPU holds one copy.
-#   MODEL_SHARING=shared   one SDK process per vCPU; the feature extractor (RunInference) is
-#       served once per VM to all of them (--share-model-across-processes).
+#       no_use_multiple_sdk_containers), which also holds one copy per GPU.
 #   MAX_WORKERS=4  DISK_GB=60  JOB_NAME=inctrl-<command>-<time>  PRECISION (bf16 on L4/A100,
 #   fp32 on T4)  SERVICE_ACCOUNT  SUBNETWORK (with NO_PUBLIC_IPS=1)  LAUNCH_PYTHON (default
 #   the repository's .venv; needs apache-beam[gcp] and gcsfs to submit and read gs:// paths)
@@ -34,7 +34,7 @@ case "$COMMAND" in nightly|score) ;; *) echo "unknown command $COMMAND (nightly 
 : "${WORKER_IMAGE:?set WORKER_IMAGE (deploy/build_image.sh)}"
 GPU_TYPE="${GPU_TYPE:-nvidia-l4}"
 GPU_COUNT="${GPU_COUNT:-1}"
-MODEL_SHARING="${MODEL_SHARING:-process}"
+MODEL_SHARING="${MODEL_SHARING:-shared}"
 PYTHON="${LAUNCH_PYTHON:-$REPO/.venv/bin/python}"
 JOB_NAME="${JOB_NAME:-inctrl-$COMMAND-$(date -u +%Y%m%d-%H%M%S)}"
 

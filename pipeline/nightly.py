@@ -48,10 +48,11 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline.config import ScoreConfig, _date, add_score_flags, score_config_from_args
-from pipeline.manifest import ManifestRow, ManifestSchemaError, normalize_row, validate_manifest_schema
+from pipeline.manifest import (ManifestRow, ManifestSchemaError, manifest_files, normalize_row,
+                               validate_manifest_schema)
 from pipeline.metrics import _jsonable, drift_report
 from pipeline.model.loading import heads_hash, model_id
-from pipeline.run import build_pipeline, make_runner, manifest_pattern
+from pipeline.run import build_pipeline, make_runner
 from pipeline.schemas import ERRORS, SCORES, SUMMARY
 from transforms.write import recover_partitions, staging_root
 
@@ -169,7 +170,9 @@ def drift_status(report: pd.DataFrame, tolerance: float) -> pd.DataFrame:
 def drift_markdown(report: pd.DataFrame, date: str, previous: str | None) -> str:
     """A human table of a :func:`drift_status` report."""
     def fmt(v: Any) -> str:
-        return "n/a" if v is None or pd.isna(v) else (f"{v:.3f}" if isinstance(v, float) else str(v))
+        if v is None or pd.isna(v):
+            return "n/a"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     threshold = report["threshold"].iloc[0] if len(report) else float("nan")
     lines = [f"# Score drift {date} vs {previous or 'no previous night'}", "",
@@ -203,8 +206,8 @@ def date_queries(manifest: str, schema: pa.Schema, date: str) -> dict[str, str]:
         raise ManifestSchemaError(
             f"the nightly run needs a {DATE_COLUMN!r} column (date, timestamp or 'YYYY-MM-DD') "
             f"to pick the queries of a date; manifest {manifest} has none")
-    fs, local = _fs(manifest_pattern(manifest))
-    files = sorted(fs.glob(local)) if any(c in local for c in "*?[") else [local]
+    fs, _ = _fs(manifest)
+    files = [_fs(f)[1] for f in manifest_files(manifest)]
     columns = [c for c in ("image_uri", "image_id", "dataset", "category", "role", DATE_COLUMN)
                if c in schema.names]
     data = pads.dataset(files, filesystem=fs, format="parquet", schema=schema)
@@ -229,8 +232,10 @@ def _partition_dirs(output: str, table: str, date: str) -> list[tuple[str, str]]
     return out
 
 
-def read_partition(output: str, date: str, table: str = SCORES) -> pa.Table | None:
-    """Every dataset's ``date`` rows of ``table`` with a ``dataset`` column, or None."""
+def read_partition(output: str, date: str, table: str = SCORES,
+                   columns: Sequence[str] | None = None) -> pa.Table | None:
+    """Every dataset's ``date`` rows of ``table`` (all columns, or ``columns``) with a
+    ``dataset`` column taken from the folder name, or None when the date has no rows."""
     fs, _ = _fs(output)
     tables = []
     for value, path in _partition_dirs(output, table, date):
@@ -238,12 +243,12 @@ def read_partition(output: str, date: str, table: str = SCORES) -> pa.Table | No
                  if not f.rpartition("/")[2].startswith((".", "_"))]
         if not files:
             continue
-        part = pads.dataset(files, filesystem=fs, format="parquet").to_table()
+        part = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
         part = part.append_column("dataset", pa.array([value] * part.num_rows, pa.string()))
         tables.append(part)
     if not tables:
         return None
-    return pa.concat_tables(tables, promote_options="default")
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def committed_dates(output: str, table: str = SCORES) -> list[str]:
@@ -265,10 +270,8 @@ def previous_date(output: str, date: str) -> str | None:
 def _scores_frame(output: str, date: str | None) -> pd.DataFrame | None:
     if date is None:
         return None
-    table = read_partition(output, date)
-    if table is None:
-        return None
-    return table.select(["dataset", "final_score"]).to_pandas()
+    table = read_partition(output, date, columns=["final_score"])
+    return None if table is None else table.to_pandas()
 
 
 def write_drift(report: pd.DataFrame, out_dir: str, *, date: str, previous: str | None,
@@ -392,14 +395,10 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
 
     queries = date_queries(config.manifest, schema, date)
     existing = read_partition(config.output, date)
-    keys = (existing.select(["image_id", "seed", "model_id", "k"]).to_pandas()
-            if existing is not None else pd.DataFrame(columns=["image_id", "seed", "model_id", "k"]))
-    plan = plan_night(list(queries), keys, model=mid, k=config.k, seeds=config.seeds,
-                      force=options.force)
-    report.queries_on_date = plan.queries
-    report.already_scored = len(plan.skip)
-    report.scored_queries = plan.to_score
-    report.carried_rows = plan.carried_rows
+    plan = plan_night(list(queries), _keys(existing), model=mid, k=config.k,
+                      seeds=config.seeds, force=options.force)
+    report.queries_on_date, report.already_scored = plan.queries, len(plan.skip)
+    report.scored_queries, report.carried_rows = plan.to_score, plan.carried_rows
     report.dropped_rows = plan.dropped_rows
     LOG.info("Night %s: %d queries captured, %d already scored with %s, %d to score; "
              "%d rows carried, %d dropped", date, plan.queries, len(plan.skip), mid,
@@ -413,28 +412,14 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
         LOG.info("Partition %s is up to date (use --force to rescore)", date)
         report.skipped = True
     else:
-        carried = None
-        if existing is not None and plan.carried_rows:
-            carried = existing.filter(pa.array(plan.carry))
-            # Folder values are sanitised dataset names; carried rows get the manifest's own.
-            names = [queries[i] for i in carried.column("image_id").to_pylist()]
-            carried = carried.set_column(carried.schema.get_field_index("dataset"), "dataset",
-                                         pa.array(names, pa.string()))
+        carried = _carried(existing, plan, queries)
         started = time.monotonic()
         try:
             result = _run_job(config, schema, beam_args, plan, carried)
         finally:
             _remove_staging(config.output, config.run_id)
         report.pipeline_seconds = round(time.monotonic() - started, 3)
-        report.reference_cache_hits = _counter(result, "feature_cache_hits")
-        report.reference_cache_misses = _counter(result, "feature_cache_misses")
-        report.reference_features_extracted = _counter(
-            result, "num_inferences", "ExtractReferenceFeatures")
-        report.query_features_extracted = _counter(
-            result, "num_inferences", "ExtractQueryFeatures")
-        LOG.info("Night %s scored in %.1f s; reference features: %s extracted, %s from the cache",
-                 date, report.pipeline_seconds, report.reference_features_extracted,
-                 report.reference_cache_hits)
+        _record_metrics(report, result, cached=bool(config.feature_cache))
 
     _report_drift(config, options, report)
     summary_dir = f"{config.output}/{SUMMARY}/run_date={date}"
@@ -444,6 +429,35 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
     with fsspec.open(report.files["report"], "w") as f:
         json.dump(_jsonable(dataclasses.asdict(report)), f, indent=2, allow_nan=False, default=str)
     return report
+
+
+def _keys(existing: pa.Table | None) -> pd.DataFrame:
+    columns = ["image_id", "seed", "model_id", "k"]
+    return existing.select(columns).to_pandas() if existing is not None else pd.DataFrame(
+        columns=columns)
+
+
+def _carried(existing: pa.Table | None, plan: NightPlan, queries: dict[str, str]
+             ) -> pa.Table | None:
+    """The existing rows the plan keeps, with the manifest's dataset names."""
+    if existing is None or not plan.carried_rows:
+        return None
+    carried = existing.filter(pa.array(plan.carry))
+    # Folder values are sanitised dataset names; carried rows get the manifest's own.
+    names = pa.array([queries[i] for i in carried.column("image_id").to_pylist()], pa.string())
+    return carried.set_column(carried.schema.get_field_index("dataset"), "dataset", names)
+
+
+def _record_metrics(report: NightlyReport, result, *, cached: bool) -> None:
+    if cached:
+        report.reference_cache_hits = _counter(result, "feature_cache_hits")
+        report.reference_cache_misses = _counter(result, "feature_cache_misses")
+    report.reference_features_extracted = _counter(
+        result, "num_inferences", "ExtractReferenceFeatures")
+    report.query_features_extracted = _counter(result, "num_inferences", "ExtractQueryFeatures")
+    LOG.info("Night %s scored in %.1f s; reference features: %s extracted, %s from the cache",
+             report.date, report.pipeline_seconds, report.reference_features_extracted,
+             report.reference_cache_hits)
 
 
 def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyReport) -> None:
@@ -501,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true",
                    help="rescore every query of the date, even those already scored")
     g.add_argument("--no-feature-cache", action="store_true",
-                   help=f"do not cache reference features (default cache: OUTPUT/{FEATURE_CACHE_DIR})")
+                   help="do not cache reference features "
+                        f"(default cache: OUTPUT/{FEATURE_CACHE_DIR})")
     g.add_argument("--alert-threshold", type=_fraction, default=DEFAULT_ALERT_THRESHOLD,
                    help="final_score at or above which a query counts as anomalous in the drift "
                         "report (default %(default)s)")

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import apache_beam as beam
-import fsspec
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -31,12 +30,6 @@ LOG = logging.getLogger(__name__)
 
 DIRECT_RUNNERS = {"DirectRunner", "SwitchingDirectRunner", None}
 DASK_RUNNERS = {"DaskRunner", "apache_beam.runners.dask.dask_runner.DaskRunner"}
-
-
-def manifest_pattern(path: str) -> str:
-    """A Parquet file, or every ``*.parquet`` file of a folder."""
-    fs, _, (local,) = fsspec.get_fs_token_paths(path)
-    return f"{path.rstrip('/')}/*.parquet" if fs.isdir(local) else path
 
 
 def make_runner(options: PipelineOptions):
@@ -76,7 +69,7 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Sc
     mid = model_id(config.backbone, heads)
     spec = config.backbone
 
-    manifest = p | "ReadManifest" >> ReadManifest(manifest_pattern(config.manifest))
+    manifest = p | "ReadManifest" >> ReadManifest(config.manifest)
     rows = manifest["rows"]
     queries = rows | "Queries" >> beam.Filter(
         lambda r, keep: r.role == "query" and (keep is None or keep(r)), query_filter)
@@ -94,7 +87,8 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Sc
         | "AssembleReferenceSets" >> AssembleReferenceSets()
     )
     prompts = queries | "EncodePrompts" >> EncodePrompts(
-        spec, config.semantic_classes, config.feature_cache)
+        spec, config.semantic_classes, config.feature_cache,
+        text_on_cpu=config.share_model_across_processes)
 
     query_images = queries | "LoadQueryImages" >> LoadImages(
         spec, config.max_pixels, config.min_side)

@@ -1,4 +1,4 @@
-"""Runner choice, and a Dask translation complete enough for the scoring job.
+"""Beam's DaskRunner with a translation complete enough for the scoring and nightly jobs.
 
 Beam's ``DaskRunner`` (``apache_beam.runners.dask``, 2.77) translates a pipeline into
 ``dask.bag`` operations, but its translation drops what this job relies on: bounded
@@ -23,7 +23,9 @@ client and its result type, and replaces only the graph translation:
 * user metrics (``Metrics.counter`` ...) are collected per bundle and answer
   ``result.metrics().query(...)``.
 
-The pipeline itself is the same for every runner.
+Batch only, like Beam's own: no unbounded sources, state, timers or splittable DoFns. The
+pipeline itself is the same for every runner; ``pipeline.run.make_runner`` picks this class
+for ``--runner=DaskRunner``.
 """
 from __future__ import annotations
 
@@ -207,7 +209,8 @@ class _BagVisitor(PipelineVisitor):
             self._pardo(node, transform)
         elif isinstance(transform, _GroupByKeyOnly):
             (bag,) = self._input(node)
-            self._only_output(node, bag.groupby(_key_of, shuffle="tasks").map_partitions(_group_only))
+            grouped = bag.groupby(_key_of, shuffle="tasks")  # no shared disk between machines
+            self._only_output(node, grouped.map_partitions(_group_only))
         elif isinstance(transform, _Flatten):
             inputs = self._input(node)
             self._only_output(node, db.concat(inputs) if inputs else db.from_sequence([]))

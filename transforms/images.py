@@ -8,7 +8,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline.images import ImageLoadError, content_hash, decode_image, read_bytes
 from pipeline.manifest import ManifestRow
-from pipeline.model.backbone import BackboneSpec, get_backbone
+from pipeline.model.backbone import BackboneSpec, describe
 from transforms.errors import ERRORS, row_error
 from transforms.features import KeyedPixels
 
@@ -27,7 +27,7 @@ class _LoadFn(beam.DoFn):
         self._bytes = Metrics.distribution("inctrl", "image_bytes")
 
     def setup(self) -> None:
-        self._preprocess = get_backbone(self._spec).preprocess
+        self._preprocess = describe(self._spec).preprocess
 
     def process(self, row: ManifestRow) -> Iterable:
         try:

@@ -6,7 +6,7 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.manifest import ManifestRow, RowError, normalize_row
+from pipeline.manifest import ManifestRow, RowError, manifest_files, normalize_row
 from transforms.errors import ERRORS
 
 STAGE_DEDUPLICATE = "deduplicate"
@@ -47,16 +47,21 @@ class _KeepFirstFn(beam.DoFn):
 
 
 class ReadManifest(beam.PTransform):
-    """Reads a Parquet manifest (file pattern) into ``{'rows': ManifestRow, 'errors': RowError}``."""
+    """Reads a Parquet manifest into ``{'rows': ManifestRow, 'errors': RowError}``.
 
-    def __init__(self, file_pattern: str) -> None:
+    ``path`` is a Parquet file or a folder of them: exactly the files that
+    ``validate_manifest_schema`` checks (``manifest_files``) are read.
+    """
+
+    def __init__(self, path: str) -> None:
         super().__init__()
-        self._pattern = file_pattern
+        self._files = manifest_files(path)
 
     def expand(self, pbegin):
         normalized = (
             pbegin
-            | "ReadParquet" >> beam.io.ReadFromParquet(self._pattern)
+            | "ManifestFiles" >> beam.Create(self._files)
+            | "ReadParquet" >> beam.io.ReadAllFromParquet()
             | "Normalize" >> beam.ParDo(_NormalizeFn()).with_outputs(ERRORS, main="rows")
         )
         unique = (

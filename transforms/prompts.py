@@ -6,6 +6,7 @@ tower hundreds of sequences.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable
 
 import apache_beam as beam
@@ -27,7 +28,6 @@ class _EncodeFn(beam.DoFn):
         self._cached = Metrics.counter("inctrl", "prompt_sets_from_cache")
 
     def setup(self) -> None:
-        self._backbone = get_backbone(self._spec)
         self._cache = FeatureCache(self._cache_root, self._spec) if self._cache_root else None
 
     def process(self, category: str) -> Iterable:
@@ -35,7 +35,8 @@ class _EncodeFn(beam.DoFn):
         key = prompts_key(normal, anomalous)
         text = self._cache.get_text(key) if self._cache else None
         if text is None:
-            text = encode_prompt_pair(self._backbone, normal, anomalous).cpu()
+            # Loaded on the first miss only: with a warm cache no text tower is needed at all.
+            text = encode_prompt_pair(get_backbone(self._spec), normal, anomalous).cpu()
             self._encoded.inc()
             if self._cache:
                 self._cache.put_text(key, text)
@@ -45,11 +46,17 @@ class _EncodeFn(beam.DoFn):
 
 
 class EncodePrompts(beam.PTransform):
-    """ManifestRow → (category, (2, embed_dim) normal/anomalous text features), once each."""
+    """ManifestRow → (category, (2, embed_dim) normal/anomalous text features), once each.
+
+    ``text_on_cpu`` runs the text tower on the CPU (fp32): used when the image model is shared
+    across a machine's processes, so that no process holds a second copy on the GPU.
+    """
 
     def __init__(self, spec: BackboneSpec, semantic_classes: frozenset[str],
-                 cache_root: str | None = None) -> None:
+                 cache_root: str | None = None, text_on_cpu: bool = False) -> None:
         super().__init__()
+        if text_on_cpu:
+            spec = replace(spec, device="cpu", precision="fp32")
         self._fn = _EncodeFn(spec, semantic_classes, cache_root)
 
     def expand(self, rows):

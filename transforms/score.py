@@ -14,7 +14,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline.config import ScoreConfig
 from pipeline.manifest import ManifestRow
-from pipeline.model.backbone import ImageFeatures, get_backbone
+from pipeline.model.backbone import ImageFeatures, describe
 from pipeline.model.inctrl import ReferenceSet, ScoreComponents
 from pipeline.model.loading import TRAINING_FREE, WITH_HEADS, get_scorer
 from transforms.errors import ERRORS, error_records, row_error
@@ -73,7 +73,7 @@ class _ScoreFn(beam.DoFn):
 
     def setup(self) -> None:
         spec = self._config.backbone
-        self._device = get_backbone(spec).device
+        self._device = describe(spec).device
         self._scorer, self._heads = get_scorer(spec, self._config.checkpoint)
         self._mode = WITH_HEADS if self._scorer.has_heads else TRAINING_FREE
         self._prepared: OrderedDict[tuple, ReferenceSet] = OrderedDict()

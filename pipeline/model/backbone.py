@@ -212,6 +212,66 @@ def _create(spec: BackboneSpec) -> tuple[torch.nn.Module, Callable, Callable]:
     return model, preprocess, tokenizer
 
 
+def _geometry(model: torch.nn.Module, spec: BackboneSpec) -> Geometry:
+    """Sizes read off an open_clip model's image tower (weights not needed)."""
+    visual = model.visual
+    if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "transformer"):
+        raise BackboneLoadError(f"{spec.name!r} has no ViT image tower; InCTRL needs one")
+    depth = len(visual.transformer.resblocks)
+    # forward_intermediates yields each block once, in depth order; say so in the geometry.
+    blocks = tuple(sorted(set(spec.blocks))) if spec.blocks else default_blocks(depth)
+    if max(blocks) > depth:
+        raise BackboneLoadError(f"blocks {blocks} exceed the depth {depth} of {spec.name!r}")
+    image_size = _pair(visual.image_size)
+    patch_size = _pair(visual.patch_size)
+    return Geometry(
+        image_size=image_size,
+        patch_size=patch_size,
+        grid=(image_size[0] // patch_size[0], image_size[1] // patch_size[1]),
+        token_width=int(visual.transformer.width),
+        embed_dim=int(visual.output_dim),
+        depth=depth,
+        blocks=tuple(blocks),
+    )
+
+
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What stages other than the image forward need: geometry, preprocessing and device.
+
+    Read from the model config on PyTorch's 'meta' device: no weights are loaded and no
+    device memory is taken, so decoding and scoring stages never hold a model copy.
+    """
+
+    geometry: Geometry
+    preprocess: Callable
+    device: torch.device
+
+
+def _describe(spec: BackboneSpec) -> BackboneInfo:
+    import open_clip
+
+    register_packaged_configs()
+    model_name, pretrained = spec.name, spec.pretrained
+    if pretrained.startswith(("local-dir:", "hf-hub:")):
+        model_name, pretrained = pretrained, None
+    overrides = {}
+    if pretrained and not spec.is_random and not os.path.exists(pretrained):
+        # A tag may carry its own preprocessing (mean, std, ...), as loading it would apply.
+        tag_cfg = open_clip.get_pretrained_cfg(spec.name, pretrained) or {}
+        overrides = {f"image_{k}": tag_cfg[k] for k in _PREPROCESS_KEYS if k in tag_cfg}
+    try:
+        with torch.device("meta"):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=None, load_weights=False, device="meta", **overrides)
+    except Exception as exc:
+        raise BackboneLoadError(f"could not read the config of backbone {spec.name!r}: {exc}") from exc
+    return BackboneInfo(_geometry(model, spec), preprocess, _resolve_device(spec.device))
+
+
 class ClipBackbone:
     """A frozen open_clip model that turns pixels into InCTRL's image and text features."""
 
@@ -219,28 +279,9 @@ class ClipBackbone:
         self.spec = spec
         self.device = _resolve_device(spec.device)
         model, self.preprocess, self.tokenizer = _create(spec)
-        visual = model.visual
-        if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "transformer"):
-            raise BackboneLoadError(f"{spec.name!r} has no ViT image tower; InCTRL needs one")
-        depth = len(visual.transformer.resblocks)
-        # forward_intermediates yields each block once, in depth order; say so in the geometry.
-        blocks = tuple(sorted(set(spec.blocks))) if spec.blocks else default_blocks(depth)
-        if max(blocks) > depth:
-            raise BackboneLoadError(f"blocks {blocks} exceed the depth {depth} of {spec.name!r}")
-        image_size = _pair(visual.image_size)
-        patch_size = _pair(visual.patch_size)
-        self.geometry = Geometry(
-            image_size=image_size,
-            patch_size=patch_size,
-            grid=(image_size[0] // patch_size[0], image_size[1] // patch_size[1]),
-            token_width=int(visual.transformer.width),
-            embed_dim=int(visual.output_dim),
-            depth=depth,
-            blocks=tuple(blocks),
-        )
+        self.geometry = _geometry(model, spec)
         model.eval().requires_grad_(False)
         self.model = model.to(self.device)
-        self._text_prefix_ok: bool | None = None  # decided on the first text encoding
         if spec.precision == "tf32" and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -282,64 +323,29 @@ class ClipBackbone:
         """L2-normalised text embeddings, (len(texts), embed_dim), float32 on the device."""
         tokens = self.tokenizer(list(texts)).to(self.device)
         with self._autocast():
-            emb = self._encode_text_tokens(tokens)
+            emb = self.model.encode_text(tokens)
         return F.normalize(emb.float(), dim=-1)
-
-    def _encode_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """open_clip's ``encode_text``, run on the shortest prefix holding every end-of-text token.
-
-        CLIP's text tower is causal and pools at the end-of-text token (the largest id), so the
-        padding after the longest text cannot change an embedding; InCTRL's prompts fill about
-        17 of 77 positions, which makes a prompt ensemble about five times cheaper. Other text
-        towers, or a prefix result that ever disagrees with open_clip's (checked on first use),
-        go through ``encode_text`` unchanged.
-        """
-        model = self.model
-        if self._text_prefix_ok is None:
-            self._text_prefix_ok = _causal_argmax_text_tower(model)
-            if self._text_prefix_ok:
-                full, prefix = model.encode_text(tokens[:2]), self._encode_text_prefix(tokens[:2])
-                tol = 1e-2 if self.spec.precision == "bf16" else 1e-4
-                self._text_prefix_ok = torch.allclose(
-                    prefix.float(), full.float(), rtol=tol, atol=tol * float(full.abs().max()))
-                if not self._text_prefix_ok:
-                    LOG.warning("Text embeddings of the shortened context disagree with "
-                                "open_clip's; encoding the full context")
-        return self._encode_text_prefix(tokens) if self._text_prefix_ok else model.encode_text(tokens)
-
-    def _encode_text_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
-        from open_clip.transformer import text_global_pool
-
-        model = self.model
-        length = int(tokens.argmax(dim=-1).max()) + 1
-        tokens = tokens[:, :length]
-        cast = model.transformer.get_cast_dtype()
-        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
-        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-        x = text_global_pool(x, tokens, model.text_pool_type)
-        proj = model.text_projection
-        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
     def preprocess_batch(self, images: Sequence) -> torch.Tensor:
         """Stack PIL images into a (batch, 3, H, W) tensor with the model's own transform."""
         return torch.stack([self.preprocess(im) for im in images])
 
 
-def _causal_argmax_text_tower(model: torch.nn.Module) -> bool:
-    """True for open_clip's own CLIP text tower: causal mask, pooled at the end-of-text token."""
-    import open_clip
-
-    mask = getattr(model, "attn_mask", None)
-    if (type(model).encode_text is not open_clip.model.CLIP.encode_text
-            or getattr(model, "text_pool_type", None) != "argmax"
-            or not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-        return False
-    upper = torch.ones_like(mask, dtype=torch.bool).triu(1)
-    return bool(torch.isneginf(mask[upper]).all()) and not bool(mask[~upper].any())
-
-
 _CACHE: dict[BackboneSpec, ClipBackbone] = {}
 _CACHE_LOCK = threading.Lock()
+_INFO: dict[BackboneSpec, BackboneInfo] = {}
+
+
+def describe(spec: BackboneSpec) -> BackboneInfo:
+    """Geometry, preprocessing and device of a backbone, without loading it (cached)."""
+    with _CACHE_LOCK:
+        backbone = _CACHE.get(spec)
+        if backbone is not None:
+            return BackboneInfo(backbone.geometry, backbone.preprocess, backbone.device)
+        info = _INFO.get(spec)
+        if info is None:
+            info = _INFO[spec] = _describe(spec)
+        return info
 
 
 def get_backbone(spec: BackboneSpec) -> ClipBackbone:
@@ -356,12 +362,14 @@ __all__ = [
     "DEFAULT_PRETRAINED",
     "TINY_BACKBONE",
     "TINY_PRETRAINED",
+    "BackboneInfo",
     "BackboneLoadError",
     "BackboneSpec",
     "ClipBackbone",
     "Geometry",
     "ImageFeatures",
     "default_blocks",
+    "describe",
     "get_backbone",
     "register_packaged_configs",
     "tiny_spec",

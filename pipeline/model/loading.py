@@ -6,7 +6,7 @@ import threading
 
 import fsspec
 
-from pipeline.model.backbone import BackboneSpec, Geometry, get_backbone
+from pipeline.model.backbone import BackboneSpec, Geometry, describe
 from pipeline.model.checkpoint import CheckpointError, file_hash, load_heads
 from pipeline.model.inctrl import InCTRLScorer
 
@@ -60,9 +60,9 @@ def get_scorer(spec: BackboneSpec, checkpoint: str | None) -> tuple[InCTRLScorer
         cached = _SCORERS.get(key)
     if cached is not None:
         return cached
-    backbone = get_backbone(spec)
-    scorer, digest = build_scorer(backbone.geometry, checkpoint, spec)
-    scorer = scorer.to(backbone.device)
+    info = describe(spec)  # the scorer needs geometry and device, not the backbone itself
+    scorer, digest = build_scorer(info.geometry, checkpoint, spec)
+    scorer = scorer.to(info.device)
     with _LOCK:
         _SCORERS.setdefault(key, (scorer, digest))
         return _SCORERS[key]

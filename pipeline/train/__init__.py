@@ -4,7 +4,21 @@ The backbone runs once per image (``extract``) into the on-disk feature cache; t
 trains from cached features (``data``, ``forward``, ``loss``, ``loop``), validates on a held-out
 manifest (``validate``) and writes the heads and a training log (``job``, ``log``).
 """
-from pipeline.train.config import TrainConfig
-from pipeline.train.job import TrainResult, run_training
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["TrainConfig", "TrainResult", "run_training"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that registering the CLI command does not import Beam.
+    if name == "TrainConfig":
+        from pipeline.train.config import TrainConfig
+
+        return TrainConfig
+    if name in ("TrainResult", "run_training"):
+        from pipeline.train import job
+
+        return getattr(job, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.manifest import ManifestRow, RowError, validate_manifest_schema
 from pipeline.model.backbone import BackboneSpec
-from pipeline.run import make_runner, manifest_pattern
+from pipeline.run import make_runner
 from transforms.cache import CachedExtractFeatures
 from transforms.errors import ERRORS
 from transforms.images import LoadImages
@@ -131,7 +131,7 @@ def extract_manifests(manifests: Mapping[str, str], cache_root: str, index_root:
     p = beam.Pipeline(runner=make_runner(options), options=options)
     errors = []
     for split, path in manifests.items():
-        read = p | f"ReadManifest[{split}]" >> ReadManifest(manifest_pattern(path))
+        read = p | f"ReadManifest[{split}]" >> ReadManifest(path)
         cached = read["rows"] | f"CacheFeatures[{split}]" >> CacheFeatures(
             cache_root, spec, batch_size, max_pixels, min_side)
         cached["index"] | f"WriteIndex[{split}]" >> _write_parquet(

@@ -63,8 +63,8 @@ def focal_loss_final(holistic_logits: torch.Tensor, fine: torch.Tensor, target: 
                      alpha: float = ALPHA, gamma: float = GAMMA) -> torch.Tensor:
     """Focal loss of InCTRL's final score p = (σ(h) + fine) / 2, fine in [0, 1].
 
-    log p       = log ½ + log(σ(h) + fine)           = log ½ + logaddexp(log σ(h), log fine)
-    log (1 - p) = log ½ + log((1 - σ(h)) + (1 - fine)) = log ½ + logaddexp(log σ(-h), log(1 - fine))
+    log p     = log ½ + log(σ(h) + fine)             = log ½ + logaddexp(log σ(h), log fine)
+    log (1-p) = log ½ + log((1 - σ(h)) + (1 - fine)) = log ½ + logaddexp(log σ(-h), log(1-fine))
     """
     fine = fine.to(holistic_logits.dtype).clamp(0.0, 1.0)
     log_p = _LOG_HALF + torch.logaddexp(F.logsigmoid(holistic_logits), torch.log(fine))

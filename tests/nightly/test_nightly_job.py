@@ -50,7 +50,8 @@ def scores(files: dict[str, bytes], date: str) -> pd.DataFrame:
     """The scores rows of ``date`` in a snapshot, with their ``dataset``."""
     parts = []
     for path, data in sorted(files.items()):
-        if path.startswith("scores/") and f"/run_date={date}/" in path and path.endswith(".parquet"):
+        if (path.startswith("scores/") and f"/run_date={date}/" in path
+                and path.endswith(".parquet")):
             frame = pq.read_table(pa.BufferReader(data)).to_pandas()
             frame["dataset"] = path.split("/")[1].partition("=")[2]
             parts.append(frame)
@@ -62,6 +63,7 @@ class Step:
     report: NightlyReport | None
     files: dict[str, bytes]
     error: Exception | None = None
+    exit_code: int | None = None
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +108,7 @@ def history(tmp_path_factory):
                      "--run-id", "night2", "--backbone", "InCTRL-Tiny-ViT-TESTONLY",
                      "--pretrained", "random:0"])
     with open(f"{out}/summary/run_date={D2}/nightly.json") as f:
-        steps["night2"] = Step(NightlyReport(**json.load(f)), snapshot(out))
-    steps["night2"].report.exit_code = code
+        steps["night2"] = Step(NightlyReport(**json.load(f)), snapshot(out), exit_code=code)
     steps["rerun1"] = night(D1, "rerun1")
     steps["late1"] = night(D1, "late1", "manifest_late.parquet")
 
@@ -149,7 +150,7 @@ def test_unchanged_references_are_not_extracted_again(history):
 
 def test_the_command_line_night_and_its_drift_report(history):
     step = history["steps"]["night2"]
-    assert step.report.exit_code == 0
+    assert step.exit_code == 0
     assert step.report.previous_date == D1
     summary = f"summary/run_date={D2}/"
     assert {summary + n for n in ("summary.json", "summary.md", "drift.parquet", "drift.json",

@@ -45,7 +45,8 @@ def plan(queries, existing, force=False, seeds=(0, 1)):
 
 def test_first_night_scores_everything():
     p = plan(["a", "b"], rows())
-    assert (p.queries, p.skip, p.to_score, p.carried_rows, p.dropped_rows) == (2, frozenset(), 2, 0, 0)
+    assert (p.queries, p.skip, p.to_score) == (2, frozenset(), 2)
+    assert (p.carried_rows, p.dropped_rows) == (0, 0)
     assert not p.up_to_date
 
 

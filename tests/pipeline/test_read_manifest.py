@@ -65,3 +65,17 @@ def test_bad_rows_become_errors_and_good_rows_are_normalised(tmp_path, test_pipe
     result = p.run()
     result.wait_until_finish()
     assert counter(result, "manifest_rows_rejected") == 3
+
+
+def test_folder_manifest_reads_every_data_file_validation_checks(tmp_path, test_pipeline):
+    folder = tmp_path / "manifest"
+    (folder / "day=1").mkdir(parents=True)
+    pd.DataFrame([_row("/d/a.png", "a")]).astype({"label": "Int64"}).to_parquet(
+        folder / "part-0.parquet")
+    pd.DataFrame([_row("/d/b.png", "b")]).astype({"label": "Int64"}).to_parquet(
+        folder / "day=1" / "part-1")  # nested, and no .parquet suffix
+    (folder / "_SUCCESS").write_text("")
+    p = test_pipeline()
+    out = p | ReadManifest(str(folder))
+    assert_that(out["rows"] | beam.Map(lambda r: r.image_id), equal_to(["a", "b"]))
+    p.run().wait_until_finish()

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from pipeline.run import make_runner, manifest_pattern, parse_score_args
+from pipeline.manifest import manifest_files
+from pipeline.run import make_runner, parse_score_args
 
 
 def test_direct_runner_is_the_offline_in_process_runner():
@@ -23,8 +24,13 @@ def test_beam_flags_pass_through_untouched():
     assert beam_args == ["--runner=DirectRunner", "--direct_num_workers=2"]
 
 
-def test_manifest_pattern_file_or_folder(tmp_path):
+def test_manifest_files_are_what_validation_checks(tmp_path):
+    """A folder manifest: every non-hidden data file, nested ones too, none of the hidden."""
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"a": [1]}), path)
-    assert manifest_pattern(str(path)) == str(path)
-    assert manifest_pattern(str(tmp_path) + "/") == f"{tmp_path}/*.parquet"
+    assert manifest_files(str(path)) == [str(path)]
+    (tmp_path / "sub").mkdir()
+    pq.write_table(pa.table({"a": [2]}), tmp_path / "sub" / "part-0")
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / ".hidden.parquet").write_text("")
+    assert manifest_files(str(tmp_path)) == [str(path), str(tmp_path / "sub" / "part-0")]

@@ -70,4 +70,5 @@ def assert_same_scores(expected: str, actual: str, tol: float = 1e-6) -> None:
         np.testing.assert_allclose(y, x, rtol=0, atol=tol, equal_nan=True, err_msg=col)
     for col in ("dataset", "category", "k_used", "model_id"):
         assert (merged[f"{col}_a"].astype(str) == merged[f"{col}_b"].astype(str)).all(), col
-    assert [list(r) for r in merged["reference_ids_a"]] == [list(r) for r in merged["reference_ids_b"]]
+    refs_a, refs_b = merged["reference_ids_a"], merged["reference_ids_b"]
+    assert [list(r) for r in refs_a] == [list(r) for r in refs_b]

@@ -8,8 +8,12 @@ scoring job itself and compares it with the DirectRunner's.
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import replace
 
 import apache_beam as beam
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.metrics import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -17,8 +21,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from pipeline.nightly import NightlyOptions, run_nightly
 from pipeline.run import make_runner, run_config
-from tests.runners import assert_same_scores, direct_output, manifest_path, score_config
+from tests.runners import (RUN_DATE, assert_same_scores, direct_output, manifest_path,
+                           score_config)
 
 distributed = pytest.importorskip("distributed")
 from pipeline.runners import DaskRunner  # noqa: E402  (needs dask)
@@ -78,7 +84,8 @@ def test_beam_semantics_on_the_cluster(cluster):
     sides = p | "Sides" >> beam.Create([("a", 10), ("b", 20)])
     grouped = (p | "Pairs" >> beam.Create([("a", 1), ("b", 2), ("a", 3)])
                | beam.GroupByKey()
-               | beam.Map(lambda kv, d: (kv[0], sorted(kv[1]), d[kv[0]]), beam.pvalue.AsDict(sides)))
+               | beam.Map(lambda kv, d: (kv[0], sorted(kv[1]), d[kv[0]]),
+                          beam.pvalue.AsDict(sides)))
     assert_that(grouped, equal_to([("a", [1, 3], 10), ("b", [2], 20)]), label="GroupAndSide")
     assert_that(p | "Nothing" >> beam.Create([]) | beam.combiners.ToList(), equal_to([[]]),
                 label="EmptyInput")
@@ -114,3 +121,34 @@ def test_scores_equal_the_direct_runner(cluster, tmp_path):
         assert os.path.exists(os.path.join(out, path)), path
     scored = result.metrics().query(MetricsFilter().with_name("queries_scored"))["counters"]
     assert sum(c.committed for c in scored) == 32
+
+
+def test_incremental_night_on_dask_matches_the_direct_runner(cluster, tmp_path):
+    """The nightly job unchanged on Dask: carried rows read back, one late query scored."""
+    address, _ = cluster
+    frame = pd.read_parquet(manifest_path())
+    frame["capture_date"] = [RUN_DATE if role == "query" else None for role in frame["role"]]
+    dated = str(tmp_path / "dated.parquet")
+    frame.to_parquet(dated, index=False)
+
+    def night(out: str, args: list[str]):
+        config = replace(score_config(dated, out), only_date=RUN_DATE, run_id=os.path.basename(out),
+                         feature_cache=f"{out}/_feature_cache")
+        return run_nightly(config, args, NightlyOptions())
+
+    direct = str(tmp_path / "direct")
+    assert night(direct, []).scored_queries == 16
+    # Dask starts from the same partitions, less one query scored late.
+    dask_out = str(tmp_path / "dask")
+    shutil.copytree(direct, dask_out)
+    late = frame.loc[frame["role"] == "query", "image_id"].iloc[0]
+    (part,) = [os.path.join(folder, name) for folder, _, names in os.walk(f"{dask_out}/scores")
+               for name in names if name.endswith(".parquet")
+               and late in pq.read_table(os.path.join(folder, name))["image_id"].to_pylist()]
+    table = pq.read_table(part)
+    pq.write_table(table.filter(pd.Series(table["image_id"].to_pylist()).ne(late).to_list()), part)
+
+    report = night(dask_out, dask_args(address))
+    assert (report.scored_queries, report.already_scored, report.carried_rows) == (1, 15, 30)
+    assert report.reference_features_extracted == 0 and report.reference_cache_hits == 10
+    assert_same_scores(direct, dask_out)

@@ -97,7 +97,8 @@ DATAFLOW_ENV = {"GCP_PROJECT": "proj", "GCP_REGION": "us-central1", "GCS_TEMP": 
 
 
 def test_dataflow_gpu_flags(tmp_path):
-    config, _, beam_args = parse_nightly_args(job_args(dry_run("run_dataflow.sh", JOB, **DATAFLOW_ENV)))
+    command = dry_run("run_dataflow.sh", JOB, **DATAFLOW_ENV)
+    config, _, beam_args = parse_nightly_args(job_args(command))
     options = PipelineOptions(beam_args)
     assert options.view_as(StandardOptions).runner == "DataflowRunner"
     gcp = options.view_as(GoogleCloudOptions)
@@ -113,13 +114,16 @@ def test_dataflow_gpu_flags(tmp_path):
     setup = options.view_as(SetupOptions)
     assert setup.setup_file == os.path.join(REPO, "setup.py") and setup.sdk_location == "container"
     experiments = options.view_as(DebugOptions).experiments
-    assert "use_runner_v2" in experiments and "no_use_multiple_sdk_containers" in experiments
+    assert "use_runner_v2" in experiments
+    # Default: one model copy per VM served to every SDK process (RunInference large-model mode).
+    assert "no_use_multiple_sdk_containers" not in experiments
+    assert config.share_model_across_processes
     assert config.backbone.device == "cuda" and config.backbone.precision == "bf16"
     assert config.run_date == "2024-05-01" and config.k == 4
 
 
 def test_dataflow_graph_builds_and_serialises_with_the_custom_container(tmp_path):
-    args = job_args(dry_run("run_dataflow.sh", JOB, MODEL_SHARING="shared", **DATAFLOW_ENV))
+    args = job_args(dry_run("run_dataflow.sh", JOB, **DATAFLOW_ENV))
     p, options = build_local(args, tmp_path)
     # One model per VM, served to every SDK process: RunInference's large-model mode.
     handlers = model_handlers(p)

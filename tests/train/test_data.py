@@ -133,8 +133,8 @@ def test_odd_or_tiny_batches_are_refused(two_groups, batch_size):
 
 def test_feature_store_reads_lazily_and_bounds_its_memory(tmp_path):
     cache = FeatureCache(str(tmp_path), tiny_spec())
-    feats = {f"h{i}": ImageFeatures(torch.full((1, 2, 4, 8), float(i)), torch.full((1, 8), float(i)))
-             for i in range(4)}
+    feats = {f"h{i}": ImageFeatures(torch.full((1, 2, 4, 8), float(i)),
+                                    torch.full((1, 8), float(i))) for i in range(4)}
     for h, f in feats.items():
         cache.put(h, f)
     one = 2 * 4 * 8 * 4 + 8 * 4  # bytes of one image's tensors
