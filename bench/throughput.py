@@ -207,14 +207,20 @@ def report(res: dict) -> None:
         w(f"{labels[run]:40}{r['seconds']:9.1f}{ips:10.2f}{ips / bare_ips:8.1%}"
           f"{peaks.get(f'pipeline_{run}', float('nan')):7.0f} MiB\n")
     w(f"\n(a) mean {bare_ips:.2f} images/s over {len(res['bare_s'])} run(s).\n")
+    marginal = None
     if "warm" in runs and "fixed" in runs:
         extra = n - _images(res, "fixed")
-        marginal = extra / (runs["warm"]["seconds"] - runs["fixed"]["seconds"])
+        spent = runs["warm"]["seconds"] - runs["fixed"]["seconds"]
+        marginal = extra / spent if spent > 0 else None
+    if marginal is None and "fixed" in runs:
+        w("Marginal throughput: n/a (needs the warm run, and more images than the noise)\n")
+    elif marginal is not None:
         w(f"Fixed cost of a run (graph, stages, side inputs; {res['k'] + 1} images): "
           f"{runs['fixed']['seconds']:.1f} s. Marginal throughput, warm run minus that one: "
           f"{marginal:.2f} images/s = {marginal / bare_ips:.1%} of (a), what a long run "
           "approaches.\n")
-    w(f"Apart: model load {res['load_s']:.1f} s (random init; peak RSS {peaks['load']:.0f} MiB);"
+    init = "random init; " if "@random" in res["backbone"] else ""
+    w(f"Apart: model load {res['load_s']:.1f} s ({init}peak RSS {peaks['load']:.0f} MiB);"
       f" decode + preprocess {res['decode_ms_per_image']:.1f} ms/image (one process); prompt "
       f"ensemble ({res['prompts']} prompts, text tower) {res['prompt_s']:.1f} s = the forward "
       f"time of {res['prompt_s'] * bare_ips:.0f} images.\n")
@@ -233,7 +239,7 @@ def report(res: dict) -> None:
     cells = [f"(a) {bare_ips:.2f} img/s"] + [
         f"(b) {run} {n / r['seconds']:.2f} img/s ({n / r['seconds'] / bare_ips:.0%})"
         for run, r in runs.items() if run != "fixed"]
-    if "warm" in runs and "fixed" in runs:
+    if marginal is not None:
         cells.append(f"marginal {marginal / bare_ips:.0%}")
     cells.append("peak RSS (b) " + "/".join(f"{peaks[f'pipeline_{r}']:.0f}" for r in runs
                                             if r != "fixed") + " MiB")

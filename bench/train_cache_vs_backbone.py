@@ -86,13 +86,14 @@ class BackboneBatches:
         return queries, prompts, labels
 
 
-def _time_steps(scorer_seed: int, data: TrainingSet, batches, text, geometry, device,
-                steps: int, batch_size: int, warmup: int) -> list[float]:
-    heads = InCTRLHeads.seeded(geometry.embed_dim, geometry.num_patches, scorer_seed)
+def _step_times(data: TrainingSet, batches, text, geometry, device, steps: int,
+                batch_size: int) -> list[float]:
+    """Seconds of each of ``steps`` training steps (same seeds, so same batches, in each mode)."""
+    heads = InCTRLHeads.seeded(geometry.embed_dim, geometry.num_patches, 0)
     scorer = InCTRLScorer(geometry, heads).to(device)
     sampler = EpisodeSampler(data, batch_size, seed=0)
-    result = fit(scorer, sampler, batches, text, LoopSettings(1, warmup + steps, log_every=10**9))
-    return [s["step_time_s"] for s in result.log.steps[warmup:]]
+    result = fit(scorer, sampler, batches, text, LoopSettings(1, steps, log_every=10**9))
+    return [s["step_time_s"] for s in result.log.steps]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,12 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = {c: build_text_features(backbone, c).cpu() for c in data.categories}
         geo, device = backbone.geometry, backbone.device
         store = FeatureStore(FeatureCache(cache_root, spec))
-        cache_times = _time_steps(0, data, CachedBatches(store, data, device), text, geo, device,
-                                  args.cache_steps, args.batch_size, args.warmup)
+        cache_times = _step_times(data, CachedBatches(store, data, device), text, geo, device,
+                                  args.warmup + args.cache_steps, args.batch_size)[args.warmup:]
         in_loop = BackboneBatches(backbone, data)
-        loop_times = _time_steps(0, data, in_loop, text, geo, device, backbone_steps,
-                                 args.batch_size, args.warmup)
-        encode_share = in_loop.encode_seconds / sum(loop_times) if loop_times else float("nan")
+        all_loop_times = _step_times(data, in_loop, text, geo, device,
+                                     args.warmup + backbone_steps, args.batch_size)
+        loop_times = all_loop_times[args.warmup:]
+        encode_share = in_loop.encode_seconds / sum(all_loop_times)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -27,7 +27,8 @@ def patch_residual_map(query_tokens: torch.Tensor, ref_unit: torch.Tensor) -> to
     ref_unit:     (layers, k * patches, width) from ``normalize_reference_tokens``
     returns:      (batch, layers, patches)
 
-    The minimum of ½(1 − cos) is ½(1 − max cos), so one batched matmul and a max suffice.
+    The minimum of ½(1 − cos) is ½(1 − max cos), so one matrix product per layer (all
+    query patches of the chunk against all reference patches) and a max suffice.
     """
     b, layers, patches, _ = query_tokens.shape
     if ref_unit.shape[0] != layers or ref_unit.shape[-1] != query_tokens.shape[-1]:
@@ -40,8 +41,15 @@ def patch_residual_map(query_tokens: torch.Tensor, ref_unit: torch.Tensor) -> to
     step = max(1, _MAX_SIM_ELEMENTS // max(per_query, 1))
     out = []
     for start in range(0, b, step):
-        sim = torch.matmul(q[start:start + step], ref_unit.transpose(1, 2))  # (b', L, P, kP)
-        out.append(0.5 * (1.0 - sim.amax(dim=-1)))
+        chunk = q[start:start + step]
+        n = chunk.shape[0]
+        best = torch.stack([
+            # (n·P, width) @ (width, k·P): one plain GEMM per layer, then the best match
+            torch.matmul(chunk[:, layer].reshape(n * patches, -1), ref_unit[layer].T)
+            .amax(dim=-1).view(n, patches)
+            for layer in range(layers)
+        ], dim=1)  # (n, L, P)
+        out.append(0.5 * (1.0 - best))
     return torch.cat(out) if out else q.new_zeros((0, layers, patches))
 
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import fsspec
@@ -25,7 +25,7 @@ import pandas as pd
 
 from pipeline.feature_cache import FeatureCache, feature_identity
 from pipeline.manifest import ManifestSchemaError, validate_manifest_schema
-from pipeline.model.backbone import get_backbone
+from pipeline.model.backbone import Geometry, get_backbone
 from pipeline.model.checkpoint import HeadsMetadata, save_heads
 from pipeline.model.heads import InCTRLHeads
 from pipeline.model.inctrl import InCTRLScorer, build_text_features
@@ -99,31 +99,20 @@ def run_training(config: TrainConfig, beam_args: Sequence[str] = ()) -> TrainRes
     fs, _, (out_local,) = fsspec.get_fs_token_paths(config.output)
     fs.makedirs(out_local, exist_ok=True)
     spec = config.backbone
-    train_hash = manifest_digest(config.manifest)
     manifests = {TRAIN: config.manifest}
     if config.validate_manifest:
         manifests[VALIDATE] = config.validate_manifest
     extraction = extract_manifests(manifests, config.cache_root, f"{config.output}/index", spec,
                                    config.extract_batch_size, beam_args, config.max_pixels,
                                    config.min_side)
-
-    data = TrainingSet(read_index(extraction.index[TRAIN]), config.k)
-    vset = None
-    if config.validate_manifest:
-        val_index = read_index(extraction.index[VALIDATE])
-        shared = set(val_index["content_hash"]) & set(data.index["content_hash"])
-        if shared:
-            LOG.warning("%d validation images also appear in the training manifest; the "
-                        "validation metrics are not held-out for them", len(shared))
-        vset = ValidationSet(val_index, config.k, config.seed)
+    data, vset = _examples(config, extraction)
 
     backbone = get_backbone(spec)
-    device = backbone.device
+    device, geometry = backbone.device, backbone.geometry
     categories = sorted(set(data.categories) | set(vset.categories if vset else []))
     text = {c: build_text_features(backbone, c, config.semantic_classes).cpu()
             for c in categories}
     store = FeatureStore(FeatureCache(config.cache_root, spec), config.feature_memory_mb << 20)
-    geometry = backbone.geometry
     heads = InCTRLHeads.seeded(geometry.embed_dim, geometry.num_patches, config.seed)
     scorer = InCTRLScorer(geometry, heads).to(device)
 
@@ -138,39 +127,59 @@ def run_training(config: TrainConfig, beam_args: Sequence[str] = ()) -> TrainRes
     sampler = EpisodeSampler(data, config.batch_size, config.seed)
     result = fit(scorer, sampler, CachedBatches(store, data, device), text, settings, validate)
 
-    extra = {
-        "epochs": config.epochs, "steps_per_epoch": config.steps_per_epoch,
-        "steps": config.total_steps, "batch_size": config.batch_size, "lr": config.lr,
-        "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule,
-        "optimizer": "AdamW", "loss": LOSS_DESCRIPTION, "seed": config.seed,
-        "best_epoch": result.best_epoch, "train_manifest": config.manifest,
-        "validate_manifest": config.validate_manifest, "feature_identity": feature_identity(spec),
-        "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **{f"val_{k}": v for k, v in result.best_metrics.items()},
-    }
-    meta = HeadsMetadata(
-        backbone=spec.name, pretrained=spec.pretrained, blocks=geometry.blocks,
-        image_size=geometry.image_size, embed_dim=geometry.embed_dim,
-        num_patches=geometry.num_patches, k=config.k, train_manifest_hash=train_hash,
-        extra=extra,
-    )
+    meta = heads_metadata(config, geometry, manifest_digest(config.manifest), result)
     heads_path = f"{config.output}/{HEADS_FILE}"
     digest = save_heads(result.heads, heads_path, meta)
     if vset is not None:
-        save_heads(result.last_heads, f"{config.output}/{LAST_HEADS_FILE}", meta)
+        last_meta = replace(meta, extra=dict(meta.extra, heads_of_epoch=config.epochs))
+        save_heads(result.last_heads, f"{config.output}/{LAST_HEADS_FILE}", last_meta)
     if result.validation_scores is not None:
         with fsspec.open(f"{config.output}/{VALIDATION_SCORES_FILE}", "wb") as f:
             result.validation_scores.to_parquet(f, index=False)
 
     result.log.info.update(
         heads=heads_path, heads_hash=digest, metadata=json.loads(meta.to_json()),
-        extraction=extraction.to_dict(), device=str(device),
-        feature_reads=store.reads, train_queries={"normal": int(len(data.normal)),
-                                                  "anomalous": int(len(data.anomalous))},
+        extraction=extraction.to_dict(), device=str(device), feature_reads=store.reads,
+        train_queries={"normal": int(len(data.normal)), "anomalous": int(len(data.anomalous))},
         validation_queries=len(vset) if vset is not None else 0,
+        finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
     log_paths = result.log.write(config.output)
     LOG.info("Wrote heads %s (%s, epoch %d) and the training log %s", heads_path, digest,
              result.best_epoch, log_paths["json"])
     return TrainResult(heads_path, digest, meta, result, extraction, log_paths, scorer)
 
+
+def _examples(config: TrainConfig,
+              extraction: ExtractionReport) -> tuple[TrainingSet, ValidationSet | None]:
+    data = TrainingSet(read_index(extraction.index[TRAIN]), config.k)
+    if not config.validate_manifest:
+        return data, None
+    val_index = read_index(extraction.index[VALIDATE])
+    shared = set(val_index["content_hash"]) & set(data.index["content_hash"])
+    if shared:
+        LOG.warning("%d validation images also appear in the training manifest; the validation "
+                    "metrics are not held-out for them", len(shared))
+    return data, ValidationSet(val_index, config.k, config.seed)
+
+
+def heads_metadata(config: TrainConfig, geometry: Geometry, manifest_hash: str,
+                   result: FitResult) -> HeadsMetadata:
+    """What the kept heads were trained with (no timestamps: identical runs, identical files)."""
+    spec = config.backbone
+    extra = {
+        "epochs": config.epochs, "steps_per_epoch": config.steps_per_epoch,
+        "steps": config.total_steps, "batch_size": config.batch_size, "lr": config.lr,
+        "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule,
+        "optimizer": "AdamW", "loss": LOSS_DESCRIPTION, "seed": config.seed,
+        "best_epoch": result.best_epoch, "heads_of_epoch": result.best_epoch,
+        "train_manifest": config.manifest, "validate_manifest": config.validate_manifest,
+        "feature_identity": feature_identity(spec),
+        **{f"val_{k}": v for k, v in result.best_metrics.items()},
+    }
+    return HeadsMetadata(
+        backbone=spec.name, pretrained=spec.pretrained, blocks=geometry.blocks,
+        image_size=geometry.image_size, embed_dim=geometry.embed_dim,
+        num_patches=geometry.num_patches, k=config.k, train_manifest_hash=manifest_hash,
+        extra=extra,
+    )

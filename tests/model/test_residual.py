@@ -77,14 +77,15 @@ def test_chunking_splits_the_batch_and_changes_nothing(monkeypatch, step):
     real_matmul = torch.matmul
 
     def spy(a, b):
-        calls.append(a.shape[0])
+        calls.append(a.shape[0] // patches)  # rows are (queries in the chunk) × patches
         return real_matmul(a, b)
 
     monkeypatch.setattr(residual.torch, "matmul", spy)
     got = patch_residual_map(query, ref_unit)
     monkeypatch.setattr(residual.torch, "matmul", real_matmul)
 
-    assert calls == [min(step, batch - s) for s in range(0, batch, step)]  # it did split
+    # it did split: one product per layer for each chunk of queries
+    assert calls == [min(step, batch - s) for s in range(0, batch, step) for _ in range(layers)]
     torch.testing.assert_close(got.double(), want_layers, atol=1e-5, rtol=0)
     monkeypatch.setattr(residual, "_MAX_SIM_ELEMENTS", 1 << 40)
     torch.testing.assert_close(got, patch_residual_map(query, ref_unit), atol=1e-6, rtol=0)
