@@ -132,8 +132,20 @@ class InCTRLScorer(nn.Module):
             raise ValueError("this reference set was prepared by a scorer without heads; "
                              "prepare it with the scorer that scores")
         residual = image_residual(self.heads.adapter(queries.embeds), refs.adapted_mean)
-        img_score = self.heads.image_head(residual)  # (B,)
-        holistic_in = patch_map + prior.unsqueeze(1) + img_score.unsqueeze(1)  # (B, P)
-        holistic = self.heads.holistic_head(holistic_in)
+        holistic_logits, image_logits = self.head_logits(patch_map, prior, residual)
+        holistic, img_score = torch.sigmoid(holistic_logits), torch.sigmoid(image_logits)
         final = 0.5 * (holistic + fine)
         return ScoreComponents(final, fine, holistic, img_score, prior, patch_map)
+
+    def head_logits(
+        self, patch_map: torch.Tensor, prior: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-sigmoid outputs of the holistic and image-residual heads, each (batch,).
+
+        patch_map: (batch, patches); prior: (batch,); residual: (batch, embed_dim). The
+        holistic head reads the patch map plus the text prior plus the image-residual score
+        broadcast over patches.
+        """
+        image_logits = self.heads.image_head.logits(residual)
+        holistic_in = patch_map + prior.unsqueeze(1) + torch.sigmoid(image_logits).unsqueeze(1)
+        return self.heads.holistic_head.logits(holistic_in), image_logits

@@ -73,11 +73,7 @@ def forward_episodes(scorer: InCTRLScorer, queries: ImageFeatures, refs: Sequenc
         priors.append(text_prior(q.embeds, text_features[i]))  # (1,)
         residuals.append(image_residual(adapted[i:i + 1], ref.adapted_mean))  # (1, D)
     patch_map = torch.cat(patch_maps)
-    prior = torch.cat(priors)
-    image_logits = heads.image_head.logits(torch.cat(residuals))
-    holistic_in = patch_map + prior.unsqueeze(1) + torch.sigmoid(image_logits).unsqueeze(1)
-    return EpisodeOutputs(
-        holistic_logits=heads.holistic_head.logits(holistic_in),
-        image_logits=image_logits,
-        fine=patch_map.amax(dim=-1),
-    )
+    holistic_logits, image_logits = scorer.head_logits(
+        patch_map, torch.cat(priors), torch.cat(residuals))
+    return EpisodeOutputs(holistic_logits=holistic_logits, image_logits=image_logits,
+                          fine=patch_map.amax(dim=-1))
