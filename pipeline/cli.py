@@ -29,35 +29,33 @@ def _make_manifest(argv: list[str]) -> int:
 
 
 def _import_checkpoint(argv: list[str]) -> int:
-    from pipeline.model.checkpoint import HeadsMetadata, import_official_checkpoint, save_heads
+    from pipeline.model.backbone import (DEFAULT_BACKBONE, DEFAULT_PRETRAINED, BackboneSpec,
+                                         describe)
+    from pipeline.model.checkpoint import (CheckpointError, HeadsMetadata,
+                                           import_official_checkpoint, save_heads)
 
     parser = argparse.ArgumentParser(
         prog="python -m pipeline import-checkpoint",
         description="Convert an official InCTRL checkpoint's adapter and heads to safetensors.")
     parser.add_argument("source", help="official InCTRL .pyth/.pt file (read with weights_only)")
     parser.add_argument("output", help="heads .safetensors to write")
-    parser.add_argument("--backbone", default="ViT-B-16-plus-240")
-    parser.add_argument("--pretrained", default="laion400m_e31")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED)
     parser.add_argument("--k", type=int, default=4, help="shots the checkpoint was trained with")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="input size of the backbone (default: read from open_clip's config)")
     args = parser.parse_args(argv)
-    from pipeline.model.backbone import BackboneSpec, default_blocks
-    import open_clip
 
     heads = import_official_checkpoint(args.source)
-    cfg = open_clip.get_model_config(args.backbone) or {}
-    vision = cfg.get("vision_cfg", {})
-    size = args.image_size or vision.get("image_size")
-    depth = vision.get("layers", 12)
+    geometry = describe(BackboneSpec(args.backbone, args.pretrained)).geometry
+    if (heads.embed_dim, heads.num_patches) != (geometry.embed_dim, geometry.num_patches):
+        raise CheckpointError(
+            f"{args.source} holds heads for embed_dim={heads.embed_dim}, "
+            f"patches={heads.num_patches}; {args.backbone} has embed_dim={geometry.embed_dim}, "
+            f"patches={geometry.num_patches}")
     meta = HeadsMetadata(
-        backbone=args.backbone, pretrained=args.pretrained,
-        blocks=default_blocks(depth) if isinstance(depth, int) else (),
-        image_size=(size, size) if size else (0, 0),
-        embed_dim=heads.embed_dim, num_patches=heads.num_patches, k=args.k,
-        extra={"imported_from": args.source},
+        backbone=args.backbone, pretrained=args.pretrained, blocks=geometry.blocks,
+        image_size=geometry.image_size, embed_dim=heads.embed_dim,
+        num_patches=heads.num_patches, k=args.k, extra={"imported_from": args.source},
     )
-    BackboneSpec(args.backbone, args.pretrained)  # validates the names early
     digest = save_heads(heads, args.output, meta)
     LOG.info("Wrote %s (heads %s)", args.output, digest)
     return 0
