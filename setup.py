@@ -27,7 +27,7 @@ setup(
     install_requires=REQUIRES,
     extras_require={
         "dask": ["dask[distributed]>=2024.6"],
-        "test": ["pytest>=8", "dask[distributed]>=2024.6"],
+        "test": ["pytest>=8", "dask[distributed]>=2024.6", "duckdb>=1.0"],
     },
     entry_points={"console_scripts": ["inctrl-beam=pipeline.cli:main"]},
 )

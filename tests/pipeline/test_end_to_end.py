@@ -130,6 +130,19 @@ def test_pandas_reads_the_same_rows_as_pyarrow(run):
     np.testing.assert_array_equal(merged.final_score, merged.final_score_pa)
 
 
+def test_duckdb_reads_the_hive_partitions(run):
+    import duckdb  # a test dependency (setup.py extras "test")
+    pattern = f"{run.config.output}/{SCORES}/*/*/*.parquet"
+    frame = duckdb.sql(
+        f"SELECT image_id, seed, dataset, CAST(run_date AS VARCHAR) AS run_date, final_score "
+        f"FROM read_parquet('{pattern}', hive_partitioning = true)").df()
+    assert len(frame) == len(run.scores)
+    assert set(frame.run_date) == {RUN_DATE}
+    merged = frame.merge(run.scores, on=["image_id", "seed"], suffixes=("", "_pa"))
+    assert len(merged) == len(frame) and (merged.dataset == merged.dataset_pa).all()
+    np.testing.assert_array_equal(merged.final_score, merged.final_score_pa)
+
+
 def test_every_query_reconciles_once_per_seed(run):
     queries = _queries(run.manifest)
     assert run.errors.empty
