@@ -38,7 +38,8 @@ class _WriteFn(beam.DoFn):
         summary = summary.sort_values(["dataset", "level", "category", "k"], kind="stable",
                                       key=_level_order).reset_index(drop=True)
         paths = write_summary(summary, self._out_dir, extra=self._extra)
-        LOG.info("Summary written to %s:\n%s", self._out_dir, summary_to_markdown(summary))
+        LOG.info("Summary written to %s", self._out_dir)
+        LOG.debug("Summary:\n%s", summary_to_markdown(summary))
         yield paths
 
 

@@ -5,6 +5,7 @@ module-scoped fixture and its tests only read the outputs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import pandas as pd
@@ -14,8 +15,20 @@ from apache_beam.metrics import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 
+from pipeline.config import ScoreConfig
 from pipeline.manifest import ManifestRow
 from pipeline.run import make_runner
+
+
+@dataclass
+class Run:
+    """One scoring run of a test module, with its outputs read back."""
+
+    config: ScoreConfig
+    manifest: pd.DataFrame
+    result: object
+    scores: pd.DataFrame
+    errors: pd.DataFrame
 
 
 def offline_pipeline() -> TestPipeline:

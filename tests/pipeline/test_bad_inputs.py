@@ -5,8 +5,6 @@ once per seed, an error row once per seed, or (references) nothing in either tab
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -18,7 +16,7 @@ from pipeline.model.backbone import tiny_spec
 from pipeline.run import run_config
 from pipeline.schemas import ERROR_SCHEMA, ERRORS, SCORES
 from tests import badinputs
-from tests.pipeline.conftest import counter, read_table
+from tests.pipeline.conftest import Run, counter, read_table
 from transforms.references import draw_references
 
 K = 4
@@ -26,15 +24,6 @@ SEEDS = (0, 1)
 RUN_DATE = "2024-03-06"
 STAGES = {"read_manifest", "deduplicate", "select_references", "read_image", "decode_image",
           "preprocess_image", "score"}
-
-
-@dataclass
-class Run:
-    config: ScoreConfig
-    manifest: pd.DataFrame
-    result: object
-    scores: pd.DataFrame
-    errors: pd.DataFrame
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -22,7 +21,7 @@ from pipeline.manifest import make_manifest, normalize_row, write_manifest
 from pipeline.model.backbone import tiny_spec
 from pipeline.run import run_config
 from pipeline.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
-from tests.pipeline.conftest import counter, read_table
+from tests.pipeline.conftest import Run, counter, read_table
 from transforms.references import draw_references
 from transforms.write import SUCCESS_MARKER
 
@@ -31,15 +30,6 @@ SEEDS = (0, 1)
 RUN_DATE = "2024-03-05"
 SCORE_COLUMNS = ["final_score", "fine_score", "holistic_score", "image_residual_score",
                  "text_prior_score"]
-
-
-@dataclass
-class Run:
-    config: ScoreConfig
-    manifest: pd.DataFrame
-    result: object
-    scores: pd.DataFrame
-    errors: pd.DataFrame
 
 
 @pytest.fixture(scope="module")
