@@ -139,11 +139,11 @@ def parse_score_args(argv: Sequence[str] | None) -> tuple[ScoreConfig, list[str]
 def run_config(config: ScoreConfig, beam_args: Sequence[str]) -> beam.runners.runner.PipelineResult:
     """Validate inputs, then build and run the job; blocks until it finishes."""
     schema = validate_manifest_schema(config.manifest)
-    heads_hash(config.checkpoint)  # a missing checkpoint fails here, not on a worker
+    # Hashing the checkpoint here makes a missing one fail now, not on a worker.
+    mid = model_id(config.backbone, heads_hash(config.checkpoint))
     options = PipelineOptions(list(beam_args), save_main_session=False)
     LOG.info("Scoring %s → %s (k=%d, seeds=%s, model=%s, run %s, date %s)",
-             config.manifest, config.output, config.k, config.seeds,
-             model_id(config.backbone, heads_hash(config.checkpoint)), config.run_id,
+             config.manifest, config.output, config.k, config.seeds, mid, config.run_id,
              config.run_date)
     p = beam.Pipeline(runner=make_runner(options), options=options)
     build_pipeline(p, config, schema)
