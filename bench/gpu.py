@@ -15,7 +15,8 @@ In one process, on the full-size architecture with random weights (same FLOPs):
        with the features handed over on the CPU (as ``run.py`` wires it) and kept on the
        device (``ExtractFeatures(..., on_device=True)``);
   (c)  the decode ceiling: LoadImages' per-image work (read, decode, preprocess, hash) on
-       1 process and on --decode-procs processes;
+       1 thread, on --decode-threads threads of one process (as the job's LoadImages
+       decodes) and on --decode-procs processes;
   (d)  the ``score`` job end to end on the DirectRunner (in-process, --device/--precision),
        with its time inside the model from RunInference's counters.
 Warm-up batches are excluded from (a), (b), (b'); (d) reuses the loaded model.
@@ -34,9 +35,10 @@ import tempfile
 import torch
 
 from bench.data import CATEGORY, DATASET, one_group_manifest, write_images
-from bench.decode import decode_rate, load_one
+from bench.decode import decode_rate, decode_rate_threads, load_one
 from bench.measure import (PeakMemory, Timer, beam_metrics, command_line, machine, today,
                            work_summary)
+from pipeline.config import default_decode_threads
 from pipeline.model.backbone import BackboneSpec, get_backbone
 
 LOG = logging.getLogger("bench.gpu")
@@ -61,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-format", choices=("png", "jpg"), default="png")
     p.add_argument("--decode-procs", type=int, default=0,
                    help="processes for the decode ceiling (0: every usable core)")
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="the job's --decode-threads, also timed alone (0: the job's default)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "inctrl-gpu-bench"))
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p.parse_args(argv)
@@ -140,7 +144,7 @@ def scoring_stage(spec: BackboneSpec, pixels: list[torch.Tensor], n: int, batch_
 
 
 def end_to_end(spec: BackboneSpec, paths: list[str], k: int, batch_size: int,
-               workdir: str) -> dict:
+               decode_threads: int, workdir: str) -> dict:
     """The job on ``paths``; then on k + 1 of them, whose time is the fixed cost of a run."""
     from pipeline.config import ScoreConfig
     from pipeline.run import run_config
@@ -152,7 +156,8 @@ def end_to_end(spec: BackboneSpec, paths: list[str], k: int, batch_size: int,
         output = os.path.join(workdir, "out-e2e")
         shutil.rmtree(output, ignore_errors=True)
         config = ScoreConfig(manifest=manifest, output=output, k=k, seeds=(0,), backbone=spec,
-                             batch_size=batch_size, run_id="bench-e2e", run_date="2000-01-01")
+                             batch_size=batch_size, decode_threads=decode_threads,
+                             run_id="bench-e2e", run_date="2000-01-01")
         with Timer() as t:
             result = run_config(config, [])
         shutil.rmtree(output, ignore_errors=True)
@@ -169,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     spec = BackboneSpec(args.backbone, args.pretrained, device=args.device, precision=precision)
     bs, k = args.batch_size, args.k
     procs = args.decode_procs or len(os.sched_getaffinity(0))
+    threads = args.decode_threads or default_decode_threads(spec)
     mem = PeakMemory()
     peaks: dict = {}
     res: dict = {"date": today(), "machine": machine(), "command": command_line(),
                  "backbone": spec.backbone_id, "device": args.device, "precision": precision,
-                 "batch_size": bs, "k": k, "decode_procs": procs,
+                 "batch_size": bs, "k": k, "decode_procs": procs, "decode_threads": threads,
                  "images": f"{args.image_size}x{args.image_size} {args.image_format.upper()}",
                  "peaks": peaks}
     os.makedirs(args.workdir, exist_ok=True)
@@ -191,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     with Timer() as t:  # (c) in this process, as the in-process runner decodes
         pixels = [load_one(p, pre) for p in paths[:args.distinct]]
     res["decode_1proc_ips"] = len(pixels) / t.seconds
+    res["decode_threads_ips"] = decode_rate_threads(paths, pre, threads)
     res["decode_nproc_ips"] = decode_rate(paths, pre, procs)
-    LOG.warning("(c) decode: %.0f img/s on 1 process, %.0f on %d",
-                res["decode_1proc_ips"], res["decode_nproc_ips"], procs)
+    LOG.warning("(c) decode: %.0f img/s on 1 thread, %.0f on %d threads, %.0f on %d processes",
+                res["decode_1proc_ips"], res["decode_threads_ips"], threads,
+                res["decode_nproc_ips"], procs)
 
     batch = torch.stack(_cycle(pixels, bs)).to(backbone.device)
     batches = max(1, args.n_forward // bs)
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                         ", features on the device" if on_device else "", res[f"{key}_ips"])
         if args.e2e_n:
             with mem.phase(peaks, "e2e"):
-                res["e2e"] = end_to_end(spec, paths[:args.e2e_n], k, bs, args.workdir)
+                res["e2e"] = end_to_end(spec, paths[:args.e2e_n], k, bs, threads, args.workdir)
             LOG.warning("(d) end to end: %s", res["e2e"])
     except ImportError as exc:  # Apache Beam missing on the machine: (a)-(c) still stand
         res["skipped"] = f"(b') and (d): {exc}"
@@ -269,8 +277,10 @@ def report(res: dict) -> None:
         if f"{key}_ips" in res:
             ips = res[f"{key}_ips"]
             w(f"{label:58}{ips:10.0f}{ips / bare:9.0%}{cuda(key)}\n")
-    w(f"{'(c)  decode + preprocess, 1 process':58}{res['decode_1proc_ips']:10.0f}\n")
-    label = f"(c)  decode + preprocess, {res['decode_procs']} processes"
+    w(f"{'(c)  decode + preprocess, 1 thread':58}{res['decode_1proc_ips']:10.0f}\n")
+    label = f"(c)  same, {res['decode_threads']} threads of 1 process (the job's)"
+    w(f"{label:58}{res['decode_threads_ips']:10.0f}\n")
+    label = f"(c)  same, {res['decode_procs']} processes"
     w(f"{label:58}{res['decode_nproc_ips']:10.0f}\n")
     e2e = res.get("e2e")
     if e2e:
@@ -283,7 +293,8 @@ def report(res: dict) -> None:
         spent = e2e["seconds"] - e2e["fixed_seconds"]
         marginal = (n - e2e["fixed_images"]) / spent if spent > 0 else float("nan")
         per_image = 1e3 / marginal
-        ms = {"decode + preprocess (c, 1 process)": 1e3 / res["decode_1proc_ips"],
+        ms = {f"decode + preprocess (c, {res['decode_threads']} thread(s))":
+                  1e3 / res["decode_threads_ips"],
               "backbone in the job (RunInference's timer)":
                   1e3 * e2e["query_model_s"] / max(e2e["query_forwards"], 1)}
         ms["Beam, scoring, writing and the rest"] = per_image - sum(ms.values())
@@ -293,8 +304,8 @@ def report(res: dict) -> None:
           + " + ".join(f"{v:.2f} ms {k}" for k, v in ms.items()) + ".\n")
         top = max(ms, key=ms.get)
         w(f"Bound: {top}, {ms[top] / per_image:.0%} of each image's time. The in-process runner "
-          f"decodes on one core; all {res['decode_procs']} cores decode "
-          f"{res['decode_nproc_ips']:.0f} images/s.\n")
+          f"decodes on {res['decode_threads']} thread(s) of one process; "
+          f"{res['decode_procs']} processes decode {res['decode_nproc_ips']:.0f} images/s.\n")
     stage = {k: res[f"{k}_ips"] / bare for k in stages if f"{k}_ips" in res}
     if stage:
         w("Target, scoring stage >= 70% of (a): " + ", ".join(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import uuid
 from dataclasses import dataclass, field, replace
 
@@ -11,6 +12,18 @@ from pipeline.model.prompts import DEFAULT_SEMANTIC_CLASSES
 
 DEFAULT_K = 4
 DEFAULT_BATCH_SIZE = 16
+
+# On a GPU one process must decode for a model that runs thousands of images a second.
+MAX_AUTO_DECODE_THREADS = 8
+
+
+def default_decode_threads(spec: BackboneSpec) -> int:
+    """Decode threads when none are asked for: the usable cores (at most 8) for a CUDA
+    backbone; 1 (decode inline) on the CPU, where the model's own threads use the cores."""
+    if not spec.device.startswith("cuda"):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_AUTO_DECODE_THREADS, cores or 1))
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -58,8 +71,12 @@ class ScoreConfig:
     # Nightly mode: only queries of this date (by ``capture_date``) are scored.
     only_date: str | None = None
     feature_cache: str | None = None
+    # Threads reading and decoding images per worker process; 0: chosen from the device.
+    decode_threads: int = 0
 
     def __post_init__(self) -> None:
+        if self.decode_threads < 0:
+            raise ValueError(f"decode_threads must be 0 (auto) or more, got {self.decode_threads}")
         if self.k < 1:
             raise ValueError(f"k must be at least 1, got {self.k}")
         if not self.seeds:
@@ -117,6 +134,9 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", default=None, help="identifier written to every row")
     parser.add_argument("--feature-cache", default=None,
                         help="folder caching reference features across runs (content hash + model)")
+    parser.add_argument("--decode-threads", type=int, default=0,
+                        help="threads decoding images per worker process (default 0: up to 8 "
+                             "on a CUDA device, 1 on the CPU)")
     parser.add_argument("--share-model-across-processes", action="store_true",
                         help="one model copy per machine (GPU workers with several SDK processes)")
     add_model_flags(parser)
@@ -143,5 +163,6 @@ def score_config_from_args(args: argparse.Namespace) -> ScoreConfig:
         write_patch_map=args.write_patch_map,
         feature_cache=args.feature_cache,
         share_model_across_processes=args.share_model_across_processes,
+        decode_threads=args.decode_threads,
         **kw,
     )

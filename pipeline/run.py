@@ -10,7 +10,8 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.config import ScoreConfig, add_score_flags, score_config_from_args
+from pipeline.config import (ScoreConfig, add_score_flags, default_decode_threads,
+                             score_config_from_args)
 from pipeline.manifest import validate_manifest_schema
 from pipeline.model.loading import heads_hash, model_id
 from pipeline.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
@@ -77,8 +78,10 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Sc
     candidates = rows if reference_filter is None else rows | "References" >> beam.Filter(
         lambda r, keep: r.role != "reference" or keep(r), reference_filter)
     drawn = candidates | "SelectReferences" >> SelectReferences(config.k, config.seeds)
+    threads = config.decode_threads or default_decode_threads(spec)
     ref_images = (distinct_references(drawn["sets"])
-                  | "LoadReferenceImages" >> LoadImages(spec, config.max_pixels, config.min_side))
+                  | "LoadReferenceImages" >> LoadImages(
+                      spec, config.max_pixels, config.min_side, threads, config.batch_size))
     ref_features = ref_images["images"] | "ExtractReferenceFeatures" >> extract_features(
         config.feature_cache, spec, config.batch_size, config.share_model_across_processes)
     ref_sets = (
@@ -91,7 +94,7 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Sc
         text_on_cpu=config.share_model_across_processes)
 
     query_images = queries | "LoadQueryImages" >> LoadImages(
-        spec, config.max_pixels, config.min_side)
+        spec, config.max_pixels, config.min_side, threads, config.batch_size)
     # On a GPU the query features stay on the device for the fused ScoreQueries (no 2.4 MB
     # round trip per image through host memory); a model served from another process
     # returns host tensors anyway.
@@ -121,7 +124,7 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Sc
     scores | "SummarizeMetrics" >> SummarizeMetrics(
         f"{config.output}/{SUMMARY}/run_date={config.run_date}",
         extra={"run_id": config.run_id, "model_id": mid, "run_date": config.run_date,
-               "k": config.k, "seeds": list(config.seeds)})
+               "k": config.k, "seeds": list(config.seeds), "precision": spec.precision})
     committed = (committed_scores, committed_errors) | "Committed" >> beam.Flatten()
     return JobOutputs(scores=scores, errors=errors, committed=committed)
 

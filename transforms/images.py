@@ -1,60 +1,140 @@
-"""LoadImages: manifest rows → preprocessed pixel tensors, or error rows with a reason."""
+"""LoadImages: manifest rows → preprocessed pixel tensors, or error rows with a reason.
+
+Reading, decoding and preprocessing can run on a per-process thread pool (``decode_threads``
+> 1): Pillow's decoders and resampling, hashlib and torch release the GIL, so the threads
+decode in parallel and, in a fused stage, while the model runs on the GPU. Rows come out in
+the order they went in, metrics are counted on the bundle's own thread, and every row
+still in flight when a bundle ends is emitted in ``finish_bundle``.
+"""
 from __future__ import annotations
 
-from typing import Iterable
+import collections
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import apache_beam as beam
+import torch
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.images import ImageLoadError, content_hash, decode_image, read_bytes
-from pipeline.manifest import ManifestRow
+from pipeline.manifest import ManifestRow, RowError
 from pipeline.model.backbone import BackboneSpec, describe
 from transforms.errors import ERRORS, row_error
 from transforms.features import KeyedPixels
 
 STAGE_PREPROCESS = "preprocess_image"
+@dataclass(frozen=True)
+class Loaded:
+    """One row's outcome: pixels (3, H, W) and the file's sha256, or the error row."""
+
+    row: ManifestRow
+    pixels: torch.Tensor | None = None
+    sha256: str | None = None
+    nbytes: int = 0
+    error: RowError | None = None
+
+
+def load_row(row: ManifestRow, preprocess: Callable, max_pixels: int, min_side: int) -> Loaded:
+    """Read, decode and preprocess one image; every per-image failure becomes ``error``."""
+    try:
+        data = read_bytes(row.image_uri)
+        image = decode_image(data, max_pixels=max_pixels, min_side=min_side)
+    except ImageLoadError as exc:
+        return Loaded(row, error=row_error(row, exc.stage, exc.reason))
+    try:
+        pixels = preprocess(image)
+    except Exception as exc:  # a transform failure must not kill the bundle
+        return Loaded(row, error=row_error(
+            row, STAGE_PREPROCESS, f"preprocessing failed ({type(exc).__name__}: {exc})"))
+    return Loaded(row, pixels, content_hash(data), len(data))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def decode_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per process and size, shared by every DoFn instance (and SDK thread) in it."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="inctrl-decode")
+        return pool
 
 
 class _LoadFn(beam.DoFn):
-    """Reads, decodes and preprocesses one image with the backbone's own transform."""
+    """Reads, decodes and preprocesses images with the backbone's own transform.
 
-    def __init__(self, spec: BackboneSpec, max_pixels: int, min_side: int) -> None:
+    ``threads`` 1 decodes inline; more decode on a shared pool with up to ``prefetch`` rows
+    of a bundle in flight (enough to keep decoding while a batch runs through the model).
+    """
+
+    def __init__(self, spec: BackboneSpec, max_pixels: int, min_side: int,
+                 threads: int = 1, prefetch: int = 0) -> None:
+        if threads < 1:
+            raise ValueError(f"decode threads must be at least 1, got {threads}")
         self._spec = spec
         self._max_pixels = max_pixels
         self._min_side = min_side
+        self._threads = threads
+        self._prefetch = max(prefetch, 2 * threads)
         self._loaded = Metrics.counter("inctrl", "images_loaded")
         self._failed = Metrics.counter("inctrl", "images_failed")
         self._bytes = Metrics.distribution("inctrl", "image_bytes")
 
     def setup(self) -> None:
         self._preprocess = describe(self._spec).preprocess
+        self._pool = decode_pool(self._threads) if self._threads > 1 else None
 
-    def process(self, row: ManifestRow) -> Iterable:
-        try:
-            data = read_bytes(row.image_uri)
-            image = decode_image(data, max_pixels=self._max_pixels, min_side=self._min_side)
-        except ImageLoadError as exc:
+    def start_bundle(self) -> None:
+        self._pending: collections.deque[tuple[Future, object, object]] = collections.deque()
+
+    def _load(self, row: ManifestRow) -> Loaded:
+        return load_row(row, self._preprocess, self._max_pixels, self._min_side)
+
+    def _outputs(self, loaded: Loaded) -> Iterator:
+        """Count one outcome (on the bundle's thread) and give its main or error output."""
+        if loaded.error is not None:
             self._failed.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, row_error(row, exc.stage, exc.reason))
-            return
-        try:
-            pixels = self._preprocess(image)
-        except Exception as exc:  # a transform failure must not kill the bundle
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, row_error(
-                row, STAGE_PREPROCESS, f"preprocessing failed ({type(exc).__name__}: {exc})"))
+            yield beam.pvalue.TaggedOutput(ERRORS, loaded.error)
             return
         self._loaded.inc()
-        self._bytes.update(len(data))
-        yield (row, content_hash(data)), pixels
+        self._bytes.update(loaded.nbytes)
+        yield (loaded.row, loaded.sha256), loaded.pixels
+
+    def _emit(self, keep: int) -> Iterator:
+        """Emit finished rows in input order until at most ``keep`` are in flight."""
+        while self._pending and (len(self._pending) > keep or self._pending[0][0].done()):
+            future, timestamp, window = self._pending.popleft()
+            for out in self._outputs(future.result()):
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(
+                        out.tag, WindowedValue(out.value, timestamp, (window,)))
+                else:
+                    yield WindowedValue(out, timestamp, (window,))
+
+    def process(self, row: ManifestRow, timestamp=beam.DoFn.TimestampParam,
+                window=beam.DoFn.WindowParam) -> Iterable:
+        if self._pool is None:
+            yield from self._outputs(self._load(row))
+            return
+        self._pending.append((self._pool.submit(self._load, row), timestamp, window))
+        yield from self._emit(keep=self._prefetch)
+
+    def finish_bundle(self) -> Iterable:
+        yield from self._emit(keep=0)
 
 
 class LoadImages(beam.PTransform):
     """ManifestRow → ``{'images': ((row, sha256), pixels (3, H, W)), 'errors': RowError}``."""
 
-    def __init__(self, spec: BackboneSpec, max_pixels: int, min_side: int) -> None:
+    def __init__(self, spec: BackboneSpec, max_pixels: int, min_side: int,
+                 decode_threads: int = 1, prefetch: int = 0) -> None:
         super().__init__()
-        self._fn = _LoadFn(spec, max_pixels, min_side)
+        self._fn = _LoadFn(spec, max_pixels, min_side, decode_threads, prefetch)
 
     def expand(self, rows):
         # A fusion break on the (small) rows: decoding, the backbone and scoring then run in

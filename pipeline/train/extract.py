@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.config import default_decode_threads
 from pipeline.manifest import ManifestRow, RowError, validate_manifest_schema
 from pipeline.model.backbone import BackboneSpec
 from pipeline.run import make_runner
@@ -72,7 +73,8 @@ class CacheFeatures(beam.PTransform):
     def __init__(self, cache_root: str, spec: BackboneSpec, batch_size: int,
                  max_pixels: int, min_side: int) -> None:
         super().__init__()
-        self._load = LoadImages(spec, max_pixels, min_side)
+        self._load = LoadImages(spec, max_pixels, min_side, default_decode_threads(spec),
+                                batch_size)
         self._extract = CachedExtractFeatures(cache_root, spec, batch_size)
 
     def expand(self, rows):

@@ -1,0 +1,128 @@
+"""bf16 autocast, the GPU default, run on the CPU: the same code path the GPU job takes.
+
+CI has no GPU, so this is where the bf16 branch of ``ClipBackbone`` and the job's handling of
+its outputs (dtype at the edges, the feature cache's identity, the summary's record of the
+precision) are checked. Tolerances are bf16's: 8 bits of mantissa through a few blocks.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+from pipeline.config import ScoreConfig
+from pipeline.demo import generate_demo
+from pipeline.feature_cache import FeatureCache, feature_identity
+from pipeline.manifest import make_manifest, write_manifest
+from pipeline.model.backbone import get_backbone, tiny_spec
+from pipeline.run import run_config
+from pipeline.schemas import SCORES, SUMMARY
+from tests.pipeline.conftest import counter, read_table
+
+RUN_DATE = "2024-05-06"
+KEY = ["dataset", "category", "image_id", "seed"]
+
+
+@pytest.fixture(scope="module")
+def pixels() -> torch.Tensor:
+    backbone = get_backbone(tiny_spec())
+    g = torch.Generator().manual_seed(0)
+    height, width = backbone.geometry.image_size
+    return torch.rand(6, 3, height, width, generator=g) * 2 - 1
+
+
+def test_bf16_features_are_float32_and_close_to_fp32(pixels):
+    fp32 = get_backbone(tiny_spec()).encode_images(pixels)
+    bf16_backbone = get_backbone(tiny_spec(precision="bf16"))
+    bf16 = bf16_backbone.encode_images(pixels)
+    assert bf16.tokens.dtype == torch.float32 and bf16.embeds.dtype == torch.float32
+    assert bf16.tokens.shape == fp32.tokens.shape and bf16.embeds.shape == fp32.embeds.shape
+    # The autocast really ran in bf16: not bit-identical to fp32 ...
+    assert not torch.equal(bf16.tokens, fp32.tokens)
+    # ... but every patch token points the same way.
+    cos = F.cosine_similarity(bf16.tokens, fp32.tokens, dim=-1)
+    assert cos.min() > 0.99
+    assert F.cosine_similarity(bf16.embeds, fp32.embeds, dim=-1).min() > 0.99
+
+
+def test_bf16_text_features_are_normalised_float32():
+    texts = ["a photo of a flawless widget.", "a photo of a damaged widget."]
+    fp32 = get_backbone(tiny_spec()).encode_texts(texts)
+    bf16 = get_backbone(tiny_spec(precision="bf16")).encode_texts(texts)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16.norm(dim=-1), torch.ones(2))
+    assert F.cosine_similarity(bf16, fp32, dim=-1).min() > 0.99
+
+
+def test_feature_cache_keeps_precisions_apart(tmp_path, pixels):
+    """An fp32 cache entry must never be served to a bf16 run (or back)."""
+    fp32_spec, bf16_spec = tiny_spec(), tiny_spec(precision="bf16")
+    assert feature_identity(fp32_spec) != feature_identity(bf16_spec)
+    features = get_backbone(fp32_spec).encode_images(pixels[:1])
+    FeatureCache(str(tmp_path), fp32_spec).put("ab" * 32, features)
+    assert FeatureCache(str(tmp_path), fp32_spec).get("ab" * 32) is not None
+    assert FeatureCache(str(tmp_path), bf16_spec).get("ab" * 32) is None
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("precision")
+    roots = generate_demo(str(root / "data"), image_size=32, n_train=4, n_test_good=3,
+                          n_test_defect_per_type=2)
+    path = str(root / "manifest.parquet")
+    write_manifest(make_manifest(roots), path)
+    return path
+
+
+def _run(manifest: str, output: str, precision: str, cache: str):
+    config = ScoreConfig(manifest=manifest, output=output, k=2, seeds=(0,),
+                         backbone=tiny_spec(precision=precision), run_date=RUN_DATE,
+                         run_id=f"precision-{precision}", batch_size=4, feature_cache=cache)
+    result = run_config(config, beam_args=[])
+    scores = read_table(output, SCORES).sort_values(KEY).reset_index(drop=True)
+    return result, scores
+
+
+@pytest.fixture(scope="module")
+def runs(manifest, tmp_path_factory):
+    # One feature cache for both runs: the bf16 run must extract its own reference features.
+    cache = str(tmp_path_factory.mktemp("cache"))
+    fp32 = _run(manifest, str(tmp_path_factory.mktemp("fp32")), "fp32", cache)
+    bf16_out = str(tmp_path_factory.mktemp("bf16"))
+    bf16 = _run(manifest, bf16_out, "bf16", cache)
+    return fp32, bf16, bf16_out
+
+
+def test_bf16_job_scores_every_query_close_to_fp32(runs):
+    (_, fp32), (_, bf16), _ = runs
+    assert len(bf16) == len(fp32) > 10
+    assert bf16[KEY].equals(fp32[KEY])
+    assert (bf16["reference_ids"].map(tuple) == fp32["reference_ids"].map(tuple)).all()
+    # Training-free (no heads): holistic and image-residual scores are NaN by design.
+    for column in ("final_score", "fine_score", "text_prior_score"):
+        a, b = bf16[column].to_numpy(), fp32[column].to_numpy()
+        assert np.isfinite(a).all()
+        assert np.abs(a - b).max() < 0.02, column
+    # What decides a user's ranking of the queries survives bf16.
+    assert spearmanr(bf16["final_score"], fp32["final_score"]).statistic > 0.95
+
+
+def test_bf16_job_does_not_reuse_fp32_reference_features(runs):
+    (fp32_result, _), (bf16_result, _), _ = runs
+    assert counter(fp32_result, "feature_cache_hits") == 0
+    assert counter(bf16_result, "feature_cache_hits") == 0
+    misses = counter(fp32_result, "feature_cache_misses")
+    assert misses > 0 and counter(bf16_result, "feature_cache_misses") == misses
+
+
+def test_summary_records_the_precision(runs):
+    _, _, output = runs
+    with open(os.path.join(output, SUMMARY, f"run_date={RUN_DATE}", "summary.json")) as f:
+        extra = json.load(f)["extra"]
+    assert extra["precision"] == "bf16"
+    assert extra["run_id"] == "precision-bf16"
