@@ -320,10 +320,14 @@ class ClipBackbone:
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised text embeddings, (len(texts), embed_dim), float32 on the device."""
+        """L2-normalised text embeddings, (len(texts), embed_dim), float32 on the device.
+
+        Always computed in float32, whatever ``spec.precision``: prompts are encoded once per
+        category, so bf16 would save nothing worth having, and the text prior's temperature
+        (x100 before the softmax) would amplify bf16's rounding into the scores.
+        """
         tokens = self.tokenizer(list(texts)).to(self.device)
-        with self._autocast():
-            emb = self.model.encode_text(tokens)
+        emb = self.model.encode_text(tokens)
         return F.normalize(emb.float(), dim=-1)
 
     def preprocess_batch(self, images: Sequence) -> torch.Tensor:

@@ -50,13 +50,14 @@ def test_bf16_features_are_float32_and_close_to_fp32(pixels):
     assert F.cosine_similarity(bf16.embeds, fp32.embeds, dim=-1).min() > 0.99
 
 
-def test_bf16_text_features_are_normalised_float32():
+def test_text_features_are_float32_whatever_the_precision():
+    """Prompts are encoded once per category: in fp32 even when images go through bf16."""
     texts = ["a photo of a flawless widget.", "a photo of a damaged widget."]
     fp32 = get_backbone(tiny_spec()).encode_texts(texts)
     bf16 = get_backbone(tiny_spec(precision="bf16")).encode_texts(texts)
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16.norm(dim=-1), torch.ones(2))
-    assert F.cosine_similarity(bf16, fp32, dim=-1).min() > 0.99
+    assert torch.equal(bf16, fp32)
 
 
 def test_feature_cache_keeps_precisions_apart(tmp_path, pixels):
@@ -103,11 +104,13 @@ def test_bf16_job_scores_every_query_close_to_fp32(runs):
     assert len(bf16) == len(fp32) > 10
     assert bf16[KEY].equals(fp32[KEY])
     assert (bf16["reference_ids"].map(tuple) == fp32["reference_ids"].map(tuple)).all()
-    # Training-free (no heads): holistic and image-residual scores are NaN by design.
-    for column in ("final_score", "fine_score", "text_prior_score"):
+    # Training-free (no heads): holistic and image-residual scores are NaN by design. The text
+    # prior's x100 temperature amplifies the bf16 image embedding's rounding.
+    for column, tolerance in (("final_score", 5e-3), ("fine_score", 5e-3),
+                              ("text_prior_score", 3e-2)):
         a, b = bf16[column].to_numpy(), fp32[column].to_numpy()
         assert np.isfinite(a).all()
-        assert np.abs(a - b).max() < 0.02, column
+        assert np.abs(a - b).max() < tolerance, column
     # What decides a user's ranking of the queries survives bf16.
     assert spearmanr(bf16["final_score"], fp32["final_score"]).statistic > 0.95
 
