@@ -52,6 +52,31 @@ def write_images(folder: str, count: int, size: int, fmt: str, map_fn=map) -> li
     return list(map_fn(write_image, jobs))
 
 
+def interleaved_manifest(paths: list[str], groups: int, references: int, queries: int,
+                         path: str) -> None:
+    """``groups`` categories of ``references`` + ``queries`` images each (``paths`` in that
+    order), rows shuffled as a manifest interleaving product lines would be."""
+    per = references + queries
+    if len(paths) < groups * per:
+        raise ValueError(f"need {groups * per} images, got {len(paths)}")
+    rows = []
+    for g in range(groups):
+        for i in range(per):
+            is_ref = i < references
+            label = 0 if is_ref else int((i - references) % 4 == 3)
+            rows.append({
+                "image_uri": os.path.abspath(paths[g * per + i]),
+                "image_id": f"g{g:04d}-{i:04d}",
+                "dataset": DATASET,
+                "category": f"{CATEGORY}{g:04d}",
+                "role": "reference" if is_ref else "query",
+                "label": label,
+                "defect_type": "synthetic" if label else None,
+            })
+    frame = pd.DataFrame(rows).sample(frac=1, random_state=0).reset_index(drop=True)
+    write_manifest(frame, path)
+
+
 def one_group_manifest(paths: list[str], references: int, path: str) -> None:
     """One dataset and category: the first ``references`` images are normal references, the
     rest queries (every fourth labelled anomalous, so the summary has both classes)."""

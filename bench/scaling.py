@@ -9,6 +9,9 @@ peak RSS (``ru_maxrss``) and the job's Beam counters.
   * linearity: Q, 2Q and 4Q queries against the same k references (each the fastest of
     --repeats runs); a line T = fixed + per-query x Q should fit all three, and reference
     forwards, reference sets prepared and prompt sets encoded should not move with Q;
+  * groups: G categories interleaved in the manifest (more than a worker's cache of prepared
+    reference sets), with q and then 2q queries each: reference forwards should stay G x k
+    and reference sets prepared G;
   * memory: N and 10 N rows (distinct small images); the peak RSS ratio should stay under
     1.3. The tiny backbone keeps 10 N rows fast; its features are ~50 KB per image, so the
     per-row slope is also printed: a job that held every row's features would show it.
@@ -24,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.data import one_group_manifest, write_images
+from bench.data import interleaved_manifest, one_group_manifest, write_images
 from bench.measure import (Timer, beam_metrics, command_line, machine, max_rss_mib, today,
                            work_summary)
 
@@ -45,7 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "inctrl-scaling"))
-    p.add_argument("--checks", default="linear,memory", help="which checks to run")
+    p.add_argument("--groups", type=int, default=70, help="G: categories of the groups check")
+    p.add_argument("--group-queries", type=int, default=5, help="q: queries per category")
+    p.add_argument("--checks", default="linear,groups,memory", help="which checks to run")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # manifest of one run
     return p.parse_args(argv)
@@ -104,17 +109,25 @@ def main(argv: list[str] | None = None) -> int:
     checks = set(args.checks.split(","))
     plan = [("Q", q), ("2Q", 2 * q), ("4Q", 4 * q)] if "linear" in checks else []
     plan += [("N", n - k), ("10N", 10 * n - k)] if "memory" in checks else []
+    g, gq = args.groups, args.group_queries
+    plan += [("G,q", g * gq), ("G,2q", g * 2 * gq)] if "groups" in checks else []
     paths = write_images(os.path.join(args.workdir, f"images-{args.image_size}"),
-                         max(queries for _, queries in plan) + k, args.image_size, "png")
+                         max(max(queries for _, queries in plan) + k, g * (k + 2 * gq)),
+                         args.image_size, "png")
     runs: dict[str, dict] = {}
     for label, queries in plan:
-        manifest = os.path.join(args.workdir, f"manifest-{queries + k}.parquet")
-        one_group_manifest(paths[:queries + k], k, manifest)
+        if label.startswith("G"):
+            manifest = os.path.join(args.workdir, f"manifest-{g}-groups-{queries}.parquet")
+            interleaved_manifest(paths, g, k, queries // g, manifest)
+        else:
+            manifest = os.path.join(args.workdir, f"manifest-{queries + k}.parquet")
+            one_group_manifest(paths[:queries + k], k, manifest)
         tries = [run_child(args, manifest)
                  for _ in range(args.repeats if label in ("Q", "2Q", "4Q") else 1)]
         runs[label] = min(tries, key=lambda r: r["seconds"])
     res = {"date": today(), "machine": machine(), "command": command_line(),
            "backbone": f"{args.backbone}@{args.pretrained}", "k": k, "queries": q, "rows": n,
+           "groups": g, "group_queries": gq,
            "batch_size": args.batch_size, "image_size": args.image_size, "runs": runs}
     report(res)
     if args.json:
@@ -128,7 +141,8 @@ def report(res: dict) -> None:
     runs, q, n, k = res["runs"], res["queries"], res["rows"], res["k"]
     w(f"\nInCTRL scoring cost scaling  ({res['date']})\nmachine:  {res['machine']}\n"
       f"command:  {res['command']}\n")
-    w(f"workload: {res['backbone']}, one category, k={k}, batch {res['batch_size']}, "
+    w(f"workload: {res['backbone']}, one category (G runs: {res['groups']}), k={k}, "
+      f"batch {res['batch_size']}, "
       f"{res['image_size']} px PNG; each run a fresh process, model loaded before the clock\n\n")
     w(f"{'run':6}{'queries':>8}{'seconds':>9}{'ref fwd':>9}{'query fwd':>10}{'ref sets':>9}"
       f"{'prompts':>8}{'ref model s':>12}{'peak RSS MiB':>14}\n")
@@ -139,6 +153,8 @@ def report(res: dict) -> None:
           f"{r['peak_rss_mib']:14.0f}\n")
     if "Q" in runs:
         linearity(runs, w)
+    if "G,q" in runs:
+        groups(runs, res["groups"], k, w)
     if "N" in runs:
         memory(runs, n, w)
 
@@ -159,6 +175,16 @@ def linearity(runs: dict, w) -> None:
     w(f"Reference work per group: reference forwards {sorted(refs)}, reference sets prepared "
       f"{sorted(sets)} at Q, 2Q and 4Q ({'constant' if len(refs) == len(sets) == 1 else 'NOT constant'}"
       ").\n")
+
+
+def groups(runs: dict, g: int, k: int, w) -> None:
+    refs = [runs[x]["reference_forwards"] for x in ("G,q", "G,2q")]
+    sets = [runs[x]["reference_sets_prepared"] for x in ("G,q", "G,2q")]
+    ok = refs == [g * k] * 2 and sets == [g] * 2
+    w(f"Reference work per group, {g} categories interleaved in the manifest: reference "
+      f"forwards {refs[0]:.0f} and {refs[1]:.0f} (G x k = {g * k}), sets prepared {sets[0]:.0f} "
+      f"and {sets[1]:.0f} (G = {g}) with q and 2q queries per category "
+      f"({'once per group' if ok else 'NOT once per group'}).\n")
 
 
 def memory(runs: dict, n: int, w) -> None:

@@ -59,6 +59,11 @@ class JobOutputs:
     committed: beam.PCollection
 
 
+# Query rows per (dataset, category) chunk, in batches: big enough that batches rarely mix
+# groups, small enough that one big category still spreads over many workers.
+QUERY_CHUNK_BATCHES = 4
+
+
 def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Schema | None,
                    carried_scores: beam.PCollection | None = None,
                    query_filter=None, reference_filter=None) -> JobOutputs:
@@ -93,8 +98,11 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, manifest_schema: pa.Sc
         spec, config.semantic_classes, config.feature_cache,
         text_on_cpu=config.share_model_across_processes)
 
+    # Queries reach the fused decode → backbone → scoring stage in per-group chunks of a few
+    # batches, so each batch is scored against one group's prepared references.
     query_images = queries | "LoadQueryImages" >> LoadImages(
-        spec, config.max_pixels, config.min_side, threads, config.batch_size)
+        spec, config.max_pixels, config.min_side, threads, config.batch_size,
+        group_chunk=QUERY_CHUNK_BATCHES * config.batch_size)
     # On a GPU the query features stay on the device for the fused ScoreQueries (no 2.4 MB
     # round trip per image through host memory); a model served from another process
     # returns host tensors anyway.

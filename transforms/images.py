@@ -128,13 +128,56 @@ class _LoadFn(beam.DoFn):
         yield from self._emit(keep=0)
 
 
+def _group_chunks(element: tuple, size: int) -> Iterator[list[ManifestRow]]:
+    """One group's rows as lists of up to ``size`` rows, streamed (never all in memory)."""
+    _, rows = element
+    chunk: list[ManifestRow] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class SpreadByGroup(beam.PTransform):
+    """Rows → the same rows after a fusion break, each (dataset, category)'s rows consecutive
+    in chunks of up to ``chunk`` rows; the chunks, not the rows, are spread over workers.
+
+    Downstream batches then hold one group (two at a chunk's end) however the manifest is
+    ordered, so a worker prepares each group's references once instead of once per batch
+    that happens to hold one of its queries.
+    """
+
+    def __init__(self, chunk: int) -> None:
+        super().__init__()
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 row, got {chunk}")
+        self._chunk = chunk
+
+    def expand(self, rows):
+        return (rows
+                | "KeyByGroup" >> beam.Map(lambda r: ((r.dataset, r.category), r))
+                | "GroupRows" >> beam.GroupByKey()
+                | "Chunk" >> beam.FlatMap(_group_chunks, self._chunk)
+                | "SpreadChunks" >> beam.Reshuffle()
+                | "Rows" >> beam.FlatMap(lambda chunk: chunk).with_output_types(ManifestRow))
+
+
 class LoadImages(beam.PTransform):
-    """ManifestRow → ``{'images': ((row, sha256), pixels (3, H, W)), 'errors': RowError}``."""
+    """ManifestRow → ``{'images': ((row, sha256), pixels (3, H, W)), 'errors': RowError}``.
+
+    ``group_chunk`` > 0 keeps each (dataset, category)'s rows together in chunks of that many
+    (``SpreadByGroup``: for the query path, whose batches are scored per group); 0 spreads
+    rows one by one (references, training extraction).
+    """
 
     def __init__(self, spec: BackboneSpec, max_pixels: int, min_side: int,
-                 decode_threads: int = 1, prefetch: int = 0) -> None:
+                 decode_threads: int = 1, prefetch: int = 0, group_chunk: int = 0) -> None:
         super().__init__()
         self._fn = _LoadFn(spec, max_pixels, min_side, decode_threads, prefetch)
+        self._group_chunk = group_chunk
 
     def expand(self, rows):
         # A fusion break on the (small) rows: decoding, the backbone and scoring then run in
@@ -142,8 +185,9 @@ class LoadImages(beam.PTransform):
         # being materialised between stages (the runner would otherwise cut the fused chain
         # just before the first transform that reads a side input built from these rows),
         # and a runner can spread the expensive per-image work over its workers.
+        spread = SpreadByGroup(self._group_chunk) if self._group_chunk else beam.Reshuffle()
         out = (rows
-               | "SpreadRows" >> beam.Reshuffle()
+               | "SpreadRows" >> spread
                | "Load" >> beam.ParDo(self._fn).with_output_types(KeyedPixels)
                .with_outputs(ERRORS, main="images"))
         return {"images": out.images, ERRORS: out[ERRORS]}
