@@ -324,10 +324,13 @@ class ClipBackbone:
 
         Always computed in float32, whatever ``spec.precision``: prompts are encoded once per
         category, so bf16 would save nothing worth having, and the text prior's temperature
-        (x100 before the softmax) would amplify bf16's rounding into the scores.
+        (x100 before the softmax) would amplify bf16's rounding into the scores. The tower
+        runs on the prompts' shortest common prefix (``encode_text_prefix``).
         """
+        from pipeline.model.text import encode_text_prefix
+
         tokens = self.tokenizer(list(texts)).to(self.device)
-        emb = self.model.encode_text(tokens)
+        emb = encode_text_prefix(self.model, tokens)
         return F.normalize(emb.float(), dim=-1)
 
     def preprocess_batch(self, images: Sequence) -> torch.Tensor:
