@@ -52,6 +52,25 @@ def write_images(folder: str, count: int, size: int, fmt: str, map_fn=map) -> li
     return list(map_fn(write_image, jobs))
 
 
+def _group_rows(paths: list[str], references: int, category: str, id_prefix: str) -> list[dict]:
+    """One category's rows: the first ``references`` images are normal references, the rest
+    queries (every fourth labelled anomalous, so the summary has both classes)."""
+    rows = []
+    for i, uri in enumerate(paths):
+        is_ref = i < references
+        label = 0 if is_ref else int((i - references) % 4 == 3)
+        rows.append({
+            "image_uri": os.path.abspath(uri),
+            "image_id": f"{id_prefix}{i:06d}",
+            "dataset": DATASET,
+            "category": category,
+            "role": "reference" if is_ref else "query",
+            "label": label,
+            "defect_type": "synthetic" if label else None,
+        })
+    return rows
+
+
 def interleaved_manifest(paths: list[str], groups: int, references: int, queries: int,
                          path: str) -> None:
     """``groups`` categories of ``references`` + ``queries`` images each (``paths`` in that
@@ -59,38 +78,13 @@ def interleaved_manifest(paths: list[str], groups: int, references: int, queries
     per = references + queries
     if len(paths) < groups * per:
         raise ValueError(f"need {groups * per} images, got {len(paths)}")
-    rows = []
-    for g in range(groups):
-        for i in range(per):
-            is_ref = i < references
-            label = 0 if is_ref else int((i - references) % 4 == 3)
-            rows.append({
-                "image_uri": os.path.abspath(paths[g * per + i]),
-                "image_id": f"g{g:04d}-{i:04d}",
-                "dataset": DATASET,
-                "category": f"{CATEGORY}{g:04d}",
-                "role": "reference" if is_ref else "query",
-                "label": label,
-                "defect_type": "synthetic" if label else None,
-            })
+    rows = [row for g in range(groups)
+            for row in _group_rows(paths[g * per:(g + 1) * per], references,
+                                   f"{CATEGORY}{g:04d}", f"g{g:04d}-")]
     frame = pd.DataFrame(rows).sample(frac=1, random_state=0).reset_index(drop=True)
     write_manifest(frame, path)
 
 
 def one_group_manifest(paths: list[str], references: int, path: str) -> None:
-    """One dataset and category: the first ``references`` images are normal references, the
-    rest queries (every fourth labelled anomalous, so the summary has both classes)."""
-    rows = []
-    for i, uri in enumerate(paths):
-        is_ref = i < references
-        label = 0 if is_ref else int((i - references) % 4 == 3)
-        rows.append({
-            "image_uri": os.path.abspath(uri),
-            "image_id": f"img{i:06d}",
-            "dataset": DATASET,
-            "category": CATEGORY,
-            "role": "reference" if is_ref else "query",
-            "label": label,
-            "defect_type": "synthetic" if label else None,
-        })
-    write_manifest(pd.DataFrame(rows), path)
+    """One dataset and category over ``paths`` (``_group_rows``)."""
+    write_manifest(pd.DataFrame(_group_rows(paths, references, CATEGORY, "img")), path)

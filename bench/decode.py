@@ -8,17 +8,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from pipeline.images import ImageLoadError, content_hash, decode_image, read_bytes
+from pipeline.images import ImageLoadError, load_pixels
 
 _preprocess: Callable | None = None
 
 
 def load_one(path: str, preprocess: Callable) -> torch.Tensor:
     """Exactly what ``LoadImages`` does for one row, minus Beam: bytes → pixels (3, H, W)."""
-    data = read_bytes(path)
-    pixels = preprocess(decode_image(data))
-    content_hash(data)
-    return pixels
+    return load_pixels(path, preprocess)[0]
 
 
 def _init_worker(preprocess: Callable) -> None:

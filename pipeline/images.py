@@ -13,7 +13,7 @@ import hashlib
 import io
 import logging
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import fsspec
 import numpy as np
@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 STAGE_READ = "read_image"
 STAGE_DECODE = "decode_image"
+STAGE_PREPROCESS = "preprocess_image"
 
 #: Same default as Pillow's ``Image.MAX_IMAGE_PIXELS`` (about 89.5 megapixels).
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -288,3 +289,22 @@ def load_image(uri: str, **kwargs: Any) -> Image.Image:
         return decode_image(data, **kwargs)
     except ImageLoadError as exc:
         raise ImageLoadError(exc.stage, exc.reason, uri) from exc
+
+
+def load_pixels(uri: str, preprocess: Callable[[Image.Image], Any], *,
+                max_pixels: int = DEFAULT_MAX_PIXELS,
+                min_side: int = DEFAULT_MIN_SIDE) -> tuple[Any, str, int]:
+    """Read, decode and preprocess one image: (pixels, sha256 of the file, file size in bytes).
+
+    Raises:
+        ImageLoadError: at stage ``read_image``, ``decode_image`` or ``preprocess_image``.
+    """
+    data = read_bytes(uri)
+    image = decode_image(data, max_pixels=max_pixels, min_side=min_side)
+    try:
+        pixels = preprocess(image)
+    except Exception as exc:  # noqa: BLE001 - a transform failure is this image's failure
+        raise ImageLoadError(
+            STAGE_PREPROCESS, f"preprocessing failed ({type(exc).__name__}: {exc})", uri
+        ) from exc
+    return pixels, content_hash(data), len(data)

@@ -19,13 +19,12 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.images import ImageLoadError, content_hash, decode_image, read_bytes
+from pipeline.images import ImageLoadError, load_pixels
 from pipeline.manifest import ManifestRow, RowError
 from pipeline.model.backbone import BackboneSpec, describe
 from transforms.errors import ERRORS, row_error
 from transforms.features import KeyedPixels
 
-STAGE_PREPROCESS = "preprocess_image"
 @dataclass(frozen=True)
 class Loaded:
     """One row's outcome: pixels (3, H, W) and the file's sha256, or the error row."""
@@ -40,16 +39,11 @@ class Loaded:
 def load_row(row: ManifestRow, preprocess: Callable, max_pixels: int, min_side: int) -> Loaded:
     """Read, decode and preprocess one image; every per-image failure becomes ``error``."""
     try:
-        data = read_bytes(row.image_uri)
-        image = decode_image(data, max_pixels=max_pixels, min_side=min_side)
+        pixels, sha256, nbytes = load_pixels(row.image_uri, preprocess, max_pixels=max_pixels,
+                                             min_side=min_side)
     except ImageLoadError as exc:
         return Loaded(row, error=row_error(row, exc.stage, exc.reason))
-    try:
-        pixels = preprocess(image)
-    except Exception as exc:  # a transform failure must not kill the bundle
-        return Loaded(row, error=row_error(
-            row, STAGE_PREPROCESS, f"preprocessing failed ({type(exc).__name__}: {exc})"))
-    return Loaded(row, pixels, content_hash(data), len(data))
+    return Loaded(row, pixels, sha256, nbytes)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
