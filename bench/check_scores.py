@@ -21,13 +21,14 @@ import tempfile
 import numpy as np
 import pandas as pd
 
-from pipeline.config import ScoreConfig
-from pipeline.demo import generate_demo
-from pipeline.manifest import make_manifest, write_manifest
+from pipeline.core.config import ScoreConfig
+from pipeline.core.demo_data import generate_demo
+from pipeline.core.make_manifest import make_manifest
+from pipeline.core.manifest import write_manifest
 from pipeline.model.backbone import get_backbone, tiny_spec
 from pipeline.model.checkpoint import HeadsMetadata, save_heads
 from pipeline.model.heads import InCTRLHeads
-from pipeline.run import run_config
+from pipeline.run import run_score
 
 LOG = logging.getLogger("bench.check_scores")
 
@@ -53,7 +54,7 @@ def score_demo(workdir: str, batch_size: int) -> dict[str, pd.DataFrame]:
     for mode, checkpoint in zip(MODES, (None, heads_path)):
         output = os.path.join(workdir, mode)
         shutil.rmtree(output, ignore_errors=True)
-        run_config(ScoreConfig(manifest=manifest, output=output, k=4, seeds=(0, 1, 2),
+        run_score(ScoreConfig(manifest=manifest, output=output, k=4, seeds=(0, 1, 2),
                                backbone=spec, checkpoint=checkpoint, batch_size=batch_size,
                                write_patch_map=True, run_id="check", run_date="2024-01-01"), [])
         files = sorted(glob.glob(f"{output}/scores/**/*.parquet", recursive=True))

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.manifest import write_manifest
+from pipeline.core.manifest import write_manifest
 
 DATASET = "bench"
 # Not a semantic class name, so the category gets InCTRL's full prompt ensemble.

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from pipeline.images import ImageLoadError, load_pixels
+from pipeline.core.images import ImageLoadError, load_pixels
 
 _preprocess: Callable | None = None
 

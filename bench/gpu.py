@@ -38,7 +38,7 @@ from bench.data import CATEGORY, DATASET, one_group_manifest, write_images
 from bench.decode import decode_rate, decode_rate_threads, load_one
 from bench.measure import (PeakMemory, Timer, beam_metrics, command_line, machine, today,
                            work_summary)
-from pipeline.config import default_decode_threads
+from pipeline.core.config import default_decode_threads
 from pipeline.model.backbone import BackboneSpec, get_backbone
 
 LOG = logging.getLogger("bench.gpu")
@@ -108,8 +108,8 @@ def seeded_heads(path: str, geometry, spec: BackboneSpec) -> str:
 def scoring_stage(spec: BackboneSpec, pixels: list[torch.Tensor], n: int, batch_size: int,
                   k: int, text: torch.Tensor, workdir: str, on_device: bool) -> float:
     """(b'): seconds for ``n`` images through the pipeline's own handler and scoring DoFn."""
-    from pipeline.config import ScoreConfig
-    from pipeline.manifest import ManifestRow
+    from pipeline.core.config import ScoreConfig
+    from pipeline.core.manifest import ManifestRow
     from pipeline.model.backbone import ImageFeatures
     from pipeline.model.loading import heads_hash, model_id
     from transforms.features import ClipFeatureHandler
@@ -146,8 +146,8 @@ def scoring_stage(spec: BackboneSpec, pixels: list[torch.Tensor], n: int, batch_
 def end_to_end(spec: BackboneSpec, paths: list[str], k: int, batch_size: int,
                decode_threads: int, workdir: str) -> dict:
     """The job on ``paths``; then on k + 1 of them, whose time is the fixed cost of a run."""
-    from pipeline.config import ScoreConfig
-    from pipeline.run import run_config
+    from pipeline.core.config import ScoreConfig
+    from pipeline.run import run_score
 
     out = {}
     for name, subset in (("full", paths), ("fixed", paths[:k + 1])):
@@ -159,7 +159,7 @@ def end_to_end(spec: BackboneSpec, paths: list[str], k: int, batch_size: int,
                              batch_size=batch_size, decode_threads=decode_threads,
                              run_id="bench-e2e", run_date="2000-01-01")
         with Timer() as t:
-            result = run_config(config, [])
+            result = run_score(config, [])
         shutil.rmtree(output, ignore_errors=True)
         out[name] = {"seconds": t.seconds, "images": len(subset),
                      **work_summary(beam_metrics(result))}

@@ -125,14 +125,15 @@ class Timer:
 def beam_metrics(result) -> dict[str, float]:
     """Counters and distribution sums of a finished pipeline, keyed ``step|namespace|name``.
 
-    Distributions give ``…|name.count`` and ``…|name.sum``. Steps are the outermost
-    labelled transform (``ExtractQueryFeatures``), so the two branches stay apart.
+    Distributions give ``…|name.count`` and ``…|name.sum``. Steps are full labels
+    (``PrepareReferences/ExtractReferenceFeatures/...``); :func:`metric` picks them by one
+    part, so the reference and query branches stay apart.
     """
     out: dict[str, float] = {}
     query = result.metrics().query()
     for kind in ("counters", "distributions"):
         for m in query.get(kind, []):
-            step = m.key.step.split("/")[0]
+            step = m.key.step
             name = f"{step}|{m.key.metric.namespace}|{m.key.metric.name}"
             value = m.committed if m.committed is not None else m.attempted
             if kind == "counters":
@@ -144,11 +145,11 @@ def beam_metrics(result) -> dict[str, float]:
 
 
 def metric(metrics: dict[str, float], step: str, name: str, default: float = 0.0) -> float:
-    """Sum of ``name`` over every step whose label starts with ``step`` (any namespace)."""
+    """Sum of ``name`` over every step whose full label has a part ``step`` (any namespace)."""
     total, found = 0.0, False
     for key, value in metrics.items():
         s, _, n = key.split("|", 2)
-        if s.startswith(step) and n == name:
+        if step in s.split("/") and n == name:
             total += value
             found = True
     return total if found else default

@@ -60,9 +60,9 @@ def child(args: argparse.Namespace) -> int:
     """One run in this fresh process; prints one JSON line."""
     import torch
 
-    from pipeline.config import ScoreConfig
+    from pipeline.core.config import ScoreConfig
     from pipeline.model.backbone import BackboneSpec, get_backbone
-    from pipeline.run import run_config
+    from pipeline.run import run_score
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +73,7 @@ def child(args: argparse.Namespace) -> int:
                          backbone=spec, batch_size=args.batch_size, run_id="scaling",
                          run_date="2000-01-01")
     with Timer() as t:
-        result = run_config(config, [])
+        result = run_score(config, [])
     shutil.rmtree(output, ignore_errors=True)
     print(json.dumps({"seconds": t.seconds, "peak_rss_mib": max_rss_mib(),
                       **work_summary(beam_metrics(result))}))

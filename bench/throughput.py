@@ -35,12 +35,12 @@ import torch
 from bench.data import CATEGORY, one_group_manifest, write_images
 from bench.measure import (PeakMemory, Timer, beam_metrics, command_line, machine, today,
                            work_summary)
-from pipeline.config import ScoreConfig
-from pipeline.images import decode_image, read_bytes
+from pipeline.core.config import ScoreConfig
+from pipeline.core.images import decode_image, read_bytes
 from pipeline.model.backbone import BackboneSpec, get_backbone
 from pipeline.model.inctrl import build_text_features
 from pipeline.model.prompts import prompts_for
-from pipeline.run import run_config
+from pipeline.run import run_score
 
 LOG = logging.getLogger("bench.throughput")
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                              batch_size=bs, feature_cache=cache, run_date="2000-01-01",
                              run_id=f"bench-{run}")
         with mem.phase(peaks, f"pipeline_{run}"), Timer() as t:
-            result = run_config(config, [])
+            result = run_score(config, [])
         work = work_summary(beam_metrics(result))
         res["pipeline"][run] = {"seconds": t.seconds, **work}
         LOG.warning("(b) pipeline %s: %.1f s %s", run, t.seconds, work)

@@ -32,10 +32,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.demo import generate_demo  # noqa: E402
-from pipeline.feature_cache import FeatureCache  # noqa: E402
-from pipeline.images import decode_image, read_bytes  # noqa: E402
-from pipeline.manifest import make_manifest, write_manifest  # noqa: E402
+from pipeline.core.demo_data import generate_demo  # noqa: E402
+from pipeline.core.feature_cache import FeatureCache  # noqa: E402
+from pipeline.core.images import decode_image, read_bytes  # noqa: E402
+from pipeline.core.make_manifest import make_manifest  # noqa: E402
+from pipeline.core.manifest import write_manifest  # noqa: E402
 from pipeline.model.backbone import (  # noqa: E402
     DEFAULT_BACKBONE,
     BackboneSpec,
@@ -53,7 +54,7 @@ from pipeline.train.data import (  # noqa: E402
     TrainingSet,
     read_index,
 )
-from pipeline.train.extract import extract_manifests  # noqa: E402
+from pipeline.extract_job import extract_manifests  # noqa: E402
 from pipeline.train.loop import CachedBatches, LoopSettings, fit  # noqa: E402
 
 LOG = logging.getLogger("bench")
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{torch.get_num_threads()}, device {device}\n"
               f"command: {' '.join([sys.executable, *sys.argv])}\n"
               f"backbone: {spec.backbone_id} {geo}\n"
-              f"data: pipeline.demo, {images} images; batch {args.batch_size}, k {args.k} "
+              f"data: pipeline.core.demo_data, {images} images; batch {args.batch_size}, k {args.k} "
               f"({args.batch_size * (1 + args.k)} images per step)\n"
               f"one-off extraction into the cache: {extract_s:.1f} s "
               f"({report.cache_misses} images)\n\n")

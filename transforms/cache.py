@@ -1,4 +1,5 @@
-"""CachedExtractFeatures: ExtractFeatures that skips images whose features are on disk."""
+"""CachedExtractFeatures: ExtractFeatures that skips images whose features are on disk; and
+CacheFeatures, which loads images and fills the cache (the training job's extraction)."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -6,16 +7,21 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.feature_cache import FeatureCache
+from pipeline.core.config import default_decode_threads
+from pipeline.core.feature_cache import FeatureCache
+from pipeline.core.images import ImageLimits
+from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.backbone import BackboneSpec
+from pipeline.train.data import index_record
 from transforms.features import ExtractFeatures
+from transforms.images import LoadImages
 
 
 class _LookupFn(beam.DoFn):
     def __init__(self, root: str, spec: BackboneSpec) -> None:
         self._root, self._spec = root, spec
-        self._hits = Metrics.counter("inctrl", "feature_cache_hits")
-        self._misses = Metrics.counter("inctrl", "feature_cache_misses")
+        self._hits = Metrics.counter(METRICS_NAMESPACE, "feature_cache_hits")
+        self._misses = Metrics.counter(METRICS_NAMESPACE, "feature_cache_misses")
 
     def setup(self) -> None:
         self._cache = FeatureCache(self._root, self._spec)
@@ -68,3 +74,23 @@ def extract_features(cache_root: str | None, spec: BackboneSpec, batch_size: int
     if cache_root:
         return CachedExtractFeatures(cache_root, spec, batch_size, share_across_processes)
     return ExtractFeatures(spec, batch_size, share_across_processes)
+
+
+class CacheFeatures(beam.PTransform):
+    """ManifestRow → ``{'index': index records, 'errors': RowError}``; features go to the cache.
+
+    Images already in the cache are not run through the backbone again (CachedExtractFeatures).
+    """
+
+    def __init__(self, cache_root: str, spec: BackboneSpec, batch_size: int,
+                 limits: ImageLimits = ImageLimits()) -> None:
+        super().__init__()
+        self._load = LoadImages(spec, limits, decode_threads=default_decode_threads(spec),
+                                prefetch=batch_size)
+        self._extract = CachedExtractFeatures(cache_root, spec, batch_size)
+
+    def expand(self, rows):
+        images = rows | "LoadImages" >> self._load
+        features = images["images"] | "CachedExtractFeatures" >> self._extract
+        index = features | "IndexRecords" >> beam.MapTuple(lambda key, _f: index_record(*key))
+        return {"index": index, ERRORS: images[ERRORS]}

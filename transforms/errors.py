@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-from pipeline.manifest import ManifestRow, RowError
-
-ERRORS = "errors"
+from pipeline.core.manifest import ManifestRow, RowError
 
 
 def row_error(row: ManifestRow, stage: str, reason: str) -> RowError:

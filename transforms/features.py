@@ -14,6 +14,7 @@ import apache_beam as beam
 import torch
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
+from pipeline.core.schemas import METRICS_NAMESPACE
 from pipeline.model.backbone import BackboneSpec, ClipBackbone, ImageFeatures, get_backbone
 
 
@@ -113,7 +114,7 @@ class ClipFeatureHandler(ModelHandler[torch.Tensor, ImageFeatures, ClipBackbone]
         return sum(t.element_size() * t.nelement() for t in batch)
 
     def get_metrics_namespace(self) -> str:
-        return "inctrl_features"
+        return METRICS_NAMESPACE
 
     def batch_elements_kwargs(self):
         return self._batching_kwargs

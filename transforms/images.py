@@ -19,11 +19,13 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.images import ImageLoadError, load_pixels
-from pipeline.manifest import ManifestRow, RowError
+from pipeline.core.images import ImageLimits, ImageLoadError, load_pixels
+from pipeline.core.manifest import ManifestRow, RowError
 from pipeline.model.backbone import BackboneSpec, describe
-from transforms.errors import ERRORS, row_error
+from pipeline.core.schemas import ERRORS
+from transforms.errors import row_error
 from transforms.features import KeyedPixels
+from pipeline.core.schemas import METRICS_NAMESPACE
 
 @dataclass(frozen=True)
 class Loaded:
@@ -36,11 +38,10 @@ class Loaded:
     error: RowError | None = None
 
 
-def load_row(row: ManifestRow, preprocess: Callable, max_pixels: int, min_side: int) -> Loaded:
+def load_row(row: ManifestRow, preprocess: Callable, limits: ImageLimits) -> Loaded:
     """Read, decode and preprocess one image; every per-image failure becomes ``error``."""
     try:
-        pixels, sha256, nbytes = load_pixels(row.image_uri, preprocess, max_pixels=max_pixels,
-                                             min_side=min_side)
+        pixels, sha256, nbytes = load_pixels(row.image_uri, preprocess, limits)
     except ImageLoadError as exc:
         return Loaded(row, error=row_error(row, exc.stage, exc.reason))
     return Loaded(row, pixels, sha256, nbytes)
@@ -66,18 +67,17 @@ class _LoadFn(beam.DoFn):
     of a bundle in flight (enough to keep decoding while a batch runs through the model).
     """
 
-    def __init__(self, spec: BackboneSpec, max_pixels: int, min_side: int,
+    def __init__(self, spec: BackboneSpec, limits: ImageLimits = ImageLimits(),
                  threads: int = 1, prefetch: int = 0) -> None:
         if threads < 1:
             raise ValueError(f"decode threads must be at least 1, got {threads}")
         self._spec = spec
-        self._max_pixels = max_pixels
-        self._min_side = min_side
+        self._limits = limits
         self._threads = threads
         self._prefetch = max(prefetch, 2 * threads)
-        self._loaded = Metrics.counter("inctrl", "images_loaded")
-        self._failed = Metrics.counter("inctrl", "images_failed")
-        self._bytes = Metrics.distribution("inctrl", "image_bytes")
+        self._loaded = Metrics.counter(METRICS_NAMESPACE, "images_loaded")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "images_failed")
+        self._bytes = Metrics.distribution(METRICS_NAMESPACE, "image_bytes")
 
     def setup(self) -> None:
         self._preprocess = describe(self._spec).preprocess
@@ -87,7 +87,7 @@ class _LoadFn(beam.DoFn):
         self._pending: collections.deque[tuple[Future, object, object]] = collections.deque()
 
     def _load(self, row: ManifestRow) -> Loaded:
-        return load_row(row, self._preprocess, self._max_pixels, self._min_side)
+        return load_row(row, self._preprocess, self._limits)
 
     def _outputs(self, loaded: Loaded) -> Iterator:
         """Count one outcome (on the bundle's thread) and give its main or error output."""
@@ -162,15 +162,17 @@ class SpreadByGroup(beam.PTransform):
 class LoadImages(beam.PTransform):
     """ManifestRow → ``{'images': ((row, sha256), pixels (3, H, W)), 'errors': RowError}``.
 
-    ``group_chunk`` > 0 keeps each (dataset, category)'s rows together in chunks of that many
-    (``SpreadByGroup``: for the query path, whose batches are scored per group); 0 spreads
-    rows one by one (references, training extraction).
+    ``decode_threads`` read and decode per worker process, with up to ``prefetch`` rows in
+    flight (a batch's worth keeps decoding while the model runs). ``group_chunk`` > 0 keeps
+    each (dataset, category)'s rows together in chunks of that many (``SpreadByGroup``: for
+    the query path, whose batches are scored per group); 0 spreads rows one by one
+    (references, training extraction).
     """
 
-    def __init__(self, spec: BackboneSpec, max_pixels: int, min_side: int,
+    def __init__(self, spec: BackboneSpec, limits: ImageLimits = ImageLimits(), *,
                  decode_threads: int = 1, prefetch: int = 0, group_chunk: int = 0) -> None:
         super().__init__()
-        self._fn = _LoadFn(spec, max_pixels, min_side, decode_threads, prefetch)
+        self._fn = _LoadFn(spec, limits, decode_threads, prefetch)
         self._group_chunk = group_chunk
 
     def expand(self, rows):

@@ -6,16 +6,17 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.manifest import ManifestRow, RowError, manifest_files, normalize_row
-from transforms.errors import ERRORS
+from pipeline.core.manifest import ManifestRow, RowError, manifest_files, normalize_row
+from pipeline.core.schemas import ERRORS
+from pipeline.core.schemas import METRICS_NAMESPACE
 
 STAGE_DEDUPLICATE = "deduplicate"
 
 
 class _NormalizeFn(beam.DoFn):
     def __init__(self) -> None:
-        self._read = Metrics.counter("inctrl", "manifest_rows_read")
-        self._bad = Metrics.counter("inctrl", "manifest_rows_rejected")
+        self._read = Metrics.counter(METRICS_NAMESPACE, "manifest_rows_read")
+        self._bad = Metrics.counter(METRICS_NAMESPACE, "manifest_rows_rejected")
 
     def process(self, raw: dict) -> Iterable:
         self._read.inc()
@@ -31,7 +32,7 @@ class _KeepFirstFn(beam.DoFn):
     """Of rows sharing (role, image_id), keep the one with the smallest URI; the rest are errors."""
 
     def __init__(self) -> None:
-        self._dupes = Metrics.counter("inctrl", "manifest_rows_duplicate")
+        self._dupes = Metrics.counter(METRICS_NAMESPACE, "manifest_rows_duplicate")
 
     def process(self, element: tuple[tuple[str, str], Iterable[ManifestRow]]) -> Iterable:
         (_, image_id), rows = element
@@ -72,3 +73,25 @@ class ReadManifest(beam.PTransform):
         )
         errors = (normalized[ERRORS], unique[ERRORS]) | "MergeErrors" >> beam.Flatten()
         return {"rows": unique.rows, ERRORS: errors}
+
+
+class _SelectQueriesFn(beam.DoFn):
+    def __init__(self, is_query) -> None:
+        self._is_query = is_query
+        self._selected = Metrics.counter(METRICS_NAMESPACE, "queries_selected")
+
+    def process(self, row: ManifestRow) -> Iterable[ManifestRow]:
+        if self._is_query(row):
+            self._selected.inc()
+            yield row
+
+
+class SelectQueries(beam.PTransform):
+    """ManifestRow → the query rows ``is_query(row)`` keeps, counted as ``queries_selected``."""
+
+    def __init__(self, is_query) -> None:
+        super().__init__()
+        self._fn = _SelectQueriesFn(is_query)
+
+    def expand(self, rows):
+        return rows | "Select" >> beam.ParDo(self._fn)

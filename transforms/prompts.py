@@ -12,10 +12,11 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.feature_cache import FeatureCache, prompts_key
+from pipeline.core.feature_cache import FeatureCache, prompts_key
 from pipeline.model.backbone import BackboneSpec, get_backbone
 from pipeline.model.inctrl import encode_prompt_pair
 from pipeline.model.prompts import prompts_for
+from pipeline.core.schemas import METRICS_NAMESPACE
 
 
 class _EncodeFn(beam.DoFn):
@@ -24,8 +25,8 @@ class _EncodeFn(beam.DoFn):
         self._spec = spec
         self._semantic = semantic_classes
         self._cache_root = cache_root
-        self._encoded = Metrics.counter("inctrl", "prompt_sets_encoded")
-        self._cached = Metrics.counter("inctrl", "prompt_sets_from_cache")
+        self._encoded = Metrics.counter(METRICS_NAMESPACE, "prompt_sets_encoded")
+        self._cached = Metrics.counter(METRICS_NAMESPACE, "prompt_sets_from_cache")
 
     def setup(self) -> None:
         self._cache = FeatureCache(self._cache_root, self._spec) if self._cache_root else None

@@ -1,35 +1,30 @@
-"""SelectReferences and AssembleReferenceSets: few-shot normal references per group and seed.
+"""PrepareReferences: each group's few-shot normal references, drawn, loaded and extracted.
 
-The sampler ranks each candidate by a hash of (seed, dataset, category, image_id) and keeps
-the k smallest: the same draw on any runner, any number of workers and any input order.
+Its steps: SelectReferences (the draw per group and seed), LoadImages and feature extraction
+once per drawn image, AssembleReferenceSets (the features stacked per group and seed).
+
+The draw itself is ``pipeline.core.sampling`` (seeded hash ranks, the same on any runner).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.manifest import ManifestRow
+from pipeline.core.config import ScoreConfig
+from pipeline.core.manifest import ManifestRow
+from pipeline.core.sampling import sampler_rank
+from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.backbone import ImageFeatures
-from transforms.errors import ERRORS, row_error
+from transforms.cache import extract_features
+from transforms.errors import row_error
+from transforms.images import LoadImages
 
 STAGE_SELECT = "select_references"
 
 GroupKey = tuple[str, str, int]  # (dataset, category, seed)
-
-
-def sampler_rank(seed: int, dataset: str, category: str, image_id: str) -> str:
-    """Position of a candidate in the seeded draw; smaller ranks are drawn first."""
-    return hashlib.sha256(f"{seed}\x1f{dataset}\x1f{category}\x1f{image_id}".encode()).hexdigest()
-
-
-def draw_references(candidates: Sequence[ManifestRow], seed: int, k: int) -> list[ManifestRow]:
-    """The k references a seed draws from one group's candidates (pure reference version)."""
-    ranked = sorted(candidates, key=lambda r: sampler_rank(seed, r.dataset, r.category, r.image_id))
-    return ranked[:k]
 
 
 @dataclass
@@ -89,7 +84,7 @@ def distinct_references(sets) -> "beam.PCollection":
 
 class _StackFn(beam.DoFn):
     def __init__(self) -> None:
-        self._sets = Metrics.counter("inctrl", "reference_sets_built")
+        self._sets = Metrics.counter(METRICS_NAMESPACE, "reference_sets_built")
 
     def process(self, element) -> Iterable:
         key, members = element
@@ -131,3 +126,42 @@ def _to_groups(element) -> Iterable:
         return
     for key, position, selected in joined["members"]:
         yield key, (position, image_id, features[0], selected)
+
+
+def _row_features(key: tuple, features: ImageFeatures) -> tuple[ManifestRow, ImageFeatures]:
+    """((row, sha256), features) → (row, features)."""
+    return key[0], features
+
+
+class PrepareReferences(beam.PTransform):
+    """Manifest rows → each group's few-shot references, drawn, loaded and extracted once.
+
+    Returns ``{'sets': ((dataset, category, seed), ReferencePayload), 'errors': RowError}``:
+    draw k normal references per group and seed (rows for which ``candidate(row)`` is true),
+    load each drawn image once however many seeds drew it, extract its features (through
+    the feature cache when ``config.feature_cache`` is set) and stack them per group.
+    """
+
+    def __init__(self, config: ScoreConfig, candidate=None) -> None:
+        super().__init__()
+        self._config = config
+        self._candidate = candidate
+
+    def expand(self, rows):
+        cfg = self._config
+        if self._candidate is not None:
+            rows = rows | "Candidates" >> beam.Filter(self._candidate)
+        drawn = rows | "SelectReferences" >> SelectReferences(cfg.k, cfg.seeds)
+        images = (distinct_references(drawn["sets"])
+                  | "LoadReferenceImages" >> LoadImages(
+                      cfg.backbone, cfg.limits, decode_threads=cfg.decode_thread_count,
+                      prefetch=cfg.batch_size))
+        features = (images["images"]
+                    | "ExtractReferenceFeatures" >> extract_features(
+                        cfg.feature_cache, cfg.backbone, cfg.batch_size,
+                        cfg.share_model_across_processes)
+                    | "RowOnly" >> beam.MapTuple(_row_features))
+        sets = ({"sets": drawn["sets"], "features": features}
+                | "AssembleReferenceSets" >> AssembleReferenceSets())
+        errors = (drawn[ERRORS], images[ERRORS]) | "MergeErrors" >> beam.Flatten()
+        return {"sets": sets, ERRORS: errors}

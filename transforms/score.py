@@ -12,13 +12,15 @@ import apache_beam as beam
 import torch
 from apache_beam.metrics import Metrics
 
-from pipeline.config import ScoreConfig
-from pipeline.manifest import ManifestRow
+from pipeline.core.config import ScoreConfig
+from pipeline.core.manifest import ManifestRow
 from pipeline.model.backbone import ImageFeatures, describe
 from pipeline.model.inctrl import ReferenceSet, ScoreComponents
 from pipeline.model.loading import TRAINING_FREE, WITH_HEADS, get_scorer
-from transforms.errors import ERRORS, error_records, row_error
+from pipeline.core.schemas import ERRORS
+from transforms.errors import error_records, row_error
 from transforms.references import ReferencePayload
+from pipeline.core.schemas import METRICS_NAMESPACE
 
 STAGE_SCORE = "score"
 _PREPARED_CACHE = 64
@@ -67,9 +69,9 @@ class _ScoreFn(beam.DoFn):
     def __init__(self, config: ScoreConfig, model_id: str) -> None:
         self._config = config
         self._model_id = model_id
-        self._scored = Metrics.counter("inctrl", "queries_scored")
-        self._failed = Metrics.counter("inctrl", "queries_failed")
-        self._prepared_sets = Metrics.counter("inctrl", "reference_sets_prepared")
+        self._scored = Metrics.counter(METRICS_NAMESPACE, "queries_scored")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
+        self._prepared_sets = Metrics.counter(METRICS_NAMESPACE, "reference_sets_prepared")
 
     def setup(self) -> None:
         spec = self._config.backbone

@@ -7,7 +7,7 @@ from typing import Iterable
 import apache_beam as beam
 import pandas as pd
 
-from pipeline.metrics import summarize_scores, summary_to_markdown, write_summary
+from pipeline.core.metrics import summarize_scores, summary_to_markdown, write_summary
 
 LOG = logging.getLogger(__name__)
 

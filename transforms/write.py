@@ -20,15 +20,12 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.schemas import partition_dir, partition_value, to_table
+from pipeline.core.layout import (INCOMING, RETIRED, SUCCESS_MARKER, aside_dir, aside_glob,
+                                   is_retired, partition_dir, partition_glob, partition_name,
+                                   partition_value, staging_root)
+from pipeline.core.schemas import METRICS_NAMESPACE, to_table
 
 LOG = logging.getLogger(__name__)
-
-SUCCESS_MARKER = "_SUCCESS"
-
-
-def staging_root(output: str, run_id: str) -> str:
-    return f"{output}/_staging/{run_id}"
 
 
 def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -46,7 +43,7 @@ class _WriteFilesFn(beam.DoFn):
         self._schema = schema
         self._run_id = run_id
         self._rows_per_file = rows_per_file
-        self._rows = Metrics.counter("inctrl", f"{table}_rows_written")
+        self._rows = Metrics.counter(METRICS_NAMESPACE, f"{table}_rows_written")
 
     def start_bundle(self) -> None:
         self._buffers: dict[str, list[dict]] = defaultdict(list)
@@ -91,9 +88,8 @@ def commit_partitions(output: str, table: str, run_date: str, run_id: str,
     committed = []
     for dataset, paths in sorted(by_dataset.items()):
         final = partition_dir(output, table, dataset, run_date)
-        parent, _, name = final.rpartition("/")
-        incoming = f"{parent}/.{name}.incoming-{run_id}"
-        retired = f"{parent}/.{name}.old-{run_id}"
+        incoming = aside_dir(final, INCOMING, run_id)
+        retired = aside_dir(final, RETIRED, run_id)
         fs, local_incoming = _fs(incoming)
         fs.makedirs(local_incoming, exist_ok=True)
         for path in sorted(paths):
@@ -127,17 +123,15 @@ def recover_partitions(output: str, table: str, run_date: str) -> list[str]:
     beside a partition are removed. Returns the partitions restored. Call it only while no
     other run writes the same date.
     """
-    fs, root = _fs(f"{output}/{table}")
-    if not fs.exists(root):
-        return []
-    name = f"run_date={run_date}"
+    # A glob: url_to_fs leaves it unexpanded (get_fs_token_paths would expand it).
+    fs, pattern = fsspec.core.url_to_fs(aside_glob(partition_glob(output, table, run_date)))
+    by_dataset: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(fs.glob(pattern)):
+        by_dataset[path.rstrip("/").rpartition("/")[0]].append(path)
     restored = []
-    for dataset_dir in sorted(fs.ls(root, detail=False)):
-        if not dataset_dir.rstrip("/").rpartition("/")[2].startswith("dataset="):
-            continue
-        final = f"{dataset_dir}/{name}"
-        leftovers = sorted(fs.glob(f"{dataset_dir}/.{name}.*"))
-        retired = [p for p in leftovers if ".old-" in p.rpartition("/")[2]]
+    for dataset_dir, leftovers in sorted(by_dataset.items()):
+        final = f"{dataset_dir}/{partition_name(run_date)}"
+        retired = [p for p in leftovers if is_retired(p)]
         if retired and not fs.exists(final):
             fs.mv(retired[-1], final, recursive=True)
             restored.append(final)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from pipeline.model.backbone import Geometry
 from pipeline.model.heads import InCTRLHeads
 
 LOG = logging.getLogger(__name__)
@@ -187,3 +188,21 @@ def import_official_checkpoint(path: str) -> InCTRLHeads:
     LOG.info("Imported official InCTRL heads from %s (embed_dim=%d, patches=%d)",
              path, embed_dim, num_patches)
     return heads.eval()
+
+
+def convert_official_checkpoint(source: str, output: str, *, backbone: str, pretrained: str,
+                                geometry: Geometry, k: int) -> str:
+    """Write an official InCTRL checkpoint's adapter and heads as safetensors heads for
+    ``backbone``/``pretrained`` (whose geometry they must fit); returns the heads hash."""
+    heads = import_official_checkpoint(source)
+    if (heads.embed_dim, heads.num_patches) != (geometry.embed_dim, geometry.num_patches):
+        raise CheckpointError(
+            f"{source} holds heads for embed_dim={heads.embed_dim}, "
+            f"patches={heads.num_patches}; {backbone} has embed_dim={geometry.embed_dim}, "
+            f"patches={geometry.num_patches}")
+    meta = HeadsMetadata(
+        backbone=backbone, pretrained=pretrained, blocks=geometry.blocks,
+        image_size=geometry.image_size, embed_dim=heads.embed_dim,
+        num_patches=heads.num_patches, k=k, extra={"imported_from": source},
+    )
+    return save_heads(heads, output, meta)

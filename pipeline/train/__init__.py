@@ -1,24 +1,7 @@
-"""Training InCTRL's adapter and heads on an auxiliary dataset, with the CLIP towers frozen.
+"""Training InCTRL's adapter and heads from cached features, with the CLIP towers frozen.
 
-The backbone runs once per image (``extract``) into the on-disk feature cache; the loop then
-trains from cached features (``data``, ``forward``, ``loss``, ``loop``), validates on a held-out
-manifest (``validate``) and writes the heads and a training log (``job``, ``log``).
+Core layer (no Beam): the configuration (``config``), training examples read from the feature
+index (``data``), the forward pass, loss and loop (``forward``, ``loss``, ``loop``), held-out
+validation (``validate``) and the training log (``log``). The job that extracts the features
+and runs all this is ``pipeline.train_job``.
 """
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["TrainConfig", "TrainResult", "run_training"]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that registering the CLI command does not import Beam.
-    if name == "TrainConfig":
-        from pipeline.train.config import TrainConfig
-
-        return TrainConfig
-    if name in ("TrainResult", "run_training"):
-        from pipeline.train import job
-
-        return getattr(job, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

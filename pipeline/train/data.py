@@ -14,14 +14,50 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
-from pipeline.feature_cache import FeatureCache
+from pipeline.core.feature_cache import FeatureCache
+from pipeline.core.manifest import ManifestRow, RowError
 from pipeline.model.backbone import ImageFeatures
 
 LOG = logging.getLogger(__name__)
 
-INDEX_COLUMNS = ("image_id", "image_uri", "dataset", "category", "role", "label", "content_hash")
+# The extraction job's tables: the cached image (content hash) of every usable row, and the
+# rows that could not be used.
+INDEX_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string()),
+    pa.field("image_uri", pa.string()),
+    pa.field("dataset", pa.string()),
+    pa.field("category", pa.string()),
+    pa.field("role", pa.string()),
+    pa.field("label", pa.int64()),
+    pa.field("content_hash", pa.string()),
+])
+
+EXTRACT_ERROR_SCHEMA = pa.schema([
+    pa.field("split", pa.string()),
+    pa.field("image_id", pa.string()),
+    pa.field("image_uri", pa.string()),
+    pa.field("dataset", pa.string()),
+    pa.field("category", pa.string()),
+    pa.field("role", pa.string()),
+    pa.field("stage", pa.string()),
+    pa.field("reason", pa.string()),
+])
+
+def index_record(row: ManifestRow, content_hash: str) -> dict:
+    """The index row of one image whose features are in the cache."""
+    return {"image_id": row.image_id, "image_uri": row.image_uri, "dataset": row.dataset,
+            "category": row.category, "role": row.role, "label": row.label,
+            "content_hash": content_hash}
+
+
+def extract_error_record(error: RowError, split: str) -> dict:
+    """The extraction job's error row of one unusable manifest row."""
+    return dict(error.to_record(), split=split)
+
+INDEX_COLUMNS = tuple(INDEX_SCHEMA.names)
 
 Group = tuple[str, str]  # (dataset, category)
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.core.reports import jsonable
 
 STEP_SCHEMA = pa.schema([
     pa.field("epoch", pa.int64()),
@@ -36,16 +37,6 @@ EPOCH_SCHEMA = pa.schema([
 STEPS_FILE = "train_log.parquet"
 EPOCHS_FILE = "epochs.parquet"
 JSON_FILE = "train_log.json"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -81,5 +72,5 @@ class TrainLog:
                 pq.write_table(_table(rows, schema), f)
         doc = dict(self.info, steps=self.steps, epochs=self.epochs)
         with fsspec.open(paths["json"], "w") as f:
-            json.dump(_jsonable(doc), f, indent=1, sort_keys=True)
+            json.dump(jsonable(doc), f, indent=1, sort_keys=True)
         return paths

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.metrics import image_metrics
+from pipeline.core.metrics import image_metrics
 from pipeline.model.inctrl import InCTRLScorer
 from pipeline.train.data import FeatureStore
-from transforms.references import sampler_rank
+from pipeline.core.sampling import sampler_rank
 
 LOG = logging.getLogger(__name__)
 

@@ -91,13 +91,19 @@ def test_save_load_round_trip(tmp_path, trained_heads):
 
 
 @pytest.mark.parametrize("pad", range(0, 256, 8))
-def test_every_header_length_loads(tmp_path, pad):
+def test_every_header_length_loads(tmp_path, pad, trained_heads):
     # safetensors headers start with their length; when its first byte is 0x80 (the pickle
-    # protocol marker) the file must still load.
+    # protocol marker) the file must still load, and load what was saved.
     path = str(tmp_path / "heads.safetensors")
-    heads = InCTRLHeads(EMBED, PATCHES)
-    save_heads(heads, path, _meta(extra={"pad": "x" * pad}))
-    load_heads(path)
+    meta = _meta(extra={"pad": "x" * pad})
+    save_heads(trained_heads, path, meta)
+    heads, loaded_meta, _ = load_heads(path)
+    assert loaded_meta == meta
+    want, got = trained_heads.state_dict(), heads.state_dict()
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
 
 
 def test_save_refuses_metadata_of_other_geometry(tmp_path):

@@ -17,11 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import ScoreConfig
-from pipeline.demo import generate_demo
-from pipeline.manifest import make_manifest, write_manifest
+from pipeline.core.config import ScoreConfig
+from pipeline.core.demo_data import generate_demo
+from pipeline.core.make_manifest import make_manifest
+from pipeline.core.manifest import write_manifest
 from pipeline.model.backbone import tiny_spec
-from pipeline.nightly import FEATURE_CACHE_DIR, NightlyOptions, NightlyReport, run_nightly
+from pipeline.core.layout import FEATURE_CACHE_DIR
+from pipeline.nightly.job import NightlyOptions, NightlyReport, run_nightly
 import transforms.score
 
 D1, D2 = "2024-01-02", "2024-01-03"
@@ -94,7 +96,7 @@ def history(tmp_path_factory):
     def night(date: str, run_id: str, manifest_name: str = "manifest.parquet",
               force: bool = False) -> Step:
         config = replace(base, manifest=str(root / manifest_name), run_date=date,
-                         only_date=date, run_id=run_id)
+                         run_id=run_id)
         try:
             report = run_nightly(config, [], NightlyOptions(force=force))
         except Exception as exc:  # the crash step keeps going to look at the output
@@ -155,6 +157,9 @@ def test_the_command_line_night_and_its_drift_report(history):
     summary = f"summary/run_date={D2}/"
     assert {summary + n for n in ("summary.json", "summary.md", "drift.parquet", "drift.json",
                                   "drift.md", "nightly.json")} <= set(step.files)
+    assert {k: v.rpartition("/")[2] for k, v in step.report.files.items()} == {
+        "report": "nightly.json", "parquet": "drift.parquet", "json": "drift.json",
+        "markdown": "drift.md"}
     drift = json.loads(step.files[summary + "drift.json"])
     assert drift["extra"]["previous_date"] == D1 and drift["extra"]["threshold"] == 0.5
     records = {r["dataset"]: r for r in drift["records"]}

@@ -1,4 +1,4 @@
-"""The nightly run's pure parts and file edges: planning, filters, flags, drift, recovery."""
+"""The nightly run's plan and its edges: planning, the date's queries, flags, recovery."""
 from __future__ import annotations
 
 import datetime as dt
@@ -7,25 +7,10 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline.manifest import (ManifestRow, ManifestSchemaError, validate_manifest_schema,
-                               write_manifest)
-from pipeline.metrics import drift_report
-from pipeline.nightly import (
-    DRIFT,
-    FEATURE_CACHE_DIR,
-    GONE,
-    NEW,
-    OK,
-    KnownReferences,
-    NightQueries,
-    committed_dates,
-    date_queries,
-    drift_markdown,
-    drift_status,
-    parse_nightly_args,
-    plan_night,
-    previous_date,
-)
+from pipeline.cli.nightly import parse_nightly_args
+from pipeline.core.layout import FEATURE_CACHE_DIR
+from pipeline.core.manifest import ManifestSchemaError, validate_manifest_schema, write_manifest
+from pipeline.nightly.plan import date_queries, plan_night
 from transforms.write import recover_partitions
 
 MODEL = "m@random|blocks=default|heads=none"
@@ -85,36 +70,13 @@ def test_force_rescores_and_carries_nothing():
     assert p.skip == frozenset() and p.carried_rows == 0 and p.to_score == 1
 
 
-# -- row filters -------------------------------------------------------------------------------
-
-def mrow(image_id: str, role: str, capture_date: str | None) -> ManifestRow:
-    return ManifestRow(image_uri=f"/d/{image_id}.png", dataset="ds", category="c", role=role,
-                       label=0, image_id=image_id, defect_type=None, capture_date=capture_date)
-
-
-def test_night_queries_are_that_dates_not_yet_scored():
-    keep = NightQueries("2024-01-02", frozenset({"done"}))
-    assert keep(mrow("q", "query", "2024-01-02"))
-    assert not keep(mrow("done", "query", "2024-01-02"))
-    assert not keep(mrow("q", "query", "2024-01-03"))
-    assert not keep(mrow("q", "query", None))
-
-
-def test_references_are_undated_or_captured_by_the_date():
-    keep = KnownReferences("2024-01-02")
-    assert keep(mrow("r", "reference", None))
-    assert keep(mrow("r", "reference", "2024-01-02"))
-    assert keep(mrow("r", "reference", "2023-12-31"))
-    assert not keep(mrow("r", "reference", "2024-01-03"))
-
-
 # -- flags -------------------------------------------------------------------------------------
 
 def test_flags_give_the_date_partition_and_default_cache():
     config, options, beam_args = parse_nightly_args(
         ["--manifest", "m.parquet", "--output", "out/", "--date", "2024-01-02", "--force",
          "--alert-threshold", "0.7", "--runner=DirectRunner"])
-    assert config.run_date == config.only_date == "2024-01-02"
+    assert config.run_date == "2024-01-02"
     assert config.output == "out"
     assert config.feature_cache == f"out/{FEATURE_CACHE_DIR}"
     assert options.force and options.alert_threshold == 0.7 and not options.fail_on_drift
@@ -144,30 +106,6 @@ def test_bad_flags_are_refused(bad):
         parse_nightly_args(["--manifest", "m", "--output", "o", *bad])
 
 
-# -- drift -------------------------------------------------------------------------------------
-
-def test_drift_status_per_dataset():
-    today = pd.DataFrame({"dataset": ["same"] * 4 + ["moved"] * 4 + ["new"] * 2,
-                          "final_score": [.1, .2, .3, .4, .8, .9, .9, .95, .1, .2]})
-    before = pd.DataFrame({"dataset": ["same"] * 4 + ["moved"] * 4 + ["gone"] * 2,
-                           "final_score": [.1, .2, .3, .41, .1, .2, .3, .4, .5, .6]})
-    report = drift_status(drift_report(today, before, threshold=0.5), tolerance=0.1)
-    status = dict(zip(report["dataset"], report["status"]))
-    assert status == {"same": OK, "moved": DRIFT, "new": NEW, "gone": GONE}
-    moved = report.set_index("dataset").loc["moved"]
-    assert (moved["today_above_count"], moved["previous_above_count"]) == (4, 0)
-    text = drift_markdown(report, "2024-01-03", "2024-01-02")
-    assert "2024-01-03 vs 2024-01-02" in text
-    assert all(f"| {d} | {s} |" in text for d, s in status.items())
-
-
-def test_first_night_has_only_new_datasets():
-    today = pd.DataFrame({"dataset": ["a"], "final_score": [0.2]})
-    report = drift_status(drift_report(today, None, threshold=0.5), tolerance=0.1)
-    assert report["status"].tolist() == [NEW]
-    assert "no previous night" in drift_markdown(report, "2024-01-02", None)
-
-
 # -- files -------------------------------------------------------------------------------------
 
 def _touch(path) -> None:
@@ -184,6 +122,8 @@ def test_recover_restores_a_partition_retired_by_a_dead_commit(tmp_path):
     _touch(scores / "dataset=b" / "run_date=2024-01-02" / "part-b.parquet")
     _touch(scores / "dataset=b" / ".run_date=2024-01-02.incoming-r2" / "part-new.parquet")
     _touch(scores / "dataset=b" / ".run_date=2024-01-03.old-r9" / "part-other-date.parquet")
+    _touch(scores / "dataset=c" / "run_date=2024-01-02" / "part-c.parquet")  # the swap finished
+    _touch(scores / "dataset=c" / ".run_date=2024-01-02.old-r3" / "part-stale.parquet")
 
     restored = recover_partitions(out, "scores", "2024-01-02")
 
@@ -192,19 +132,9 @@ def test_recover_restores_a_partition_retired_by_a_dead_commit(tmp_path):
     assert os.listdir(scores / "dataset=a" / "run_date=2024-01-02") == ["part-old.parquet"]
     assert sorted(os.listdir(scores / "dataset=b")) == [".run_date=2024-01-03.old-r9",
                                                         "run_date=2024-01-02"]
+    assert os.listdir(scores / "dataset=c") == ["run_date=2024-01-02"]
+    assert os.listdir(scores / "dataset=c" / "run_date=2024-01-02") == ["part-c.parquet"]
     assert recover_partitions(out, "missing-table", "2024-01-02") == []
-
-
-def test_committed_and_previous_dates(tmp_path):
-    for ds, date in (("a", "2024-01-01"), ("b", "2024-01-03"), ("a", "2024-01-05")):
-        _touch(tmp_path / "scores" / f"dataset={ds}" / f"run_date={date}" / "_SUCCESS")
-    _touch(tmp_path / "scores" / "dataset=a" / ".run_date=2024-01-04.incoming-x" / "_SUCCESS")
-    out = str(tmp_path)
-    assert committed_dates(out) == ["2024-01-01", "2024-01-03", "2024-01-05"]
-    assert previous_date(out, "2024-01-05") == "2024-01-03"
-    assert previous_date(out, "2024-01-04") == "2024-01-03"
-    assert previous_date(out, "2024-01-01") is None
-    assert committed_dates(str(tmp_path / "nothing")) == []
 
 
 def test_date_queries_reads_timestamps_and_needs_the_column(tmp_path):

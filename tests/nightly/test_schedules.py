@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pipeline.nightly import parse_nightly_args
+from pipeline.cli.nightly import parse_nightly_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(REPO, "deploy")

@@ -10,14 +10,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.config import ScoreConfig
-from pipeline.manifest import normalize_row, write_manifest
+from pipeline.core.config import ScoreConfig
+from pipeline.core.manifest import normalize_row, write_manifest
 from pipeline.model.backbone import tiny_spec
-from pipeline.run import run_config
-from pipeline.schemas import ERROR_SCHEMA, ERRORS, SCORES
+from pipeline.run import run_score
+from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES
 from tests import badinputs
-from tests.pipeline.conftest import Run, counter, read_table
-from transforms.references import draw_references
+from tests.beamtest import Run, counter, read_table
+from pipeline.core.sampling import draw_references
 
 K = 4
 SEEDS = (0, 1)
@@ -34,7 +34,7 @@ def run(tmp_path_factory) -> Run:
     write_manifest(frame, path)
     config = ScoreConfig(manifest=path, output=str(root / "out"), k=K, seeds=SEEDS,
                          backbone=tiny_spec(), run_date=RUN_DATE, run_id="bad-run", batch_size=4)
-    result = run_config(config, beam_args=[])
+    result = run_score(config, beam_args=[])
     return Run(config, frame, result, read_table(config.output, SCORES),
                read_table(config.output, ERRORS))
 

@@ -15,14 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.config import ScoreConfig
-from pipeline.demo import generate_demo
-from pipeline.manifest import make_manifest, normalize_row, write_manifest
+from pipeline.core.config import ScoreConfig
+from pipeline.core.demo_data import generate_demo
+from pipeline.core.make_manifest import make_manifest
+from pipeline.core.manifest import normalize_row, write_manifest
 from pipeline.model.backbone import tiny_spec
-from pipeline.run import run_config
-from pipeline.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
-from tests.pipeline.conftest import Run, counter, read_table
-from transforms.references import draw_references
+from pipeline.run import run_score
+from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
+from tests.beamtest import Run, counter, read_table
+from pipeline.core.sampling import draw_references
 from transforms.write import SUCCESS_MARKER
 
 K = 2
@@ -47,7 +48,7 @@ def _run(manifest, output: str, run_id: str) -> Run:
     path, frame = manifest
     config = ScoreConfig(manifest=path, output=output, k=K, seeds=SEEDS, backbone=tiny_spec(),
                          run_date=RUN_DATE, run_id=run_id, batch_size=4)
-    result = run_config(config, beam_args=[])
+    result = run_score(config, beam_args=[])
     return Run(config, frame, result, read_table(output, SCORES), read_table(output, ERRORS))
 
 

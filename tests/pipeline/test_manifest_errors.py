@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.run
-from pipeline.config import ScoreConfig
-from pipeline.manifest import ManifestSchemaError
+from pipeline.core.config import ScoreConfig
+from pipeline.core.manifest import ManifestSchemaError
 from pipeline.model.backbone import TINY_BACKBONE, TINY_PRETRAINED, tiny_spec
-from pipeline.run import run_config
+from pipeline.run import run_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,7 +34,7 @@ def no_pipeline(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the pipeline was built although the manifest is unusable")
     monkeypatch.setattr(pipeline.run, "build_pipeline", refuse)
-    monkeypatch.setattr(pipeline.run, "make_runner", refuse)
+    monkeypatch.setattr(pipeline.run, "run_pipeline", refuse)
 
 
 @pytest.mark.parametrize("columns,named", [
@@ -47,7 +47,7 @@ def test_schema_error_names_the_column(tmp_path, no_pipeline, columns, named):
     output = tmp_path / "out"
     config = ScoreConfig(manifest=path, output=str(output), backbone=tiny_spec())
     with pytest.raises(ManifestSchemaError, match=named) as caught:
-        run_config(config, beam_args=[])
+        run_score(config, beam_args=[])
     assert path in str(caught.value)
     assert not output.exists()
 
@@ -56,7 +56,7 @@ def test_missing_manifest(tmp_path, no_pipeline):
     config = ScoreConfig(manifest=str(tmp_path / "nope.parquet"), output=str(tmp_path / "out"),
                          backbone=tiny_spec())
     with pytest.raises(ManifestSchemaError, match="not found"):
-        run_config(config, beam_args=[])
+        run_score(config, beam_args=[])
 
 
 def test_command_line_exits_1_with_the_message(tmp_path):

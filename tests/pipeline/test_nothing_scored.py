@@ -6,12 +6,12 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.config import ScoreConfig
-from pipeline.manifest import write_manifest
+from pipeline.core.config import ScoreConfig
+from pipeline.core.manifest import write_manifest
 from pipeline.model.backbone import tiny_spec
-from pipeline.run import run_config
-from pipeline.schemas import ERRORS, SCORES, SUMMARY, scores_schema
-from tests.pipeline.conftest import counter, read_table
+from pipeline.run import run_score
+from pipeline.core.schemas import ERRORS, SCORES, SUMMARY, scores_schema
+from tests.beamtest import counter, read_table
 
 SEEDS = (0, 1)
 RUN_DATE = "2024-03-08"
@@ -31,7 +31,7 @@ def run(tmp_path_factory):
     write_manifest(frame, path)
     config = ScoreConfig(manifest=path, output=str(root / "out"), k=2, seeds=SEEDS,
                          backbone=tiny_spec(), run_date=RUN_DATE, run_id="nothing")
-    result = run_config(config, beam_args=[])
+    result = run_score(config, beam_args=[])
     return config, frame, result
 
 

@@ -9,12 +9,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.demo import generate_demo
-from pipeline.manifest import make_manifest, write_manifest
+from pipeline.core.demo_data import generate_demo
+from pipeline.core.make_manifest import make_manifest
+from pipeline.core.manifest import write_manifest
 from pipeline.model.backbone import get_backbone, tiny_spec
-from pipeline.run import parse_score_args, run_config
-from pipeline.schemas import PATCH_MAP_FIELD, SCORES
-from tests.pipeline.conftest import read_table
+from pipeline.cli.score import parse_score_args
+from pipeline.run import run_score
+from pipeline.core.schemas import PATCH_MAP_FIELD, SCORES
+from tests.beamtest import read_table
 
 DATASET = "medical_scans"
 EXTRA = {
@@ -53,7 +55,7 @@ def run(tmp_path_factory):
         "--write-patch-map", "--backbone", tiny_spec().name, "--pretrained", tiny_spec().pretrained,
         "--run-date", "2024-03-07"])
     assert config.write_patch_map and beam_args == []
-    run_config(config, beam_args)
+    run_score(config, beam_args)
     return config, table, read_table(config.output, SCORES)
 
 

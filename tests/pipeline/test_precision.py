@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from pipeline.config import ScoreConfig
-from pipeline.demo import generate_demo
-from pipeline.feature_cache import FeatureCache, feature_identity
-from pipeline.manifest import make_manifest, write_manifest
+from pipeline.core.config import ScoreConfig
+from pipeline.core.demo_data import generate_demo
+from pipeline.core.feature_cache import FeatureCache, feature_identity
+from pipeline.core.make_manifest import make_manifest
+from pipeline.core.manifest import write_manifest
 from pipeline.model.backbone import get_backbone, tiny_spec
-from pipeline.run import run_config
-from pipeline.schemas import SCORES, SUMMARY
-from tests.pipeline.conftest import counter, read_table
+from pipeline.run import run_score
+from pipeline.core.schemas import SCORES, SUMMARY
+from tests.beamtest import counter, read_table
 
 RUN_DATE = "2024-05-06"
 KEY = ["dataset", "category", "image_id", "seed"]
@@ -84,7 +85,7 @@ def _run(manifest: str, output: str, precision: str, cache: str):
     config = ScoreConfig(manifest=manifest, output=output, k=2, seeds=(0,),
                          backbone=tiny_spec(precision=precision), run_date=RUN_DATE,
                          run_id=f"precision-{precision}", batch_size=4, feature_cache=cache)
-    result = run_config(config, beam_args=[])
+    result = run_score(config, beam_args=[])
     scores = read_table(output, SCORES).sort_values(KEY).reset_index(drop=True)
     return result, scores
 

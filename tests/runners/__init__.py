@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 
-from pipeline.config import ScoreConfig
-from pipeline.demo import generate_demo
-from pipeline.manifest import make_manifest, write_manifest
+from pipeline.core.config import ScoreConfig
+from pipeline.core.demo_data import generate_demo
+from pipeline.core.make_manifest import make_manifest
+from pipeline.core.manifest import write_manifest
 from pipeline.model.backbone import tiny_spec
-from pipeline.run import run_config
+from pipeline.run import run_score
 
 RUN_DATE = "2024-01-02"
 KEY = ["image_id", "seed"]
@@ -47,7 +48,7 @@ def manifest_path() -> str:
 def direct_output() -> str:
     """The DirectRunner's output for the shared manifest (computed once)."""
     out = os.path.join(workspace(), "direct")
-    run_config(score_config(manifest_path(), out), [])
+    run_score(score_config(manifest_path(), out), [])
     return out
 
 

@@ -1,6 +1,6 @@
 """The job on Beam's DaskRunner against a real ``distributed`` cluster (two worker processes).
 
-One LocalCluster serves the whole module. ``pipeline.runners`` completes Beam's Dask
+One LocalCluster serves the whole module. ``pipeline.dask_runner`` completes Beam's Dask
 translation; the small pipelines here pin the Beam semantics it must keep (tagged outputs,
 finish_bundle outputs, side inputs, every sink computed, metrics), the last test runs the
 scoring job itself and compares it with the DirectRunner's.
@@ -21,13 +21,14 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.nightly import NightlyOptions, run_nightly
-from pipeline.run import make_runner, run_config
+from pipeline.nightly.job import NightlyOptions, run_nightly
+from pipeline.runner import make_runner
+from pipeline.run import run_score
 from tests.runners import (RUN_DATE, assert_same_scores, direct_output, manifest_path,
                            score_config)
 
 distributed = pytest.importorskip("distributed")
-from pipeline.runners import DaskRunner  # noqa: E402  (needs dask)
+from pipeline.dask_runner import DaskRunner  # noqa: E402  (needs dask)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_scores_equal_the_direct_runner(cluster, tmp_path):
     address, _ = cluster
     expected = direct_output()
     out = str(tmp_path / "dask")
-    result = run_config(score_config(manifest_path(), out), dask_args(address))
+    result = run_score(score_config(manifest_path(), out), dask_args(address))
     assert result.state == "DONE"
     assert_same_scores(expected, out)
     # Every sink ran, not only the last one: errors and summary were written as well.
@@ -132,7 +133,7 @@ def test_incremental_night_on_dask_matches_the_direct_runner(cluster, tmp_path):
     frame.to_parquet(dated, index=False)
 
     def night(out: str, args: list[str]):
-        config = replace(score_config(dated, out), only_date=RUN_DATE, run_id=os.path.basename(out),
+        config = replace(score_config(dated, out), run_date=RUN_DATE, run_id=os.path.basename(out),
                          feature_cache=f"{out}/_feature_cache")
         return run_nightly(config, args, NightlyOptions())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from apache_beam.metrics import MetricsFilter
 
-from pipeline.run import run_config
+from pipeline.run import run_score
 from tests.runners import assert_same_scores, direct_output, manifest_path, score_config
 
 PORTABLE_ARGS = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"]
@@ -13,7 +13,7 @@ PORTABLE_ARGS = ["--runner=PortableRunner", "--job_endpoint=embed", "--environme
 def test_scores_equal_the_direct_runner(tmp_path):
     expected = direct_output()
     out = str(tmp_path / "portable")
-    result = run_config(score_config(manifest_path(), out), PORTABLE_ARGS)
+    result = run_score(score_config(manifest_path(), out), PORTABLE_ARGS)
     assert result.state == "DONE"
     assert_same_scores(expected, out)
     scored = result.metrics().query(MetricsFilter().with_name("queries_scored"))["counters"]

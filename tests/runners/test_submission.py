@@ -31,7 +31,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from pipeline.nightly import parse_nightly_args
+from pipeline.cli.nightly import parse_nightly_args
 from pipeline.run import build_pipeline
 from tests.runners import manifest_path
 
@@ -62,7 +62,7 @@ def build_local(args: list[str], tmp_path) -> tuple[beam.Pipeline, PipelineOptio
     p = beam.Pipeline(runner=FnApiRunner(), options=options)
     local = replace(config, manifest=manifest_path(), output=str(tmp_path),
                     feature_cache=str(tmp_path / "cache"))
-    build_pipeline(p, local, None)
+    build_pipeline(p, local, model="test-model", manifest_schema=None)
     return p, options
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.feature_cache import FeatureCache
+from pipeline.core.feature_cache import FeatureCache
 from pipeline.model.backbone import ImageFeatures, tiny_spec
 from pipeline.train.data import (
     EpisodeSampler,

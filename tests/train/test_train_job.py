@@ -25,16 +25,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import ScoreConfig
-from pipeline.feature_cache import FeatureCache
-from pipeline.manifest import make_manifest, write_manifest
+from pipeline.core.config import ScoreConfig
+from pipeline.core.feature_cache import FeatureCache
+from pipeline.core.make_manifest import make_manifest
+from pipeline.core.manifest import write_manifest
 from pipeline.model.backbone import get_backbone, tiny_spec
 from pipeline.model.checkpoint import load_heads
 from pipeline.model.inctrl import InCTRLScorer, build_text_features
-from pipeline.run import run_config
-from pipeline.train import TrainConfig, run_training
+from pipeline.run import run_score
+from pipeline.train.config import TrainConfig
+from pipeline.train_job import run_training
 from pipeline.train.data import FeatureStore, read_index
-from pipeline.train_cli import train_main
+from pipeline.cli.train import main as train_main
 from pipeline.train.validate import ValidationSet, score_validation, validation_metrics
 
 SIZE = 64
@@ -220,7 +222,7 @@ def test_second_run_reuses_the_cache_and_repeats_the_loss_curve(trained, workspa
 def test_saved_heads_loaded_by_score_reproduce_the_in_memory_scores(trained, workspace):
     config, result = trained
     output = os.path.join(workspace["root"], "scored")
-    run_config(ScoreConfig(manifest=workspace["val"], output=output, k=K, seeds=(config.seed,),
+    run_score(ScoreConfig(manifest=workspace["val"], output=output, k=K, seeds=(config.seed,),
                            backbone=tiny_spec(), checkpoint=result.heads_path,
                            feature_cache=workspace["cache"]), [])
     job = ds.dataset(f"{output}/scores", format="parquet", partitioning="hive").to_table()

@@ -6,9 +6,9 @@ import math
 import pandas as pd
 import pytest
 
-from pipeline.manifest import normalize_row
+from pipeline.core.manifest import normalize_row
 from pipeline.train.validate import ValidationSet, validation_metrics
-from transforms.references import draw_references
+from pipeline.core.sampling import draw_references
 
 
 def _index(rows: list[tuple]) -> pd.DataFrame:

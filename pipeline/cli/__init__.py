@@ -1,0 +1,54 @@
+"""Command line: ``python -m pipeline {score, nightly, train, demo, make-manifest, import-checkpoint}``.
+
+Layer 5, the top: each command's module (imported only when it runs) parses its flags into a
+configuration and calls its job. An error inside a command's import is a traceback, never
+an "unknown command".
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+LOG = logging.getLogger(__name__)
+
+#: command → (module with ``main(argv) -> int``, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "score": ("pipeline.cli.score", "score a manifest's queries (the main job)"),
+    "nightly": ("pipeline.cli.nightly", "score one date's queries, idempotently"),
+    "train": ("pipeline.cli.train", "train the adapter and heads on an auxiliary manifest"),
+    "demo": ("pipeline.cli.demo", "generate the synthetic demo set, score it, print the summary"),
+    "make-manifest": ("pipeline.cli.make_manifest", "build a manifest from MVTec/VisA-style folders"),
+    "import-checkpoint": ("pipeline.cli.import_checkpoint",
+                          "convert official InCTRL heads to safetensors"),
+}
+
+
+def _usage() -> str:
+    lines = [f"  {name:<18} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: python -m pipeline <command> [options]\n\ncommands:\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        (sys.stdout if argv else sys.stderr).write(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        sys.stderr.write(_usage() + f"\nunknown command {command!r}\n")
+        return 2
+    run = importlib.import_module(COMMANDS[command][0]).main
+    from pipeline.core.manifest import ManifestSchemaError
+    from pipeline.model.backbone import BackboneLoadError
+    from pipeline.model.checkpoint import CheckpointError
+
+    try:
+        return run(rest)
+    except (ManifestSchemaError, CheckpointError, BackboneLoadError) as exc:
+        # Problems of the user's inputs: one clear line, no traceback.
+        LOG.error("%s failed: %s", command, exc)
+        return 1

@@ -1,0 +1,244 @@
+"""Every command-line flag, defined once with its validator, in groups the commands compose.
+
+Flags → these groups → one frozen configuration (``ScoreConfig``, ``TrainConfig``) → the
+jobs. Flags that no group defines go to Beam when Beam knows them (``--runner``, Dataflow,
+Flink and Dask options); any other stops the command with one message naming it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import difflib
+import math
+from typing import Sequence
+
+from pipeline.core.config import DEFAULT_BATCH_SIZE, DEFAULT_K, ScoreConfig
+from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, BackboneSpec
+
+
+# --------------------------------------------------------------------------------------------
+# Validators: argparse types that turn a bad value into one usage line, never a traceback
+# --------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text}")
+    return value
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def distinct_int_list(text: str) -> tuple[int, ...]:
+    values = int_list(text)
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct integers, got {text!r}")
+    return values
+
+
+def iso_date(text: str) -> str:
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from exc
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def even_batch(text: str) -> int:
+    value = positive_int(text)
+    if value < 2 or value % 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an even batch size of at least 2 (half normal, half anomalous), got {text}")
+    return value
+
+
+def name_set(text: str) -> frozenset[str]:
+    """Comma-separated names, e.g. ``--semantic-classes airplane,bird``."""
+    return frozenset(c.strip() for c in text.split(",") if c.strip())
+
+
+# --------------------------------------------------------------------------------------------
+# Groups
+# --------------------------------------------------------------------------------------------
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Which backbone, with which weights, on which device and precision."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help="open_clip model name")
+    g.add_argument(
+        "--pretrained", default=DEFAULT_PRETRAINED,
+        help="open_clip tag, weights file, 'local-dir:DIR', 'hf-hub:ORG/REPO' or 'random[:SEED]'")
+    g.add_argument("--blocks", type=int_list, default=(),
+                   help="1-based ViT blocks for patch tokens (default: InCTRL's 7,9,11 of 12)")
+    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    g.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="fp32, tf32 or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--semantic-classes", type=name_set, default=None,
+                   help="comma-separated category names scored with the semantic prompt pair")
+
+
+def add_io_flags(parser: argparse.ArgumentParser, output_help: str) -> None:
+    """The manifest read and the output root written."""
+    g = parser.add_argument_group("input and output")
+    g.add_argument("--manifest", required=True, help="Parquet manifest (file or folder)")
+    g.add_argument("--output", required=True, help=output_help)
+
+
+def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...] = (0,)) -> None:
+    """How queries are scored: shots, seeds, heads, batches, patch maps."""
+    g = parser.add_argument_group("scoring")
+    g.add_argument("--k", type=positive_int, default=DEFAULT_K,
+                   help="normal references per group (default %(default)s)")
+    g.add_argument("--seeds", type=distinct_int_list, default=seeds,
+                   help="comma-separated sampler seeds; each gives one scoring (default "
+                        f"{','.join(map(str, seeds))})")
+    g.add_argument("--checkpoint", default=None,
+                   help="trained heads (.safetensors); without it scoring is training-free")
+    g.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                   help="images per backbone batch (default %(default)s)")
+    g.add_argument("--write-patch-map", action="store_true",
+                   help="also store each query's patch residual map")
+
+
+def add_run_flags(parser: argparse.ArgumentParser, *, run_date: bool = True) -> None:
+    """The run's identity and its per-worker resources."""
+    g = parser.add_argument_group("run")
+    if run_date:
+        g.add_argument("--run-date", type=iso_date, default=None,
+                       help="partition date YYYY-MM-DD (default: today, UTC)")
+    g.add_argument("--run-id", default=None, help="identifier written to every row")
+    g.add_argument("--feature-cache", default=None,
+                   help="folder caching reference features across runs (content hash + model)")
+    g.add_argument("--decode-threads", type=non_negative_int, default=0,
+                   help="threads decoding images per worker process (default 0: up to 8 "
+                        "on a CUDA device, 1 on the CPU)")
+    g.add_argument("--share-model-across-processes", action="store_true",
+                   help="one model copy per machine (GPU workers with several SDK processes)")
+
+
+def add_score_flags(parser: argparse.ArgumentParser) -> None:
+    """Everything ``score`` takes (``nightly`` adds its own group)."""
+    add_io_flags(parser, "output root (local path or URL)")
+    add_scoring_flags(parser)
+    add_run_flags(parser)
+    add_model_flags(parser)
+
+
+# --------------------------------------------------------------------------------------------
+# Flags → configuration
+# --------------------------------------------------------------------------------------------
+
+
+def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
+    precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return BackboneSpec(name=args.backbone, pretrained=args.pretrained, blocks=tuple(args.blocks),
+                        device=args.device, precision=precision)
+
+
+def score_config_from_args(args: argparse.Namespace, **overrides) -> ScoreConfig:
+    """The ScoreConfig of parsed score flags; ``overrides`` set fields directly (the nightly
+    date and cache, the demo's own manifest and output)."""
+    kw = dict(
+        k=args.k,
+        seeds=tuple(args.seeds),
+        backbone=backbone_from_args(args),
+        checkpoint=args.checkpoint,
+        batch_size=args.batch_size,
+        write_patch_map=args.write_patch_map,
+        feature_cache=args.feature_cache,
+        share_model_across_processes=args.share_model_across_processes,
+        decode_threads=args.decode_threads,
+    )
+    for name in ("manifest", "run_date", "run_id", "semantic_classes"):
+        if getattr(args, name, None) is not None:
+            kw[name] = getattr(args, name)
+    if getattr(args, "output", None) is not None:
+        kw["output"] = args.output.rstrip("/")
+    kw.update(overrides)
+    return ScoreConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing: our flags, then Beam's, then nothing else
+# --------------------------------------------------------------------------------------------
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    """A parser of every pipeline option Beam defines, runner-specific ones included."""
+    # Beam's own parser class (its options add value-provider arguments to it); the same
+    # classes Beam's PipelineOptions.get_all_options reads.
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    try:  # Dask's options register on import; the module needs the [dask] extra.
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
+    except ImportError:
+        pass
+    parser = _BeamArgumentParser(allow_abbrev=False, add_help=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)  # noqa: SLF001
+    return parser
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings]  # noqa: SLF001
+
+
+def parse_with_beam(parser: argparse.ArgumentParser, argv: Sequence[str] | None
+                    ) -> tuple[argparse.Namespace, list[str]]:
+    """(our flags, Beam's flags) of ``argv``; a flag neither knows ends the command with one
+    usage message naming it and the closest known flag."""
+    args, rest = parser.parse_known_args(argv)
+    if not rest:
+        return args, []
+    beam = _beam_parser()
+    _, unknown = beam.parse_known_args(rest)
+    if unknown:
+        flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
+        known = _options(parser) + _options(beam)
+        hints = []
+        for flag in flags:
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{flag}: did you mean {close[0]}?")
+        parser.error("unrecognized arguments: " + " ".join(unknown)
+                     + (" (" + "; ".join(hints) + ")" if hints else ""))
+    return args, list(rest)

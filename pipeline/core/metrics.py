@@ -1,0 +1,264 @@
+"""Metric summaries of scored anomaly tables.
+
+Score tables hold one row per (query image, seed). Everything here is pure
+pandas/numpy compute except :func:`write_summary`, the single I/O edge, which
+writes through fsspec so local paths and ``gs://`` both work.
+
+Aggregation over seeds (documented once, used everywhere): a metric is first
+computed per seed on that seed's labelled rows, then reported as the mean and
+the *population* standard deviation (``ddof=0``) over seeds. A single seed
+therefore has std 0.0, not NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from pipeline.core.reports import write_report
+
+logger = logging.getLogger(__name__)
+
+METRICS: tuple[str, ...] = ("auroc", "auprc", "f1_max", "f1_threshold")
+QUANTILE_COLUMNS: tuple[str, ...] = ("score_p50", "score_p90", "score_p99", "score_max", "score_mean")
+COUNT_COLUMNS: tuple[str, ...] = ("query_count", "anomalous_count", "normal_count", "unlabeled_count")
+LEVELS: tuple[str, ...] = ("category", "dataset_mean", "dataset_pooled")
+MEAN_CATEGORY = "*mean*"
+POOLED_CATEGORY = "*pooled*"
+
+_REQUIRED = ("dataset", "category", "k", "seed", "label")
+_SUMMARY_COLUMNS: tuple[str, ...] = (
+    "level",
+    "dataset",
+    "category",
+    "k",
+    "score_column",
+    "n_seeds",
+    *COUNT_COLUMNS,
+    *(f"{m}_{stat}" for m in METRICS for stat in ("mean", "std")),
+    *QUANTILE_COLUMNS,
+)
+
+
+def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Image-level AUROC, AUPRC (average precision), best F1 and its threshold.
+
+    ``labels`` are 0 (normal) / 1 (anomalous); higher scores mean more anomalous
+    and an image is predicted anomalous when ``score >= f1_threshold``. Pairs
+    with a missing label or a non-finite score are dropped (with a warning for
+    scores) because sklearn cannot rank them. With fewer than two classes the
+    metrics are undefined, so every value is NaN instead of raising.
+    """
+    y = np.asarray(labels, dtype=float).ravel()
+    s = np.asarray(scores, dtype=float).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores differ in length: {y.shape} vs {s.shape}")
+    keep = ~np.isnan(y)
+    bad_scores = keep & ~np.isfinite(s)
+    if bad_scores.any():
+        logger.warning("Dropping %d labelled rows with non-finite scores", int(bad_scores.sum()))
+    keep &= np.isfinite(s)
+    y, s = y[keep], s[keep]
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(f"labels must be 0 or 1, got {sorted(set(y.tolist()))}")
+
+    nan_result = {m: math.nan for m in METRICS}
+    if np.unique(y).size < 2:
+        return nan_result
+
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    # The last (precision=1, recall=0) point has no threshold; drop it.
+    p, r = precision[:-1], recall[:-1]
+    denom = p + r
+    f1 = np.divide(2 * p * r, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = int(np.argmax(f1))
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "auprc": float(average_precision_score(y, s)),
+        "f1_max": float(f1[best]),
+        "f1_threshold": float(thresholds[best]),
+    }
+
+
+def _per_seed(scores: pd.DataFrame, keys: list[str], score_column: str) -> pd.DataFrame:
+    """One row per (*keys, seed): metrics on that seed's labelled rows plus row counts."""
+    rows = []
+    for key, group in scores.groupby([*keys, "seed"], sort=True, dropna=False):
+        labels = group["label"]
+        labelled = labels.notna()
+        metrics = image_metrics(
+            labels[labelled].to_numpy(dtype=float),
+            group.loc[labelled, score_column].to_numpy(dtype=float),
+        )
+        rows.append(
+            {
+                **dict(zip([*keys, "seed"], key)),
+                "query_count": len(group),
+                "anomalous_count": int((labels == 1).sum()),
+                "normal_count": int((labels == 0).sum()),
+                "unlabeled_count": int((~labelled).sum()),
+                **metrics,
+            }
+        )
+    return pd.DataFrame(rows, columns=[*keys, "seed", *COUNT_COLUMNS, *METRICS])
+
+
+def _over_seeds(per_seed: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean and population std (ddof=0) of each metric over seeds, per ``keys``."""
+    grouped = per_seed.groupby(keys, sort=True, dropna=False)
+    means = grouped[list(METRICS)].mean().add_suffix("_mean")
+    stds = grouped[list(METRICS)].std(ddof=0).add_suffix("_std")
+    n_seeds = grouped["seed"].nunique().rename("n_seeds")
+    return pd.concat([n_seeds, means, stds], axis=1).reset_index()
+
+
+def _score_quantiles(scores: pd.DataFrame, keys: list[str], score_column: str) -> pd.DataFrame:
+    """Score distribution over all rows (all seeds, labelled or not) per ``keys``; NaN scores skipped."""
+    values = scores[score_column].astype(float)
+    grouped = values.groupby([scores[k] for k in keys], sort=True, dropna=False)
+    out = pd.DataFrame(
+        {
+            "score_p50": grouped.quantile(0.50),
+            "score_p90": grouped.quantile(0.90),
+            "score_p99": grouped.quantile(0.99),
+            "score_max": grouped.max(),
+            "score_mean": grouped.mean(),
+        }
+    )
+    return out.reset_index()
+
+
+def _category_counts(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Counts for one seed per (dataset, category, k); the max over seeds, warning when seeds disagree."""
+    keys = ["dataset", "category", "k"]
+    grouped = per_seed.groupby(keys, sort=True, dropna=False)[list(COUNT_COLUMNS)]
+    counts_max, counts_min = grouped.max(), grouped.min()
+    uneven = (counts_max != counts_min).any(axis=1)
+    if uneven.any():
+        logger.warning(
+            "Seeds score different query sets for %d group(s), e.g. %s; reporting the largest seed",
+            int(uneven.sum()),
+            uneven[uneven].index[0],
+        )
+    return counts_max.reset_index()
+
+
+def summarize_scores(scores: pd.DataFrame, score_column: str = "final_score") -> pd.DataFrame:
+    """Summarize a score table into one long frame with a ``level`` column.
+
+    Levels, each per ``k`` (requested shots):
+
+    * ``category``: per (dataset, category). Counts are for one seed (rows are
+      per (query, seed)); metrics are mean / population std over seeds.
+    * ``dataset_mean`` (category ``*mean*``): per seed, the mean over the
+      dataset's categories of the per-seed category metric (categories without
+      both classes are skipped); then mean / std over seeds. The mean equals
+      the mean of category means as the InCTRL paper reports it.
+    * ``dataset_pooled`` (category ``*pooled*``): metrics on all of the dataset's
+      queries pooled per seed, then mean / std over seeds.
+
+    Dataset-level counts are sums of category counts. Only labelled rows enter
+    metrics; groups without both classes get NaN metrics. ``score_p50`` ...
+    ``score_mean`` describe ``score_column`` over all of a group's rows, so
+    unlabelled datasets still get a summary.
+    """
+    missing = [c for c in (*_REQUIRED, score_column) if c not in scores.columns]
+    if missing:
+        raise ValueError(f"score table lacks columns: {missing}")
+    if scores.empty:
+        return pd.DataFrame(columns=list(_SUMMARY_COLUMNS))
+
+    cat_keys, ds_keys = ["dataset", "category", "k"], ["dataset", "k"]
+    cat_seed = _per_seed(scores, cat_keys, score_column)
+    cat_counts = _category_counts(cat_seed)
+
+    category = _over_seeds(cat_seed, cat_keys).merge(cat_counts, on=cat_keys)
+    category = category.merge(_score_quantiles(scores, cat_keys, score_column), on=cat_keys)
+    category.insert(0, "level", "category")
+
+    ds_counts = cat_counts.groupby(ds_keys, sort=True, dropna=False)[list(COUNT_COLUMNS)].sum().reset_index()
+    ds_quantiles = _score_quantiles(scores, ds_keys, score_column)
+
+    # pandas' mean skips NaN: a seed's category average ignores single-class categories.
+    seed_cat_avg = cat_seed.groupby([*ds_keys, "seed"], sort=True, dropna=False)[list(METRICS)].mean().reset_index()
+    dataset_mean = _over_seeds(seed_cat_avg, ds_keys).merge(ds_counts, on=ds_keys).merge(ds_quantiles, on=ds_keys)
+    dataset_mean.insert(0, "level", "dataset_mean")
+    dataset_mean["category"] = MEAN_CATEGORY
+
+    pooled_seed = _per_seed(scores, ds_keys, score_column)
+    pooled = _over_seeds(pooled_seed, ds_keys).merge(ds_counts, on=ds_keys).merge(ds_quantiles, on=ds_keys)
+    pooled.insert(0, "level", "dataset_pooled")
+    pooled["category"] = POOLED_CATEGORY
+
+    summary = pd.concat([category, dataset_mean, pooled], ignore_index=True)
+    summary["score_column"] = score_column
+    summary["_level_order"] = summary["level"].map({lvl: i for i, lvl in enumerate(LEVELS)})
+    summary = summary.sort_values(["dataset", "_level_order", "category", "k"], kind="stable")
+    summary = summary.drop(columns="_level_order").reset_index(drop=True)
+    for col in ("n_seeds", *COUNT_COLUMNS):
+        summary[col] = summary[col].astype("int64")
+    return summary[list(_SUMMARY_COLUMNS)]
+
+
+def _fmt(value: Any) -> str:
+    """Three-decimal float, or ``n/a`` for missing values."""
+    return "n/a" if value is None or pd.isna(value) else f"{float(value):.3f}"
+
+
+def _fmt_mean_std(mean: Any, std: Any) -> str:
+    """``0.912 ± 0.013``; just the mean when the std is missing; ``n/a`` when the mean is."""
+    if mean is None or pd.isna(mean):
+        return "n/a"
+    if std is None or pd.isna(std):
+        return _fmt(mean)
+    return f"{_fmt(mean)} ± {_fmt(std)}"
+
+
+def _md_cell(value: Any) -> str:
+    """Text safe to put in a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def summary_to_markdown(summary: pd.DataFrame) -> str:
+    """Render a :func:`summarize_scores` table as a Markdown table for humans.
+
+    Groups with no labelled rows show their score distribution
+    (``p50=… p90=… max=…``) in the AUROC cell instead of metrics, since there
+    is nothing to evaluate against.
+    """
+    header = ["dataset", "category", "k", "queries", "anomalous", "AUROC", "AUPRC", "F1-max"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in summary.itertuples(index=False):
+        unlabelled = row.anomalous_count + row.normal_count == 0
+        if unlabelled:
+            scores = f"p50={_fmt(row.score_p50)} p90={_fmt(row.score_p90)} max={_fmt(row.score_max)}"
+            metric_cells = [scores, "", ""]
+            anomalous = "n/a"
+        else:
+            metric_cells = [
+                _fmt_mean_std(getattr(row, f"{m}_mean"), getattr(row, f"{m}_std"))
+                for m in ("auroc", "auprc", "f1_max")
+            ]
+            anomalous = str(row.anomalous_count)
+        cells = [row.dataset, row.category, row.k, row.query_count, anomalous, *metric_cells]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: pd.DataFrame, out_dir: str, *, extra: dict | None = None) -> dict[str, str]:
+    """Write ``summary.parquet``, ``summary.json`` and ``summary.md`` into ``out_dir``.
+
+    ``out_dir`` is any fsspec URL (local directories are created). The JSON is
+    ``{"extra": {...}, "records": [...]}`` with NaN written as null, so run
+    metadata (run id, model id) travels with the numbers. Returns
+    ``{"parquet": path, "json": path, "markdown": path}``
+    (:func:`pipeline.core.reports.write_report`).
+    """
+    paths = write_report(summary, out_dir, "summary", summary_to_markdown(summary), extra)
+    logger.info("Wrote summary of %d rows to %s", len(summary), out_dir.rstrip("/"))
+    return paths

@@ -1,0 +1,78 @@
+"""Output table names and schemas, in one place (the folder layout is ``layout``).
+
+The partition columns (``dataset``, ``run_date``) live in the folder names, not in the files.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import pyarrow as pa
+
+from pipeline.core.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+
+SCORES = "scores"
+ERRORS = "errors"
+SUMMARY = "summary"
+#: Namespace of every Beam counter and distribution the job reports.
+METRICS_NAMESPACE = "inctrl"
+
+_SCORE_FIELDS = [
+    pa.field("image_id", pa.string()),
+    pa.field("image_uri", pa.string()),
+    pa.field("category", pa.string()),
+    pa.field("label", pa.int64()),
+    pa.field("defect_type", pa.string()),
+    pa.field("capture_date", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("k", pa.int64()),
+    pa.field("k_used", pa.int64()),
+    pa.field("reference_ids", pa.list_(pa.string())),
+    pa.field("final_score", pa.float64()),
+    pa.field("fine_score", pa.float64()),
+    pa.field("holistic_score", pa.float64()),
+    pa.field("image_residual_score", pa.float64()),
+    pa.field("text_prior_score", pa.float64()),
+    pa.field("scoring_mode", pa.string()),
+    pa.field("model_id", pa.string()),
+    pa.field("backbone", pa.string()),
+    pa.field("pretrained", pa.string()),
+    pa.field("heads_hash", pa.string()),
+    pa.field("run_id", pa.string()),
+]
+PATCH_MAP_FIELD = pa.field("patch_map", pa.list_(pa.float32()))
+
+ERROR_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string()),
+    pa.field("image_uri", pa.string()),
+    pa.field("category", pa.string()),
+    pa.field("role", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("stage", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("run_id", pa.string()),
+    pa.field("model_id", pa.string()),
+])
+
+_MANIFEST_COLUMNS = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+
+
+def passthrough_fields(manifest_schema: pa.Schema) -> list[pa.Field]:
+    """Manifest columns that are not ours travel to the scores table with their own types."""
+    taken = {f.name for f in _SCORE_FIELDS} | {"dataset", "run_date"} | {"patch_map", "role"}
+    return [f for f in manifest_schema if f.name not in _MANIFEST_COLUMNS and f.name not in taken]
+
+
+def scores_schema(manifest_schema: pa.Schema | None, patch_map: bool) -> pa.Schema:
+    fields = list(_SCORE_FIELDS)
+    if patch_map:
+        fields.append(PATCH_MAP_FIELD)
+    if manifest_schema is not None:
+        fields.extend(passthrough_fields(manifest_schema))
+    return pa.schema(fields)
+
+
+def to_table(records: Iterable[dict], schema: pa.Schema) -> pa.Table:
+    """Records (dicts with possibly extra keys) as a table of exactly ``schema``."""
+    records = list(records)
+    columns = {f.name: [r.get(f.name) for r in records] for f in schema}
+    return pa.Table.from_pydict(columns, schema=schema)

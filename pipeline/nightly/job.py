@@ -1,0 +1,246 @@
+"""The nightly inspection run: score one capture date's queries, idempotently and incrementally.
+
+``python -m pipeline nightly --manifest M --output OUT --date YYYY-MM-DD`` reads the manifest,
+plans the night (which queries of that date still need a score), runs the scoring job for
+those only and writes the date's ``run_date=`` partitions, then compares the night's score
+distribution with the previous night's.
+
+Rules, in the order they apply:
+
+* **Queries** are the manifest's ``role=query`` rows whose ``capture_date`` (a date,
+  timestamp or ISO string column, normalised to ``YYYY-MM-DD``) equals ``--date``.
+* **References** are the ``role=reference`` rows captured on or before ``--date``, or
+  without a ``capture_date``: tonight that is every current reference, and a backfill of an
+  old date does not use references that arrived later.
+* **Incremental**: a query whose rows for every requested seed are already in the date's
+  partition with the same ``model_id`` and ``k`` is not scored again; its rows are carried
+  into the new partition. ``--force`` rescores every query of the date. Rows of other
+  models, other ``k``, seeds not asked for or queries no longer in the manifest are dropped.
+* **Idempotent**: the new partition (carried + new rows) is written aside and swapped in
+  with a ``_SUCCESS`` marker (``transforms.write``); other dates are never touched and a
+  failed run leaves the previous partition as it was.
+* **Reference features** are cached in ``OUT/_feature_cache`` (``--feature-cache``), keyed by
+  image content hash and backbone identity: unchanged references are not extracted again.
+* **Drift**: per dataset, the score quantiles (p50, p90, p99) and the count of scores at or
+  above ``--alert-threshold`` against the latest earlier date with scores, written beside the
+  summary as ``drift.{parquet,json,md}``; ``--fail-on-drift`` turns an alert into exit code 3.
+
+The plan is :mod:`pipeline.nightly.plan`, the drift statistics :mod:`pipeline.nightly.drift`
+and the partitions of earlier runs are read through :mod:`pipeline.core.layout`; this module
+runs the night and writes ``nightly.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.runners.runner import PipelineResult
+
+from pipeline.core.config import ScoreConfig
+from pipeline.core.layout import previous_date, read_partition, staging_root, summary_dir
+from pipeline.core.manifest import validate_manifest_schema
+from pipeline.core.reports import jsonable
+from pipeline.core.schemas import ERRORS, SCORES
+from pipeline.core.selection import RowSelection
+from pipeline.model.loading import heads_hash, model_id
+from pipeline.nightly.drift import DRIFT, drift_markdown, drift_report, drift_status, write_drift
+from pipeline.nightly.plan import DATE_COLUMN, NightPlan, date_queries, plan_night
+from pipeline.run import run_score
+from pipeline.runner import counter, runner_name
+from transforms.write import recover_partitions
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_ALERT_THRESHOLD = 0.5
+DEFAULT_DRIFT_TOLERANCE = 0.1
+EXIT_DRIFT = 3
+
+__all__ = ["DATE_COLUMN", "DEFAULT_ALERT_THRESHOLD", "DEFAULT_DRIFT_TOLERANCE", "EXIT_DRIFT",
+           "NightlyOptions", "NightlyReport", "run_nightly"]
+
+
+@dataclass(frozen=True)
+class NightlyOptions:
+    """What the nightly run adds to the scoring job's configuration."""
+
+    force: bool = False
+    alert_threshold: float = DEFAULT_ALERT_THRESHOLD
+    drift_tolerance: float = DEFAULT_DRIFT_TOLERANCE
+    fail_on_drift: bool = False
+
+
+@dataclass
+class NightlyReport:
+    """What one night did; written as ``nightly.json`` beside the summary."""
+
+    date: str
+    run_id: str
+    model_id: str
+    manifest: str
+    output: str
+    runner: str
+    forced: bool
+    queries_on_date: int = 0
+    already_scored: int = 0
+    scored_queries: int = 0
+    carried_rows: int = 0
+    dropped_rows: int = 0
+    skipped: bool = False
+    pipeline_seconds: float = 0.0
+    reference_cache_hits: int | None = None
+    reference_cache_misses: int | None = None
+    reference_features_extracted: int | None = None
+    query_features_extracted: int | None = None
+    previous_date: str | None = None
+    drift: list[dict] = field(default_factory=list)
+    alerts: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
+                options: NightlyOptions = NightlyOptions()) -> NightlyReport:
+    """Score ``config.run_date``'s queries into its partition, then report drift."""
+    date = config.run_date
+    schema = validate_manifest_schema(config.manifest)
+    mid = model_id(config.backbone, heads_hash(config.checkpoint))
+    report = NightlyReport(date=date, run_id=config.run_id, model_id=mid,
+                           manifest=config.manifest, output=config.output,
+                           runner=runner_name(beam_args), forced=options.force)
+    for table in (SCORES, ERRORS):
+        recover_partitions(config.output, table, date)
+
+    queries = date_queries(config.manifest, schema, date)
+    existing = read_partition(config.output, date)
+    plan = plan_night(list(queries), _keys(existing), model=mid, k=config.k,
+                      seeds=config.seeds, force=options.force)
+    report.queries_on_date, report.already_scored = plan.queries, len(plan.skip)
+    report.scored_queries, report.carried_rows = plan.to_score, plan.carried_rows
+    report.dropped_rows = plan.dropped_rows
+    LOG.info("Night %s: %d queries captured, %d already scored with %s, %d to score; "
+             "%d rows carried, %d dropped", date, plan.queries, len(plan.skip), mid,
+             plan.to_score, plan.carried_rows, plan.dropped_rows)
+
+    if plan.queries == 0:
+        LOG.warning("The manifest has no query with %s %s: nothing to score; existing "
+                    "partitions of that date are left as they are", DATE_COLUMN, date)
+        report.skipped = True
+    elif plan.up_to_date:
+        LOG.info("Partition %s is up to date (use --force to rescore)", date)
+        report.skipped = True
+    else:
+        started = time.monotonic()
+        try:
+            carried = _stage_carried(config, _carried(existing, plan, queries))
+            result = run_score(config, beam_args, manifest_schema=schema, model=mid,
+                               selection=RowSelection(query_date=date, skip=plan.skip,
+                                                      references_until=date,
+                                                      carried_scores=carried))
+        finally:
+            _remove_staging(config.output, config.run_id)
+        report.pipeline_seconds = round(time.monotonic() - started, 3)
+        _record_metrics(report, result, cached=bool(config.feature_cache))
+
+    _report_drift(config, options, report)
+    out_dir = summary_dir(config.output, date)
+    report.files["report"] = f"{out_dir}/nightly.json"
+    fs, local = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(local, exist_ok=True)
+    with fsspec.open(report.files["report"], "w") as f:
+        json.dump(jsonable(dataclasses.asdict(report)), f, indent=2, allow_nan=False, default=str)
+    return report
+
+
+def _keys(existing: pa.Table | None) -> pd.DataFrame:
+    """The plan's view of the date's existing rows."""
+    columns = ["image_id", "seed", "model_id", "k"]
+    return existing.select(columns).to_pandas() if existing is not None else pd.DataFrame(
+        columns=columns)
+
+
+def _carried(existing: pa.Table | None, plan: NightPlan, queries: dict[str, str]
+             ) -> pa.Table | None:
+    """The existing rows the plan keeps, with the manifest's dataset names."""
+    if existing is None or not plan.carried_rows:
+        return None
+    carried = existing.filter(pa.array(plan.carry))
+    # Folder values are sanitised dataset names; carried rows get the manifest's own.
+    names = pa.array([queries[i] for i in carried.column("image_id").to_pylist()], pa.string())
+    return carried.set_column(carried.schema.get_field_index("dataset"), "dataset", names)
+
+
+def _stage_carried(config: ScoreConfig, carried: pa.Table | None) -> str | None:
+    """Write the carried rows into the run's staging folder for the job to read back."""
+    if carried is None or not carried.num_rows:
+        return None
+    path = f"{staging_root(config.output, config.run_id)}/carried/carried.parquet"
+    fs, local = fsspec.core.url_to_fs(path)
+    fs.makedirs(local.rpartition("/")[0], exist_ok=True)
+    with fs.open(local, "wb") as f:
+        pq.write_table(carried, f)
+    return path
+
+
+def _remove_staging(output: str, run_id: str) -> None:
+    """This run's staging folder, and the staging root once no run uses it."""
+    fs, local = fsspec.core.url_to_fs(staging_root(output, run_id))
+    if fs.exists(local):
+        fs.rm(local, recursive=True)
+    parent = local.rpartition("/")[0]
+    try:
+        if fs.exists(parent) and not fs.ls(parent):
+            fs.rmdir(parent)
+    except OSError:  # another run started staging meanwhile
+        pass
+
+
+def _record_metrics(report: NightlyReport, result: PipelineResult, *, cached: bool) -> None:
+    if cached:
+        report.reference_cache_hits = counter(result, "feature_cache_hits")
+        report.reference_cache_misses = counter(result, "feature_cache_misses")
+    report.reference_features_extracted = counter(
+        result, "num_inferences", "ExtractReferenceFeatures")
+    report.query_features_extracted = counter(result, "num_inferences", "ExtractQueryFeatures")
+    LOG.info("Night %s scored in %.1f s; reference features: %s extracted, %s from the cache",
+             report.date, report.pipeline_seconds, report.reference_features_extracted,
+             report.reference_cache_hits)
+
+
+def _scores_frame(output: str, date: str | None) -> pd.DataFrame | None:
+    """A date's committed ``final_score`` and ``dataset`` columns, or None."""
+    if date is None:
+        return None
+    table = read_partition(output, date, columns=["final_score"])
+    return None if table is None else table.to_pandas()
+
+
+def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyReport) -> None:
+    date = config.run_date
+    today = _scores_frame(config.output, date)
+    if today is None:
+        LOG.warning("No scores for %s: no drift report", date)
+        return
+    before = previous_date(config.output, date)
+    report.previous_date = before
+    drift = drift_status(drift_report(today, _scores_frame(config.output, before),
+                                      threshold=options.alert_threshold),
+                         options.drift_tolerance)
+    report.drift = json.loads(drift.to_json(orient="records"))
+    report.alerts = drift.loc[drift["status"] == DRIFT, "dataset"].tolist()
+    report.files.update(write_drift(
+        drift, summary_dir(config.output, date), date=date, previous=before,
+        extra={"run_date": date, "previous_date": before, "run_id": config.run_id,
+               "model_id": report.model_id, "threshold": options.alert_threshold,
+               "tolerance": options.drift_tolerance}))
+    LOG.info("Drift %s vs %s:\n%s", date, before or "no previous night",
+             drift_markdown(drift, date, before))
+    for dataset in report.alerts:
+        LOG.warning("Score drift in dataset %r between %s and %s (tolerance %.3f)",
+                    dataset, before, date, options.drift_tolerance)

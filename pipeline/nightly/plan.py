@@ -1,0 +1,102 @@
+"""What a night scores: the date's queries in the manifest, and the plan that says which of
+them still need a score and which rows of the date's earlier run are kept.
+
+:func:`plan_night` is pure pandas/numpy; :func:`date_queries` is its one read, of the manifest.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from pipeline.core.manifest import ManifestRow, ManifestSchemaError, manifest_files, normalize_row
+from pipeline.core.selection import RowSelection
+
+LOG = logging.getLogger(__name__)
+
+DATE_COLUMN = "capture_date"
+
+
+@dataclass(frozen=True)
+class NightPlan:
+    """The night's work: which queries to score and which existing rows to keep."""
+
+    queries: int  # queries captured on the date
+    skip: frozenset[str]  # already scored: not scored again
+    carry: np.ndarray  # bool per existing row: kept in the new partition
+    existing_rows: int
+
+    @property
+    def to_score(self) -> int:
+        return self.queries - len(self.skip)
+
+    @property
+    def carried_rows(self) -> int:
+        return int(self.carry.sum())
+
+    @property
+    def dropped_rows(self) -> int:
+        return self.existing_rows - self.carried_rows
+
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing to score and nothing to drop: the partition already is tonight's result."""
+        return self.to_score == 0 and self.dropped_rows == 0
+
+
+def plan_night(date_queries: Sequence[str], existing: pd.DataFrame, *, model: str, k: int,
+               seeds: Sequence[int], force: bool = False) -> NightPlan:
+    """Which of the date's queries (image ids) are done, and which existing rows carry over.
+
+    ``existing`` holds the date's current rows with at least ``image_id``, ``seed``,
+    ``model_id`` and ``k``. A query is done when it has a row for every seed in ``seeds``
+    with this ``model`` and ``k``; only the done queries' rows for those seeds are kept (one
+    per (image_id, seed)). ``force`` keeps nothing and rescores everything.
+    """
+    wanted = set(date_queries)
+    n = len(existing)
+    if force or n == 0:
+        return NightPlan(len(wanted), frozenset(), np.zeros(n, dtype=bool), n)
+    seeds = set(seeds)
+    match = (
+        existing["image_id"].isin(wanted).to_numpy()
+        & existing["seed"].isin(seeds).to_numpy()
+        & (existing["model_id"] == model).to_numpy()
+        & (existing["k"] == k).to_numpy()
+    )
+    rows = np.flatnonzero(match)
+    unique = rows[~existing.iloc[rows].duplicated(subset=["image_id", "seed"]).to_numpy()]
+    match = np.zeros(n, dtype=bool)
+    match[unique] = True  # one row per (image_id, seed)
+    seeds_done = existing[match].groupby("image_id")["seed"].nunique()
+    done = frozenset(seeds_done.index[seeds_done == len(seeds)])
+    carry = match & existing["image_id"].isin(done).to_numpy()
+    return NightPlan(len(wanted), done, carry, n)
+
+
+def date_queries(manifest: str, schema: pa.Schema, date: str) -> dict[str, str]:
+    """``{image_id: dataset}`` of the manifest's valid queries captured on ``date``: the rows
+    ``RowSelection(query_date=date)`` lets through, before any is skipped."""
+    if DATE_COLUMN not in schema.names:
+        raise ManifestSchemaError(
+            f"the nightly run needs a {DATE_COLUMN!r} column (date, timestamp or 'YYYY-MM-DD') "
+            f"to pick the queries of a date; manifest {manifest} has none")
+    fs, _ = fsspec.core.url_to_fs(manifest)
+    files = [fsspec.core.url_to_fs(f)[1] for f in manifest_files(manifest)]
+    columns = [c for c in ("image_uri", "image_id", "dataset", "category", "role", DATE_COLUMN)
+               if c in schema.names]
+    data = pads.dataset(files, filesystem=fs, format="parquet", schema=schema)
+    selection = RowSelection(query_date=date)
+    found: dict[str, str] = {}
+    for batch in data.to_batches(columns=columns):
+        for raw in batch.to_pylist():
+            row = normalize_row(raw)
+            if isinstance(row, ManifestRow) and selection.is_query(row):
+                found.setdefault(row.image_id, row.dataset)
+    return found

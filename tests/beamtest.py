@@ -1,0 +1,54 @@
+"""Helpers for tests that run Beam: an offline test runner, counters and output readers.
+
+Whole-job runs are expensive (tens of seconds), so each test module runs its job once in a
+module-scoped fixture and its tests only read the outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import pandas as pd
+import pyarrow.dataset as pads
+from apache_beam.metrics import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from pipeline.core.config import ScoreConfig
+from pipeline.core.manifest import ManifestRow
+from pipeline.runner import make_runner
+
+
+@dataclass
+class Run:
+    """One scoring run of a test module, with its outputs read back."""
+
+    config: ScoreConfig
+    manifest: pd.DataFrame
+    result: object
+    scores: pd.DataFrame
+    errors: pd.DataFrame
+
+
+def offline_pipeline() -> TestPipeline:
+    """A TestPipeline on the in-process runner the job itself uses (no Prism download)."""
+    return TestPipeline(runner=make_runner(PipelineOptions([])))
+
+
+def counter(result, name: str) -> int:
+    """A Beam counter summed over every step that reports it (0 when none does)."""
+    found = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+    return sum(c.committed for c in found)
+
+
+def read_table(output: str, table: str) -> pd.DataFrame:
+    """A hive-partitioned output table as pandas, partition columns as plain strings."""
+    data = pads.dataset(f"{output}/{table}", format="parquet", partitioning="hive")
+    return data.to_table().to_pandas()
+
+
+def mrow(image_id: str, *, role: str = "reference", category: str = "cat", dataset: str = "ds",
+         label: int | None = 0, uri: str | None = None, extra: tuple = ()) -> ManifestRow:
+    """A valid manifest row for transform tests."""
+    return ManifestRow(
+        image_uri=uri or f"/data/{dataset}/{category}/{image_id}.png", dataset=dataset,
+        category=category, role=role, label=label, image_id=image_id, defect_type=None,
+        capture_date=None, extra=extra)

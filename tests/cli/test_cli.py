@@ -1,0 +1,83 @@
+"""The command line: commands found statically, flags checked once, unknown flags refused."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from pipeline import cli
+from pipeline.cli.demo import build_parser as demo_parser
+from pipeline.cli.flags import parse_with_beam
+from pipeline.cli.score import build_parser as score_parser
+from pipeline.cli.score import parse_score_args
+from pipeline.cli.train import parse_train_args
+
+BASE = ["--manifest", "m.parquet", "--output", "out"]
+
+
+def test_every_command_is_registered_and_importable():
+    assert set(cli.COMMANDS) == {"score", "nightly", "train", "demo", "make-manifest",
+                                 "import-checkpoint"}
+    for module, _ in cli.COMMANDS.values():
+        assert callable(__import__(module, fromlist=["main"]).main)
+
+
+def test_an_import_error_inside_a_command_is_not_an_unknown_command(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tests_cli_broken", None)  # importing it raises
+    monkeypatch.setitem(cli.COMMANDS, "score", ("tests_cli_broken", "broken"))
+    with pytest.raises(ImportError):
+        cli.main(["score", *BASE])
+    assert "unknown command" not in capsys.readouterr().err
+
+
+def test_unknown_command_and_help(capsys):
+    assert cli.main(["scroe"]) == 2
+    assert "unknown command 'scroe'" in capsys.readouterr().err
+    assert cli.main(["--help"]) == 0
+    assert "nightly" in capsys.readouterr().out
+
+
+def test_a_misspelt_flag_stops_the_run_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_score_args([*BASE, "--sed", "3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --sed 3" in err and "did you mean --seeds?" in err
+
+
+def test_beam_flags_still_pass_through():
+    _, beam_args = parse_score_args([*BASE, "--runner=DirectRunner", "--direct_num_workers=2",
+                                     "--experiments=use_runner_v2", "--job_name", "x"])
+    assert beam_args == ["--runner=DirectRunner", "--direct_num_workers=2",
+                         "--experiments=use_runner_v2", "--job_name", "x"]
+
+
+@pytest.mark.parametrize("bad", [["--k", "0"], ["--seeds", "a"], ["--seeds", "1,1"],
+                                 ["--batch-size", "-2"], ["--decode-threads", "-1"]])
+def test_bad_values_are_usage_errors_in_every_command(bad, capsys):
+    for parser, base in ((score_parser(), BASE), (demo_parser(), [])):
+        with pytest.raises(SystemExit) as exit_:
+            parse_with_beam(parser, [*base, *bad])
+        assert exit_.value.code == 2
+        assert bad[0] in capsys.readouterr().err
+
+
+def test_the_demo_takes_the_score_flags():
+    args, _ = parse_with_beam(demo_parser(), ["--k", "2", "--seeds", "4,5", "--batch-size", "3"])
+    assert (args.k, args.seeds, args.batch_size) == (2, (4, 5), 3)
+    default, _ = parse_with_beam(demo_parser(), [])
+    assert default.seeds == (0, 1, 2)
+
+
+def test_semantic_classes_parse_the_same_for_score_and_train():
+    config, _ = parse_score_args([*BASE, "--semantic-classes", "bird, cat,,"])
+    train, _ = parse_train_args([*BASE, "--semantic-classes", "bird, cat,,"])
+    assert config.semantic_classes == train.semantic_classes == frozenset({"bird", "cat"})
+
+
+def test_training_and_nightly_share_the_feature_cache_folder_name():
+    from pipeline.cli.nightly import parse_nightly_args
+
+    train, _ = parse_train_args(BASE)
+    night, _, _ = parse_nightly_args([*BASE, "--date", "2024-01-02"])
+    assert train.cache_root == night.feature_cache == "out/_feature_cache"

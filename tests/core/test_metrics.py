@@ -1,0 +1,311 @@
+"""Tests for pipeline.core.metrics: metrics against sklearn / brute force, summaries against hand computation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from pipeline.core.metrics import (
+    image_metrics,
+    summarize_scores,
+    summary_to_markdown,
+    write_summary,
+)
+
+
+def brute_force_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Best F1 over every observed score used as threshold (predict anomalous when score >= t)."""
+    best_f1, best_t = -1.0, math.nan
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp = np.sum(pred & (labels == 1))
+        fp = np.sum(pred & (labels == 0))
+        fn = np.sum(~pred & (labels == 1))
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        if f1 > best_f1:
+            best_f1, best_t = f1, t
+    return best_f1, best_t
+
+
+# ---------------------------------------------------------------- image_metrics
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_image_metrics_matches_sklearn_and_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, size=60)
+    labels[:2] = [0, 1]
+    # Rounded scores force ties, which a sloppy threshold implementation gets wrong.
+    scores = np.round(rng.normal(size=60) + 0.8 * labels, 1)
+
+    m = image_metrics(labels, scores)
+
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert m["auprc"] == pytest.approx(average_precision_score(labels, scores))
+    f1, _ = brute_force_f1(labels, scores)
+    assert m["f1_max"] == pytest.approx(f1)
+    # The reported threshold must actually reach f1_max with the >= rule.
+    pred = scores >= m["f1_threshold"]
+    tp = np.sum(pred & (labels == 1))
+    reached = 2 * tp / (2 * tp + np.sum(pred & (labels == 0)) + np.sum(~pred & (labels == 1)))
+    assert reached == pytest.approx(m["f1_max"])
+
+
+def test_image_metrics_perfect_separation() -> None:
+    m = image_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.7, 0.9]))
+    assert m == {"auroc": 1.0, "auprc": 1.0, "f1_max": 1.0, "f1_threshold": 0.7}
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1, 1], []])
+def test_image_metrics_single_class_or_empty_is_nan(labels: list[int]) -> None:
+    m = image_metrics(np.array(labels), np.linspace(0, 1, len(labels)))
+    assert set(m) == {"auroc", "auprc", "f1_max", "f1_threshold"}
+    assert all(math.isnan(v) for v in m.values())
+
+
+def test_image_metrics_drops_missing_labels_and_scores() -> None:
+    labels = np.array([0, 1, np.nan, 0, 1])
+    scores = np.array([0.1, 0.9, 0.0, np.nan, 0.8])
+    assert image_metrics(labels, scores) == image_metrics(np.array([0, 1, 1]), np.array([0.1, 0.9, 0.8]))
+
+
+def test_image_metrics_rejects_bad_labels() -> None:
+    with pytest.raises(ValueError, match="0 or 1"):
+        image_metrics(np.array([0, 2]), np.array([0.1, 0.2]))
+
+
+# ---------------------------------------------------------------- summarize_scores
+
+SEEDS = (0, 1, 2)
+CATEGORIES = ("bottle", "cable")
+
+
+def make_scores() -> pd.DataFrame:
+    """2 labelled categories of 'mvtec' and 2 unlabelled of 'field', 3 seeds, k=2.
+
+    Each labelled category has 6 queries (2 anomalous, 3 normal, 1 unlabelled);
+    scores depend on the seed so per-seed metrics differ.
+    Scores are per (query, seed), as the pipeline writes them.
+    """
+    rng = np.random.default_rng(3)
+    rows = []
+    for dataset, labelled in (("mvtec", True), ("field", False)):
+        for category in CATEGORIES:
+            labels = [1, 1, 0, 0, 0, None] if labelled else [None] * 4
+            for seed in SEEDS:
+                for q, label in enumerate(labels):
+                    # A per-category offset makes pooled ranking differ from per-category ranking.
+                    base = 0.2 * (label or 0) + (0.3 if category == "cable" else 0.0)
+                    rows.append(
+                        {
+                            "dataset": dataset,
+                            "category": category,
+                            "k": 2,
+                            "seed": seed,
+                            "query": f"{category}/{q}",
+                            "label": label,
+                            "final_score": float(base + rng.uniform()),
+                            "fine_score": float(rng.uniform()),
+                        }
+                    )
+    frame = pd.DataFrame(rows)
+    frame["label"] = frame["label"].astype("Int64")
+    return frame
+
+
+def per_seed_auroc(frame: pd.DataFrame) -> np.ndarray:
+    """sklearn AUROC per seed on the labelled rows of ``frame``."""
+    values = []
+    for seed in SEEDS:
+        rows = frame[(frame["seed"] == seed) & frame["label"].notna()]
+        values.append(roc_auc_score(rows["label"].astype(int), rows["final_score"]))
+    return np.array(values)
+
+
+@pytest.fixture(scope="module")
+def scores() -> pd.DataFrame:
+    return make_scores()
+
+
+@pytest.fixture(scope="module")
+def summary(scores: pd.DataFrame) -> pd.DataFrame:
+    return summarize_scores(scores)
+
+
+def _row(summary: pd.DataFrame, dataset: str, level: str, category: str) -> pd.Series:
+    match = summary[(summary["dataset"] == dataset) & (summary["level"] == level) & (summary["category"] == category)]
+    assert len(match) == 1
+    return match.iloc[0]
+
+
+def test_summary_layout_and_sort(summary: pd.DataFrame) -> None:
+    keys = list(zip(summary["dataset"], summary["level"], summary["category"]))
+    assert keys == [
+        ("field", "category", "bottle"),
+        ("field", "category", "cable"),
+        ("field", "dataset_mean", "*mean*"),
+        ("field", "dataset_pooled", "*pooled*"),
+        ("mvtec", "category", "bottle"),
+        ("mvtec", "category", "cable"),
+        ("mvtec", "dataset_mean", "*mean*"),
+        ("mvtec", "dataset_pooled", "*pooled*"),
+    ]
+    for m in ("auroc", "auprc", "f1_max", "f1_threshold"):
+        assert {f"{m}_mean", f"{m}_std"} <= set(summary.columns)
+    assert (summary["k"] == 2).all()
+    assert (summary["n_seeds"] == 3).all()
+
+
+def test_category_metrics_are_mean_and_population_std_over_seeds(
+    scores: pd.DataFrame, summary: pd.DataFrame
+) -> None:
+    for category in CATEGORIES:
+        per_seed = per_seed_auroc(scores[(scores["dataset"] == "mvtec") & (scores["category"] == category)])
+        row = _row(summary, "mvtec", "category", category)
+        assert row["auroc_mean"] == pytest.approx(per_seed.mean())
+        assert row["auroc_std"] == pytest.approx(per_seed.std(ddof=0))
+        assert per_seed.std(ddof=0) != pytest.approx(per_seed.std(ddof=1))  # the test can tell them apart
+
+
+def test_category_counts_are_per_seed(summary: pd.DataFrame) -> None:
+    row = _row(summary, "mvtec", "category", "bottle")
+    assert (row["query_count"], row["anomalous_count"], row["normal_count"], row["unlabeled_count"]) == (6, 2, 3, 1)
+    row = _row(summary, "field", "category", "cable")
+    assert (row["query_count"], row["anomalous_count"], row["normal_count"], row["unlabeled_count"]) == (4, 0, 0, 4)
+
+
+def test_dataset_mean_is_mean_of_category_means(scores: pd.DataFrame, summary: pd.DataFrame) -> None:
+    mvtec = scores[scores["dataset"] == "mvtec"]
+    per_cat = np.stack([per_seed_auroc(mvtec[mvtec["category"] == c]) for c in CATEGORIES])  # (categories, seeds)
+    row = _row(summary, "mvtec", "dataset_mean", "*mean*")
+    cat_means = summary[(summary["dataset"] == "mvtec") & (summary["level"] == "category")]["auroc_mean"]
+    assert row["auroc_mean"] == pytest.approx(cat_means.mean())
+    assert row["auroc_std"] == pytest.approx(per_cat.mean(axis=0).std(ddof=0))
+    assert (row["query_count"], row["anomalous_count"], row["normal_count"], row["unlabeled_count"]) == (12, 4, 6, 2)
+
+
+def test_dataset_pooled_uses_all_queries_per_seed(scores: pd.DataFrame, summary: pd.DataFrame) -> None:
+    per_seed = per_seed_auroc(scores[scores["dataset"] == "mvtec"])
+    row = _row(summary, "mvtec", "dataset_pooled", "*pooled*")
+    assert row["auroc_mean"] == pytest.approx(per_seed.mean())
+    assert row["auroc_std"] == pytest.approx(per_seed.std(ddof=0))
+    assert row["auroc_mean"] != pytest.approx(_row(summary, "mvtec", "dataset_mean", "*mean*")["auroc_mean"])
+    assert row["query_count"] == 12
+
+
+def test_unlabelled_dataset_gets_nan_metrics_and_quantiles(scores: pd.DataFrame, summary: pd.DataFrame) -> None:
+    field = summary[summary["dataset"] == "field"]
+    metric_cols = [c for c in summary.columns if c.split("_")[0] in ("auroc", "auprc", "f1")]
+    assert field[metric_cols].isna().all().all()
+
+    values = scores.loc[scores["dataset"] == "field", "final_score"].to_numpy()
+    pooled = _row(summary, "field", "dataset_pooled", "*pooled*")
+    assert pooled["score_p50"] == pytest.approx(np.quantile(values, 0.5))
+    assert pooled["score_p90"] == pytest.approx(np.quantile(values, 0.9))
+    assert pooled["score_p99"] == pytest.approx(np.quantile(values, 0.99))
+    assert pooled["score_max"] == pytest.approx(values.max())
+    assert pooled["score_mean"] == pytest.approx(values.mean())
+
+    cable = scores[(scores["dataset"] == "field") & (scores["category"] == "cable")]["final_score"]
+    assert _row(summary, "field", "category", "cable")["score_p90"] == pytest.approx(np.quantile(cable, 0.9))
+
+
+def test_summary_respects_score_column_and_k(scores: pd.DataFrame) -> None:
+    more = pd.concat([scores, scores.assign(k=4, final_score=scores["fine_score"])], ignore_index=True)
+    summary = summarize_scores(more, score_column="fine_score")
+    assert (summary["score_column"] == "fine_score").all()
+    by_k = summary[(summary["dataset"] == "mvtec") & (summary["level"] == "dataset_pooled")]
+    assert list(by_k["k"]) == [2, 4]
+    # Both k groups were scored on fine_score, so their metrics agree.
+    assert by_k["auroc_mean"].iloc[0] == pytest.approx(by_k["auroc_mean"].iloc[1])
+    expected = per_seed_auroc(scores[scores["dataset"] == "mvtec"].assign(final_score=lambda f: f["fine_score"]))
+    assert by_k["auroc_mean"].iloc[0] == pytest.approx(expected.mean())
+
+
+def test_summary_single_seed_has_zero_std(scores: pd.DataFrame) -> None:
+    summary = summarize_scores(scores[scores["seed"] == 0])
+    row = _row(summary, "mvtec", "category", "bottle")
+    assert row["n_seeds"] == 1
+    assert row["auroc_std"] == 0.0
+
+
+def test_dataset_mean_skips_single_class_category(scores: pd.DataFrame) -> None:
+    mvtec = scores[scores["dataset"] == "mvtec"].copy()
+    mvtec.loc[mvtec["category"] == "cable", "label"] = 0  # cable now has no anomalies
+    summary = summarize_scores(mvtec)
+    assert np.isnan(_row(summary, "mvtec", "category", "cable")["auroc_mean"])
+    bottle = _row(summary, "mvtec", "category", "bottle")
+    mean = _row(summary, "mvtec", "dataset_mean", "*mean*")
+    assert mean["auroc_mean"] == pytest.approx(bottle["auroc_mean"])
+    assert mean["auroc_std"] == pytest.approx(bottle["auroc_std"])
+
+
+def test_uneven_seeds_report_largest_seed_and_warn(scores: pd.DataFrame, caplog) -> None:
+    first = scores.index[(scores["dataset"] == "mvtec") & (scores["category"] == "bottle") & (scores["seed"] == 1)][0]
+    with caplog.at_level("WARNING", logger="pipeline.core.metrics"):
+        summary = summarize_scores(scores.drop(index=first))
+    assert _row(summary, "mvtec", "category", "bottle")["query_count"] == 6
+    assert "different query sets" in caplog.text
+
+
+def test_summary_edge_cases(scores: pd.DataFrame) -> None:
+    empty = summarize_scores(scores.iloc[:0])
+    assert empty.empty and "auroc_mean" in empty.columns
+    with pytest.raises(ValueError, match="final_score"):
+        summarize_scores(scores.drop(columns="final_score"))
+
+
+# ---------------------------------------------------------------- markdown and writing
+
+
+def test_markdown_formats_metrics_and_unlabelled_rows(summary: pd.DataFrame) -> None:
+    md = summary_to_markdown(summary)
+    lines = md.strip().splitlines()
+    assert lines[0] == "| dataset | category | k | queries | anomalous | AUROC | AUPRC | F1-max |"
+    assert len(lines) == 2 + len(summary)
+    row = _row(summary, "mvtec", "category", "bottle")
+    assert f"{row['auroc_mean']:.3f} ± {row['auroc_std']:.3f}" in md
+    field = next(line for line in lines if line.startswith("| field | cable |"))
+    assert "p50=" in field and "p90=" in field and "max=" in field and "±" not in field
+
+
+def test_markdown_shows_na_for_missing_metric(summary: pd.DataFrame) -> None:
+    broken = summary.copy()
+    broken.loc[(broken["dataset"] == "mvtec") & (broken["category"] == "bottle"), "auprc_mean"] = np.nan
+    line = next(l for l in summary_to_markdown(broken).splitlines() if l.startswith("| mvtec | bottle |"))
+    assert line.split(" | ")[6] == "n/a"
+
+
+def test_write_summary_round_trips(tmp_path, summary: pd.DataFrame) -> None:
+    out_dir = tmp_path / "nested" / "run"
+    paths = write_summary(summary, str(out_dir), extra={"run_id": "r1", "model_id": "ViT-B-16", "x": float("nan")})
+    assert set(paths) == {"parquet", "json", "markdown"}
+
+    back = pd.read_parquet(paths["parquet"])
+    pd.testing.assert_frame_equal(back, summary, check_dtype=False)
+
+    with open(paths["json"]) as f:
+        doc = json.load(f)
+    assert doc["extra"] == {"run_id": "r1", "model_id": "ViT-B-16", "x": None}
+    assert len(doc["records"]) == len(summary)
+    field = next(r for r in doc["records"] if r["dataset"] == "field")
+    assert field["auroc_mean"] is None
+
+    md = (out_dir / "summary.md").read_text()
+    assert "| dataset | category | k |" in md
+    assert "±" in md and "p50=" in md
+
+
+def test_write_summary_goes_through_fsspec(summary: pd.DataFrame) -> None:
+    paths = write_summary(summary, "memory://metrics-test/run/")
+    assert paths["json"] == "memory://metrics-test/run/summary.json"
+    with fsspec.open(paths["parquet"], "rb") as f:
+        assert len(pd.read_parquet(f)) == len(summary)
+    with fsspec.open(paths["json"], "r") as f:
+        assert json.load(f)["extra"] == {}

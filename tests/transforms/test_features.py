@@ -1,0 +1,209 @@
+"""transforms.features: the raw-bytes Beam coders of tensors and ImageFeatures, and the model
+handler's per-image split of a batched forward."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator
+
+import apache_beam as beam
+import pytest
+import torch
+
+from pipeline.model.backbone import ImageFeatures, get_backbone, tiny_spec
+from transforms.features import (
+    ClipFeatureHandler,
+    ImageFeaturesCoder,
+    KeyedFeatures,
+    TensorCoder,
+)
+
+# Pickle framing, dtype name and shape around the raw bytes: tens of bytes, whatever the size.
+OVERHEAD = 32
+
+# Same-size integer views, to compare values bit for bit (NaN, -0.0 and inf included).
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+         torch.int64: torch.int64, torch.bool: torch.uint8}
+DTYPES = list(_BITS)
+SHAPES = [(), (0,), (3, 0, 2), (7,), (2, 3, 4), (1, 3, 16, 8)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_BITS[t.dtype])
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    assert got.device.type == "cpu"
+    assert torch.equal(_bits(got), _bits(want))
+
+
+def _sample(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Distinct values of ``dtype``; floats include NaN, ±inf and -0.0 where there is room."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype == torch.int64:
+        return torch.randint(-2**62, 2**62, shape, generator=g, dtype=torch.int64)
+    t = (torch.randn(shape, generator=g) * 100).to(dtype)
+    flat = t.view(-1)
+    for i, special in enumerate((float("nan"), float("inf"), float("-inf"), -0.0)):
+        if i < flat.numel() - 1:
+            flat[i] = special
+    return t
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tensor_round_trip(dtype, shape):
+    x = _sample(shape, dtype)
+    assert_same(TensorCoder().decode(TensorCoder().encode(x)), x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("view", ["transposed", "strided", "expanded", "offset"])
+def test_non_contiguous_input_round_trips_as_its_values(dtype, view):
+    base = _sample((6, 8), dtype, seed=1)
+    x = {"transposed": base.t(), "strided": base[::2, 1::3], "expanded": base[:1].expand(4, 8),
+         "offset": base[3:, 2:5]}[view]
+    assert not x.is_contiguous() or x.storage_offset() > 0
+    got = TensorCoder().decode(TensorCoder().encode(x))
+    assert_same(got, x.contiguous())
+    assert got.untyped_storage().nbytes() == x.nelement() * x.element_size()  # not the base's
+
+
+def test_a_tensor_that_requires_grad_encodes_its_values():
+    x = torch.randn(3, 4, requires_grad=True)
+    got = TensorCoder().decode(TensorCoder().encode(x * 2))
+    assert not got.requires_grad
+    assert_same(got, (x * 2).detach())
+
+
+@contextlib.contextmanager
+def _read_only_buffers_raise() -> Iterator[None]:
+    """torch warns when a tensor is made over a read-only buffer, once per process unless
+    told to warn always; here the warning is an error."""
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+    finally:
+        torch.set_warn_always(always)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (5,), (2, 3)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decoded_tensor_is_writable_and_independent(dtype, shape):
+    # No zeros, so that zeroing the decoded tensor changes every byte.
+    x = torch.ones(shape, dtype=torch.bool) if dtype == torch.bool else \
+        _sample(shape, dtype, seed=2).abs() + 1
+    original = x.clone()
+    encoded = TensorCoder().encode(x)
+    saved = bytes(bytearray(encoded))
+    with _read_only_buffers_raise():
+        a = TensorCoder().decode(encoded)
+        b = TensorCoder().decode(encoded)
+        a.zero_()
+        x.zero_()
+    assert not bool(a.any())
+    assert encoded == saved
+    assert_same(b, original)  # neither the bytes nor another decode share a's memory
+    assert_same(TensorCoder().decode(encoded), original)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(64, 100)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tensor_estimate_size_is_close_to_the_payload(dtype, shape):
+    x = _sample(shape, dtype)
+    encoded = TensorCoder().encode(x)
+    estimate = TensorCoder().estimate_size(x)
+    assert estimate >= x.nelement() * x.element_size()
+    assert abs(estimate - len(encoded)) <= OVERHEAD, (estimate, len(encoded))
+
+
+def test_estimate_size_does_not_encode(monkeypatch):
+    x = torch.randn(4, 4)
+    monkeypatch.setattr(TensorCoder, "encode", lambda self, v: pytest.fail("encoded"))
+    assert TensorCoder().estimate_size(x) == TensorCoder().estimate_size(x.t())
+
+
+def _features(batch: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> ImageFeatures:
+    return ImageFeatures(_sample((batch, 3, 16, 8), dtype, seed), _sample((batch, 12), dtype, seed + 1))
+
+
+@pytest.mark.parametrize("feats", [
+    _features(1), _features(3, torch.bfloat16), _features(2, torch.float16), _features(0),
+    ImageFeatures(_sample((2, 3, 16, 8), torch.float32).transpose(1, 2),
+                  _sample((12, 2), torch.float32).t()),
+    ImageFeatures(_sample((1, 2, 4, 8), torch.float16), _sample((1, 5), torch.float32)),
+], ids=["fp32", "bf16", "fp16", "empty", "non-contiguous", "mixed-dtypes"])
+def test_image_features_round_trip(feats):
+    coder = ImageFeaturesCoder()
+    encoded = coder.encode(feats)
+    got = coder.decode(encoded)
+    assert isinstance(got, ImageFeatures)
+    assert_same(got.tokens, feats.tokens)
+    assert_same(got.embeds, feats.embeds)
+    payload = sum(t.nelement() * t.element_size() for t in (feats.tokens, feats.embeds))
+    estimate = coder.estimate_size(feats)
+    assert estimate >= payload
+    assert abs(estimate - len(encoded)) <= 2 * OVERHEAD, (estimate, len(encoded))
+
+
+def test_decoded_image_features_are_writable_and_independent():
+    feats = _features(2)
+    want = ImageFeatures(feats.tokens.clone(), feats.embeds.clone())
+    encoded = ImageFeaturesCoder().encode(feats)
+    with _read_only_buffers_raise():
+        got = ImageFeaturesCoder().decode(encoded)
+        got.tokens.zero_()
+        got.embeds.zero_()
+    again = ImageFeaturesCoder().decode(encoded)
+    assert_same(again.tokens, want.tokens)
+    assert_same(again.embeds, want.embeds)
+    assert_same(feats.tokens, want.tokens)
+
+
+def test_registry_picks_the_coders():
+    assert isinstance(beam.coders.registry.get_coder(torch.Tensor), TensorCoder)
+    assert isinstance(beam.coders.registry.get_coder(ImageFeatures), ImageFeaturesCoder)
+    keyed = beam.coders.registry.get_coder(KeyedFeatures)
+    feats = _features(1, seed=5)
+    key, got = keyed.decode(keyed.encode(("row-1", feats)))
+    assert key == "row-1"
+    assert_same(got.tokens, feats.tokens)
+    assert_same(got.embeds, feats.embeds)
+
+
+# ------------------------------------------------------------------ the model handler
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return get_backbone(tiny_spec())
+
+
+def test_run_inference_returns_each_image_of_a_batched_forward(tiny):
+    geo = tiny.geometry
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, *geo.image_size, generator=g)
+    handler = ClipFeatureHandler(tiny_spec(), batch_size=3)
+    assert handler.load_model() is tiny
+
+    out = list(handler.run_inference(list(pixels), tiny))
+    want = tiny.encode_images(pixels)
+
+    assert len(out) == 3
+    for i, f in enumerate(out):
+        assert f.tokens.shape == (1, geo.num_layers, geo.num_patches, geo.token_width)
+        assert f.embeds.shape == (1, geo.embed_dim)
+        torch.testing.assert_close(f.tokens, want.tokens[i:i + 1], rtol=0, atol=0)
+        torch.testing.assert_close(f.embeds, want.embeds[i:i + 1], rtol=0, atol=0)
+        # Its own copy: a view would carry the whole batch's storage downstream.
+        assert f.tokens.untyped_storage().nbytes() == f.tokens.nelement() * f.tokens.element_size()
+        assert f.embeds.untyped_storage().nbytes() == f.embeds.nelement() * f.embeds.element_size()
+    # The images are not mixed up: each differs from the others.
+    assert not torch.equal(out[0].embeds, out[1].embeds)

@@ -1,0 +1,227 @@
+"""ScoreQueries on its own: batches of query features against side-input reference sets and
+prompts, scored by a fake scorer (the real one is pipeline.model.inctrl's, tested there)."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import apache_beam as beam
+import pytest
+import torch
+from apache_beam.testing.util import assert_that, equal_to
+
+import transforms.score as score_mod
+from pipeline.core.config import ScoreConfig
+from pipeline.core.schemas import ERRORS
+from pipeline.model.backbone import ImageFeatures, tiny_spec
+from pipeline.model.inctrl import ReferenceSet, ScoreComponents
+from pipeline.model.loading import TRAINING_FREE
+from tests.beamtest import counter, mrow
+from transforms.references import ReferencePayload
+from transforms.score import STAGE_SCORE, ScoreQueries
+
+LAYERS, PATCHES, WIDTH, EMBED = 2, 4, 3, 5
+MODEL_ID = "fake-model"
+HEADS = "fake-heads"
+
+
+class FakeScorer:
+    """InCTRLScorer's interface, with scores anyone can compute by hand.
+
+    A query's fine score is its first embedding value plus the sum of its reference set's
+    embeddings (so each seed's set gives other scores); the text prior is its embedding
+    dotted with the anomalous prompt; the patch map is its first layer's first channel plus
+    the same shift. Every call is logged.
+    """
+
+    has_heads = False
+
+    def __init__(self) -> None:
+        self.prepared: list[float] = []  # the shift of each set prepared
+        self.batches: list[int] = []  # queries per call
+
+    def prepare_references(self, refs: ImageFeatures) -> ReferenceSet:
+        self.prepared.append(float(refs.embeds.sum()))
+        return ReferenceSet(tokens_unit=refs.tokens, embeds=refs.embeds, adapted_mean=None,
+                            k=len(refs))
+
+    def __call__(self, queries: ImageFeatures, refs: ReferenceSet,
+                 text: torch.Tensor) -> ScoreComponents:
+        self.batches.append(len(queries))
+        shift = refs.embeds.sum()
+        fine = queries.embeds[:, 0] + shift
+        nan = torch.full_like(fine, float("nan"))
+        return ScoreComponents(final=fine, fine=fine, holistic=nan, image_residual=nan,
+                               text_prior=queries.embeds @ text[1],
+                               patch_map=queries.tokens[:, 0, :, 0] + shift)
+
+
+@pytest.fixture
+def fake(monkeypatch) -> FakeScorer:
+    scorer = FakeScorer()
+    monkeypatch.setattr(score_mod, "get_scorer", lambda spec, checkpoint: (scorer, HEADS))
+    # The device is all setup reads of the backbone; this skips building its config.
+    monkeypatch.setattr(score_mod, "describe",
+                        lambda spec: SimpleNamespace(device=torch.device(spec.device)))
+    return scorer
+
+
+def _config(**kw) -> ScoreConfig:
+    base = dict(manifest="m", output="o", backbone=tiny_spec(), k=2, seeds=(0, 1),
+                batch_size=2, run_id="run-1")
+    base.update(kw)
+    return ScoreConfig(**base)
+
+
+def _query(image_id: str, category: str, value: float):
+    """A query whose features are all ``value``: its fake fine score is ``value + shift``."""
+    row = mrow(image_id, role="query", category=category, label=int(value) % 2)
+    feats = ImageFeatures(torch.full((1, LAYERS, PATCHES, WIDTH), value),
+                          torch.full((1, EMBED), value))
+    return (row, f"sha-{image_id}"), feats
+
+
+def _payload(category: str, seed: int, k: int = 2) -> ReferencePayload:
+    """Reference embeddings all equal to ``seed + 1``: the set's shift is k * EMBED * (seed + 1)."""
+    ids = tuple(f"{category}-ref{seed}-{i}" for i in range(k))
+    return ReferencePayload(
+        image_ids=ids, selected=k,
+        features=ImageFeatures(torch.zeros(k, LAYERS, PATCHES, WIDTH),
+                               torch.full((k, EMBED), float(seed + 1))))
+
+
+def _shift(payload: ReferencePayload) -> float:
+    return float(payload.features.embeds.sum())
+
+
+PROMPT_WEIGHT = {"a": 1.0, "b": 2.0, "c": 3.0}
+
+
+def _prompt(category: str) -> torch.Tensor:
+    """(2, EMBED): a query's fake text prior is its value times the category's weight."""
+    text = torch.zeros(2, EMBED)
+    text[1, 0] = PROMPT_WEIGHT[category]
+    return text
+
+
+def _score(config, queries, ref_sets, categories=("a", "b", "c"), test_pipeline=None,
+           check=None):
+    """Run ScoreQueries; ``check(outputs, p)`` adds assertions; returns the result."""
+    p = test_pipeline()
+    refs = p | "Refs" >> beam.Create(list(ref_sets.items()))
+    prompts = p | "Prompts" >> beam.Create([(c, _prompt(c)) for c in categories])
+    out = (p | "Queries" >> beam.Create(queries)
+           | ScoreQueries(config, MODEL_ID, refs, prompts))
+    check(out)
+    result = p.run()
+    result.wait_until_finish()
+    return result
+
+
+def _scored(rec: dict) -> tuple:
+    return (rec["image_id"], rec["category"], rec["seed"], rec["final_score"], rec["fine_score"],
+            rec["holistic_score"], rec["image_residual_score"], rec["text_prior_score"],
+            rec["k"], rec["k_used"], tuple(rec["reference_ids"]), rec["scoring_mode"],
+            rec["model_id"], rec["heads_hash"], rec["run_id"], rec["label"], "role" in rec)
+
+
+def _expected_score(image_id, category, value, seed, payload, config) -> tuple:
+    fine = value + _shift(payload)
+    prior = value * PROMPT_WEIGHT[category]
+    return (image_id, category, seed, fine, fine, None, None, prior, config.k,
+            len(payload.image_ids), payload.image_ids, TRAINING_FREE, MODEL_ID, HEADS,
+            config.run_id, int(value) % 2, False)
+
+
+def test_scores_are_the_scorers_per_seed(fake, test_pipeline):
+    config = _config()
+    values = {"a": [0.0, 1.0, 2.0], "b": [10.0, 11.0]}
+    queries = [_query(f"{c}{i}", c, v) for c, vs in values.items() for i, v in enumerate(vs)]
+    ref_sets = {("ds", c, s): _payload(c, s, k=1 + s) for c in values for s in config.seeds}
+    expected = [_expected_score(f"{c}{i}", c, v, s, ref_sets[("ds", c, s)], config)
+                for c, vs in values.items() for i, v in enumerate(vs) for s in config.seeds]
+    assert len({e[3] for e in expected}) == len(expected)  # every score tells its inputs apart
+
+    def check(out):
+        assert_that(out["scores"] | beam.Map(_scored), equal_to(expected), label="Scores")
+        assert_that(out[ERRORS], equal_to([]), label="NoErrors")
+
+    result = _score(config, queries, ref_sets, test_pipeline=test_pipeline, check=check)
+    assert counter(result, "queries_scored") == len(expected)
+    assert counter(result, "queries_failed") == 0
+
+
+def test_a_group_without_references_gives_one_error_per_seed(fake, test_pipeline):
+    config = _config(seeds=(0, 1, 2))
+    queries = [_query("a0", "a", 1.0), _query("a1", "a", 2.0),  # no reference set at all
+               _query("b0", "b", 3.0),  # references for every seed
+               _query("c0", "c", 4.0)]  # references for seed 1 only
+    ref_sets = {("ds", "b", s): _payload("b", s) for s in config.seeds}
+    ref_sets[("ds", "c", 1)] = _payload("c", 1)
+    # Another dataset's set of the same category is not "a"'s.
+    ref_sets[("other", "a", 0)] = _payload("a", 0)
+    failed = [("a0", 0), ("a0", 1), ("a0", 2), ("a1", 0), ("a1", 1), ("a1", 2),
+              ("c0", 0), ("c0", 2)]
+    scored = [("b0", 0), ("b0", 1), ("b0", 2), ("c0", 1)]
+
+    def error_key(rec):
+        assert "no usable normal reference image" in rec["reason"], rec["reason"]
+        assert f"category {rec['category']!r}" in rec["reason"]
+        return (rec["image_id"], rec["seed"], rec["stage"], rec["role"], rec["run_id"],
+                rec["model_id"])
+
+    def check(out):
+        assert_that(out[ERRORS] | beam.Map(error_key),
+                    equal_to([(i, s, STAGE_SCORE, "query", "run-1", MODEL_ID) for i, s in failed]),
+                    label="Errors")
+        assert_that(out["scores"] | beam.Map(lambda r: (r["image_id"], r["seed"])),
+                    equal_to(scored), label="Scored")
+
+    result = _score(config, queries, ref_sets, test_pipeline=test_pipeline, check=check)
+    assert counter(result, "queries_failed") == len(failed)
+    assert counter(result, "queries_scored") == len(scored)
+    assert sum(fake.batches) == len(scored)  # nothing was scored for a missing set
+
+
+@pytest.mark.parametrize("write_patch_map", [True, False])
+def test_patch_map_is_written_only_when_asked(fake, test_pipeline, write_patch_map):
+    config = _config(seeds=(0,), write_patch_map=write_patch_map)
+    values = {"a0": 1.0, "a1": 2.5, "a2": -3.0}
+    queries = [_query(i, "a", v) for i, v in values.items()]
+    ref_sets = {("ds", "a", 0): _payload("a", 0)}
+    shift = _shift(ref_sets[("ds", "a", 0)])
+
+    def maps(rec):
+        return rec["image_id"], rec.get("patch_map", "absent")
+
+    expected = [(i, [v + shift] * PATCHES if write_patch_map else "absent")
+                for i, v in values.items()]
+
+    def check(out):
+        assert_that(out["scores"] | beam.Map(maps), equal_to(expected))
+
+    _score(config, queries, ref_sets, test_pipeline=test_pipeline, check=check)
+
+
+def test_each_reference_set_is_prepared_once_for_many_batches(fake, test_pipeline):
+    config = _config(seeds=(0, 1), batch_size=2)
+    queries = [_query(f"a{i}", "a", float(i)) for i in range(6)]
+    queries += [_query(f"b{i}", "b", float(i)) for i in range(4)]
+    ref_sets = {("ds", c, s): _payload(c, s) for c in "ab" for s in config.seeds}
+    ref_sets[("ds", "c", 0)] = _payload("c", 0)  # no query uses it: never prepared
+
+    result = _score(config, queries, ref_sets, test_pipeline=test_pipeline,
+                    check=lambda out: None)
+
+    assert sum(fake.batches) == len(queries) * len(config.seeds)
+    assert max(fake.batches) <= config.batch_size
+    assert len(fake.batches) >= 10  # at least 5 batches per seed...
+    assert counter(result, "reference_sets_prepared") == 4  # ...but one preparation per set
+    assert sorted(fake.prepared) == sorted(_shift(ref_sets[("ds", c, s)])
+                                           for c in "ab" for s in config.seeds)
+
+
+def test_nan_components_become_nulls_and_finite_ones_stay():
+    assert score_mod._nan_to_none(float("nan")) is None
+    assert score_mod._nan_to_none(0.25) == 0.25
+    assert score_mod._nan_to_none(-math.inf) == -math.inf
