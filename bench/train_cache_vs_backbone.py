@@ -37,24 +37,13 @@ from pipeline.core.feature_cache import FeatureCache  # noqa: E402
 from pipeline.core.images import decode_image, read_bytes  # noqa: E402
 from pipeline.core.make_manifest import make_manifest  # noqa: E402
 from pipeline.core.manifest import write_manifest  # noqa: E402
-from pipeline.model.backbone import (  # noqa: E402
-    DEFAULT_BACKBONE,
-    BackboneSpec,
-    ClipBackbone,
-    ImageFeatures,
-    get_backbone,
-    tiny_spec,
-)
+from pipeline.extract_job import extract_manifests  # noqa: E402
+from pipeline.model.backbone import (DEFAULT_BACKBONE, BackboneSpec, ClipBackbone,  # noqa: E402
+                                     ImageFeatures, get_backbone, tiny_spec)
 from pipeline.model.heads import InCTRLHeads  # noqa: E402
 from pipeline.model.inctrl import InCTRLScorer, build_text_features  # noqa: E402
-from pipeline.train.data import (  # noqa: E402
-    Episode,
-    EpisodeSampler,
-    FeatureStore,
-    TrainingSet,
-    read_index,
-)
-from pipeline.extract_job import extract_manifests  # noqa: E402
+from pipeline.train.data import (Episode, EpisodeSampler, FeatureStore, TrainingSet,  # noqa: E402
+                                 read_index)
 from pipeline.train.loop import CachedBatches, LoopSettings, fit  # noqa: E402
 
 LOG = logging.getLogger("bench")

@@ -25,19 +25,14 @@ import pandas as pd
 
 from pipeline.core.feature_cache import FeatureCache, feature_identity
 from pipeline.core.manifest import ManifestSchemaError, validate_manifest_schema
+from pipeline.extract_job import ExtractionReport, extract_manifests
 from pipeline.model.backbone import Geometry, get_backbone
 from pipeline.model.checkpoint import HeadsMetadata, save_heads
 from pipeline.model.heads import InCTRLHeads
 from pipeline.model.inctrl import InCTRLScorer, build_text_features
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import (
-    EpisodeSampler,
-    FeatureStore,
-    TrainingDataError,
-    TrainingSet,
-    read_index,
-)
-from pipeline.extract_job import ExtractionReport, extract_manifests
+from pipeline.train.data import (EpisodeSampler, FeatureStore, TrainingDataError, TrainingSet,
+                                 read_index)
 from pipeline.train.loop import CachedBatches, FitResult, LoopSettings, fit
 from pipeline.train.loss import ALPHA, GAMMA
 from pipeline.train.validate import ValidationSet, score_validation, validation_metrics

@@ -6,6 +6,7 @@ module-scoped fixture and its tests only read the outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import pandas as pd
 import pyarrow.dataset as pads
 from apache_beam.metrics import MetricsFilter

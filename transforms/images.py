@@ -21,11 +21,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.core.images import ImageLimits, ImageLoadError, load_pixels
 from pipeline.core.manifest import ManifestRow, RowError
+from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.backbone import BackboneSpec, describe
-from pipeline.core.schemas import ERRORS
 from transforms.errors import row_error
 from transforms.features import KeyedPixels
-from pipeline.core.schemas import METRICS_NAMESPACE
+
 
 @dataclass(frozen=True)
 class Loaded:

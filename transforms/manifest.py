@@ -7,8 +7,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipeline.core.manifest import ManifestRow, RowError, manifest_files, normalize_row
-from pipeline.core.schemas import ERRORS
-from pipeline.core.schemas import METRICS_NAMESPACE
+from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 
 STAGE_DEDUPLICATE = "deduplicate"
 
@@ -29,21 +28,24 @@ class _NormalizeFn(beam.DoFn):
 
 
 class _KeepFirstFn(beam.DoFn):
-    """Of rows sharing (role, image_id), keep the one with the smallest URI; the rest are errors."""
+    """Of rows sharing (dataset, role, image_id), keep the one with the smallest URI; the rest
+    are errors. The same image may serve several datasets (a golden reference shared by
+    product lines): those rows are not duplicates."""
 
     def __init__(self) -> None:
         self._dupes = Metrics.counter(METRICS_NAMESPACE, "manifest_rows_duplicate")
 
     def process(self, element: tuple[tuple[str, str], Iterable[ManifestRow]]) -> Iterable:
-        (_, image_id), rows = element
-        ordered = sorted(rows, key=lambda r: (r.image_uri, r.dataset, r.category))
+        (_, _, image_id), rows = element
+        ordered = sorted(rows, key=lambda r: (r.image_uri, r.category))
         yield ordered[0]
         for dup in ordered[1:]:
             self._dupes.inc()
             yield beam.pvalue.TaggedOutput(ERRORS, RowError(
                 image_uri=dup.image_uri, dataset=dup.dataset, category=dup.category,
                 image_id=dup.image_id, role=dup.role, stage=STAGE_DEDUPLICATE,
-                reason=f"duplicate image_id {image_id!r}: already used by {ordered[0].image_uri}",
+                reason=(f"duplicate image_id {image_id!r} in dataset {dup.dataset!r} ({dup.role}): "
+                        f"already used by {ordered[0].image_uri}"),
             ))
 
 
@@ -67,7 +69,7 @@ class ReadManifest(beam.PTransform):
         )
         unique = (
             normalized.rows
-            | "KeyByRoleAndId" >> beam.Map(lambda r: ((r.role, r.image_id), r))
+            | "KeyByDatasetRoleAndId" >> beam.Map(lambda r: ((r.dataset, r.role, r.image_id), r))
             | "GroupById" >> beam.GroupByKey()
             | "KeepFirst" >> beam.ParDo(_KeepFirstFn()).with_outputs(ERRORS, main="rows")
         )

@@ -13,10 +13,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipeline.core.feature_cache import FeatureCache, prompts_key
+from pipeline.core.schemas import METRICS_NAMESPACE
 from pipeline.model.backbone import BackboneSpec, get_backbone
 from pipeline.model.inctrl import encode_prompt_pair
 from pipeline.model.prompts import prompts_for
-from pipeline.core.schemas import METRICS_NAMESPACE
 
 
 class _EncodeFn(beam.DoFn):

@@ -14,13 +14,12 @@ from apache_beam.metrics import Metrics
 
 from pipeline.core.config import ScoreConfig
 from pipeline.core.manifest import ManifestRow
+from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.backbone import ImageFeatures, describe
 from pipeline.model.inctrl import ReferenceSet, ScoreComponents
 from pipeline.model.loading import TRAINING_FREE, WITH_HEADS, get_scorer
-from pipeline.core.schemas import ERRORS
 from transforms.errors import error_records, row_error
 from transforms.references import ReferencePayload
-from pipeline.core.schemas import METRICS_NAMESPACE
 
 STAGE_SCORE = "score"
 _PREPARED_CACHE = 64

@@ -43,12 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     run = importlib.import_module(COMMANDS[command][0]).main
     from pipeline.core.manifest import ManifestSchemaError
+    from pipeline.core.preflight import OutputNotWritableError
     from pipeline.model.backbone import BackboneLoadError
     from pipeline.model.checkpoint import CheckpointError
 
     try:
         return run(rest)
-    except (ManifestSchemaError, CheckpointError, BackboneLoadError) as exc:
+    except (ManifestSchemaError, CheckpointError, BackboneLoadError,
+            OutputNotWritableError) as exc:
         # Problems of the user's inputs: one clear line, no traceback.
         LOG.error("%s failed: %s", command, exc)
         return 1

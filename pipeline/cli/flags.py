@@ -15,7 +15,6 @@ from typing import Sequence
 from pipeline.core.config import DEFAULT_BATCH_SIZE, DEFAULT_K, ScoreConfig
 from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, BackboneSpec
 
-
 # --------------------------------------------------------------------------------------------
 # Validators: argparse types that turn a bad value into one usage line, never a traceback
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from pipeline.cli.flags import (add_score_flags, finite_float, iso_date, parse_w
                                 score_config_from_args)
 from pipeline.core.config import ScoreConfig
 from pipeline.core.layout import FEATURE_CACHE_DIR, feature_cache_dir
-from pipeline.nightly.job import (DEFAULT_ALERT_THRESHOLD, DEFAULT_DRIFT_TOLERANCE, DATE_COLUMN,
+from pipeline.core.preflight import check_writable
+from pipeline.nightly.job import (DATE_COLUMN, DEFAULT_ALERT_THRESHOLD, DEFAULT_DRIFT_TOLERANCE,
                                   EXIT_DRIFT, NightlyOptions, run_nightly)
 
 LOG = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def parse_nightly_args(argv: Sequence[str] | None
 def main(argv: Sequence[str] | None = None) -> int:
     """0 on success, 3 on drift with ``--fail-on-drift``."""
     config, options, beam_args = parse_nightly_args(argv)
+    check_writable(config.output)
     report = run_nightly(config, beam_args, options)
     LOG.info("Nightly report: %s", report.files.get("report"))
     if report.alerts and options.fail_on_drift:

@@ -6,6 +6,7 @@ from typing import Sequence
 
 from pipeline.cli.flags import add_score_flags, parse_with_beam, score_config_from_args
 from pipeline.core.config import ScoreConfig
+from pipeline.core.preflight import check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,5 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.run import run_score
 
     config, beam_args = parse_score_args(argv)
+    check_writable(config.output)
     run_score(config, beam_args)
     return 0

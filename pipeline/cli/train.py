@@ -9,6 +9,7 @@ from pipeline.cli.flags import (add_model_flags, backbone_from_args, even_batch,
                                 non_negative_int, parse_with_beam, positive_float, positive_int)
 from pipeline.core.config import DEFAULT_K
 from pipeline.core.layout import FEATURE_CACHE_DIR
+from pipeline.core.preflight import check_writable
 from pipeline.train.config import LR_SCHEDULES, TrainConfig
 
 LOG = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.train_job import run_training
 
     config, beam_args = parse_train_args(argv)
+    check_writable(config.output)
     try:
         result = run_training(config, beam_args)
     except (TrainingDataError, MissingFeaturesError) as exc:

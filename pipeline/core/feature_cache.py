@@ -13,8 +13,7 @@ import uuid
 
 import fsspec
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from pipeline.model.backbone import BackboneSpec, ImageFeatures
 

@@ -30,6 +30,9 @@ COUNT_COLUMNS: tuple[str, ...] = ("query_count", "anomalous_count", "normal_coun
 LEVELS: tuple[str, ...] = ("category", "dataset_mean", "dataset_pooled")
 MEAN_CATEGORY = "*mean*"
 POOLED_CATEGORY = "*pooled*"
+#: What an empty summary says (the run had no query with a score).
+NO_QUERIES = ("No queries were scored in this run: the manifest (or the date) had none, or "
+              "all failed (see the errors table).")
 
 _REQUIRED = ("dataset", "category", "k", "seed", "label")
 _SUMMARY_COLUMNS: tuple[str, ...] = (
@@ -229,8 +232,10 @@ def summary_to_markdown(summary: pd.DataFrame) -> str:
 
     Groups with no labelled rows show their score distribution
     (``p50=… p90=… max=…``) in the AUROC cell instead of metrics, since there
-    is nothing to evaluate against.
+    is nothing to evaluate against. An empty table says so in words.
     """
+    if summary.empty:
+        return NO_QUERIES + "\n"
     header = ["dataset", "category", "k", "queries", "anomalous", "AUROC", "AUPRC", "F1-max"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in summary.itertuples(index=False):

@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 
 from pipeline.core.metrics import image_metrics
+from pipeline.core.sampling import sampler_rank
 from pipeline.model.inctrl import InCTRLScorer
 from pipeline.train.data import FeatureStore
-from pipeline.core.sampling import sampler_rank
 
 LOG = logging.getLogger(__name__)
 

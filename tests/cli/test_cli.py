@@ -8,8 +8,7 @@ import pytest
 from pipeline import cli
 from pipeline.cli.demo import build_parser as demo_parser
 from pipeline.cli.flags import parse_with_beam
-from pipeline.cli.score import build_parser as score_parser
-from pipeline.cli.score import parse_score_args
+from pipeline.cli.score import build_parser as score_parser, parse_score_args
 from pipeline.cli.train import parse_train_args
 
 BASE = ["--manifest", "m.parquet", "--output", "out"]
@@ -81,3 +80,15 @@ def test_training_and_nightly_share_the_feature_cache_folder_name():
     train, _ = parse_train_args(BASE)
     night, _, _ = parse_nightly_args([*BASE, "--date", "2024-01-02"])
     assert train.cache_root == night.feature_cache == "out/_feature_cache"
+
+
+def test_an_unwritable_output_fails_in_one_line_before_the_pipeline(monkeypatch, caplog):
+    import pipeline.run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the job started although its output cannot be written")
+
+    monkeypatch.setattr(pipeline.run, "run_score", refuse)
+    assert cli.main(["score", "--manifest", "m.parquet", "--output", "/proc/nope"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "/proc/nope" in errors[0] and "not writable" in errors[0]

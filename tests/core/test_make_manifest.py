@@ -8,8 +8,7 @@ import fsspec
 import pandas as pd
 import pytest
 
-from pipeline.core import make_manifest as mm
-from pipeline.core import manifest as m
+from pipeline.core import make_manifest as mm, manifest as m
 from tests.mvtec_tree import touch
 
 

@@ -309,3 +309,12 @@ def test_write_summary_goes_through_fsspec(summary: pd.DataFrame) -> None:
         assert len(pd.read_parquet(f)) == len(summary)
     with fsspec.open(paths["json"], "r") as f:
         assert json.load(f)["extra"] == {}
+
+
+def test_an_empty_summary_says_no_queries_in_words():
+    from pipeline.core.metrics import NO_QUERIES, summarize_scores, summary_to_markdown
+
+    empty = summarize_scores(pd.DataFrame(columns=["dataset", "category", "k", "seed", "label",
+                                                   "final_score"]))
+    assert empty.empty
+    assert summary_to_markdown(empty).strip() == NO_QUERIES

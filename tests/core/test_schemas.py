@@ -6,8 +6,8 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
-from pipeline.core.schemas import ERROR_SCHEMA, PATCH_MAP_FIELD, scores_schema, to_table
 from pipeline.core.layout import UNKNOWN_DATASET, partition_dir, partition_value
+from pipeline.core.schemas import ERROR_SCHEMA, PATCH_MAP_FIELD, scores_schema, to_table
 
 MANIFEST = pa.schema([
     ("image_uri", pa.string()), ("dataset", pa.string()), ("role", pa.string()),

@@ -12,12 +12,12 @@ import pytest
 
 from pipeline.core.config import ScoreConfig
 from pipeline.core.manifest import normalize_row, write_manifest
+from pipeline.core.sampling import draw_references
+from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES
 from pipeline.model.backbone import tiny_spec
 from pipeline.run import run_score
-from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES
 from tests import badinputs
 from tests.beamtest import Run, counter, read_table
-from pipeline.core.sampling import draw_references
 
 K = 4
 SEEDS = (0, 1)

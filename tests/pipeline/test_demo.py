@@ -10,8 +10,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from pipeline.core.demo_data import generate_demo
-from pipeline.core.manifest import ManifestRow, normalize_row
 from pipeline.core.make_manifest import make_manifest
+from pipeline.core.manifest import ManifestRow, normalize_row
 
 
 def _files(root: str) -> dict[str, bytes]:

@@ -19,11 +19,11 @@ from pipeline.core.config import ScoreConfig
 from pipeline.core.demo_data import generate_demo
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import normalize_row, write_manifest
+from pipeline.core.sampling import draw_references
+from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
 from pipeline.model.backbone import tiny_spec
 from pipeline.run import run_score
-from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
 from tests.beamtest import Run, counter, read_table
-from pipeline.core.sampling import draw_references
 from transforms.write import SUCCESS_MARKER
 
 K = 2

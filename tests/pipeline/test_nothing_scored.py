@@ -8,9 +8,9 @@ import pytest
 
 from pipeline.core.config import ScoreConfig
 from pipeline.core.manifest import write_manifest
+from pipeline.core.schemas import ERRORS, SCORES, SUMMARY, scores_schema
 from pipeline.model.backbone import tiny_spec
 from pipeline.run import run_score
-from pipeline.core.schemas import ERRORS, SCORES, SUMMARY, scores_schema
 from tests.beamtest import counter, read_table
 
 SEEDS = (0, 1)
@@ -60,3 +60,18 @@ def test_summary_is_written_empty(run):
     assert document["records"] == []
     assert document["extra"]["run_id"] == "nothing"
     assert pd.read_parquet(f"{folder}/summary.parquet").empty
+
+
+def test_a_manifest_without_queries_says_so_in_one_line(tmp_path, caplog):
+    frame = pd.DataFrame([dict(image_uri=str(tmp_path / "ref.png"), dataset="d", category="c",
+                               role="reference", label=0)])
+    frame["label"] = frame["label"].astype("Int64")
+    path = str(tmp_path / "manifest.parquet")
+    write_manifest(frame, path)
+    config = ScoreConfig(manifest=path, output=str(tmp_path / "out"), k=1,
+                         backbone=tiny_spec(), run_date=RUN_DATE)
+    with caplog.at_level("WARNING"):
+        result = run_score(config)
+    said = [r.getMessage() for r in caplog.records if "No query rows" in r.getMessage()]
+    assert len(said) == 1 and path in said[0]
+    assert counter(result, "queries_selected") == 0

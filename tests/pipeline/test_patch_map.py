@@ -9,13 +9,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.cli.score import parse_score_args
 from pipeline.core.demo_data import generate_demo
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
-from pipeline.model.backbone import get_backbone, tiny_spec
-from pipeline.cli.score import parse_score_args
-from pipeline.run import run_score
 from pipeline.core.schemas import PATCH_MAP_FIELD, SCORES
+from pipeline.model.backbone import get_backbone, tiny_spec
+from pipeline.run import run_score
 from tests.beamtest import read_table
 
 DATASET = "medical_scans"

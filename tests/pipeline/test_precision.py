@@ -20,9 +20,9 @@ from pipeline.core.demo_data import generate_demo
 from pipeline.core.feature_cache import FeatureCache, feature_identity
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
+from pipeline.core.schemas import SCORES, SUMMARY
 from pipeline.model.backbone import get_backbone, tiny_spec
 from pipeline.run import run_score
-from pipeline.core.schemas import SCORES, SUMMARY
 from tests.beamtest import counter, read_table
 
 RUN_DATE = "2024-05-06"

@@ -22,10 +22,9 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.nightly.job import NightlyOptions, run_nightly
-from pipeline.runner import make_runner
 from pipeline.run import run_score
-from tests.runners import (RUN_DATE, assert_same_scores, direct_output, manifest_path,
-                           score_config)
+from pipeline.runner import make_runner
+from tests.runners import RUN_DATE, assert_same_scores, direct_output, manifest_path, score_config
 
 distributed = pytest.importorskip("distributed")
 from pipeline.dask_runner import DaskRunner  # noqa: E402  (needs dask)

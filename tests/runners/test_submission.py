@@ -11,16 +11,10 @@ from dataclasses import replace
 
 import apache_beam as beam
 import pytest
-from apache_beam.options.pipeline_options import (
-    DebugOptions,
-    FlinkRunnerOptions,
-    GoogleCloudOptions,
-    PipelineOptions,
-    PortableOptions,
-    SetupOptions,
-    StandardOptions,
-    WorkerOptions,
-)
+from apache_beam.options.pipeline_options import (DebugOptions, FlinkRunnerOptions,
+                                                  GoogleCloudOptions, PipelineOptions,
+                                                  PortableOptions, SetupOptions, StandardOptions,
+                                                  WorkerOptions)
 from apache_beam.pipeline import PipelineVisitor
 from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_runner_api_pb2

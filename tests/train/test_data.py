@@ -9,13 +9,8 @@ import torch
 
 from pipeline.core.feature_cache import FeatureCache
 from pipeline.model.backbone import ImageFeatures, tiny_spec
-from pipeline.train.data import (
-    EpisodeSampler,
-    FeatureStore,
-    MissingFeaturesError,
-    TrainingDataError,
-    TrainingSet,
-)
+from pipeline.train.data import (EpisodeSampler, FeatureStore, MissingFeaturesError,
+                                 TrainingDataError, TrainingSet)
 
 
 def _index(rows: list[tuple]) -> pd.DataFrame:

@@ -25,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.cli.train import main as train_main
 from pipeline.core.config import ScoreConfig
 from pipeline.core.feature_cache import FeatureCache
 from pipeline.core.make_manifest import make_manifest
@@ -34,10 +35,9 @@ from pipeline.model.checkpoint import load_heads
 from pipeline.model.inctrl import InCTRLScorer, build_text_features
 from pipeline.run import run_score
 from pipeline.train.config import TrainConfig
-from pipeline.train_job import run_training
 from pipeline.train.data import FeatureStore, read_index
-from pipeline.cli.train import main as train_main
 from pipeline.train.validate import ValidationSet, score_validation, validation_metrics
+from pipeline.train_job import run_training
 
 SIZE = 64
 CATEGORIES = ("alpha", "beta", "gamma")

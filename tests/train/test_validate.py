@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from pipeline.core.manifest import normalize_row
-from pipeline.train.validate import ValidationSet, validation_metrics
 from pipeline.core.sampling import draw_references
+from pipeline.train.validate import ValidationSet, validation_metrics
 
 
 def _index(rows: list[tuple]) -> pd.DataFrame:

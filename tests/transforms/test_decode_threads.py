@@ -18,16 +18,15 @@ from apache_beam.transforms.window import GlobalWindow, IntervalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.core.images import ImageLimits
 from pipeline.core.config import ScoreConfig, default_decode_threads
+from pipeline.core.images import ImageLimits
 from pipeline.core.manifest import write_manifest
+from pipeline.core.schemas import ERRORS, ERRORS as ERROR_TAG, SCORES
 from pipeline.model.backbone import tiny_spec
 from pipeline.run import run_score
-from pipeline.core.schemas import ERRORS, SCORES
 from tests import badinputs
 from tests.beamtest import counter, mrow, read_table
 from transforms import images as images_mod
-from pipeline.core.schemas import ERRORS as ERROR_TAG
 from transforms.errors import row_error
 from transforms.images import Loaded, _LoadFn
 

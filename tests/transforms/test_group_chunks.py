@@ -8,19 +8,19 @@ groups are interleaved in the manifest; the job must still prepare each exactly 
 """
 from __future__ import annotations
 
+import apache_beam as beam
 import numpy as np
 import pandas as pd
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-import apache_beam as beam
 import transforms.score as score_mod
 from pipeline.core.config import ScoreConfig
 from pipeline.core.manifest import write_manifest
+from pipeline.core.schemas import SCORES
 from pipeline.model.backbone import tiny_spec
 from pipeline.run import run_score
-from pipeline.core.schemas import SCORES
 from tests.beamtest import counter, mrow, read_table
 from transforms.images import SpreadByGroup, _group_chunks
 

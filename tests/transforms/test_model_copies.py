@@ -2,8 +2,8 @@
 import pytest
 
 import pipeline.model.backbone as backbone_mod
-from pipeline.core.images import ImageLimits
 from pipeline.core.config import ScoreConfig
+from pipeline.core.images import ImageLimits
 from pipeline.model.backbone import BackboneSpec, describe, tiny_spec
 from transforms.images import _LoadFn
 from transforms.prompts import EncodePrompts

@@ -6,8 +6,8 @@ import pandas as pd
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.core.manifest import write_manifest
-from tests.beamtest import counter
 from pipeline.core.schemas import ERRORS
+from tests.beamtest import counter
 from transforms.manifest import ReadManifest
 
 
@@ -45,6 +45,25 @@ def test_duplicate_image_id_keeps_the_smallest_uri(tmp_path, test_pipeline):
     assert counter(result, "manifest_rows_read") == 5
     assert counter(result, "manifest_rows_duplicate") == 2
     assert counter(result, "manifest_rows_rejected") == 0
+
+
+def test_one_image_may_serve_several_datasets(tmp_path, test_pipeline):
+    """A golden reference listed for two product lines is kept for both; a repeat within a
+    dataset (even under another category) is still a duplicate."""
+    golden = dict(image_uri="/d/golden.png", image_id="golden", role="reference", label=0)
+    path = _write(tmp_path, [
+        dict(golden, dataset="line-a", category="cat"),
+        dict(golden, dataset="line-b", category="cat"),
+        dict(golden, dataset="line-b", category="other", image_uri="/d/golden2.png"),
+    ])
+    p = test_pipeline()
+    out = p | ReadManifest(path)
+    assert_that(out["rows"] | beam.Map(lambda r: (r.dataset, r.category, r.image_uri)),
+                equal_to([("line-a", "cat", "/d/golden.png"), ("line-b", "cat", "/d/golden.png")]),
+                label="Rows")
+    assert_that(out[ERRORS] | beam.Map(lambda e: (e.dataset, e.image_uri, e.stage)),
+                equal_to([("line-b", "/d/golden2.png", "deduplicate")]), label="Errors")
+    p.run().wait_until_finish()
 
 
 def test_bad_rows_become_errors_and_good_rows_are_normalised(tmp_path, test_pipeline):

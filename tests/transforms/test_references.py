@@ -7,11 +7,11 @@ import apache_beam as beam
 import torch
 from apache_beam.testing.util import assert_that, equal_to
 
+from pipeline.core.sampling import draw_references, sampler_rank
+from pipeline.core.schemas import ERRORS
 from pipeline.model.backbone import ImageFeatures
 from tests.beamtest import mrow
-from pipeline.core.schemas import ERRORS
 from transforms.references import AssembleReferenceSets, SelectReferences, distinct_references
-from pipeline.core.sampling import draw_references, sampler_rank
 
 K = 3
 
