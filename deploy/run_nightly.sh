@@ -11,7 +11,7 @@
 #   INCTRL_OUTPUT    output root (required)
 #   INCTRL_VENV      virtual environment with this package (default: <repo>/.venv)
 #   INCTRL_ARGS      extra flags for `python -m pipeline nightly`, e.g. "--k 4 --seeds 0,1,2
-#                    --backbone ViT-B-16-plus-240 --pretrained laion400m_e31 --device cuda"
+#                    --backbone ViT-B-16-plus-240 --pretrained laion400m_e32 --device cuda"
 #   INCTRL_LOCK      lock file (default: /tmp/inctrl-nightly-<hash of output>.lock)
 # Any argument is passed on to the job (runner flags included, e.g. --runner=DaskRunner
 # --dask_client_address=tcp://scheduler:8786).

@@ -53,7 +53,7 @@ def score_records(
             scoring_mode=mode,
             model_id=model_id,
             backbone=config.backbone.name,
-            pretrained=config.backbone.pretrained,
+            pretrained=config.backbone.weights_id,
             heads_hash=heads,
             run_id=config.run_id,
         )

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from pipeline.core.config import DEFAULT_BATCH_SIZE, DEFAULT_K, ScoreConfig
 from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, BackboneSpec
+from pipeline.model.loading import backbone_for_heads
 
 # --------------------------------------------------------------------------------------------
 # Validators: argparse types that turn a bad value into one usage line, never a traceback
@@ -102,10 +103,15 @@ def name_set(text: str) -> frozenset[str]:
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Which backbone, with which weights, on which device and precision."""
     g = parser.add_argument_group("model")
-    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help="open_clip model name")
+    # None = not given: with --checkpoint the heads' metadata decides, otherwise the default.
+    g.add_argument("--backbone", default=None,
+                   help=f"open_clip model name (default: {DEFAULT_BACKBONE}; with --checkpoint, "
+                        "the heads' backbone)")
     g.add_argument(
-        "--pretrained", default=DEFAULT_PRETRAINED,
-        help="open_clip tag, weights file, 'local-dir:DIR', 'hf-hub:ORG/REPO' or 'random[:SEED]'")
+        "--pretrained", default=None,
+        help="open_clip tag, weights file, 'local-dir:DIR', 'hf-hub:ORG/REPO' or 'random[:SEED]' "
+             f"(default: {DEFAULT_PRETRAINED}, the weights InCTRL used; with --checkpoint, the "
+             "heads' own towers or the weights they were trained on)")
     g.add_argument("--blocks", type=int_list, default=(),
                    help="1-based ViT blocks for patch tokens (default: InCTRL's 7,9,11 of 12)")
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
@@ -168,9 +174,17 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
+    """The backbone of the model flags; with ``--checkpoint``, the one its heads run on
+    (``backbone_for_heads``: flags that contradict the heads' metadata are an error)."""
     precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    return BackboneSpec(name=args.backbone, pretrained=args.pretrained, blocks=tuple(args.blocks),
-                        device=args.device, precision=precision)
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint:
+        return backbone_for_heads(checkpoint, name=args.backbone, pretrained=args.pretrained,
+                                  blocks=tuple(args.blocks), device=args.device,
+                                  precision=precision)
+    return BackboneSpec(name=args.backbone or DEFAULT_BACKBONE,
+                        pretrained=args.pretrained or DEFAULT_PRETRAINED,
+                        blocks=tuple(args.blocks), device=args.device, precision=precision)
 
 
 def score_config_from_args(args: argparse.Namespace, **overrides) -> ScoreConfig:

@@ -8,9 +8,15 @@ projected image embedding; plus text embeddings for the prompt prior.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import posixpath
+import re
+import tempfile
 import threading
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -21,7 +27,8 @@ import torch.nn.functional as F
 LOG = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "ViT-B-16-plus-240"
-DEFAULT_PRETRAINED = "laion400m_e31"
+# InCTRL's engine loads these towers before training and keeps them frozen.
+DEFAULT_PRETRAINED = "laion400m_e32"
 
 # The tiny backbone exists for tests and offline demos only: random weights, tiny sizes.
 # Its name says so, and the name is part of every model id written to outputs.
@@ -71,8 +78,10 @@ def default_blocks(depth: int) -> tuple[int, ...]:
 class BackboneSpec:
     """What to load and where to run it. Hashable: it keys per-process model caches.
 
-    ``pretrained`` is an open_clip tag (``laion400m_e31``), a local weights file, a
-    ``local-dir:`` or ``hf-hub:`` source, or ``random[:SEED]`` for seeded random weights.
+    ``pretrained`` is an open_clip tag (``laion400m_e32``), a weights file (local or an
+    fsspec URL), a ``local-dir:`` or ``hf-hub:`` source, or ``random[:SEED]`` for seeded
+    random weights. ``weights_sha256`` (hex, at least 8 digits of the start) is the checksum
+    a weights file must have; it is checked before the file is loaded.
     ``blocks`` are 1-based ViT block numbers; empty means InCTRL's relative positions.
     """
 
@@ -81,12 +90,16 @@ class BackboneSpec:
     blocks: tuple[int, ...] = ()
     device: str = "cpu"
     precision: str = "fp32"
+    weights_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if any(b < 1 for b in self.blocks):
             raise ValueError(f"blocks are counted from 1, got {self.blocks}")
+        if self.weights_sha256 and not _is_sha256_prefix(self.weights_sha256):
+            raise ValueError("weights_sha256 must be 8 to 64 lowercase hex digits, got "
+                             f"{self.weights_sha256!r}")
 
     @property
     def is_random(self) -> bool:
@@ -102,12 +115,22 @@ class BackboneSpec:
         return self.name == TINY_BACKBONE
 
     @property
+    def weights_id(self) -> str:
+        """The weights, independent of where a weights file lies: a tag as given, a file by
+        its name and, where known, the start of its checksum."""
+        pretrained = self.pretrained
+        if _is_url(pretrained) or self.weights_sha256:
+            pretrained = posixpath.basename(pretrained.replace(os.sep, "/").rstrip("/"))
+        elif not self.is_random and os.path.exists(pretrained):
+            pretrained = Path(pretrained).name
+        if self.weights_sha256:
+            pretrained += f"#sha256={self.weights_sha256[:12]}"
+        return pretrained
+
+    @property
     def backbone_id(self) -> str:
         """Identifies the features: architecture and weights (not device or precision)."""
-        pretrained = self.pretrained
-        if not self.is_random and os.path.exists(pretrained):
-            pretrained = Path(pretrained).name
-        return f"{self.name}@{pretrained}"
+        return f"{self.name}@{self.weights_id}"
 
 
 def tiny_spec(device: str = "cpu", precision: str = "fp32") -> BackboneSpec:
@@ -183,31 +206,283 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+# --------------------------------------------------------------------------------------------
+# Weights: which file open_clip is given, and the checksum it must have
+# --------------------------------------------------------------------------------------------
+
+_HEX = frozenset("0123456789abcdef")
+_NAME_CHECKSUM = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+
+
+def _is_sha256_prefix(text: str) -> bool:
+    return 8 <= len(text) <= 64 and set(text) <= _HEX
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _clean_tag(tag: str) -> str:
+    return tag.lower().replace("-", "_")  # as open_clip normalises its tags
+
+
+def checksum_in_name(filename: str) -> str:
+    """The sha256 prefix a release file name ends with (``...-699c4b84.pt``), or ''."""
+    match = _NAME_CHECKSUM.search(filename)
+    return match.group(1) if match else ""
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    """A weights file published under a name that ends with the start of its sha256, as
+    open_clip's own releases are (``vit_b_16_plus_240-laion400m_e32-699c4b84.pt``)."""
+
+    url: str
+
+    def __post_init__(self) -> None:
+        if not self.sha256:
+            raise ValueError(f"{self.url}: the file name carries no sha256 prefix")
+
+    @property
+    def filename(self) -> str:
+        return posixpath.basename(urllib.parse.urlparse(self.url).path)
+
+    @property
+    def sha256(self) -> str:
+        return checksum_in_name(self.filename)
+
+
+# Tags whose open_clip entry loads other weights than its name says. open_clip 3.3 gives
+# ViT-B-16-plus-240 'laion400m_e32' the e31 Hugging Face repository as hf_hub, and prefers the
+# hub to the release URL, so asking it for e32 loads e31. These tags load the release file
+# itself, checked against the checksum its name carries.
+_RELEASE_FILES: dict[tuple[str, str], ReleaseFile] = {
+    ("ViT-B-16-plus-240", "laion400m_e32"): ReleaseFile(
+        "https://github.com/mlfoundations/open_clip/releases/download/v0.2-weights/"
+        "vit_b_16_plus_240-laion400m_e32-699c4b84.pt"),
+}
+
+
+def release_file(name: str, tag: str) -> ReleaseFile | None:
+    """The release file ``name``/``tag`` loads from instead of open_clip's entry, if any."""
+    return _RELEASE_FILES.get((name, _clean_tag(tag)))
+
+
+def substituted_tag(name: str, tag: str) -> str | None:
+    """Another tag of ``name`` whose weights open_clip's entry for ``tag`` would load.
+
+    Hub entries read ``org/<model>.<tag>/``; one that names another of the model's own tags
+    loads that tag's weights. None when the entry is consistent (or open_clip has none)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    parts = cfg.get("hf_hub", "").strip("/").split("/")
+    if len(parts) < 2:
+        return None
+    _, dot, hub_tag = parts[1].rpartition(".")
+    hub_tag = _clean_tag(hub_tag)
+    tags = {_clean_tag(t) for t in open_clip.list_pretrained_tags_by_model(name)}
+    return hub_tag if dot and hub_tag != _clean_tag(tag) and hub_tag in tags else None
+
+
+def known_sha256(name: str, path: str) -> str:
+    """The checksum a weights file must have when its name is that of a release of ``name``
+    whose name carries one; '' where none is known."""
+    import open_clip
+
+    filename = posixpath.basename(path.replace(os.sep, "/"))
+    urls = [r.url for (model, _), r in _RELEASE_FILES.items() if model == name]
+    urls += [open_clip.get_pretrained_url(name, t)
+             for t in open_clip.list_pretrained_tags_by_model(name)]
+    for url in urls:
+        if url and posixpath.basename(urllib.parse.urlparse(url).path) == filename:
+            return checksum_in_name(filename)
+    return ""
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_weights_file(path: str, expected: str, hint: str = "") -> str:
+    """The full sha256 of ``path``; BackboneLoadError unless it starts with ``expected``."""
+    digest = _sha256_of(path)
+    if expected and not digest.startswith(expected.lower()):
+        raise BackboneLoadError(
+            f"{path} has sha256 {digest[:16]}..., not the expected {expected}...: these are "
+            f"not the weights asked for, and they are not loaded{hint}")
+    return digest
+
+
+def weights_cache_dir() -> str:
+    """Where downloaded weights files are kept: open_clip's own cache of release files, so a
+    file it downloaded is found (and checked) here too."""
+    return os.path.expanduser("~/.cache/clip")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _download(url: str, target: str) -> None:
+    with urllib.request.urlopen(url, timeout=60) as source, open(target, "wb") as out:
+        for chunk in iter(lambda: source.read(1 << 22), b""):
+            out.write(chunk)
+
+
+def _fetch_checked(fetch: Callable[[str], None], target: str, expected: str, what: str) -> str:
+    """Fetch into a temporary file beside ``target``; only a file with the expected checksum
+    takes ``target``'s name."""
+    folder = os.path.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    fd, part = tempfile.mkstemp(dir=folder, prefix=os.path.basename(target) + ".", suffix=".part")
+    os.close(fd)
+    try:
+        try:
+            fetch(part)
+        except Exception as exc:  # urllib and fsspec raise many types
+            raise BackboneLoadError(
+                f"could not fetch {what}: {exc}. On a machine without access, place the file "
+                f"at {target}") from exc
+        verify_weights_file(part, expected, hint=f" (fetched from {what})")
+        os.replace(part, target)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+    return target
+
+
+def fetch_release(release: ReleaseFile, cache_dir: str | None = None) -> str:
+    """The local path of ``release``: a cached copy whose checksum matches, or a download
+    that is checked before it is kept. A cached file that does not match is refused."""
+    target = os.path.join(cache_dir or weights_cache_dir(), release.filename)
+    if os.path.exists(target):
+        verify_weights_file(target, release.sha256,
+                            hint=f"; delete {target} to download {release.url} again")
+        return target
+    if _offline():
+        raise BackboneLoadError(f"{release.filename} is not cached and HF_HUB_OFFLINE is set; "
+                                f"place {release.url} at {target}")
+    LOG.info("Downloading %s to %s", release.url, target)
+    return _fetch_checked(lambda part: _download(release.url, part), target, release.sha256,
+                          release.url)
+
+
+def _local_copy(url: str, sha256: str, cache_dir: str | None) -> str:
+    """A local copy of a weights file at an fsspec URL (open_clip reads local files only)."""
+    import fsspec
+
+    key = sha256[:16] or hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir or weights_cache_dir(), "remote",
+                          f"{key}-{posixpath.basename(url.rstrip('/'))}")
+    if sha256 and os.path.exists(target):
+        try:
+            verify_weights_file(target, sha256)
+            return target
+        except BackboneLoadError:
+            os.remove(target)  # our own cache, keyed by the checksum: fetch it again
+
+    def fetch(part: str) -> None:
+        with fsspec.open(url, "rb") as src, open(part, "wb") as out:
+            for chunk in iter(lambda: src.read(1 << 22), b""):
+                out.write(chunk)
+
+    return _fetch_checked(fetch, target, sha256, url)
+
+
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def _tag_preprocess(name: str, tag: str) -> dict:
+    """A tag's own preprocessing (mean, std, ...), as open_clip applies it when it loads the tag."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    return {f"image_{k}": cfg[k] for k in _PREPROCESS_KEYS if k in cfg}
+
+
+def resolve_weights(spec: BackboneSpec, cache_dir: str | None = None
+                    ) -> tuple[str, str | None, dict]:
+    """(model name, pretrained, preprocessing overrides) to hand open_clip for ``spec``.
+
+    Any weights file is local and checked wherever a checksum is known (``weights_sha256``,
+    a release file's name); a tag whose open_clip entry would load other weights loads its
+    release file, or is refused. Never substitutes weights: every failure is a
+    BackboneLoadError."""
+    pretrained, expected = spec.pretrained, spec.weights_sha256
+    if pretrained.startswith(("local-dir:", "hf-hub:")):
+        if expected:
+            raise BackboneLoadError(f"a checksum is checked on a weights file; {pretrained!r} "
+                                    "is a folder or hub source")
+        return pretrained, None, {}  # open_clip takes these as the model name
+    release = release_file(spec.name, pretrained)
+    if release is not None:
+        path = fetch_release(release, cache_dir)
+        if expected:
+            verify_weights_file(path, expected)
+        return spec.name, path, _tag_preprocess(spec.name, pretrained)
+    if _is_url(pretrained) or os.path.isfile(pretrained):
+        path = _local_copy(pretrained, expected, cache_dir) if _is_url(pretrained) else pretrained
+        expected = expected or known_sha256(spec.name, pretrained)
+        if expected:
+            verify_weights_file(path, expected)
+        return spec.name, path, {}
+    if expected:
+        raise BackboneLoadError(f"a checksum was given for weights file {pretrained!r}, which "
+                                "does not exist")
+    other = substituted_tag(spec.name, pretrained)
+    if other:
+        raise BackboneLoadError(
+            f"open_clip's entry for {spec.name!r} pretrained={pretrained!r} loads the weights "
+            f"of {other!r}; refusing to load other weights than asked for. Pass the right "
+            "weights file as pretrained.")
+    return spec.name, pretrained, {}
+
+
+def state_layout(name: str) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of open_clip model ``name`` with its shape (no weights loaded)."""
+    import open_clip
+
+    register_packaged_configs()
+    try:
+        with torch.device("meta"):
+            model = open_clip.create_model(name, pretrained=None, load_weights=False,
+                                           device="meta")
+    except Exception as exc:
+        raise BackboneLoadError(f"could not read the config of backbone {name!r}: {exc}") from exc
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def _create(spec: BackboneSpec) -> tuple[torch.nn.Module, Callable, Callable]:
     """Build the open_clip model, its inference transform and tokenizer, or explain the failure."""
     import open_clip
 
     register_packaged_configs()
-    model_name, pretrained = spec.name, spec.pretrained
-    if pretrained.startswith(("local-dir:", "hf-hub:")):
-        model_name, pretrained = pretrained, None  # open_clip takes these as the model name
     try:
         if spec.is_random:
+            model_name = spec.name
             with _seeded(spec.random_seed):
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     model_name, pretrained=None, load_weights=False
                 )
         else:
+            model_name, pretrained, overrides = resolve_weights(spec)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained
+                model_name, pretrained=pretrained, **overrides
             )
         tokenizer = open_clip.get_tokenizer(model_name)
+    except BackboneLoadError:
+        raise
     except Exception as exc:  # open_clip raises many types; the user needs one clear message
         raise BackboneLoadError(
             f"could not load backbone {spec.name!r} with pretrained={spec.pretrained!r}: {exc}. "
-            "Weights come from the Hugging Face cache (HF_HOME) or a download; on an offline "
-            "machine pre-fetch them, or pass a local weights file, 'local-dir:DIR' or "
-            "'hf-hub:ORG/REPO' as --pretrained."
+            "Weights come from the Hugging Face cache (HF_HOME), open_clip's cache "
+            f"({weights_cache_dir()}) or a download; on an offline machine pre-fetch them, or "
+            "pass a local weights file, 'local-dir:DIR' or 'hf-hub:ORG/REPO' as --pretrained."
         ) from exc
     return model, preprocess, tokenizer
 
@@ -235,9 +510,6 @@ def _geometry(model: torch.nn.Module, spec: BackboneSpec) -> Geometry:
     )
 
 
-_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
-
-
 @dataclass(frozen=True)
 class BackboneInfo:
     """What stages other than the image forward need: geometry, preprocessing and device.
@@ -261,8 +533,7 @@ def _describe(spec: BackboneSpec) -> BackboneInfo:
     overrides = {}
     if pretrained and not spec.is_random and not os.path.exists(pretrained):
         # A tag may carry its own preprocessing (mean, std, ...), as loading it would apply.
-        tag_cfg = open_clip.get_pretrained_cfg(spec.name, pretrained) or {}
-        overrides = {f"image_{k}": tag_cfg[k] for k in _PREPROCESS_KEYS if k in tag_cfg}
+        overrides = _tag_preprocess(spec.name, pretrained)
     try:
         with torch.device("meta"):
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -375,25 +646,51 @@ __all__ = [
     "ClipBackbone",
     "Geometry",
     "ImageFeatures",
+    "ReleaseFile",
+    "checksum_in_name",
     "default_blocks",
     "describe",
+    "fetch_release",
     "get_backbone",
+    "known_sha256",
     "register_packaged_configs",
+    "release_file",
+    "resolve_weights",
+    "state_layout",
+    "substituted_tag",
     "tiny_spec",
+    "verify_weights_file",
+    "weights_cache_dir",
+    "weights_obtainable",
 ]
 
 
+def _reachable(host: str, timeout_s: float) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def weights_obtainable(spec: BackboneSpec, timeout_s: float = 3.0) -> bool:
-    """Quick check that ``spec``'s weights are cached, local, or the hub answers at all.
+    """Quick check that ``spec``'s weights are cached, local, or their server answers at all.
 
     Lets the offline demo fall back at once instead of waiting through download retries.
+    (Whether cached weights are the right ones is checked when they are loaded.)
     """
     if spec.is_random or spec.pretrained.startswith("local-dir:"):
         return True
-    if os.path.exists(spec.pretrained):
+    if _is_url(spec.pretrained) or os.path.exists(spec.pretrained):
         return True
-    import socket
-
+    release = release_file(spec.name, spec.pretrained)
+    if release is not None:
+        if os.path.isfile(os.path.join(weights_cache_dir(), release.filename)):
+            return True
+        return not _offline() and _reachable(urllib.parse.urlparse(release.url).hostname or "",
+                                             timeout_s)
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained) or {}
@@ -406,10 +703,4 @@ def weights_obtainable(spec: BackboneSpec, timeout_s: float = 3.0) -> bool:
         for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
             if isinstance(try_to_load_from_cache(hub_id, filename), str):
                 return True
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
+    return not _offline() and _reachable("huggingface.co", timeout_s)

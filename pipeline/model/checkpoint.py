@@ -1,7 +1,8 @@
 """Saving and loading InCTRL heads: safetensors with JSON metadata, never pickles.
 
 Also imports the official InCTRL checkpoint format (a torch file holding ``model_state``),
-read with ``torch.load(weights_only=True)`` so no arbitrary code can run.
+read with ``torch.load(weights_only=True)`` so no arbitrary code can run. Its CLIP towers are
+kept: written beside the heads as an open_clip weights file the heads' metadata names.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import posixpath
 import zipfile
 from dataclasses import asdict, dataclass, field
 
@@ -17,13 +20,15 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline.model.backbone import Geometry
+from pipeline.model.backbone import Geometry, state_layout
 from pipeline.model.heads import InCTRLHeads
 
 LOG = logging.getLogger(__name__)
 
 FORMAT = "inctrl-heads/1"
 _METADATA_KEY = "inctrl"
+TOWERS_FORMAT = "open_clip-state-dict"
+TOWERS_SUFFIX = ".towers.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -32,7 +37,12 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class HeadsMetadata:
-    """What the heads were trained with; stored beside the weights."""
+    """What the heads were trained with; stored beside the weights.
+
+    ``towers`` names CLIP weights that belong to the heads (an imported official model's
+    frozen towers): a file beside the heads, by its path relative to the heads' folder, with
+    its full sha256 in ``towers_sha256``. Empty when the heads run on ``pretrained``.
+    """
 
     backbone: str
     pretrained: str
@@ -43,6 +53,17 @@ class HeadsMetadata:
     k: int
     train_manifest_hash: str = ""
     extra: dict = field(default_factory=dict)
+    towers: str = ""
+    towers_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.towers) != bool(self.towers_sha256):
+            raise CheckpointError("heads metadata names towers without their sha256, or the "
+                                  "other way round")
+        if self.towers and (posixpath.isabs(self.towers) or "://" in self.towers
+                            or ".." in self.towers.split("/")):
+            raise CheckpointError(f"heads metadata towers {self.towers!r} is not a path "
+                                  "relative to the heads' folder")
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -57,6 +78,23 @@ class HeadsMetadata:
         d["blocks"] = tuple(d["blocks"])
         d["image_size"] = tuple(d["image_size"])
         return cls(**d)
+
+
+def towers_location(checkpoint: str, meta: HeadsMetadata) -> str:
+    """Where the towers named in ``meta`` lie: beside the heads file ``checkpoint``."""
+    if not meta.towers:
+        raise CheckpointError(f"{checkpoint} names no towers of its own")
+    if "://" in checkpoint:
+        return posixpath.join(posixpath.dirname(checkpoint), meta.towers)
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), *meta.towers.split("/"))
+
+
+def _towers_name(output: str) -> str:
+    """``heads.safetensors`` → ``heads.towers.safetensors`` (open_clip reads safetensors by
+    the file's suffix)."""
+    name = posixpath.basename(output.replace(os.sep, "/"))
+    stem = name[:-len(".safetensors")] if name.endswith(".safetensors") else name
+    return stem + TOWERS_SUFFIX
 
 
 def _read(path: str) -> bytes:
@@ -95,6 +133,34 @@ def save_heads(heads: InCTRLHeads, path: str, metadata: HeadsMetadata) -> str:
     return file_hash(data)
 
 
+_MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header
+
+
+def _metadata_of(header_bytes: bytes) -> HeadsMetadata:
+    header = json.loads(header_bytes)
+    return HeadsMetadata.from_json(header["__metadata__"][_METADATA_KEY])
+
+
+def read_heads_metadata(path: str) -> HeadsMetadata:
+    """The metadata of a heads file saved by ``save_heads``, without reading its weights."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little")
+            if len(head) < 8 or not 0 < header_len < _MAX_HEADER:
+                raise ValueError("no safetensors header")
+            header = f.read(header_len)
+        if header[:1] != b"{" or len(header) < header_len:
+            raise ValueError("no safetensors header")
+        return _metadata_of(header)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"heads checkpoint not found: {path}") from exc
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a valid InCTRL heads safetensors file: {exc}") from exc
+
+
 def load_heads(path: str) -> tuple[InCTRLHeads, HeadsMetadata, str]:
     """Read heads saved by ``save_heads``: (heads in eval mode, metadata, content hash).
 
@@ -109,8 +175,7 @@ def load_heads(path: str) -> tuple[InCTRLHeads, HeadsMetadata, str]:
     try:
         state = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len])
-        meta = HeadsMetadata.from_json(header["__metadata__"][_METADATA_KEY])
+        meta = _metadata_of(data[8:8 + header_len])
     except CheckpointError:
         raise
     except Exception as exc:
@@ -149,12 +214,9 @@ def _map_official_key(key: str) -> str | None:
     return None  # CLIP towers and the unused input BatchNorm
 
 
-def import_official_checkpoint(path: str) -> InCTRLHeads:
-    """Map an official InCTRL checkpoint's adapter and heads onto ``InCTRLHeads``.
-
-    The file is a torch archive of a dict with ``model_state``; it is read with
-    ``weights_only=True``. Geometry (embed_dim, patches) is read from the weights.
-    """
+def _official_state(path: str) -> dict:
+    """The ``model_state`` of an official checkpoint, read with ``weights_only=True``, with
+    any ``module.`` (DistributedDataParallel) prefix removed."""
     data = _read(path)
     if not zipfile.is_zipfile(io.BytesIO(data)) and data[:1] != b"\x80":
         raise CheckpointError(f"{path} is not a torch checkpoint file")
@@ -165,6 +227,10 @@ def import_official_checkpoint(path: str) -> InCTRLHeads:
     state = obj.get("model_state", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no 'model_state' dict")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _official_heads(state: dict, path: str) -> InCTRLHeads:
     mapped = {}
     for key, value in state.items():
         ours = _map_official_key(key)
@@ -190,19 +256,76 @@ def import_official_checkpoint(path: str) -> InCTRLHeads:
     return heads.eval()
 
 
-def convert_official_checkpoint(source: str, output: str, *, backbone: str, pretrained: str,
-                                geometry: Geometry, k: int) -> str:
-    """Write an official InCTRL checkpoint's adapter and heads as safetensors heads for
-    ``backbone``/``pretrained`` (whose geometry they must fit); returns the heads hash."""
-    heads = import_official_checkpoint(source)
+def import_official_checkpoint(path: str) -> InCTRLHeads:
+    """Map an official InCTRL checkpoint's adapter and heads onto ``InCTRLHeads``.
+
+    The file is a torch archive of a dict with ``model_state``; it is read with
+    ``weights_only=True``. Geometry (embed_dim, patches) is read from the weights.
+    """
+    return _official_heads(_official_state(path), path)
+
+
+def _is_heads_key(key: str) -> bool:
+    return key.partition(".")[0] in ("adapter", *_MODULE_MAP)
+
+
+def official_towers(state: dict, backbone: str, path: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The CLIP towers of an official checkpoint's (prefix-free) ``state``: exactly the keys of
+    open_clip model ``backbone``, each of its shape, so open_clip loads them strictly."""
+    layout = state_layout(backbone)
+    missing = [k for k in layout if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks the CLIP towers of {backbone} ({len(missing)} of {len(layout)} "
+            f"weights missing, e.g. {missing[:3]}); it cannot run as the official model")
+    wrong = [f"{k} {tuple(state[k].shape)} != {shape}" for k, shape in layout.items()
+             if tuple(state[k].shape) != shape]
+    if wrong:
+        raise CheckpointError(f"{path}: its CLIP towers are not those of {backbone} "
+                              f"({len(wrong)} shapes differ, e.g. {wrong[:3]})")
+    unused = [k for k in state if k not in layout and not _is_heads_key(k)]
+    if unused:
+        LOG.warning("%s: %d weights are neither %s towers nor InCTRL heads and are not kept: %s",
+                    path, len(unused), backbone, unused[:5])
+    return {k: state[k].detach().to("cpu").contiguous().clone() for k in layout}
+
+
+def _write(path: str, data: bytes) -> None:
+    with fsspec.open(path, "wb") as f:
+        f.write(data)
+
+
+def convert_official_checkpoint(source: str, output: str, *, backbone: str, geometry: Geometry,
+                                k: int) -> str:
+    """Write an official InCTRL checkpoint as heads for ``backbone`` (whose geometry they must
+    fit) plus its CLIP towers beside them; returns the heads hash.
+
+    The towers go to ``<output stem>.towers.safetensors``, an open_clip weights file; the
+    heads' metadata names it and its sha256, so scoring with the heads alone runs exactly the
+    official model."""
+    state = _official_state(source)
+    heads = _official_heads(state, source)
     if (heads.embed_dim, heads.num_patches) != (geometry.embed_dim, geometry.num_patches):
         raise CheckpointError(
             f"{source} holds heads for embed_dim={heads.embed_dim}, "
             f"patches={heads.num_patches}; {backbone} has embed_dim={geometry.embed_dim}, "
             f"patches={geometry.num_patches}")
+    towers = official_towers(state, backbone, source)
+    del state
+    towers_name = _towers_name(output)
+    towers_data = st_save(towers, metadata={
+        "format": TOWERS_FORMAT, "backbone": backbone,
+        "imported_from": posixpath.basename(source.replace(os.sep, "/"))})
+    del towers
+    towers_sha256 = hashlib.sha256(towers_data).hexdigest()
     meta = HeadsMetadata(
-        backbone=backbone, pretrained=pretrained, blocks=geometry.blocks,
+        backbone=backbone, pretrained=towers_name, blocks=geometry.blocks,
         image_size=geometry.image_size, embed_dim=heads.embed_dim,
         num_patches=heads.num_patches, k=k, extra={"imported_from": source},
+        towers=towers_name, towers_sha256=towers_sha256,
     )
+    # Towers first: heads never name a file that is not there.
+    towers_path = towers_location(output, meta)
+    _write(towers_path, towers_data)
+    LOG.info("Wrote the official CLIP towers to %s (sha256 %s)", towers_path, towers_sha256)
     return save_heads(heads, output, meta)

@@ -8,10 +8,14 @@ import pytest
 from pipeline.core.preflight import OutputNotWritableError, check_writable
 
 
-def test_a_writable_output_is_created_and_left_clean(tmp_path):
+def test_a_writable_output_is_checked_and_left_as_it_was(tmp_path):
     root = tmp_path / "new" / "out"
     check_writable(str(root))
-    assert root.is_dir() and os.listdir(root) == []
+    assert not (tmp_path / "new").exists()  # the folders the check made are gone
+    root.mkdir(parents=True)
+    (root / "keep.txt").write_text("x")
+    check_writable(str(root))
+    assert os.listdir(root) == ["keep.txt"]
 
 
 def test_object_store_urls_are_checked_through_fsspec():

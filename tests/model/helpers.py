@@ -74,8 +74,9 @@ def official_adapter(state: dict, x: torch.Tensor, prefix: str = "adapter") -> t
 
 
 def official_state(embed_dim: int, patches: int, seed: int = 0, prefix: str = "",
-                   scale: float = 0.3) -> dict:
-    """A small state dict in the official InCTRL layout, with fake CLIP tower keys."""
+                   scale: float = 0.3, towers: dict | None = None) -> dict:
+    """A small state dict in the official InCTRL layout: adapter and heads, plus the CLIP
+    model's own keys ``towers`` (fake tower keys of no real model when not given)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=scale):
@@ -96,14 +97,29 @@ def official_state(embed_dim: int, patches: int, seed: int = 0, prefix: str = ""
             s[f"{head}.{name}.running_mean"] = rnd(m)
             s[f"{head}.{name}.running_var"] = 0.5 + torch.rand(m, generator=g)
             s[f"{head}.{name}.num_batches_tracked"] = torch.tensor(17)
-    s.update({  # CLIP tower keys that the import must ignore
-        "visual.conv1.weight": rnd(8, 3, 4, 4),
-        "visual.transformer.resblocks.0.attn.in_proj_weight": rnd(24, 8),
-        "token_embedding.weight": rnd(10, 8),
-        "text_projection": rnd(8, 8),
-        "logit_scale": torch.tensor(4.6),
-    })
+    if towers is None:
+        towers = {  # CLIP tower keys that the heads import must ignore
+            "visual.conv1.weight": rnd(8, 3, 4, 4),
+            "visual.transformer.resblocks.0.attn.in_proj_weight": rnd(24, 8),
+            "token_embedding.weight": rnd(10, 8),
+            "text_projection": rnd(8, 8),
+            "logit_scale": torch.tensor(4.6),
+        }
+    s.update(towers)
     return {prefix + k: v for k, v in s.items()}
+
+
+def perturbed(state: dict, seed: int, scale: float = 0.05) -> dict:
+    """A copy of a model state dict with seeded noise on every floating-point tensor: towers
+    with known weights that no seeded random initialisation gives."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point():
+            spread = float(v.std()) if v.numel() > 1 else 1.0
+            v = v + torch.randn(v.shape, generator=g, dtype=v.dtype) * scale * (spread + 0.1)
+        out[k] = v.detach().clone()
+    return out
 
 
 def texture(seed: int, size: int = 64) -> Image.Image:

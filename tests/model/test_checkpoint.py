@@ -2,24 +2,36 @@
 the mapping of the official InCTRL checkpoint onto our heads."""
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 
+import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
-from pipeline.model.backbone import ImageFeatures
+from pipeline.model.backbone import TINY_BACKBONE, ClipBackbone, ImageFeatures, describe, tiny_spec
 from pipeline.model.checkpoint import (
     CheckpointError,
     HeadsMetadata,
+    convert_official_checkpoint,
     import_official_checkpoint,
     load_heads,
+    read_heads_metadata,
     save_heads,
+    towers_location,
 )
 from pipeline.model.heads import InCTRLHeads
 from pipeline.model.inctrl import InCTRLScorer
-from tests.model.helpers import geometry, official_adapter, official_head, official_state
+from tests.model.helpers import (
+    geometry,
+    official_adapter,
+    official_head,
+    official_state,
+    perturbed,
+)
 
 EMBED, GRID = 8, (3, 3)
 PATCHES = GRID[0] * GRID[1]
@@ -260,3 +272,95 @@ def test_official_import_refuses_inconsistent_shapes(tmp_path):
     torch.save({"model_state": state}, tmp_path / "y.pyth")
     with pytest.raises(CheckpointError, match="missing"):
         import_official_checkpoint(str(tmp_path / "y.pyth"))
+
+
+# ------------------------------------------------------------------ official towers
+
+
+@pytest.fixture(scope="module")
+def tiny_towers() -> dict:
+    """The tiny backbone's weights, perturbed: towers no random seed gives."""
+    return perturbed(ClipBackbone(tiny_spec()).model.state_dict(), seed=11)
+
+
+def _convert(tmp_path, state, name="heads.safetensors"):
+    source = tmp_path / "official.pyth"
+    torch.save({"model_state": state, "epoch": 3}, source)
+    geometry = describe(tiny_spec()).geometry
+    output = tmp_path / name
+    convert_official_checkpoint(str(source), str(output), backbone=TINY_BACKBONE,
+                                geometry=geometry, k=4)
+    return source, output
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_convert_keeps_the_official_towers_beside_the_heads(tmp_path, tiny_towers, prefix):
+    state = official_state(32, 64, seed=5, prefix=prefix, towers=tiny_towers)
+    source, output = _convert(tmp_path, state)
+    heads, meta, _ = load_heads(str(output))
+    towers = tmp_path / "heads.towers.safetensors"
+    assert (meta.towers, meta.pretrained) == (towers.name, towers.name)
+    assert meta.towers_sha256 == hashlib.sha256(towers.read_bytes()).hexdigest()
+    assert meta.backbone == TINY_BACKBONE and meta.k == 4
+    assert towers_location(str(output), meta) == str(towers)
+    assert read_heads_metadata(str(output)) == meta
+    # An open_clip weights file: exactly the model's keys, loadable strictly by open_clip.
+    written = st_load_file(str(towers))
+    assert written.keys() == tiny_towers.keys()
+    assert all(torch.equal(written[k], tiny_towers[k]) for k in tiny_towers)
+    model = open_clip.create_model(TINY_BACKBONE, pretrained=str(towers))
+    got = model.state_dict()
+    assert all(torch.equal(got[k], tiny_towers[k]) for k in tiny_towers)
+    # ... and the heads are still the official ones.
+    want = import_official_checkpoint(str(source)).state_dict()
+    assert all(torch.equal(heads.state_dict()[k], want[k]) for k in want)
+
+
+def test_convert_refuses_a_checkpoint_without_towers_and_writes_nothing(tmp_path, tiny_towers):
+    partial = {k: v for k, v in tiny_towers.items() if not k.startswith("transformer.")}
+    with pytest.raises(CheckpointError, match="lacks the CLIP towers"):
+        _convert(tmp_path, official_state(32, 64, towers=partial))
+    with pytest.raises(CheckpointError, match="lacks the CLIP towers"):
+        _convert(tmp_path, official_state(32, 64))  # fake towers of no real model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official.pyth"]
+
+
+def test_convert_refuses_towers_of_another_shape(tmp_path, tiny_towers):
+    towers = dict(tiny_towers)
+    towers["visual.proj"] = torch.randn(64, 16)
+    with pytest.raises(CheckpointError, match=r"shapes differ.*visual.proj"):
+        _convert(tmp_path, official_state(32, 64, towers=towers))
+    assert not (tmp_path / "heads.safetensors").exists()
+
+
+def test_convert_names_the_towers_after_the_heads(tmp_path, tiny_towers):
+    _, output = _convert(tmp_path, official_state(32, 64, towers=tiny_towers), name="mvtec-k4")
+    assert read_heads_metadata(str(output)).towers == "mvtec-k4.towers.safetensors"
+    assert (tmp_path / "mvtec-k4.towers.safetensors").is_file()
+
+
+def test_metadata_without_towers_still_reads():
+    d = json.loads(_meta().to_json())
+    del d["towers"], d["towers_sha256"]
+    meta = HeadsMetadata.from_json(json.dumps(d))
+    assert (meta.towers, meta.towers_sha256) == ("", "")
+
+
+@pytest.mark.parametrize("towers, sha", [("t.safetensors", ""), ("", "ab" * 32),
+                                         ("/abs/t.safetensors", "ab" * 32),
+                                         ("../t.safetensors", "ab" * 32),
+                                         ("gs://b/t.safetensors", "ab" * 32)])
+def test_metadata_towers_must_be_a_relative_file_with_its_checksum(towers, sha):
+    with pytest.raises(CheckpointError):
+        _meta(towers=towers, towers_sha256=sha)
+
+
+def test_read_heads_metadata_refuses_what_load_heads_refuses(tmp_path):
+    (tmp_path / "g.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a valid"):
+        read_heads_metadata(str(tmp_path / "g.safetensors"))
+    torch.save({"a": torch.zeros(2)}, tmp_path / "p.pt")
+    with pytest.raises(CheckpointError, match="not a valid"):
+        read_heads_metadata(str(tmp_path / "p.pt"))
+    with pytest.raises(CheckpointError, match="not found"):
+        read_heads_metadata(str(tmp_path / "none.safetensors"))
