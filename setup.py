@@ -15,6 +15,8 @@ REQUIRES = [
     "fsspec>=2024.6",
     "scikit-learn>=1.5",
     "safetensors>=0.4",
+    # DINOv2 for the AnomalyDINO scorer (open_clip also brings it).
+    "timm>=1.0",
 ]
 
 setup(
