@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from pipeline.model.scorers.anomalydino import DEFAULT_CHUNK, nearest_cosine_distance
 from pipeline.model.scorers.base import Features, ScorerOutput
-from pipeline.model.scorers.winclip_prompts import prompt_ensemble
+from pipeline.model.inctrl import encode_prompt_pair
+from pipeline.model.prompts import state_prompts
 
 if TYPE_CHECKING:
     from pipeline.model.backbone import ClipBackbone
@@ -287,11 +288,12 @@ class WinClipScorer:
 @torch.no_grad()
 def winclip_text_features(backbone: "ClipBackbone", category: str) -> torch.Tensor:
     """WinCLIP's class embeddings of a category, (2, embed_dim) [normal, anomalous],
-    L2-normalised, on the backbone's device. Compute once per category."""
-    normal, anomalous = prompt_ensemble(category)
-    emb = backbone.encode_texts(normal + anomalous)  # (prompts, D), L2-normalised
-    sides = torch.stack([emb[:len(normal)].mean(dim=0), emb[len(normal):].mean(dim=0)])
-    return F.normalize(sides, dim=-1)
+    L2-normalised, on the backbone's device. Compute once per category.
+
+    WinCLIP's compositional ensemble (7 normal and 4 anomalous states × 22 templates) is the
+    one InCTRL adopted, so this is InCTRL's state-prompt pair: one encoding per category
+    serves both scorers."""
+    return encode_prompt_pair(backbone, *state_prompts(category))
 
 
 class WinClipExtractor:

@@ -12,8 +12,7 @@ from pipeline.model.scorers.base import batch_size
 from pipeline.model.scorers.winclip import (
     IMAGE, PATCHES, TEXT, WinClipExtractor, WinClipScorer, WindowLayout, few_shot_map,
     harmonic_aggregation, window_indices, window_key, winclip_text_features)
-from pipeline.model.scorers.winclip_prompts import (
-    ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, prompt_ensemble)
+from pipeline.model.prompts import state_prompts
 
 TAU = 0.07
 
@@ -296,23 +295,19 @@ def test_tiny_clip_end_to_end_identical_and_perturbed(tiny, extractor, pixels):
     assert fs[2:4, 5:7].mean() > 3 * fs[:, :3].mean()
 
 
-def test_text_features_average_the_prompt_ensemble(tiny):
+def test_text_features_average_winclips_compositional_ensemble(tiny):
+    """WinCLIP's ensemble, written out from the paper, is InCTRL's state-prompt set."""
+    normal_states = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw",
+                     "{} without defect", "{} without damage")
+    anomalous_states = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
+    normal, anomalous = state_prompts("metal_nut")
+    assert len(normal) == len(set(normal)) == 7 * 22 and len(anomalous) == 4 * 22
+    assert {t for t in normal if "flawless metal nut" in t} and all(
+        any(s.format("metal nut") in p for p in normal) for s in normal_states)
+    assert all(any(s.format("metal nut") in p for p in anomalous) for s in anomalous_states)
+    assert "a photo of a damaged metal nut for anomaly detection." in anomalous
     got = winclip_text_features(tiny, "metal_nut")
-    normal, anomalous = prompt_ensemble("metal_nut")
     want = torch.stack([F.normalize(tiny.encode_texts(side).mean(0), dim=0)
                         for side in (normal, anomalous)])
     assert got.shape == (2, tiny.geometry.embed_dim)
     assert torch.allclose(got, want, atol=1e-5)
-
-
-def test_prompt_ensemble_is_every_state_in_every_template():
-    normal, anomalous = prompt_ensemble("metal_nut")
-    assert len(normal) == len(NORMAL_STATES) * len(TEMPLATES) == 7 * 22
-    assert len(anomalous) == len(ANOMALOUS_STATES) * len(TEMPLATES) == 4 * 22
-    assert len(set(normal)) == len(normal) and len(set(anomalous)) == len(anomalous)
-    assert normal[0] == "a cropped photo of the metal nut."
-    assert "a photo of a damaged metal nut for anomaly detection." in anomalous
-    assert "a photo of the flawless metal nut." in normal
-    assert not any("{" in p or "_" in p for p in normal + anomalous)
-    with pytest.raises(ValueError):
-        prompt_ensemble("_")
