@@ -29,7 +29,9 @@ setup(
     install_requires=REQUIRES,
     extras_require={
         "dask": ["dask[distributed]>=2024.6"],
-        "test": ["pytest>=8", "dask[distributed]>=2024.6", "duckdb>=1.0"],
+        # moto's server mode and s3fs: the storage tests' local S3-compatible endpoint.
+        "test": ["pytest>=8", "dask[distributed]>=2024.6", "duckdb>=1.0", "moto[server]>=5.0.20",
+                 "s3fs>=2024.10"],
     },
     entry_points={"console_scripts": ["inctrl-beam=pipeline.cli:main"]},
 )

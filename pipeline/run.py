@@ -3,12 +3,14 @@ score queries → write outputs."""
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Sequence
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.runners.runner import PipelineResult
 
+from pipeline.core.commit import CommitPlan, date_lease
 from pipeline.core.config import ScoreConfig
 from pipeline.core.manifest import validate_manifest_schema
 from pipeline.core.schemas import ERRORS
@@ -28,11 +30,13 @@ LOG = logging.getLogger(__name__)
 
 def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, model: str,
                    manifest_schema: pa.Schema | None,
-                   selection: RowSelection = ALL_ROWS) -> dict:
+                   selection: RowSelection = ALL_ROWS, plan: CommitPlan | None = None,
+                   commit: bool = True) -> dict:
     """Wire the scoring job into ``p``; ``model`` is the run's model id (computed once).
 
     ``selection`` says which queries are scored, which references may be drawn and which
     earlier score rows are kept (the nightly job narrows them; ``score`` takes all).
+    ``plan`` and ``commit`` go to WriteOutputs (how the run commits, or only stages).
     Returns WriteOutputs' ``{'scores', 'errors', 'committed'}``.
     """
     manifest = p | "ReadManifest" >> ReadManifest(config.manifest)
@@ -57,16 +61,22 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, model: str,
          "manifest_errors": manifest[ERRORS], "reference_errors": references[ERRORS],
          "image_errors": images[ERRORS]}
         | "WriteOutputs" >> WriteOutputs(config, model_id=model, manifest_schema=manifest_schema,
-                                         carried_scores=selection.carried_scores)
+                                         carried_scores=selection.carried_scores, plan=plan,
+                                         commit=commit)
     )
 
 
 def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
               manifest_schema: pa.Schema | None = None, model: str | None = None,
-              selection: RowSelection = ALL_ROWS) -> PipelineResult:
+              selection: RowSelection = ALL_ROWS, plan: CommitPlan | None = None,
+              commit: bool = True, lock_wait_s: float = 0.0) -> PipelineResult:
     """Check the inputs, then build and run the scoring job; blocks until it finishes.
 
     The manifest schema and the model id are computed here unless the caller has them.
+    The run holds the lock of its date (``pipeline.core.commit.date_lease``: waiting up to
+    ``lock_wait_s`` for another run of the date, else refusing with ``LockHeld``) unless the
+    caller holds it and passes its ``plan``; with ``commit=False`` the outputs are staged
+    for the caller to commit.
     """
     if manifest_schema is None:
         manifest_schema = validate_manifest_schema(config.manifest)
@@ -76,10 +86,13 @@ def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
     LOG.info("Scoring %s → %s (k=%d, seeds=%s, model=%s, run %s, date %s)",
              config.manifest, config.output, config.k, config.seeds, model, config.run_id,
              config.run_date)
-    result = run_pipeline(
-        lambda p: build_pipeline(p, config, model=model, manifest_schema=manifest_schema,
-                                 selection=selection),
-        beam_args)
+    lease = nullcontext(plan) if plan is not None else date_lease(
+        config.output, config.run_date, config.run_id, wait_s=lock_wait_s)
+    with lease as held:
+        result = run_pipeline(
+            lambda p: build_pipeline(p, config, model=model, manifest_schema=manifest_schema,
+                                     selection=selection, plan=held, commit=commit),
+            beam_args)
     if counter(result, "queries_selected") == 0:
         LOG.warning("No query rows to score in %s: the run wrote no scores (its summary says "
                     "so)", config.manifest)

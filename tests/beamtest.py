@@ -14,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipeline.core.config import ScoreConfig
+from pipeline.core.layout import PARTITIONING, current_files
 from pipeline.core.manifest import ManifestRow
 from pipeline.runner import make_runner
 
@@ -41,8 +42,11 @@ def counter(result, name: str) -> int:
 
 
 def read_table(output: str, table: str) -> pd.DataFrame:
-    """A hive-partitioned output table as pandas, partition columns as plain strings."""
-    data = pads.dataset(f"{output}/{table}", format="parquet", partitioning="hive")
+    """An output table as pandas, read as users are told to: the files in force
+    (``current_files``) with hive partitioning, partition columns as plain strings."""
+    files = current_files(output, table)
+    data = pads.dataset(files, format="parquet", partitioning=PARTITIONING,
+                        partition_base_dir=f"{output.rstrip('/')}/{table}")
     return data.to_table().to_pandas()
 
 

@@ -1,42 +1,82 @@
-"""WriteOutputs: a run's scores, errors and summary, written and committed together."""
+"""WriteOutputs: a run's scores, errors and summary, staged and committed together."""
 from __future__ import annotations
+
+from typing import Iterable
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam import pvalue
 
+from pipeline.core.commit import CommitPlan, relative
 from pipeline.core.config import ScoreConfig
-from pipeline.core.layout import summary_dir
-from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, scores_schema
+from pipeline.core.layout import unstorable_reason
+from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
 from transforms.errors import error_records
 from transforms.summary import SummarizeMetrics
-from transforms.write import WritePartitioned
+from transforms.write import REPORT, CommitStaged, StageFiles
 
 #: Keys of WriteOutputs' input whose elements are RowErrors (not yet error records).
 ROW_ERRORS = ("manifest_errors", "reference_errors", "image_errors")
+#: The stage of error rows for rows whose dataset name cannot be stored as a folder.
+WRITE_STAGE = "write"
+
+
+class _CheckDatasetFn(beam.DoFn):
+    """Records whose dataset can be a folder pass; the others become error rows (stage
+    ``write``, in the null-dataset partition) on the ``errors`` output, so that a name that
+    cannot be stored is reported, never merged with another."""
+
+    def __init__(self, table: str) -> None:
+        self._table = table
+
+    def process(self, record: dict) -> Iterable:
+        reason = unstorable_reason("dataset", record.get("dataset"))
+        if reason is None:
+            yield record
+            return
+        if self._table == SCORES:
+            row = {k: record.get(k) for k in ("image_id", "image_uri", "category", "seed",
+                                             "run_id", "model_id")}
+            row.update(role="query", stage=WRITE_STAGE, reason=reason)
+        else:
+            row = dict(record, stage=WRITE_STAGE,
+                       reason=f"{reason}; the row failed at {record.get('stage')}: "
+                              f"{record.get('reason')}")
+        yield pvalue.TaggedOutput(ERRORS, dict(row, dataset=None))
+
+
+def _summary_files(paths: dict, output: str) -> list[tuple]:
+    return [(REPORT, SUMMARY, None, relative(output, path)) for path in paths.values()]
 
 
 class WriteOutputs(beam.PTransform):
-    """``{'scores', 'score_errors', 'queries', *ROW_ERRORS}`` → committed scores and errors
-    partitions of ``config.run_date`` plus the summary files. Returns ``{'scores': score
-    records (carried ones included), 'errors': error records, 'committed': partition folders}``.
+    """``{'scores', 'score_errors', 'queries', *ROW_ERRORS}`` → the scores and errors
+    partitions of ``config.run_date`` plus the summary, staged and committed as one record
+    change of the date (:mod:`pipeline.core.commit`). Returns ``{'scores': score records
+    (carried ones included), 'errors': error records, 'committed': partition folders}``.
 
     ``scores`` and ``score_errors`` are records; the ``ROW_ERRORS`` inputs are RowErrors,
     turned into one error record per seed for queries (each query reconciles once per seed)
-    and one with a null seed otherwise. Every dataset of ``queries`` gets its partition
+    and one with a null seed otherwise. Every dataset of ``queries`` gets its partitions
     replaced, even by none. ``carried_scores`` (a Parquet file of earlier score rows, the
-    nightly job's) joins the new scores.
+    nightly job's) joins the new scores. ``plan`` says where and from which record the run
+    commits (default: the current record, no lock); with ``commit=False`` the files are only
+    staged and listed, and the caller commits them (the nightly job, adding its reports).
     """
 
     def __init__(self, config: ScoreConfig, *, model_id: str, manifest_schema: pa.Schema | None,
-                 carried_scores: str | None = None) -> None:
+                 carried_scores: str | None = None, plan: CommitPlan | None = None,
+                 commit: bool = True) -> None:
         super().__init__()
         self._config = config
         self._model_id = model_id
         self._schema = manifest_schema
         self._carried = carried_scores
+        self._plan = plan or CommitPlan(config.output, config.run_date, config.run_id)
+        self._commit = commit
 
     def expand(self, outputs: dict) -> dict:
-        cfg, mid = self._config, self._model_id
+        cfg, mid, plan = self._config, self._model_id, self._plan
         scores = outputs["scores"]
         if self._carried:
             carried = scores.pipeline | "ReadCarriedScores" >> beam.io.ReadFromParquet(
@@ -47,17 +87,32 @@ class WriteOutputs(beam.PTransform):
             | "MergeRowErrors" >> beam.Flatten()
             | "ErrorRecords" >> beam.FlatMap(error_records, cfg.seeds, cfg.run_id, mid))
         errors = (row_errors, outputs["score_errors"]) | "AllErrors" >> beam.Flatten()
+        checked = scores | "CheckScoreDatasets" >> beam.ParDo(
+            _CheckDatasetFn(SCORES)).with_outputs(ERRORS, main="ok")
+        checked_errors = errors | "CheckErrorDatasets" >> beam.ParDo(
+            _CheckDatasetFn(ERRORS)).with_outputs(ERRORS, main="ok")
+        scores = checked["ok"]
+        errors = ((checked_errors["ok"], checked_errors[ERRORS], checked[ERRORS])
+                  | "CheckedErrors" >> beam.Flatten())
         datasets = (outputs["queries"]
                     | "QueryDatasets" >> beam.Map(lambda row: row.dataset)
+                    | "StorableDatasets" >> beam.Filter(
+                        lambda d: unstorable_reason("dataset", d) is None)
                     | "DistinctDatasets" >> beam.Distinct())
-        committed_scores = scores | "WriteScores" >> WritePartitioned(
-            cfg.output, SCORES, scores_schema(self._schema, cfg.write_patch_map),
-            cfg.run_date, cfg.run_id, datasets=datasets)
-        committed_errors = errors | "WriteErrors" >> WritePartitioned(
-            cfg.output, ERRORS, ERROR_SCHEMA, cfg.run_date, cfg.run_id, datasets=datasets)
-        scores | "SummarizeMetrics" >> SummarizeMetrics(
-            summary_dir(cfg.output, cfg.run_date),
-            extra={"run_id": cfg.run_id, "model_id": mid, "run_date": cfg.run_date,
-                   "k": cfg.k, "seeds": list(cfg.seeds), "precision": cfg.backbone.precision})
-        committed = (committed_scores, committed_errors) | "Committed" >> beam.Flatten()
+        score_schema = scores_schema(self._schema, cfg.write_patch_map)
+        staged_scores = scores | "WriteScores" >> StageFiles(plan, SCORES, score_schema)
+        staged_errors = errors | "WriteErrors" >> StageFiles(plan, ERRORS, ERROR_SCHEMA)
+        staged_summary = (
+            scores
+            | "SummarizeMetrics" >> SummarizeMetrics(
+                plan.staging_url(SUMMARY),
+                extra={"run_id": cfg.run_id, "model_id": mid, "run_date": cfg.run_date,
+                       "k": cfg.k, "seeds": list(cfg.seeds),
+                       "precision": cfg.backbone.precision})
+            | "SummaryFiles" >> beam.FlatMap(_summary_files, cfg.output))
+        committed = (
+            (staged_scores, staged_errors, staged_summary)
+            | "StagedFiles" >> beam.Flatten()
+            | "CommitRun" >> CommitStaged(plan, {SCORES: score_schema, ERRORS: ERROR_SCHEMA},
+                                          datasets, commit=self._commit))
         return {"scores": scores, ERRORS: errors, "committed": committed}

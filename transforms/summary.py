@@ -50,7 +50,11 @@ def _level_order(col: pd.Series) -> pd.Series:
 
 
 class SummarizeMetrics(beam.PTransform):
-    """Score records → summary files under ``out_dir``; one dataset per group, then one write."""
+    """Score records → summary files under ``out_dir``; one dataset per group, then one write.
+
+    Returns the written paths (``{"parquet", "json", "markdown"}``). WriteOutputs points
+    ``out_dir`` into the run's staging folder: the files become visible with the run's commit.
+    """
 
     def __init__(self, out_dir: str, extra: dict) -> None:
         super().__init__()

@@ -13,6 +13,9 @@ from typing import Sequence
 
 LOG = logging.getLogger(__name__)
 
+#: Exit status when another run holds (or took over) the date: nothing was published.
+EXIT_LOCKED = 4
+
 #: command → (module with ``main(argv) -> int``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("pipeline.cli.score", "score a manifest's queries (the main job)"),
@@ -42,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(_usage() + f"\nunknown command {command!r}\n")
         return 2
     run = importlib.import_module(COMMANDS[command][0]).main
+    from pipeline.core.commit import CommitConflict
+    from pipeline.core.locks import LockHeld, LockLost
     from pipeline.core.manifest import ManifestSchemaError
     from pipeline.core.preflight import OutputNotWritableError
     from pipeline.model.backbone import BackboneLoadError
@@ -54,3 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Problems of the user's inputs: one clear line, no traceback.
         LOG.error("%s failed: %s", command, exc)
         return 1
+    except (LockHeld, LockLost, CommitConflict) as exc:
+        # Another run of the same date: nothing of this run was published.
+        LOG.error("%s did not run: %s", command, exc)
+        return EXIT_LOCKED

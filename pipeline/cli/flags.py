@@ -75,6 +75,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = finite_float(text)
     if not value > 0:
@@ -158,6 +165,9 @@ def add_run_flags(parser: argparse.ArgumentParser, *, run_date: bool = True) -> 
                         "on a CUDA device, 1 on the CPU)")
     g.add_argument("--share-model-across-processes", action="store_true",
                    help="one model copy per machine (GPU workers with several SDK processes)")
+    g.add_argument("--lock-wait", type=non_negative_float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another run of the same output and date to finish "
+                        "(default 0: refuse at once, exit status 4)")
 
 
 def add_score_flags(parser: argparse.ArgumentParser) -> None:

@@ -65,7 +65,7 @@ def parse_nightly_args(argv: Sequence[str] | None
     config = score_config_from_args(args, run_date=date, feature_cache=cache)
     options = NightlyOptions(force=args.force, alert_threshold=args.alert_threshold,
                              drift_tolerance=args.drift_tolerance,
-                             fail_on_drift=args.fail_on_drift)
+                             fail_on_drift=args.fail_on_drift, lock_wait_s=args.lock_wait)
     return config, options, beam_args
 
 

@@ -19,14 +19,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_score_args(argv: Sequence[str] | None) -> tuple[ScoreConfig, list[str]]:
+    config, beam_args, _ = parse_score_command(argv)
+    return config, beam_args
+
+
+def parse_score_command(argv: Sequence[str] | None) -> tuple[ScoreConfig, list[str], float]:
+    """(configuration, Beam's flags, seconds to wait for the date's lock)."""
     args, beam_args = parse_with_beam(build_parser(), argv)
-    return score_config_from_args(args), beam_args
+    return score_config_from_args(args), beam_args, args.lock_wait
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.run import run_score
 
-    config, beam_args = parse_score_args(argv)
+    config, beam_args, lock_wait = parse_score_command(argv)
     check_writable(config.output)
-    run_score(config, beam_args)
+    run_score(config, beam_args, lock_wait_s=lock_wait)
     return 0

@@ -1,69 +1,147 @@
-"""Where a run's outputs live under the output root; the one module that knows the layout.
+"""Where a run's outputs live under the output root, and how readers find the current ones.
 
 ```
-OUT/scores/dataset=<d>/run_date=<YYYY-MM-DD>/part-*.parquet  + _SUCCESS
-OUT/errors/dataset=<d>/run_date=<YYYY-MM-DD>/part-*.parquet  + _SUCCESS
-OUT/summary/run_date=<YYYY-MM-DD>/summary.{parquet,json,md}
-OUT/_staging/<run_id>/...        (a run's files before they are committed)
-OUT/_feature_cache/...           (the nightly job's default feature cache)
+OUT/scores/dataset=<d>/run_date=<YYYY-MM-DD>/part-<uuid>.parquet   (+ _SUCCESS)
+OUT/errors/dataset=<d>/run_date=<YYYY-MM-DD>/part-<uuid>.parquet   (+ _SUCCESS)
+OUT/summary/run_date=<YYYY-MM-DD>/summary.{parquet,json,md}        (+ drift.*, nightly.json)
+OUT/_commits/run_date=<d>/<version>.json   one record per commit: every table's files in force
+OUT/_reports/run_date=<d>/<commit>/...     the summary / drift / nightly files a record names
+OUT/_locks/run_date=<d>/<generation>.json  the date's lock (pipeline.core.locks)
+OUT/_staging/run_date=<d>/<run>/...        a run's files before its commit
+OUT/_feature_cache/...                     the nightly job's default feature cache
 ```
 
-A partition folder is committed once it holds the ``_SUCCESS`` marker. While a commit swaps
-it, hidden folders beside it (``.run_date=<d>.incoming-<run_id>``, ``.run_date=<d>.old-<run_id>``)
-hold the new and the retired files. Folders starting with ``_`` or ``.`` are skipped by
-hive-partitioned readers (pyarrow, pandas, DuckDB), so staging, cache and commit folders never
-show up as rows; :func:`read_partition` also leaves out partitions without the marker.
+Partition values are percent-encoded the way pyarrow's hive partitioning writes and reads them
+(``urllib.parse.quote(value, safe="")``; null is ``__HIVE_DEFAULT_PARTITION__``), so
+pyarrow, pandas and DuckDB read back the exact value and no two values share a folder.
+
+A date's **commit record** (the highest ``version`` under ``_commits/run_date=<d>/``, created
+exclusively, never rewritten) lists, per table, the files in force: per dataset for the
+partitioned tables (scores, errors), one set per date for the reports (summary, drift,
+nightly). It is the single switch of a commit (``pipeline.core.commit``); the readers here
+follow it. Part files are immutable and uniquely named, so a record always means the same
+rows. ``_SUCCESS`` markers and the ``summary/run_date=<d>/`` copies are written after the
+record, for plain readers and people. Folders starting with ``_`` or ``.`` are skipped by
+hive-partitioned readers, so commits, reports, locks, staging and cache never show up as rows.
+
+Output roots written before commit records existed (``_SUCCESS`` partitions, no record) are
+read the old way until the first run on the root records every such date as its version 1
+(``pipeline.core.commit.adopt_all_legacy``) and marks the root migrated
+(``_commits/_no_legacy``); from then on only records count, so a former version of the job
+must not write to that root any more.
 """
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Sequence
+import posixpath
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
-from pipeline.core.schemas import SCORES, SUMMARY
+from pipeline.core.schemas import ERRORS, SCORES, SUMMARY
 
 LOG = logging.getLogger(__name__)
 
 PARTITION_COLUMNS = ("dataset", "run_date")
-UNKNOWN_DATASET = "_unknown"
+#: The folder value of a null partition value (pyarrow's and Hive's default).
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+#: Kept for callers of the former name: rows without a dataset land in the null partition.
+UNKNOWN_DATASET = NULL_PARTITION
+#: The longest file or folder name (bytes) that local file systems (ext4, xfs, APFS, NTFS)
+#: accept; object stores allow more per key, but the same output must work on both.
+MAX_NAME_BYTES = 255
 FEATURE_CACHE_DIR = "_feature_cache"
 STAGING_DIR = "_staging"
+COMMITS_DIR = "_commits"
+REPORTS_DIR = "_reports"
+LOCKS_DIR = "_locks"
 SUCCESS_MARKER = "_SUCCESS"
-INCOMING, RETIRED = "incoming", "old"
+#: The tables partitioned by dataset; every other table of a record is a per-date report.
+PARTITIONED_TABLES = (SCORES, ERRORS)
+#: Report tables a run may commit beside its summary.
+DRIFT, NIGHTLY = "drift", "nightly"
+RECORD_FORMAT = "inctrl-commit/1"
+NO_LEGACY = "_no_legacy"
+#: The run id of partitions written before commit records existed.
+LEGACY_RUN = "(before commit records)"
+INCOMING, RETIRED = "incoming", "old"  # hidden folders of the former (folder-swap) commit
 
-#: The partition folders' values, always strings: a dataset named "123" or a date is never
-#: type-inferred. Segments are taken as written (no URI decoding), as ``partition_value`` made them.
+#: The partition folders' values, always strings (a dataset named "123" or a date is never
+#: type-inferred), percent-decoded as pyarrow writes them.
 PARTITION_SCHEMA = pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS])
-PARTITIONING = pads.HivePartitioning(PARTITION_SCHEMA, segment_encoding="none")
+PARTITIONING = pads.HivePartitioning(PARTITION_SCHEMA, segment_encoding="uri",
+                                     null_fallback=NULL_PARTITION)
+#: Folders written before partition values were encoded: values taken as written.
+LEGACY_PARTITIONING = pads.HivePartitioning(PARTITION_SCHEMA, segment_encoding="none")
+
+
+# --------------------------------------------------------------------------------------------
+# Partition values
+# --------------------------------------------------------------------------------------------
 
 
 def partition_value(value: Any) -> str:
-    """A dataset name as a safe folder value (hive style)."""
-    if value is None or value == "":
-        return UNKNOWN_DATASET
-    text = str(value)
-    for ch in '/\\=:*?"<>|\n':
-        text = text.replace(ch, "_")
-    return text
+    """``value`` as a folder value: percent-encoded like pyarrow's hive partitioning
+    (everything but ``A-Z a-z 0-9 _ . - ~``), null as :data:`NULL_PARTITION`. Reversible:
+    :func:`decode_value` gives ``value`` back, and distinct values never share a folder."""
+    if value is None:
+        return NULL_PARTITION
+    return urllib.parse.quote(str(value), safe="")
+
+
+def decode_value(text: str) -> str | None:
+    """The value a folder value (:func:`partition_value`) stands for."""
+    return None if text == NULL_PARTITION else urllib.parse.unquote(text)
+
+
+def unstorable_reason(column: str, value: Any) -> str | None:
+    """Why ``value`` cannot be a ``column=`` folder of this layout, or None when it can."""
+    if value is not None and str(value) == NULL_PARTITION:
+        return f"{column} {NULL_PARTITION!r} is reserved: readers take that folder for null"
+    name = f"{column}={partition_value(value)}"
+    size = len(name.encode())
+    if size > MAX_NAME_BYTES:
+        return (f"{column} {value!r} cannot be stored: its folder name ({column}= plus the "
+                f"percent-encoded value) is {size} bytes, over the {MAX_NAME_BYTES}-byte limit "
+                "of file systems")
+    return None
+
+
+def segment(column: str, value: Any) -> str:
+    """One hive folder name, ``column=<encoded value>``."""
+    return f"{column}={partition_value(value)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
 
 
 def table_dir(root: str, table: str) -> str:
     """The folder of one output table (``scores``, ``errors``)."""
-    return f"{root}/{table}"
+    return f"{root.rstrip('/')}/{table}"
 
 
 def partition_name(run_date: str) -> str:
     """The name of a ``run_date`` partition folder, inside its dataset's folder."""
-    return f"run_date={run_date}"
+    return segment("run_date", run_date)
 
 
-def partition_dir(root: str, table: str, dataset: str, run_date: str) -> str:
+def partition_path(table: str, dataset: str | None, run_date: str) -> str:
+    """One dataset's ``run_date`` partition of ``table``, relative to the output root."""
+    return f"{table}/{segment('dataset', dataset)}/{partition_name(run_date)}"
+
+
+def partition_dir(root: str, table: str, dataset: str | None, run_date: str) -> str:
     """The folder of one dataset's ``run_date`` partition of ``table``."""
-    return f"{table_dir(root, table)}/dataset={partition_value(dataset)}/{partition_name(run_date)}"
+    return f"{root.rstrip('/')}/{partition_path(table, dataset, run_date)}"
 
 
 def partition_glob(root: str, table: str, run_date: str) -> str:
@@ -71,41 +149,300 @@ def partition_glob(root: str, table: str, run_date: str) -> str:
     return f"{table_dir(root, table)}/dataset=*/{partition_name(run_date)}"
 
 
+def summary_path(run_date: str) -> str:
+    """:func:`summary_dir`, relative to the output root."""
+    return f"{SUMMARY}/{partition_name(run_date)}"
+
+
+def summary_dir(root: str, run_date: str) -> str:
+    """The folder of a date's published summary (and drift, nightly) files."""
+    return f"{root.rstrip('/')}/{summary_path(run_date)}"
+
+
+def staging_path(run_date: str, run_id: str) -> str:
+    """:func:`staging_root`, relative to the output root."""
+    return f"{STAGING_DIR}/{partition_name(run_date)}/{partition_value(run_id)}"
+
+
+def staging_root(root: str, run_date: str, run_id: str) -> str:
+    """Where a run writes its files before they are committed."""
+    return f"{root.rstrip('/')}/{staging_path(run_date, run_id)}"
+
+
+def commits_dir(root: str, run_date: str) -> str:
+    """The folder of a date's commit records."""
+    return f"{root.rstrip('/')}/{COMMITS_DIR}/{partition_name(run_date)}"
+
+
+def record_name(version: int) -> str:
+    """The file name of a commit record: zero-padded, so names sort as versions do."""
+    return f"{version:010d}.json"
+
+
+def reports_path(run_date: str, commit_id: str) -> str:
+    """Where one commit keeps the report files its record names, relative to the root."""
+    return f"{REPORTS_DIR}/{partition_name(run_date)}/{commit_id}"
+
+
+def locks_dir(root: str, run_date: str) -> str:
+    """The folder of a date's lock files."""
+    return f"{root.rstrip('/')}/{LOCKS_DIR}/{partition_name(run_date)}"
+
+
+def feature_cache_dir(root: str) -> str:
+    """The default feature cache of jobs that keep one beside their outputs."""
+    return f"{root.rstrip('/')}/{FEATURE_CACHE_DIR}"
+
+
 def aside_dir(partition: str, kind: str, run_id: str) -> str:
-    """The hidden folder beside ``partition`` where run ``run_id``'s commit keeps the new
-    (``INCOMING``) or the retired (``RETIRED``) files while it swaps them."""
+    """The hidden folder beside ``partition`` where a former (folder-swap) commit kept the new
+    (``INCOMING``) or the retired (``RETIRED``) files."""
     parent, _, name = partition.rstrip("/").rpartition("/")
     return f"{parent}/.{name}.{kind}-{run_id}"
 
 
 def aside_glob(partition: str) -> str:
-    """A glob of every hidden folder commits of ``partition`` (itself a glob or not) left."""
+    """A glob of every hidden folder former commits of ``partition`` (a glob or not) left."""
     parent, _, name = partition.rstrip("/").rpartition("/")
     return f"{parent}/.{name}.*"
 
 
 def is_retired(path: str) -> bool:
-    """Whether ``path`` is a commit's retired copy of a partition (see :func:`aside_dir`)."""
+    """Whether ``path`` is a former commit's retired copy of a partition."""
     return f".{RETIRED}-" in path.rstrip("/").rpartition("/")[2]
 
 
-def summary_dir(root: str, run_date: str) -> str:
-    """The folder of a date's summary (and drift, nightly) files."""
-    return f"{root}/{SUMMARY}/run_date={run_date}"
+def output_fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The file system of an output root and the root as that file system's path."""
+    fs, root = fsspec.core.url_to_fs(output)
+    return fs, root.rstrip("/")
 
 
-def staging_root(root: str, run_id: str) -> str:
-    """Where a run writes its files before they are committed."""
-    return f"{root}/{STAGING_DIR}/{run_id}"
-
-
-def feature_cache_dir(root: str) -> str:
-    """The default feature cache of jobs that keep one beside their outputs."""
-    return f"{root}/{FEATURE_CACHE_DIR}"
+def to_url(output: str, relative: str) -> str:
+    """A path relative to the output root (as records hold them) as a URL like ``output``."""
+    return f"{output.rstrip('/')}/{relative}"
 
 
 # --------------------------------------------------------------------------------------------
-# Reading committed partitions back
+# Commit records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One dataset's files of a partitioned table, or one report's files (dataset None)."""
+
+    dataset: str | None
+    run_id: str
+    files: tuple[str, ...]  # relative to the output root
+
+    def to_json(self) -> dict:
+        return {"dataset": self.dataset, "run_id": self.run_id, "files": list(self.files)}
+
+    @staticmethod
+    def from_json(obj: Mapping) -> "Partition":
+        return Partition(obj["dataset"], obj["run_id"], tuple(obj["files"]))
+
+
+@dataclass(frozen=True)
+class Record:
+    """A date's tables in force after one commit (``version``) of run ``run_id``."""
+
+    run_date: str
+    version: int
+    run_id: str
+    commit_id: str
+    committed_at: str
+    tables: Mapping[str, tuple[Partition, ...]] = field(default_factory=dict)
+    #: The tables partitioned by dataset (the others are per-date reports).
+    partitioned: frozenset[str] = frozenset(PARTITIONED_TABLES)
+
+    def partitions(self, table: str) -> tuple[Partition, ...]:
+        return tuple(self.tables.get(table, ()))
+
+    def files(self, table: str) -> list[tuple[str | None, str]]:
+        """``(dataset, relative path)`` of every file of ``table`` in force."""
+        return [(p.dataset, f) for p in self.partitions(table) for f in p.files]
+
+    def all_files(self) -> set[str]:
+        return {f for parts in self.tables.values() for p in parts for f in p.files}
+
+    def to_json(self) -> dict:
+        return {"format": RECORD_FORMAT, "run_date": self.run_date, "version": self.version,
+                "run_id": self.run_id, "commit_id": self.commit_id,
+                "committed_at": self.committed_at,
+                "tables": {t: {"partitioned": t in self.partitioned,
+                               "partitions": [p.to_json() for p in parts]}
+                           for t, parts in sorted(self.tables.items())}}
+
+    @staticmethod
+    def from_json(obj: Mapping) -> "Record":
+        if obj.get("format") != RECORD_FORMAT:
+            raise ValueError(f"not a commit record of format {RECORD_FORMAT}: "
+                             f"{obj.get('format')!r}")
+        tables = obj["tables"]
+        return Record(obj["run_date"], int(obj["version"]), obj["run_id"], obj["commit_id"],
+                      obj["committed_at"],
+                      {t: tuple(Partition.from_json(p) for p in v["partitions"])
+                       for t, v in tables.items()},
+                      frozenset(PARTITIONED_TABLES) | {t for t, v in tables.items()
+                                                      if v["partitioned"]})
+
+
+def _names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """The entry names of ``folder`` (none when it does not exist), listed afresh."""
+    fs.invalidate_cache(folder)
+    try:
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def record_versions(output: str, run_date: str) -> list[int]:
+    """The versions of a date's commit records, oldest first."""
+    fs, _ = output_fs(output)
+    folder = output_fs(commits_dir(output, run_date))[1]
+    return sorted(int(n[:-5]) for n in _names(fs, folder)
+                  if n.endswith(".json") and n[:-5].isdigit())
+
+
+def read_record(output: str, run_date: str, version: int) -> Record:
+    """One commit record of a date."""
+    fs, path = output_fs(f"{commits_dir(output, run_date)}/{record_name(version)}")
+    with fs.open(path, "rb") as f:
+        return Record.from_json(json.load(f))
+
+
+def current_record(output: str, run_date: str) -> Record | None:
+    """The record in force for ``run_date``: the highest readable version, else (an output
+    written before records existed) the date's ``_SUCCESS`` partitions as version 0, else
+    None."""
+    for version in reversed(record_versions(output, run_date)):
+        try:
+            return read_record(output, run_date, version)
+        except (ValueError, KeyError) as exc:
+            # Exclusive creation makes a record whole or absent; an unreadable one can only
+            # come from a file system without it and is skipped like an aborted commit.
+            LOG.warning("Commit record %d of %s is unreadable (%s); using the one before",
+                        version, run_date, exc)
+    return legacy_record(output, run_date)
+
+
+def record_dates(output: str) -> list[str]:
+    """Dates with commit records, oldest first."""
+    fs, root = output_fs(output)
+    dates = []
+    for name in _names(fs, f"{root}/{COMMITS_DIR}"):
+        column, _, value = name.partition("=")
+        if column == "run_date" and value:
+            dates.append(decode_value(value))
+    return sorted(d for d in dates if d)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the current result back
+# --------------------------------------------------------------------------------------------
+
+
+def _arrow_fs(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def _dataset_is(value: str | None) -> pc.Expression:
+    field_ = pc.field("dataset")
+    return field_.is_null() if value is None else field_ == pa.scalar(value, pa.string())
+
+
+def read_files(output: str, files: Sequence[tuple[str | None, str]],
+               columns: Sequence[str] | None = None) -> pa.Table | None:
+    """Rows of ``(dataset, path)`` Parquet files (paths relative to ``output``, as records
+    hold them) plus a string ``dataset`` column, or None when there is no file.
+
+    Files whose columns differ (written by different runs) are read with their schemas
+    unified; a column a file lacks reads as null.
+    """
+    if not files:
+        return None
+    fs, root = output_fs(output)
+    arrow_fs, fmt = _arrow_fs(fs), pads.ParquetFileFormat()
+    parts = [fmt.make_fragment(f"{root}/{path}", filesystem=arrow_fs,
+                               partition_expression=_dataset_is(dataset))
+             for dataset, path in files]
+    schema = pa.unify_schemas([f.physical_schema for f in parts]
+                              + [pa.schema([PARTITION_SCHEMA.field("dataset")])],
+                              promote_options="permissive")
+    data = pads.FileSystemDataset(parts, schema, fmt, filesystem=arrow_fs)
+    if columns is None:
+        columns = [n for n in schema.names if n not in PARTITION_COLUMNS]
+    wanted = [c for c in columns if c != "dataset"] + ["dataset"]
+    return data.to_table(columns=wanted)
+
+
+def _parquet(files: Iterable[tuple[str | None, str]]) -> list[tuple[str | None, str]]:
+    return [(d, f) for d, f in files if f.endswith(".parquet")]
+
+
+def read_partition(output: str, date: str, table: str = SCORES,
+                   columns: Sequence[str] | None = None) -> pa.Table | None:
+    """Every dataset's ``date`` rows of ``table`` in force (all columns, or ``columns``) plus
+    a string ``dataset`` column, or None when the date has no data file of ``table``."""
+    for attempt in range(3):
+        record = current_record(output, date)
+        if record is None:
+            return None
+        try:
+            return read_files(output, _parquet(record.files(table)), columns)
+        except FileNotFoundError:
+            # A commit that replaced the date meanwhile deleted the files it superseded.
+            if attempt == 2:
+                raise
+            LOG.info("The %s record of %s changed while it was read; reading it again",
+                     table, date)
+    raise AssertionError("unreachable")
+
+
+def _has(output: str, date: str, table: str) -> bool:
+    record = current_record(output, date)
+    return record is not None and bool(record.partitions(table))
+
+
+def committed_dates(output: str, table: str = SCORES) -> list[str]:
+    """Dates with at least one partition of ``table`` in force, oldest first."""
+    recorded = record_dates(output)
+    dates = {d for d in recorded if _has(output, d, table)}
+    if table in PARTITIONED_TABLES:
+        dates |= set(_legacy_dates(output, table)) - set(recorded)
+    return sorted(dates)
+
+
+def previous_date(output: str, date: str) -> str | None:
+    """The latest date before ``date`` with scores in force: the 'previous night' for drift."""
+    recorded = record_dates(output)
+    # Newest first: usually the night before decides, after one record read.
+    found = next((d for d in reversed(recorded) if d < date and _has(output, d, SCORES)), None)
+    legacy = [d for d in _legacy_dates(output, SCORES) if d < date and d not in recorded]
+    earlier = [d for d in (found, *legacy) if d is not None]
+    return max(earlier) if earlier else None
+
+
+def current_files(output: str, table: str, run_date: str | None = None) -> list[str]:
+    """URLs of the files of ``table`` in force (of ``run_date``, or of every date): what a
+    reader wanting one consistent view passes to pyarrow, pandas or DuckDB."""
+    dates = [run_date] if run_date is not None else sorted(
+        set(record_dates(output)) | set(_legacy_dates(output, SCORES))
+        | set(_legacy_dates(output, ERRORS)))
+    out = []
+    for date in dates:
+        record = current_record(output, date)
+        if record is not None:
+            out.extend(to_url(output, f) for _, f in record.files(table))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs written before commit records (a ``_SUCCESS`` marker per partition folder)
 # --------------------------------------------------------------------------------------------
 
 
@@ -117,53 +454,60 @@ def _parent(path: str) -> str:
     return path.rpartition("/")[0]
 
 
-def _committed_files(output: str, table: str, run_date: str | None = None
-                     ) -> list[pads.FileFragment]:
-    """Every file (markers included) of the committed partitions of ``table`` (of ``run_date``
-    only, when given), each knowing its partition values."""
-    fs, root = fsspec.core.url_to_fs(table_dir(output, table))
-    if not fs.exists(root):
+def migrated_marker(root: str) -> str:
+    """A file saying that every former-layout partition of the root has a record."""
+    return f"{root.rstrip('/')}/{COMMITS_DIR}/{NO_LEGACY}"
+
+
+def _migrated(output: str) -> bool:
+    fs, path = output_fs(migrated_marker(output))
+    return fs.exists(path)
+
+
+def _legacy_fragments(output: str, table: str, run_date: str | None = None
+                      ) -> list[pads.FileFragment]:
+    """Every file (markers included) of the ``_SUCCESS`` partitions of ``table``; none once
+    the root is migrated (:func:`migrated_marker`): then only records count."""
+    fs, root = output_fs(table_dir(output, table))
+    if _migrated(output) or not fs.exists(root):
         return []
-    # Hidden ('.') folders, a commit's incoming and retired copies, are skipped; '_' files are
-    # kept so that the markers are seen. The schema is given, so no file is opened here.
-    found = pads.dataset(root, filesystem=fs, format="parquet", partitioning=PARTITIONING,
-                         schema=PARTITION_SCHEMA, ignore_prefixes=["."])
-    where = None if run_date is None else pc.field("run_date") == run_date
+    # Hidden ('.') folders, a former commit's incoming and retired copies, are skipped; '_'
+    # files are kept so that the markers are seen. The schema is given: no file is opened.
+    found = pads.dataset(root, filesystem=fs, format="parquet",
+                         partitioning=LEGACY_PARTITIONING, schema=PARTITION_SCHEMA,
+                         ignore_prefixes=["."])
+    where = None if run_date is None else pc.field("run_date") == partition_value(run_date)
     files = list(found.get_fragments(filter=where))
     committed = {_parent(f.path) for f in files if _name(f.path) == SUCCESS_MARKER}
     return [f for f in files if _parent(f.path) in committed]
 
 
-def read_partition(output: str, date: str, table: str = SCORES,
-                   columns: Sequence[str] | None = None) -> pa.Table | None:
-    """Every dataset's committed ``date`` rows of ``table`` (all columns, or ``columns``) plus
-    a string ``dataset`` column (the folder value), or None when the date has no data file.
-
-    Files whose columns differ (written by different runs) are read with their schemas
-    unified; a column a file lacks reads as null.
-    """
-    parts = [f for f in _committed_files(output, table, date)
-             if f.path.endswith(".parquet") and not _name(f.path).startswith(("_", "."))]
-    if not parts:
-        return None
-    schema = pa.unify_schemas([f.physical_schema for f in parts] + [PARTITION_SCHEMA],
-                              promote_options="permissive")
-    data = pads.FileSystemDataset(parts, schema, pads.ParquetFileFormat(),
-                                  filesystem=parts[0].filesystem)
-    if columns is None:
-        columns = [n for n in schema.names if n not in PARTITION_COLUMNS]
-    wanted = [c for c in columns if c != "dataset"] + ["dataset"]
-    return data.to_table(columns=wanted)
+def legacy_dates(output: str, table: str) -> list[str]:
+    """Dates with former-layout ``_SUCCESS`` partitions of ``table`` (none once migrated)."""
+    return _legacy_dates(output, table)
 
 
-def committed_dates(output: str, table: str = SCORES) -> list[str]:
-    """Dates with at least one committed partition of ``table``, oldest first."""
+def _legacy_dates(output: str, table: str) -> list[str]:
     dates = {pads.get_partition_keys(f.partition_expression).get("run_date")
-             for f in _committed_files(output, table) if _name(f.path) == SUCCESS_MARKER}
-    return sorted(d for d in dates if d)
+             for f in _legacy_fragments(output, table) if _name(f.path) == SUCCESS_MARKER}
+    return sorted(decode_value(d) for d in dates if d)
 
 
-def previous_date(output: str, date: str) -> str | None:
-    """The latest date before ``date`` with committed scores: the 'previous night' for drift."""
-    earlier = [d for d in committed_dates(output) if d < date]
-    return earlier[-1] if earlier else None
+def legacy_record(output: str, run_date: str) -> Record | None:
+    """A date's ``_SUCCESS`` partitions, as an output root without commit records has them,
+    as a version-0 record (dataset values as the folders hold them), or None."""
+    _, root = output_fs(output)
+    tables = {}
+    for table in PARTITIONED_TABLES:
+        by_dataset: dict[str, list[str]] = {}
+        for f in _legacy_fragments(output, table, run_date):
+            if not f.path.endswith(".parquet") or _name(f.path).startswith(("_", ".")):
+                continue
+            dataset = pads.get_partition_keys(f.partition_expression).get("dataset")
+            by_dataset.setdefault(dataset, []).append(posixpath.relpath(f.path, root))
+        if by_dataset:
+            tables[table] = tuple(Partition(d, LEGACY_RUN, tuple(sorted(p)))
+                                  for d, p in sorted(by_dataset.items()))
+    if not tables:
+        return None
+    return Record(run_date, 0, LEGACY_RUN, "", "", tables)

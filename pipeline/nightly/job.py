@@ -16,14 +16,17 @@ Rules, in the order they apply:
   partition with the same ``model_id`` and ``k`` is not scored again; its rows are carried
   into the new partition. ``--force`` rescores every query of the date. Rows of other
   models, other ``k``, seeds not asked for or queries no longer in the manifest are dropped.
-* **Idempotent**: the new partition (carried + new rows) is written aside and swapped in
-  with a ``_SUCCESS`` marker (``transforms.write``); other dates are never touched and a
-  failed run leaves the previous partition as it was.
+* **Idempotent and whole**: the night holds the date's lock (a second run of the date
+  waits ``lock_wait_s`` or refuses). The new partitions (carried + new rows), the summary,
+  the drift report and ``nightly.json`` are written aside and put in force together by one
+  commit record of the date (``pipeline.core.commit``); other dates are never touched and a
+  failed or killed run leaves the previous result, every table of it, in force.
 * **Reference features** are cached in ``OUT/_feature_cache`` (``--feature-cache``), keyed by
   image content hash and backbone identity: unchanged references are not extracted again.
 * **Drift**: per dataset, the score quantiles (p50, p90, p99) and the count of scores at or
-  above ``--alert-threshold`` against the latest earlier date with scores, written beside the
-  summary as ``drift.{parquet,json,md}``; ``--fail-on-drift`` turns an alert into exit code 3.
+  above ``--alert-threshold`` (tonight's: the scores this night commits) against the latest
+  earlier date with scores, committed with the night and published beside the summary as
+  ``drift.{parquet,json,md}``; ``--fail-on-drift`` turns an alert into exit code 3.
 
 The plan is :mod:`pipeline.nightly.plan`, the drift statistics :mod:`pipeline.nightly.drift`
 and the partitions of earlier runs are read through :mod:`pipeline.core.layout`; this module
@@ -44,18 +47,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.runners.runner import PipelineResult
 
+from pipeline.core.commit import (CommitPlan, Staged, commit_run, date_lease, preview,
+                                  read_staged, relative)
 from pipeline.core.config import ScoreConfig
-from pipeline.core.layout import previous_date, read_partition, staging_root, summary_dir
+from pipeline.core.layout import (DRIFT as DRIFT_TABLE, NIGHTLY, previous_date, read_files,
+                                  read_partition, summary_dir)
 from pipeline.core.manifest import validate_manifest_schema
 from pipeline.core.reports import jsonable
-from pipeline.core.schemas import ERRORS, SCORES
+from pipeline.core.schemas import SCORES
 from pipeline.core.selection import RowSelection
 from pipeline.model.loading import heads_hash, model_id
 from pipeline.nightly.drift import DRIFT, drift_markdown, drift_report, drift_status, write_drift
 from pipeline.nightly.plan import DATE_COLUMN, NightPlan, date_queries, plan_night
 from pipeline.run import run_score
 from pipeline.runner import counter, runner_name
-from transforms.write import recover_partitions
 
 LOG = logging.getLogger(__name__)
 
@@ -75,6 +80,8 @@ class NightlyOptions:
     alert_threshold: float = DEFAULT_ALERT_THRESHOLD
     drift_tolerance: float = DEFAULT_DRIFT_TOLERANCE
     fail_on_drift: bool = False
+    #: Seconds to wait for another run of the same date to finish (0: refuse at once).
+    lock_wait_s: float = 0.0
 
 
 @dataclass
@@ -107,54 +114,49 @@ class NightlyReport:
 
 def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
                 options: NightlyOptions = NightlyOptions()) -> NightlyReport:
-    """Score ``config.run_date``'s queries into its partition, then report drift."""
+    """Score ``config.run_date``'s queries into its partitions, report drift, and commit it
+    all with one record of the date, under the date's lock."""
     date = config.run_date
     schema = validate_manifest_schema(config.manifest)
     mid = model_id(config.backbone, heads_hash(config.checkpoint))
     report = NightlyReport(date=date, run_id=config.run_id, model_id=mid,
                            manifest=config.manifest, output=config.output,
                            runner=runner_name(beam_args), forced=options.force)
-    for table in (SCORES, ERRORS):
-        recover_partitions(config.output, table, date)
+    with date_lease(config.output, date, config.run_id, wait_s=options.lock_wait_s) as lease:
+        queries = date_queries(config.manifest, schema, date)
+        existing = read_partition(config.output, date)
+        plan = plan_night(list(queries), _keys(existing), model=mid, k=config.k,
+                          seeds=config.seeds, force=options.force)
+        report.queries_on_date, report.already_scored = plan.queries, len(plan.skip)
+        report.scored_queries, report.carried_rows = plan.to_score, plan.carried_rows
+        report.dropped_rows = plan.dropped_rows
+        LOG.info("Night %s: %d queries captured, %d already scored with %s, %d to score; "
+                 "%d rows carried, %d dropped", date, plan.queries, len(plan.skip), mid,
+                 plan.to_score, plan.carried_rows, plan.dropped_rows)
 
-    queries = date_queries(config.manifest, schema, date)
-    existing = read_partition(config.output, date)
-    plan = plan_night(list(queries), _keys(existing), model=mid, k=config.k,
-                      seeds=config.seeds, force=options.force)
-    report.queries_on_date, report.already_scored = plan.queries, len(plan.skip)
-    report.scored_queries, report.carried_rows = plan.to_score, plan.carried_rows
-    report.dropped_rows = plan.dropped_rows
-    LOG.info("Night %s: %d queries captured, %d already scored with %s, %d to score; "
-             "%d rows carried, %d dropped", date, plan.queries, len(plan.skip), mid,
-             plan.to_score, plan.carried_rows, plan.dropped_rows)
-
-    if plan.queries == 0:
-        LOG.warning("The manifest has no query with %s %s: nothing to score; existing "
-                    "partitions of that date are left as they are", DATE_COLUMN, date)
-        report.skipped = True
-    elif plan.up_to_date:
-        LOG.info("Partition %s is up to date (use --force to rescore)", date)
-        report.skipped = True
-    else:
-        started = time.monotonic()
-        try:
-            carried = _stage_carried(config, _carried(existing, plan, queries))
+        staged = Staged()
+        if plan.queries == 0:
+            LOG.warning("The manifest has no query with %s %s: nothing to score; existing "
+                        "partitions of that date are left as they are", DATE_COLUMN, date)
+            report.skipped = True
+        elif plan.up_to_date:
+            LOG.info("Partition %s is up to date (use --force to rescore)", date)
+            report.skipped = True
+        else:
+            started = time.monotonic()
+            carried = _stage_carried(lease, _carried(existing, plan, queries))
             result = run_score(config, beam_args, manifest_schema=schema, model=mid,
                                selection=RowSelection(query_date=date, skip=plan.skip,
                                                       references_until=date,
-                                                      carried_scores=carried))
-        finally:
-            _remove_staging(config.output, config.run_id)
-        report.pipeline_seconds = round(time.monotonic() - started, 3)
-        _record_metrics(report, result, cached=bool(config.feature_cache))
+                                                      carried_scores=carried),
+                               plan=lease, commit=False)
+            staged = read_staged(lease)
+            report.pipeline_seconds = round(time.monotonic() - started, 3)
+            _record_metrics(report, result, cached=bool(config.feature_cache))
 
-    _report_drift(config, options, report)
-    out_dir = summary_dir(config.output, date)
-    report.files["report"] = f"{out_dir}/nightly.json"
-    fs, local = fsspec.core.url_to_fs(out_dir)
-    fs.makedirs(local, exist_ok=True)
-    with fsspec.open(report.files["report"], "w") as f:
-        json.dump(jsonable(dataclasses.asdict(report)), f, indent=2, allow_nan=False, default=str)
+        staged = staged + _report_drift(config, options, report, lease, staged)
+        staged = staged + _stage_report(lease, report)
+        commit_run(lease, staged)
     return report
 
 
@@ -171,16 +173,17 @@ def _carried(existing: pa.Table | None, plan: NightPlan, queries: dict[str, str]
     if existing is None or not plan.carried_rows:
         return None
     carried = existing.filter(pa.array(plan.carry))
-    # Folder values are sanitised dataset names; carried rows get the manifest's own.
+    # Rows keep the dataset the manifest gives their image now (a partition adopted from the
+    # former layout may also hold a sanitised folder value).
     names = pa.array([queries[i] for i in carried.column("image_id").to_pylist()], pa.string())
     return carried.set_column(carried.schema.get_field_index("dataset"), "dataset", names)
 
 
-def _stage_carried(config: ScoreConfig, carried: pa.Table | None) -> str | None:
+def _stage_carried(lease: CommitPlan, carried: pa.Table | None) -> str | None:
     """Write the carried rows into the run's staging folder for the job to read back."""
     if carried is None or not carried.num_rows:
         return None
-    path = f"{staging_root(config.output, config.run_id)}/carried/carried.parquet"
+    path = lease.staging_url("carried", "carried.parquet")
     fs, local = fsspec.core.url_to_fs(path)
     fs.makedirs(local.rpartition("/")[0], exist_ok=True)
     with fs.open(local, "wb") as f:
@@ -188,17 +191,15 @@ def _stage_carried(config: ScoreConfig, carried: pa.Table | None) -> str | None:
     return path
 
 
-def _remove_staging(output: str, run_id: str) -> None:
-    """This run's staging folder, and the staging root once no run uses it."""
-    fs, local = fsspec.core.url_to_fs(staging_root(output, run_id))
-    if fs.exists(local):
-        fs.rm(local, recursive=True)
-    parent = local.rpartition("/")[0]
-    try:
-        if fs.exists(parent) and not fs.ls(parent):
-            fs.rmdir(parent)
-    except OSError:  # another run started staging meanwhile
-        pass
+def _stage_report(lease: CommitPlan, report: NightlyReport) -> Staged:
+    """``nightly.json`` into the run's staging folder, to be committed with the night."""
+    report.files["report"] = f"{summary_dir(lease.output, lease.run_date)}/nightly.json"
+    path = lease.staging_url("reports", "nightly.json")
+    fs, local = fsspec.core.url_to_fs(path)
+    fs.makedirs(local.rpartition("/")[0], exist_ok=True)
+    with fs.open(local, "w") as f:
+        json.dump(jsonable(dataclasses.asdict(report)), f, indent=2, allow_nan=False, default=str)
+    return Staged(reports=((NIGHTLY, relative(lease.output, path)),))
 
 
 def _record_metrics(report: NightlyReport, result: PipelineResult, *, cached: bool) -> None:
@@ -221,26 +222,35 @@ def _scores_frame(output: str, date: str | None) -> pd.DataFrame | None:
     return None if table is None else table.to_pandas()
 
 
-def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyReport) -> None:
+def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyReport,
+                  lease: CommitPlan, staged: Staged) -> Staged:
+    """The drift of the scores this night commits (``staged`` over the record in force)
+    against the previous night's, staged for the night's commit."""
     date = config.run_date
-    today = _scores_frame(config.output, date)
-    if today is None:
+    tonight = [(d, f) for d, f in preview(lease, staged, SCORES) if f.endswith(".parquet")]
+    table = read_files(config.output, tonight, columns=["final_score"])
+    if table is None:
         LOG.warning("No scores for %s: no drift report", date)
-        return
+        return Staged()
     before = previous_date(config.output, date)
     report.previous_date = before
-    drift = drift_status(drift_report(today, _scores_frame(config.output, before),
+    drift = drift_status(drift_report(table.to_pandas(), _scores_frame(config.output, before),
                                       threshold=options.alert_threshold),
                          options.drift_tolerance)
     report.drift = json.loads(drift.to_json(orient="records"))
     report.alerts = drift.loc[drift["status"] == DRIFT, "dataset"].tolist()
-    report.files.update(write_drift(
-        drift, summary_dir(config.output, date), date=date, previous=before,
+    written = write_drift(
+        drift, lease.staging_url("reports"), date=date, previous=before,
         extra={"run_date": date, "previous_date": before, "run_id": config.run_id,
                "model_id": report.model_id, "threshold": options.alert_threshold,
-               "tolerance": options.drift_tolerance}))
+               "tolerance": options.drift_tolerance})
+    published = summary_dir(config.output, date)
+    report.files.update({key: f"{published}/{path.rpartition('/')[2]}"
+                         for key, path in written.items()})
     LOG.info("Drift %s vs %s:\n%s", date, before or "no previous night",
              drift_markdown(drift, date, before))
     for dataset in report.alerts:
         LOG.warning("Score drift in dataset %r between %s and %s (tolerance %.3f)",
                     dataset, before, date, options.drift_tolerance)
+    return Staged(reports=tuple((DRIFT_TABLE, relative(config.output, path))
+                                for path in written.values()))

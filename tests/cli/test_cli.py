@@ -92,3 +92,22 @@ def test_an_unwritable_output_fails_in_one_line_before_the_pipeline(monkeypatch,
     assert cli.main(["score", "--manifest", "m.parquet", "--output", "/proc/nope"]) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "/proc/nope" in errors[0] and "not writable" in errors[0]
+
+
+def test_a_date_held_by_another_run_exits_4_in_one_line(monkeypatch, tmp_path, caplog):
+    import pipeline.run
+    from pipeline.core.locks import LockHeld
+
+    waits = []
+
+    def held(config, beam_args, lock_wait_s=0.0, **kwargs):
+        waits.append(lock_wait_s)
+        raise LockHeld(f"{config.output} date {config.run_date} is held by run other-run")
+
+    monkeypatch.setattr(pipeline.run, "run_score", held)
+    out = str(tmp_path / "out")
+    assert cli.main(["score", "--manifest", "m.parquet", "--output", out, "--lock-wait", "2.5",
+                     "--run-date", "2024-01-02"]) == cli.EXIT_LOCKED == 4
+    assert waits == [2.5]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "held by run other-run" in errors[0]

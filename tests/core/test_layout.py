@@ -1,28 +1,38 @@
-"""The output layout: paths, and reading committed partitions back with hive partitioning."""
+"""The output layout: paths, encoded partition values, and reading the tables in force back
+through the dates' commit records (and outputs written before records existed)."""
 from __future__ import annotations
 
+import json
 import os
 
+import fsspec
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import pytest
-
-from pipeline.core.layout import (INCOMING, RETIRED, SUCCESS_MARKER, aside_dir, aside_glob,
-                                  committed_dates, is_retired, partition_dir, partition_glob,
-                                  previous_date, read_partition, staging_root)
+from pipeline.core.commit import CommitPlan, Staged, commit_run, date_lease
+from pipeline.core.layout import (INCOMING, NULL_PARTITION, SUCCESS_MARKER, aside_dir,
+                                  commits_dir, committed_dates, current_files, current_record,
+                                  decode_value, migrated_marker, partition_dir, partition_value,
+                                  previous_date, read_partition, staging_path, staging_root,
+                                  summary_dir, unstorable_reason)
 from pipeline.core.schemas import ERRORS, SCORES
 
 D1, D2, D3 = "2024-01-01", "2024-01-02", "2024-01-03"
 
 
-def put(folder: str, scores: list[float], *, commit: bool = True, name: str = "part-0",
-        **columns) -> None:
-    """A part file of ``final_score`` (+ ``columns``) in ``folder``, marked committed or not."""
-    os.makedirs(folder, exist_ok=True)
-    pq.write_table(pa.table({"final_score": scores, **columns}), f"{folder}/{name}.parquet")
-    if commit:
-        with open(f"{folder}/{SUCCESS_MARKER}", "w") as f:
-            f.write("run\n")
+def stage(out: str, date: str, run: str, parts: dict, table: str = SCORES) -> Staged:
+    """Part files of ``final_score`` per dataset in run ``run``'s staging folder."""
+    staged = []
+    for n, (dataset, scores) in enumerate(parts.items()):
+        rel = f"{staging_path(date, run)}/{table}/part-{run}-{n}.parquet"
+        os.makedirs(os.path.dirname(f"{out}/{rel}"), exist_ok=True)
+        pq.write_table(pa.table({"final_score": pa.array(scores, pa.float64())}), f"{out}/{rel}")
+        staged.append((table, dataset, rel))
+    return Staged(parts=tuple(staged))
+
+
+def commit(out: str, date: str, run: str, parts: dict, table: str = SCORES):
+    return commit_run(CommitPlan(out, date, run), stage(out, date, run, parts, table))
 
 
 def frame(table: pa.Table | None) -> list[tuple]:
@@ -30,95 +40,147 @@ def frame(table: pa.Table | None) -> list[tuple]:
     return sorted(zip(table["dataset"].to_pylist(), table["final_score"].to_pylist()))
 
 
-def test_only_committed_partitions_are_read(tmp_path):
+def put_legacy(folder: str, scores: list[float], *, commit: bool = True) -> None:
+    """A part file as the former layout wrote it (marker per folder, no record)."""
+    os.makedirs(folder, exist_ok=True)
+    pq.write_table(pa.table({"final_score": scores}), f"{folder}/part-0.parquet")
+    if commit:
+        with open(f"{folder}/{SUCCESS_MARKER}", "w") as f:
+            f.write("old-run\n")
+
+
+def test_partition_values_are_percent_encoded_like_pyarrow(tmp_path):
+    values = ["a/b", "a_b", "a=b", "a:b", "ä b", "%41", ".hidden", "a+b", "", "x\ny", "123"]
+    for v in values:
+        assert decode_value(partition_value(v)) == v
+    assert len({partition_value(v) for v in values}) == len(values)
+    assert partition_value(None) == NULL_PARTITION and decode_value(NULL_PARTITION) is None
+    # pyarrow's own hive writer makes the same folder names.
+    pads.write_dataset(pa.table({"v": values, "dataset": values}), str(tmp_path),
+                       format="parquet", partitioning=["dataset"], partitioning_flavor="hive")
+    assert sorted(os.listdir(tmp_path)) == sorted(f"dataset={partition_value(v)}"
+                                                 for v in values)
+
+
+def test_names_too_long_for_a_folder_are_refused():
+    fits = "x" * (255 - len("dataset="))
+    assert unstorable_reason("dataset", fits) is None
+    assert "256 bytes" in unstorable_reason("dataset", fits + "x")
+    # Percent-encoding counts: 'ä' takes 6 bytes in the folder name.
+    assert "over the 255-byte limit" in unstorable_reason("dataset", "ä" * 42)
+    assert "reserved" in unstorable_reason("dataset", NULL_PARTITION)
+    assert unstorable_reason("dataset", None) is None
+
+
+def test_paths():
+    assert partition_dir("gs://b/out", SCORES, "a/b", D2) == (
+        "gs://b/out/scores/dataset=a%2Fb/run_date=2024-01-02")
+    assert summary_dir("s3://b/out/", D2) == "s3://b/out/summary/run_date=2024-01-02"
+    assert staging_root("/o", D2, "r/1") == "/o/_staging/run_date=2024-01-02/r%2F1"
+    assert commits_dir("/o", D2) == "/o/_commits/run_date=2024-01-02"
+
+
+def test_only_what_the_record_names_is_read(tmp_path):
     out = str(tmp_path)
-    put(partition_dir(out, SCORES, "a", D2), [0.1, 0.2])
-    put(partition_dir(out, SCORES, "b", D2), [0.3])
-    put(partition_dir(out, SCORES, "uncommitted", D2), [9.0], commit=False)
-    put(partition_dir(out, SCORES, "a", D1), [8.0])  # another date
-    # A commit in progress and one that died: new and retired copies beside the partitions.
-    put(aside_dir(partition_dir(out, SCORES, "a", D2), INCOMING, "r2"), [7.0])
-    put(aside_dir(partition_dir(out, SCORES, "c", D2), RETIRED, "r1"), [6.0])
-    put(f"{staging_root(out, 'r2')}/{SCORES}/dataset=a", [5.0])
-    put(partition_dir(out, ERRORS, "a", D2), [4.0])  # another table
+    commit(out, D2, "r1", {"a": [0.1, 0.2], "b/x": [0.3]})
+    commit(out, D1, "r0", {"a": [8.0]})
+    commit(out, D2, "e1", {"a": [4.0]}, table=ERRORS)
+    # Files no record names: a dead commit's, staging, a stray '_' file.
+    put_legacy(partition_dir(out, SCORES, "c", D2), [9.0], commit=False)
+    put_legacy(f"{staging_root(out, D2, 'r2')}/{SCORES}", [5.0], commit=False)
     with open(f"{partition_dir(out, SCORES, 'a', D2)}/_common_metadata", "w") as f:
-        f.write("not parquet")  # '_' files are not data
+        f.write("not parquet")
 
     table = read_partition(out, D2)
-    assert frame(table) == [("a", 0.1), ("a", 0.2), ("b", 0.3)]
+    assert frame(table) == [("a", 0.1), ("a", 0.2), ("b/x", 0.3)]
     assert "run_date" not in table.column_names
     assert frame(read_partition(out, D2, ERRORS)) == [("a", 4.0)]
     assert frame(read_partition(out, D1)) == [("a", 8.0)]
     assert read_partition(out, D3) is None
     assert read_partition(str(tmp_path / "nothing"), D2) is None
-
-
-def test_folder_values_come_back_as_written_strings(tmp_path):
-    out = str(tmp_path)
-    for name in ("123", "2024-05-01", "a%41b", "007"):
-        put(partition_dir(out, SCORES, name, D2), [0.5])
-    table = read_partition(out, D2, columns=["final_score"])
-    assert table.schema.field("dataset").type == pa.string()
-    assert sorted(table["dataset"].to_pylist()) == ["007", "123", "2024-05-01", "a%41b"]
-    assert table.column_names == ["final_score", "dataset"]
+    assert read_partition(out, D2, columns=["final_score"]).column_names == [
+        "final_score", "dataset"]
 
 
 def test_files_of_different_runs_are_read_with_one_schema(tmp_path):
     out = str(tmp_path)
-    put(partition_dir(out, SCORES, "a", D2), [0.1], image_id=["x"])
-    put(partition_dir(out, SCORES, "b", D2), [0.2], image_id=["y"], patch_map=[[1.0, 2.0]])
-    put(partition_dir(out, SCORES, "b", D2), [], name="part-empty",
-        image_id=pa.array([], pa.string()), patch_map=pa.array([], pa.list_(pa.float64())))
-    table = read_partition(out, D2)
-    rows = sorted(table.to_pylist(), key=lambda r: r["dataset"])
-    assert rows == [{"final_score": 0.1, "image_id": "x", "patch_map": None, "dataset": "a"},
-                    {"final_score": 0.2, "image_id": "y", "patch_map": [1.0, 2.0],
-                     "dataset": "b"}]
-    assert read_partition(out, D2, columns=["image_id", "dataset"]).column_names == [
-        "image_id", "dataset"]
-
-
-def test_an_empty_committed_partition_reads_as_no_rows(tmp_path):
-    out = str(tmp_path)
-    put(partition_dir(out, SCORES, "a", D2), [], name="part-empty")
-    table = read_partition(out, D2)
-    assert table is not None and table.num_rows == 0
-    assert table.column_names == ["final_score", "dataset"]
+    commit(out, D2, "r1", {"a": [0.1]})
+    rel = f"{staging_path(D2, 'r2')}/{SCORES}/part-2.parquet"
+    os.makedirs(os.path.dirname(f"{out}/{rel}"))
+    pq.write_table(pa.table({"final_score": [0.2], "patch_map": [[1.0, 2.0]]}), f"{out}/{rel}")
+    commit_run(CommitPlan(out, D2, "r2"), Staged(parts=((SCORES, "b", rel),)))
+    rows = sorted(read_partition(out, D2).to_pylist(), key=lambda r: r["dataset"])
+    assert rows == [{"final_score": 0.1, "patch_map": None, "dataset": "a"},
+                    {"final_score": 0.2, "patch_map": [1.0, 2.0], "dataset": "b"}]
 
 
 def test_committed_and_previous_dates(tmp_path):
     out = str(tmp_path)
     for ds, date in (("a", D1), ("b", D3), ("a", "2024-01-05"), ("123", D3)):
-        put(partition_dir(out, SCORES, ds, date), [0.1])
-    put(partition_dir(out, SCORES, "a", "2024-01-04"), [0.1], commit=False)
-    put(aside_dir(partition_dir(out, SCORES, "a", D2), INCOMING, "x"), [0.1])
-    put(partition_dir(out, ERRORS, "a", "2024-01-06"), [0.1])
+        commit(out, date, f"r-{ds}-{date}", {ds: [0.1]})
+    put_legacy(partition_dir(out, SCORES, "a", "2024-01-04"), [0.1], commit=False)
+    commit(out, "2024-01-06", "e", {"a": [0.1]}, table=ERRORS)
     assert committed_dates(out) == [D1, D3, "2024-01-05"]
     assert committed_dates(out, ERRORS) == ["2024-01-06"]
     assert previous_date(out, "2024-01-05") == D3
-    assert previous_date(out, "2024-01-04") == D3  # uncommitted: not a night
-    assert previous_date(out, D3) == D1  # hidden D2 commit: not a night
+    assert previous_date(out, "2024-01-04") == D3  # no record: not a night
+    assert previous_date(out, D3) == D1
     assert previous_date(out, D1) is None
     assert committed_dates(str(tmp_path / "nothing")) == []
 
 
-def test_commit_folders_sit_beside_their_partition():
-    final = partition_dir("gs://b/out", SCORES, "a/b", D2)
-    assert final == "gs://b/out/scores/dataset=a_b/run_date=2024-01-02"
-    incoming, retired = aside_dir(final, INCOMING, "r1"), aside_dir(final, RETIRED, "r1")
-    assert incoming == "gs://b/out/scores/dataset=a_b/.run_date=2024-01-02.incoming-r1"
-    assert is_retired(retired) and not is_retired(incoming) and not is_retired(final)
-    assert aside_glob(partition_glob("gs://b/out", SCORES, D2)) == (
-        "gs://b/out/scores/dataset=*/.run_date=2024-01-02.*")
-
-
-def test_reads_what_a_commit_committed(tmp_path):
-    """The writer's commit and these readers agree on the layout."""
-    write = pytest.importorskip("transforms.write")
+def test_current_files_and_the_record_document(tmp_path):
     out = str(tmp_path)
-    staged = f"{staging_root(out, 'r1')}/{SCORES}/dataset=123/part-1.parquet"
-    put(os.path.dirname(staged), [0.4], commit=False, name="part-1")
-    write.commit_partitions(out, SCORES, D2, "r1", [("123", staged)], ["123", "empty"],
-                            schema=pa.schema([("final_score", pa.float64())]))
-    assert frame(read_partition(out, D2)) == [("123", 0.4)]
+    commit(out, D2, "r1", {"a/b": [0.1], "c": [0.2]})
+    files = current_files(out, SCORES, D2)
+    assert [f.split("/scores/")[1].rpartition("/")[0] for f in files] == [
+        "dataset=a%2Fb/run_date=2024-01-02", "dataset=c/run_date=2024-01-02"]
+    assert current_files(out, SCORES) == files
+    (name,) = os.listdir(commits_dir(out, D2))
+    with open(f"{commits_dir(out, D2)}/{name}") as f:
+        doc = json.load(f)
+    assert doc["format"] == "inctrl-commit/1" and doc["version"] == 1 and doc["run_id"] == "r1"
+    part = doc["tables"]["scores"]["partitions"][0]
+    assert part["dataset"] == "a/b" and part["files"][0].startswith("scores/dataset=a%2Fb/")
+
+
+def test_outputs_written_before_records_are_read_then_adopted(tmp_path):
+    out = str(tmp_path)
+    # The former layout: sanitised folder values, a marker per committed folder.
+    put_legacy(f"{out}/{SCORES}/dataset=a_b/run_date={D2}", [0.5])
+    put_legacy(f"{out}/{SCORES}/dataset=k/run_date={D2}", [0.7])
+    put_legacy(f"{out}/{SCORES}/dataset=u/run_date={D2}", [0.9], commit=False)
+    put_legacy(aside_dir(f"{out}/{SCORES}/dataset=k/run_date={D2}", INCOMING, "x"), [0.6])
+    assert frame(read_partition(out, D2)) == [("a_b", 0.5), ("k", 0.7)]
+    assert current_record(out, D2).version == 0
     assert committed_dates(out) == [D2]
+    # The first commit records them (version 1), then replaces what its datasets cover:
+    # "a/b" was stored as "a_b" by the former layout.
+    record = commit(out, D2, "r1", {"a/b": [0.1]})
+    assert record.version == 2
+    assert frame(read_partition(out, D2)) == [("a/b", 0.1), ("k", 0.7)]
+    assert not os.path.exists(f"{out}/{SCORES}/dataset=a_b/run_date={D2}/part-0.parquet")
+
+
+def test_the_first_run_on_an_old_root_records_every_old_date(tmp_path):
+    out = str(tmp_path)
+    put_legacy(f"{out}/{SCORES}/dataset=a/run_date={D1}", [0.5])
+    put_legacy(f"{out}/{ERRORS}/dataset=a/run_date={D3}", [0.6])
+    with date_lease(out, D2, "r1"):
+        pass
+    assert os.path.exists(migrated_marker(out))
+    assert current_record(out, D1).version == 1 and current_record(out, D3).version == 1
+    assert frame(read_partition(out, D1)) == [("a", 0.5)]
+    assert committed_dates(out) == [D1] and committed_dates(out, ERRORS) == [D3]
+
+
+def test_any_fsspec_file_system():
+    output = "memory://layout-test/out"
+    fs = fsspec.filesystem("memory")
+    rel = f"{staging_path(D2, 'm1')}/{SCORES}/part-1.parquet"
+    with fs.open(f"/layout-test/out/{rel}", "wb") as f:
+        pq.write_table(pa.table({"final_score": [0.25]}), f)
+    commit_run(CommitPlan(output, D2, "m1"), Staged(parts=((SCORES, "a/b", rel),)))
+    assert frame(read_partition(output, D2)) == [("a/b", 0.25)]
+    assert current_files(output, SCORES, D2)[0].startswith(
+        "memory://layout-test/out/scores/dataset=a%2Fb/")

@@ -51,8 +51,8 @@ def test_error_schema_names_stage_and_reason():
 
 
 @pytest.mark.parametrize("value,expected", [
-    ("mvtec", "mvtec"), ("a/b=c", "a_b_c"), (None, UNKNOWN_DATASET), ("", UNKNOWN_DATASET)])
-def test_partition_values_are_safe_folder_names(value, expected):
+    ("mvtec", "mvtec"), ("a/b=c", "a%2Fb%3Dc"), (None, UNKNOWN_DATASET), ("", "")])
+def test_partition_values_are_reversible_folder_names(value, expected):
     assert partition_value(value) == expected
     assert partition_dir("/out", "scores", value, "2024-01-02") == (
         f"/out/scores/dataset={expected}/run_date=2024-01-02")

@@ -1,8 +1,9 @@
 """The nightly job end to end on the DirectRunner, night after night.
 
 One module-scoped history runs the job as an operator would (first night, second night, a
-rerun, a late query, a crashed run, a forced rerun) and snapshots the output after each
-step; the tests read the snapshots. Tiny backbone, 26 demo images, about a minute in all.
+rerun, a late query, an overlapping run refused, a crashed run, a forced rerun) and
+snapshots the output after each step; the tests read the snapshots. Tiny backbone, 26 demo
+images, about a minute in all.
 """
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ from pipeline.core.demo_data import generate_demo
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
 from pipeline.model.backbone import tiny_spec
-from pipeline.core.layout import FEATURE_CACHE_DIR
+from pipeline.core.layout import (DRIFT, FEATURE_CACHE_DIR, NIGHTLY, SUMMARY, current_record,
+                                  summary_dir)
+from pipeline.core.locks import DateLock, LockHeld
+from pipeline.core.schemas import ERRORS, SCORES
 from pipeline.nightly.job import NightlyOptions, NightlyReport, run_nightly
 import transforms.score
 
@@ -117,6 +121,9 @@ def history(tmp_path_factory):
     def broken(self, *args, **kwargs):
         raise RuntimeError("scoring crashed")
 
+    # An overlapping run of the same date (a cron firing while a manual rerun goes on).
+    with DateLock(out, D1, "manual-rerun"):
+        steps["locked1"] = night(D1, "locked1", "manifest_late.parquet", force=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(transforms.score._ScoreFn, "process", broken)
         steps["crash1"] = night(D1, "crash1", "manifest_late.parquet", force=True)
@@ -227,3 +234,35 @@ def test_force_rescores_every_query_once(history):
     assert set(rows["run_id"]) == {"force1"}
     assert len(scores(files, D2)) == 16
     assert not os.path.exists(os.path.join(history["out"], "_staging"))
+
+
+def tables(files: dict[str, bytes]) -> dict[str, bytes]:
+    """A snapshot's tables and records, without the lock files."""
+    return {p: d for p, d in files.items() if not p.startswith("_locks/")}
+
+
+def test_a_night_commits_all_its_tables_with_one_record(history):
+    out = history["out"]
+    record = current_record(out, D2)  # night2 was the last run of D2
+    assert record.run_id == "night2"
+    for table in (SCORES, ERRORS):
+        assert {p.run_id for p in record.partitions(table)} == {"night2"}
+        assert {p.dataset for p in record.partitions(table)} == {
+            "industrial_objects", "industrial_textures", "medical_scans"}
+    for report in (SUMMARY, DRIFT, NIGHTLY):
+        (part,) = record.partitions(report)
+        assert part.run_id == "night2"
+        for path in part.files:  # the published copies are the committed files
+            name = path.rpartition("/")[2]
+            with open(f"{out}/{path}", "rb") as a, open(f"{summary_dir(out, D2)}/{name}",
+                                                           "rb") as b:
+                assert a.read() == b.read()
+
+
+def test_an_overlapping_run_of_the_date_is_refused_and_changes_nothing(history):
+    steps = history["steps"]
+    locked = steps["locked1"]
+    assert isinstance(locked.error, LockHeld)
+    assert f"Run date {D1}" in str(locked.error)
+    assert "locked by run 'manual-rerun'" in str(locked.error)
+    assert tables(locked.files) == tables(steps["late1"].files)

@@ -2,7 +2,6 @@
 flags it accepts, checked offline without cron, systemd or Airflow."""
 from __future__ import annotations
 
-import ast
 import configparser
 import os
 import re
@@ -82,60 +81,8 @@ def test_systemd_timer_starts_the_oneshot_service():
     assert config.output == settings["INCTRL_OUTPUT"]
 
 
-def beam_options_to_args(options: dict) -> list[str]:
-    """How the Airflow Beam provider turns pipeline_options into flags (its own logic)."""
-    args = []
-    for attr, value in options.items():
-        if value is None or (isinstance(value, bool) and value):
-            args.append(f"--{attr}")
-        elif isinstance(value, bool):
-            continue
-        elif isinstance(value, list):
-            args.extend(f"--{attr}={v}" for v in value)
-        else:
-            args.append(f"--{attr}={value}")
-    return args
-
-
-def render(value, context: dict):
-    """The few Jinja expressions of the DAG, rendered as Airflow would for one run."""
-    if not isinstance(value, str):
-        return value
-    return re.sub(r"\{\{\s*(.*?)\s*\}\}", lambda m: context[m.group(1)], value)
-
-
-def test_airflow_dag_runs_the_nightly_module_with_accepted_flags():
-    path = os.path.join(DEPLOY, "airflow", "inctrl_nightly_dag.py")
-    tree = ast.parse(open(path).read())
-    options = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
-                   and getattr(n.targets[0], "id", None) == "PIPELINE_OPTIONS")
-    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
-                and getattr(n.func, "id", None) == "BeamRunPythonPipelineOperator")
-    kwargs = {k.arg: k.value for k in call.keywords}
-    assert ast.literal_eval(kwargs["py_file"]) == "pipeline.nightly"
-    assert ast.literal_eval(kwargs["py_options"]) == ["-m"]
-
-    context = {"var.value.inctrl_manifest": "gs://b/m.parquet",
-               "var.value.inctrl_output": "gs://b/out",
-               "data_interval_start | ds": "2024-05-01"}
-    rendered = {k: render(v, context) for k, v in options.items()}
-    argv = ["--runner=DirectRunner", *beam_options_to_args(rendered)]
-    config, opts, beam_args = parse_nightly_args(argv)
-    assert (config.manifest, config.output, config.run_date) == ("gs://b/m.parquet",
-                                                                 "gs://b/out", "2024-05-01")
-    assert opts.fail_on_drift and beam_args == ["--runner=DirectRunner"]
-
-
 def test_python_dash_m_pipeline_nightly_is_the_entry_point():
     out = subprocess.run([sys.executable, "-m", "pipeline.nightly", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--date" in out.stdout and "--force" in out.stdout
-
-
-def test_airflow_dag_imports_when_airflow_is_installed():
-    pytest.importorskip("airflow.providers.apache.beam")
-    from airflow.models import DagBag
-
-    bag = DagBag(os.path.join(DEPLOY, "airflow"), include_examples=False)
-    assert not bag.import_errors and "inctrl_nightly" in bag.dags

@@ -1,4 +1,5 @@
-"""WritePartitioned: hive partitions committed whole; reruns replace, never duplicate."""
+"""WritePartitioned: hive partitions committed with one record; reruns replace, never
+duplicate; what plain hive readers see is the result in force."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.core.layout import partition_dir
+from pipeline.core.layout import current_record, partition_dir, read_partition
 from tests.beamtest import counter
 from transforms.write import SUCCESS_MARKER, WritePartitioned
 
@@ -47,16 +48,19 @@ def test_partitions_are_hive_folders_with_success_marker(tmp_path, test_pipeline
     result = _write(test_pipeline, out, _records("a", 3, 1) + _records("b/x", 2, 1),
                     "2024-01-01", "r1", rows_per_file=2)
     assert counter(result, f"{TABLE}_rows_written") == 5
-    for dataset, n_files in (("a", 2), ("b_x", 1)):  # "/" cannot be part of a folder value
-        folder = tmp_path / TABLE / f"dataset={dataset}" / "run_date=2024-01-01"
+    for folder, n_files in (("a", 2), ("b%2Fx", 1)):  # "/" percent-encoded, as pyarrow does
+        folder = tmp_path / TABLE / f"dataset={folder}" / "run_date=2024-01-01"
         names = sorted(os.listdir(folder))
         assert names.count(SUCCESS_MARKER) == 1
         assert len([n for n in names if n.endswith(".parquet")]) == n_files
-    assert _rows(out) == sorted([("a", "2024-01-01", f"a-{i}", 1) for i in range(3)]
-                                + [("b_x", "2024-01-01", f"b/x-{i}", 1) for i in range(2)])
+    expected = sorted([("a", "2024-01-01", f"a-{i}", 1) for i in range(3)]
+                      + [("b/x", "2024-01-01", f"b/x-{i}", 1) for i in range(2)])
+    assert _rows(out) == expected  # the exact dataset value comes back
+    assert sorted(read_partition(out, "2024-01-01", TABLE)["dataset"].to_pylist()) == sorted(
+        r[0] for r in expected)
     # Nothing hidden or staged is left beside the partitions.
     assert sorted(os.listdir(tmp_path / TABLE / "dataset=a")) == ["run_date=2024-01-01"]
-    assert not any(files for _, _, files in os.walk(tmp_path / "_staging"))
+    assert not (tmp_path / "_staging").exists()
 
 
 def test_rerun_replaces_its_partitions_and_leaves_the_rest(tmp_path, test_pipeline):
@@ -72,6 +76,14 @@ def test_rerun_replaces_its_partitions_and_leaves_the_rest(tmp_path, test_pipeli
         + [("a", "2024-01-02", f"a-{i}", 2) for i in range(2)])   # other date untouched
     marker = tmp_path / TABLE / "dataset=a" / "run_date=2024-01-01" / SUCCESS_MARKER
     assert marker.read_text().strip() == "r3"
+    # The record says which run each partition comes from; superseded files are gone.
+    record = current_record(out, "2024-01-01")
+    assert record.version == 2
+    assert {p.dataset: p.run_id for p in record.partitions(TABLE)} == {"a": "r3", "b": "r1"}
+    folder = tmp_path / TABLE / "dataset=a" / "run_date=2024-01-01"
+    assert sorted(n for n in os.listdir(folder) if n.endswith(".parquet")) == sorted(
+        f.rpartition("/")[2] for p in record.partitions(TABLE) if p.dataset == "a"
+        for f in p.files)
 
 
 def test_owned_dataset_without_rows_is_emptied(tmp_path, test_pipeline):

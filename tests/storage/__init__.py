@@ -1,0 +1,1 @@
+"""Storage: partition values, commit records, locks, object stores, killed runs."""

@@ -1,0 +1,106 @@
+"""A child process for the kill tests: runs a commit (or a whole job) and stops itself with
+SIGKILL, or waits to be killed, at a chosen step of :mod:`pipeline.core.commit`.
+
+    python -m tests.storage.killer commit SPEC.json
+    python -m tests.storage.killer job STEP N READY_FILE -- <python -m pipeline arguments>
+
+``STEP`` is a ``pipeline.core.commit._progress`` step of the commit (``started``, ``moved``,
+``recorded``, ``marked``, ``copied``, ``deleted``, ``published``) or ``staged`` (the files
+are staged, the commit not started);
+``N`` the step's ``n`` (the n-th file moved or deleted; 0 for any). At that step the child
+kills itself, or, with a READY_FILE other than ``-``, creates it and sleeps until killed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def stop_at(step: str, n: int, ready: str | None) -> None:
+    """Patch the commit's progress seam to stop the process at ``step`` (its ``n``-th time)."""
+    import pipeline.core.commit as commit
+
+    original = commit._progress
+    armed = []  # publication steps also run in the recovery before a commit: skip those
+
+    def progress(name: str, **info) -> None:
+        original(name, **info)
+        armed.extend([True] if name == "started" else [])
+        if armed and name == step and (not n or info.get("n") == n):
+            stop(ready)
+
+    commit._progress = progress
+
+
+def stop(ready: str | None) -> None:
+    if ready:
+        with open(ready, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(120)  # until the test kills us
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stage_run(spec: dict):
+    """Write a run's tables aside as a job would: scores and errors parts per dataset (every
+    row carrying the run id) and a summary naming the run."""
+    import fsspec
+
+    from pipeline.core.commit import Staged, relative
+    from pipeline.core.layout import NIGHTLY, SUMMARY, staging_root
+
+    out, date, run = spec["output"], spec["date"], spec["run"]
+    base = staging_root(out, date, run)
+    fs = fsspec.core.url_to_fs(out)[0]
+    parts, reports = [], []
+    for table, datasets in spec["tables"].items():
+        for dataset, n in datasets.items():
+            url = f"{base}/{table}/part-{len(parts)}-{os.urandom(6).hex()}.parquet"
+            fs.makedirs(url.rpartition("/")[0], exist_ok=True)
+            rows = pa.table({"image_id": [f"{dataset}-{i}" for i in range(n)],
+                             "seed": [0] * n, "run_id": [run] * n})
+            with fs.open(url, "wb") as f:
+                pq.write_table(rows, f)
+            parts.append((table, dataset, relative(out, url)))
+    for table, name in ((SUMMARY, "summary.json"), (NIGHTLY, "nightly.json")):
+        url = f"{base}/reports/{name}"
+        fs.makedirs(url.rpartition("/")[0], exist_ok=True)
+        with fs.open(url, "w") as f:
+            json.dump({"run_id": run}, f)
+        reports.append((table, relative(out, url)))
+    return Staged(tuple(parts), tuple(reports), tuple(spec.get("owned", ())))
+
+
+def run_commit(spec: dict) -> None:
+    """Stage a run and commit it under the date's lock, stopping where ``spec`` says."""
+    from pipeline.core.commit import commit_run, date_lease
+
+    stop_at(spec["step"], spec.get("n", 0), spec.get("ready"))
+    with date_lease(spec["output"], spec["date"], spec["run"]) as plan:
+        staged = stage_run(spec)
+        if spec["step"] == "staged":
+            stop(spec.get("ready"))
+        commit_run(plan, staged)
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "commit":
+        with open(argv[1]) as f:
+            run_commit(json.load(f))
+        return 0
+    if argv[0] == "job":
+        step, n, ready = argv[1], int(argv[2]), argv[3]
+        stop_at(step, n, None if ready == "-" else ready)
+        from pipeline.cli import main as cli_main
+
+        return cli_main(argv[argv.index("--") + 1:])
+    raise SystemExit(f"unknown mode {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
