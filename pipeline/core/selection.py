@@ -12,13 +12,14 @@ class RowSelection:
     score rows it keeps.
 
     The default selects everything and keeps nothing (the ``score`` job). The nightly job
-    narrows the queries to one capture date minus those already scored (``skip``), the
+    narrows the queries to one capture date minus those already scored (``skip``: (dataset,
+    image_id) pairs, since one image may be a query of several datasets), the
     references to those captured on or before that date (or undated), and carries the kept
     rows of the date's earlier run from a Parquet file (``carried_scores``).
     """
 
     query_date: str | None = None
-    skip: frozenset[str] = frozenset()
+    skip: frozenset[tuple[str, str]] = frozenset()
     references_until: str | None = None
     carried_scores: str | None = None
 
@@ -28,7 +29,7 @@ class RowSelection:
             return False
         if self.query_date is not None and row.capture_date != self.query_date:
             return False
-        return row.image_id not in self.skip
+        return (row.dataset, row.image_id) not in self.skip
 
     def is_candidate(self, row: ManifestRow) -> bool:
         """A row the reference draw may see (every non-reference row passes through)."""

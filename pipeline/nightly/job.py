@@ -144,7 +144,7 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
             report.skipped = True
         else:
             started = time.monotonic()
-            carried = _stage_carried(lease, _carried(existing, plan, queries))
+            carried = _stage_carried(lease, _carried(existing, plan))
             result = run_score(config, beam_args, manifest_schema=schema, model=mid,
                                selection=RowSelection(query_date=date, skip=plan.skip,
                                                       references_until=date,
@@ -162,21 +162,17 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
 
 def _keys(existing: pa.Table | None) -> pd.DataFrame:
     """The plan's view of the date's existing rows."""
-    columns = ["image_id", "seed", "model_id", "k"]
+    columns = ["dataset", "image_id", "seed", "model_id", "k"]
     return existing.select(columns).to_pandas() if existing is not None else pd.DataFrame(
         columns=columns)
 
 
-def _carried(existing: pa.Table | None, plan: NightPlan, queries: dict[str, str]
-             ) -> pa.Table | None:
-    """The existing rows the plan keeps, with the manifest's dataset names."""
+def _carried(existing: pa.Table | None, plan: NightPlan) -> pa.Table | None:
+    """The existing rows the plan keeps (their datasets are the manifest's: the plan matched
+    them by (dataset, image_id))."""
     if existing is None or not plan.carried_rows:
         return None
-    carried = existing.filter(pa.array(plan.carry))
-    # Rows keep the dataset the manifest gives their image now (a partition adopted from the
-    # former layout may also hold a sanitised folder value).
-    names = pa.array([queries[i] for i in carried.column("image_id").to_pylist()], pa.string())
-    return carried.set_column(carried.schema.get_field_index("dataset"), "dataset", names)
+    return existing.filter(pa.array(plan.carry))
 
 
 def _stage_carried(lease: CommitPlan, carried: pa.Table | None) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import fsspec
 import numpy as np
@@ -28,7 +28,7 @@ class NightPlan:
     """The night's work: which queries to score and which existing rows to keep."""
 
     queries: int  # queries captured on the date
-    skip: frozenset[str]  # already scored: not scored again
+    skip: frozenset[tuple[str, str]]  # (dataset, image_id) already scored: not scored again
     carry: np.ndarray  # bool per existing row: kept in the new partition
     existing_rows: int
 
@@ -50,38 +50,43 @@ class NightPlan:
         return self.to_score == 0 and self.dropped_rows == 0
 
 
-def plan_night(date_queries: Sequence[str], existing: pd.DataFrame, *, model: str, k: int,
-               seeds: Sequence[int], force: bool = False) -> NightPlan:
-    """Which of the date's queries (image ids) are done, and which existing rows carry over.
+def plan_night(date_queries: Iterable[tuple[str, str]], existing: pd.DataFrame, *, model: str,
+               k: int, seeds: Sequence[int], force: bool = False) -> NightPlan:
+    """Which of the date's queries ((dataset, image_id) pairs) are done, and which existing
+    rows carry over.
 
-    ``existing`` holds the date's current rows with at least ``image_id``, ``seed``,
-    ``model_id`` and ``k``. A query is done when it has a row for every seed in ``seeds``
-    with this ``model`` and ``k``; only the done queries' rows for those seeds are kept (one
-    per (image_id, seed)). ``force`` keeps nothing and rescores everything.
+    ``existing`` holds the date's current rows with at least ``dataset``, ``image_id``,
+    ``seed``, ``model_id`` and ``k``. A query is done when it has a row for every seed in
+    ``seeds`` with this ``model`` and ``k``; only the done queries' rows for those seeds are
+    kept (one per (dataset, image_id, seed)). The same image may be a query of several
+    datasets: each is planned on its own. ``force`` keeps nothing and rescores everything.
     """
     wanted = set(date_queries)
     n = len(existing)
     if force or n == 0:
         return NightPlan(len(wanted), frozenset(), np.zeros(n, dtype=bool), n)
     seeds = set(seeds)
+    keys = pd.Series(list(zip(existing["dataset"], existing["image_id"])), index=existing.index,
+                     dtype=object)
     match = (
-        existing["image_id"].isin(wanted).to_numpy()
+        keys.isin(wanted).to_numpy()
         & existing["seed"].isin(seeds).to_numpy()
         & (existing["model_id"] == model).to_numpy()
         & (existing["k"] == k).to_numpy()
     )
     rows = np.flatnonzero(match)
-    unique = rows[~existing.iloc[rows].duplicated(subset=["image_id", "seed"]).to_numpy()]
+    unique = rows[~existing.iloc[rows].duplicated(
+        subset=["dataset", "image_id", "seed"]).to_numpy()]
     match = np.zeros(n, dtype=bool)
-    match[unique] = True  # one row per (image_id, seed)
-    seeds_done = existing[match].groupby("image_id")["seed"].nunique()
+    match[unique] = True  # one row per (dataset, image_id, seed)
+    seeds_done = existing[match].groupby(["dataset", "image_id"])["seed"].nunique()
     done = frozenset(seeds_done.index[seeds_done == len(seeds)])
-    carry = match & existing["image_id"].isin(done).to_numpy()
+    carry = match & keys.isin(done).to_numpy()
     return NightPlan(len(wanted), done, carry, n)
 
 
-def date_queries(manifest: str, schema: pa.Schema, date: str) -> dict[str, str]:
-    """``{image_id: dataset}`` of the manifest's valid queries captured on ``date``: the rows
+def date_queries(manifest: str, schema: pa.Schema, date: str) -> frozenset[tuple[str, str]]:
+    """(dataset, image_id) of the manifest's valid queries captured on ``date``: the rows
     ``RowSelection(query_date=date)`` lets through, before any is skipped."""
     if DATE_COLUMN not in schema.names:
         raise ManifestSchemaError(
@@ -93,10 +98,10 @@ def date_queries(manifest: str, schema: pa.Schema, date: str) -> dict[str, str]:
                if c in schema.names]
     data = pads.dataset(files, filesystem=fs, format="parquet", schema=schema)
     selection = RowSelection(query_date=date)
-    found: dict[str, str] = {}
+    found: set[tuple[str, str]] = set()
     for batch in data.to_batches(columns=columns):
         for raw in batch.to_pylist():
             row = normalize_row(raw)
             if isinstance(row, ManifestRow) and selection.is_query(row):
-                found.setdefault(row.image_id, row.dataset)
-    return found
+                found.add((row.dataset, row.image_id))
+    return frozenset(found)

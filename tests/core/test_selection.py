@@ -15,9 +15,12 @@ def mrow(image_id: str, role: str, capture_date: str | None) -> ManifestRow:
 
 
 def test_queries_are_that_dates_not_yet_scored():
-    night = RowSelection(query_date="2024-01-02", skip=frozenset({"done"}))
+    night = RowSelection(query_date="2024-01-02", skip=frozenset({("ds", "done")}))
     assert night.is_query(mrow("q", "query", "2024-01-02"))
     assert not night.is_query(mrow("done", "query", "2024-01-02"))
+    other = ManifestRow(image_uri="/d/done.png", dataset="other-line", category="c", role="query",
+                        label=0, image_id="done", defect_type=None, capture_date="2024-01-02")
+    assert night.is_query(other)  # the same image, queried in another dataset: not done
     assert not night.is_query(mrow("q", "query", "2024-01-03"))
     assert not night.is_query(mrow("q", "query", None))
     assert not night.is_query(mrow("q", "reference", "2024-01-02"))

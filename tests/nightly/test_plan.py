@@ -16,14 +16,19 @@ from transforms.write import recover_partitions
 MODEL = "m@random|blocks=default|heads=none"
 
 
-def rows(*specs) -> pd.DataFrame:
+DS = "ds"
+
+
+def rows(*specs, dataset: str = DS) -> pd.DataFrame:
     """Existing partition rows from (image_id, seed) tuples, optionally + model_id and k."""
-    full = [spec + (MODEL, 4)[len(spec) - 2:] for spec in specs]
-    return pd.DataFrame(full, columns=["image_id", "seed", "model_id", "k"])
+    full = [(dataset,) + spec + (MODEL, 4)[len(spec) - 2:] for spec in specs]
+    return pd.DataFrame(full, columns=["dataset", "image_id", "seed", "model_id", "k"])
 
 
 def plan(queries, existing, force=False, seeds=(0, 1)):
-    return plan_night(queries, existing, model=MODEL, k=4, seeds=seeds, force=force)
+    """Plan image ids of dataset ``ds`` (pairs pass through)."""
+    pairs = [q if isinstance(q, tuple) else (DS, q) for q in queries]
+    return plan_night(pairs, existing, model=MODEL, k=4, seeds=seeds, force=force)
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -37,7 +42,7 @@ def test_first_night_scores_everything():
 
 def test_queries_with_every_seed_are_skipped_and_carried():
     p = plan(["a", "b"], rows(("a", 0), ("a", 1), ("b", 0)))
-    assert p.skip == {"a"}
+    assert p.skip == {(DS, "a")}
     assert p.carry.tolist() == [True, True, False]  # b lacks seed 1: rescored, its row dropped
     assert (p.to_score, p.carried_rows, p.dropped_rows) == (1, 2, 1)
 
@@ -55,7 +60,7 @@ def test_other_model_or_k_counts_as_not_scored():
 
 def test_rows_of_queries_gone_from_the_manifest_and_unasked_seeds_are_dropped():
     p = plan(["a"], rows(("a", 0), ("a", 1), ("a", 7), ("gone", 0), ("gone", 1)))
-    assert p.skip == {"a"}
+    assert p.skip == {(DS, "a")}
     assert p.carry.tolist() == [True, True, False, False, False]
     assert p.dropped_rows == 3 and not p.up_to_date
 
@@ -63,6 +68,14 @@ def test_rows_of_queries_gone_from_the_manifest_and_unasked_seeds_are_dropped():
 def test_duplicate_rows_are_carried_once():
     p = plan(["a"], rows(("a", 0), ("a", 0), ("a", 1)))
     assert p.carry.tolist() == [True, False, True]
+
+
+def test_one_image_queried_in_two_datasets_is_planned_per_dataset():
+    """Scored for line-a only: line-b's query of the same image is not done."""
+    existing = rows(("a", 0), ("a", 1), dataset="line-a")
+    p = plan([("line-a", "a"), ("line-b", "a")], existing)
+    assert p.skip == {("line-a", "a")} and p.to_score == 1
+    assert p.carry.tolist() == [True, True]
 
 
 def test_force_rescores_and_carries_nothing():
@@ -148,7 +161,7 @@ def test_date_queries_reads_timestamps_and_needs_the_column(tmp_path):
     path = str(tmp_path / "m.parquet")
     write_manifest(frame, path)
     found = date_queries(path, validate_manifest_schema(path), "2024-01-02")
-    assert sorted(found.values()) == ["d", "d"] and len(found) == 2
+    assert sorted(d for d, _ in found) == ["d", "d"] and len(found) == 2
 
     undated = str(tmp_path / "undated.parquet")
     write_manifest(frame.drop(columns="capture_date"), undated)
