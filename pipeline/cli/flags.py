@@ -128,18 +128,31 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated category names scored with the semantic prompt pair")
 
 
-def add_io_flags(parser: argparse.ArgumentParser, output_help: str) -> None:
-    """The manifest read and the output root written."""
+def add_io_flags(parser: argparse.ArgumentParser, output_help: str,
+                 manifest_help: str = "Parquet manifest (file or folder)"
+                 ) -> argparse._ArgumentGroup:
+    """The manifest read and the output root written; returns the group for more inputs."""
     g = parser.add_argument_group("input and output")
-    g.add_argument("--manifest", required=True, help="Parquet manifest (file or folder)")
+    g.add_argument("--manifest", required=True, help=manifest_help)
     g.add_argument("--output", required=True, help=output_help)
+    return g
+
+
+def add_k_flag(group: argparse._ArgumentGroup,
+               help_: str = "normal references per group (default %(default)s)") -> None:
+    """``--k``: the shots, normal references per query."""
+    group.add_argument("--k", type=positive_int, default=DEFAULT_K, help=help_)
+
+
+def add_feature_cache_flag(group: argparse._ArgumentGroup, help_: str = (
+        "folder caching reference features across runs (content hash + model)")) -> None:
+    group.add_argument("--feature-cache", default=None, help=help_)
 
 
 def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...] = (0,)) -> None:
     """How queries are scored: shots, seeds, heads, batches, patch maps."""
     g = parser.add_argument_group("scoring")
-    g.add_argument("--k", type=positive_int, default=DEFAULT_K,
-                   help="normal references per group (default %(default)s)")
+    add_k_flag(g)
     g.add_argument("--seeds", type=distinct_int_list, default=seeds,
                    help="comma-separated sampler seeds; each gives one scoring (default "
                         f"{','.join(map(str, seeds))})")
@@ -158,8 +171,7 @@ def add_run_flags(parser: argparse.ArgumentParser, *, run_date: bool = True) -> 
         g.add_argument("--run-date", type=iso_date, default=None,
                        help="partition date YYYY-MM-DD (default: today, UTC)")
     g.add_argument("--run-id", default=None, help="identifier written to every row")
-    g.add_argument("--feature-cache", default=None,
-                   help="folder caching reference features across runs (content hash + model)")
+    add_feature_cache_flag(g)
     g.add_argument("--decode-threads", type=non_negative_int, default=0,
                    help="threads decoding images per worker process (default 0: up to 8 "
                         "on a CUDA device, 1 on the CPU)")

@@ -5,9 +5,9 @@ import argparse
 import logging
 from typing import Sequence
 
-from pipeline.cli.flags import (add_model_flags, backbone_from_args, even_batch, finite_float,
-                                non_negative_int, parse_with_beam, positive_float, positive_int)
-from pipeline.core.config import DEFAULT_K
+from pipeline.cli.flags import (add_feature_cache_flag, add_io_flags, add_k_flag, add_model_flags,
+                                backbone_from_args, even_batch, finite_float, non_negative_int,
+                                parse_with_beam, positive_float, positive_int)
 from pipeline.core.layout import FEATURE_CACHE_DIR
 from pipeline.core.preflight import check_writable
 from pipeline.train.config import LR_SCHEDULES, TrainConfig
@@ -36,19 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline train", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = parser.add_argument_group("input and output")
-    g.add_argument("--manifest", required=True,
-                   help="auxiliary Parquet manifest; every labelled row is a training query")
-    g.add_argument("--output", required=True,
-                   help="folder for heads.safetensors, the training log and the index")
+    g = add_io_flags(
+        parser, manifest_help="auxiliary Parquet manifest; every labelled row is a training query",
+        output_help="folder for heads.safetensors, the training log and the index")
     g.add_argument("--validate-manifest", default=None,
                    help="held-out manifest scored after every epoch; the best epoch is kept")
-    g.add_argument("--feature-cache", default=None,
-                   help=f"feature cache folder (default: OUTPUT/{FEATURE_CACHE_DIR}); reused by "
-                        "later runs and by 'score --feature-cache'")
+    add_feature_cache_flag(g, f"feature cache folder (default: OUTPUT/{FEATURE_CACHE_DIR}); "
+                              "reused by later runs and by 'score --feature-cache'")
     g = parser.add_argument_group("training")
-    g.add_argument("--k", type=positive_int, default=DEFAULT_K,
-                   help="normal prompt images per query (shots)")
+    add_k_flag(g, "normal prompt images per query (shots)")
     g.add_argument("--epochs", type=positive_int, default=10)
     g.add_argument("--steps-per-epoch", type=positive_int, default=100)
     g.add_argument("--batch-size", type=even_batch, default=16,

@@ -22,7 +22,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from pipeline.core.reports import write_report
 
-logger = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("auroc", "auprc", "f1_max", "f1_threshold")
 QUANTILE_COLUMNS: tuple[str, ...] = ("score_p50", "score_p90", "score_p99", "score_max", "score_mean")
@@ -64,7 +64,7 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     keep = ~np.isnan(y)
     bad_scores = keep & ~np.isfinite(s)
     if bad_scores.any():
-        logger.warning("Dropping %d labelled rows with non-finite scores", int(bad_scores.sum()))
+        LOG.warning("Dropping %d labelled rows with non-finite scores", int(bad_scores.sum()))
     keep &= np.isfinite(s)
     y, s = y[keep], s[keep]
     if not np.isin(y, (0.0, 1.0)).all():
@@ -143,7 +143,7 @@ def _category_counts(per_seed: pd.DataFrame) -> pd.DataFrame:
     counts_max, counts_min = grouped.max(), grouped.min()
     uneven = (counts_max != counts_min).any(axis=1)
     if uneven.any():
-        logger.warning(
+        LOG.warning(
             "Seeds score different query sets for %d group(s), e.g. %s; reporting the largest seed",
             int(uneven.sum()),
             uneven[uneven].index[0],
@@ -265,5 +265,5 @@ def write_summary(summary: pd.DataFrame, out_dir: str, *, extra: dict | None = N
     (:func:`pipeline.core.reports.write_report`).
     """
     paths = write_report(summary, out_dir, "summary", summary_to_markdown(summary), extra)
-    logger.info("Wrote summary of %d rows to %s", len(summary), out_dir.rstrip("/"))
+    LOG.info("Wrote summary of %d rows to %s", len(summary), out_dir.rstrip("/"))
     return paths
