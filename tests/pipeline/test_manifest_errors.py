@@ -1,21 +1,17 @@
 """A manifest that cannot be used stops the job before any pipeline starts, with one message."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import pipeline.run
+from pipeline import cli
 from pipeline.core.config import ScoreConfig
 from pipeline.core.manifest import ManifestSchemaError
 from pipeline.model.backbone import TINY_BACKBONE, TINY_PRETRAINED, tiny_spec
 from pipeline.run import run_score
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _manifest(tmp_path, **columns) -> str:
@@ -59,16 +55,14 @@ def test_missing_manifest(tmp_path, no_pipeline):
         run_score(config, beam_args=[])
 
 
-def test_command_line_exits_1_with_the_message(tmp_path):
+def test_command_line_exits_1_with_the_message(tmp_path, caplog, capsys):
     path = _manifest(tmp_path, role=None)
     output = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "score", "--manifest", path, "--output", str(output),
-         "--backbone", TINY_BACKBONE, "--pretrained", TINY_PRETRAINED],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1, done.stderr
-    problems = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    code = cli.main(["score", "--manifest", path, "--output", str(output),
+                     "--backbone", TINY_BACKBONE, "--pretrained", TINY_PRETRAINED])
+    assert code == 1  # returned, not raised: no traceback
+    problems = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(problems) == 1
     assert "missing required column(s) 'role'" in problems[0]
-    assert "Traceback" not in done.stderr
+    assert "Traceback" not in capsys.readouterr().err
     assert not output.exists()
