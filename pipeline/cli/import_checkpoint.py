@@ -8,8 +8,9 @@ from typing import Sequence
 
 from pipeline.cli.flags import positive_int
 from pipeline.core.config import DEFAULT_K
-from pipeline.model.backbone import DEFAULT_BACKBONE, RANDOM_PREFIX, BackboneSpec, describe
+from pipeline.model.backbone import DEFAULT_BACKBONE, BackboneSpec, describe
 from pipeline.model.checkpoint import TOWERS_SUFFIX, convert_official_checkpoint
+from pipeline.model.weights import RANDOM_PREFIX
 
 LOG = logging.getLogger(__name__)
 

@@ -19,10 +19,12 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.model.weights import file_sha256, is_random, random_seed, seeded
 
 LOG = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ DEFAULT_PRETRAINED = "laion400m_e32"
 TINY_BACKBONE = "InCTRL-Tiny-ViT-TESTONLY"
 TINY_PRETRAINED = "random:0"
 
-RANDOM_PREFIX = "random"
 _CONFIG_DIR = Path(__file__).with_name("configs")
 _REGISTER_LOCK = threading.Lock()
 _registered = False
@@ -103,12 +104,11 @@ class BackboneSpec:
 
     @property
     def is_random(self) -> bool:
-        return self.pretrained == RANDOM_PREFIX or self.pretrained.startswith(RANDOM_PREFIX + ":")
+        return is_random(self.pretrained)
 
     @property
     def random_seed(self) -> int:
-        _, _, seed = self.pretrained.partition(":")
-        return int(seed) if seed else 0
+        return random_seed(self.pretrained)
 
     @property
     def is_test_only(self) -> bool:
@@ -197,13 +197,6 @@ def _resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackboneLoadError(f"device {device!r} was asked for, but CUDA is not available here")
     return dev
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,17 +293,9 @@ def known_sha256(name: str, path: str) -> str:
     return ""
 
 
-def _sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_weights_file(path: str, expected: str, hint: str = "") -> str:
     """The full sha256 of ``path``; BackboneLoadError unless it starts with ``expected``."""
-    digest = _sha256_of(path)
+    digest = file_sha256(path)
     if expected and not digest.startswith(expected.lower()):
         raise BackboneLoadError(
             f"{path} has sha256 {digest[:16]}..., not the expected {expected}...: these are "
@@ -465,7 +450,7 @@ def _create(spec: BackboneSpec) -> tuple[torch.nn.Module, Callable, Callable]:
     try:
         if spec.is_random:
             model_name = spec.name
-            with _seeded(spec.random_seed):
+            with seeded(spec.random_seed):
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     model_name, pretrained=None, load_weights=False
                 )

@@ -2,7 +2,6 @@
 heads file runs on, and model ids."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -25,6 +24,7 @@ from pipeline.model.checkpoint import (
     towers_location,
 )
 from pipeline.model.inctrl import InCTRLScorer
+from pipeline.model.weights import file_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -52,14 +52,6 @@ def model_id(spec: BackboneSpec, heads: str) -> str:
     return f"{spec.backbone_id}|blocks={blocks}|heads={heads}"
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with fsspec.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _same_weights(given: str, recorded: str) -> bool:
     """Whether a pretrained value names the weights recorded in heads metadata: the same
     value, or a file of the same name (metadata records where training read it)."""
@@ -85,7 +77,7 @@ def backbone_for_heads(checkpoint: str, *, name: str | None = None,
     if meta.towers:
         weights, sha256 = towers_location(checkpoint, meta), meta.towers_sha256
         if pretrained is not None and pretrained != weights and not (
-                os.path.isfile(pretrained) and _file_sha256(pretrained) == sha256):
+                os.path.isfile(pretrained) and file_sha256(pretrained) == sha256):
             raise CheckpointError(
                 f"{checkpoint} runs on its own CLIP towers {meta.towers} (sha256 "
                 f"{sha256[:12]}...); pretrained={pretrained!r} is other weights. Leave "

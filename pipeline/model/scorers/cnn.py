@@ -19,15 +19,15 @@ torchvision's cache under ``$TORCH_HOME``), a local state-dict file (read with
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+
+from pipeline.model.weights import RANDOM_PREFIX, file_sha256, is_random, random_seed, seeded
 
 LOG = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ _RESIZE_RATIO = 256 / 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-RANDOM_PREFIX = "random"
 POOLED = "pooled"
 _DEEPEST = "_deepest"
 # Probe image (height, width) for measuring strides: non-square, so that channel-last tensors
@@ -102,12 +101,11 @@ class CnnSpec:
 
     @property
     def is_random(self) -> bool:
-        return self.weights == RANDOM_PREFIX or self.weights.startswith(RANDOM_PREFIX + ":")
+        return is_random(self.weights)
 
     @property
     def random_seed(self) -> int:
-        _, _, seed = self.weights.partition(":")
-        return int(seed) if seed else 0
+        return random_seed(self.weights)
 
 
 @dataclass(frozen=True)
@@ -129,21 +127,6 @@ class _Graph:
     stride: dict[str, int] = field(default_factory=dict)  # NCHW nodes only
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_model(spec: CnnSpec) -> tuple[torch.nn.Module, str, tuple, tuple]:
     """The model in eval mode, a label for its weights, and the mean/std its input needs."""
     import torchvision
@@ -153,7 +136,7 @@ def _load_model(spec: CnnSpec) -> tuple[torch.nn.Module, str, tuple, tuple]:
             raise CnnLoadError(f"{spec.backbone!r} is not a torchvision classification model")
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         if spec.is_random:
-            with _seeded(spec.random_seed):
+            with seeded(spec.random_seed):
                 model = torchvision.models.get_model(spec.backbone, weights=None)
             label = f"{RANDOM_PREFIX}:{spec.random_seed}"
         elif os.path.isfile(spec.weights):
@@ -161,7 +144,7 @@ def _load_model(spec: CnnSpec) -> tuple[torch.nn.Module, str, tuple, tuple]:
             state = torch.load(spec.weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
             # the file name and checksum, not the folder: the id must not depend on the host
-            label = f"{Path(spec.weights).name}#sha256={_sha256(spec.weights)[:12]}"
+            label = f"{Path(spec.weights).name}#sha256={file_sha256(spec.weights)[:12]}"
         else:
             enum = torchvision.models.get_model_weights(spec.backbone)
             if spec.weights not in enum.__members__:
@@ -188,7 +171,8 @@ def _load_model(spec: CnnSpec) -> tuple[torch.nn.Module, str, tuple, tuple]:
 def _probe_graph(model: torch.nn.Module) -> _Graph:
     """Trace the model with every node returned; find its cut vertices and, with one probe
     forward, the stride of every node whose output is a (B, C, H, W) map."""
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    from torchvision.models.feature_extraction import (create_feature_extractor,
+                                                       get_graph_node_names)
 
     _, names = get_graph_node_names(model)
     traced = create_feature_extractor(model, return_nodes={n: n for n in names})

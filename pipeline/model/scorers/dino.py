@@ -7,19 +7,18 @@ the model; the model runs with a dynamic input size, so any multiple of the patc
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from pipeline.model.backbone import BackboneLoadError
 from pipeline.model.scorers.anomalydino import PATCHES
+from pipeline.model.weights import file_sha256, is_random, random_seed, seeded
 
 LOG = logging.getLogger(__name__)
 
@@ -28,7 +27,6 @@ DEFAULT_DINO = "vit_small_patch14_dinov2.lvd142m"
 TIMM_WEIGHTS = "timm"
 #: AnomalyDINO resizes the shorter side of MVTec images to 448 pixels
 DEFAULT_IMAGE_SIZE = 448
-_RANDOM = "random"
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -62,15 +60,11 @@ class DinoSpec:
 
     @property
     def is_random(self) -> bool:
-        return self.weights == _RANDOM or self.weights.startswith(_RANDOM + ":")
+        return is_random(self.weights)
 
     @property
     def random_seed(self) -> int:
-        _, _, seed = self.weights.partition(":")
-        try:
-            return int(seed) if seed else 0
-        except ValueError:
-            raise ValueError(f"random weights take an integer seed, got {self.weights!r}") from None
+        return random_seed(self.weights)
 
     @property
     def is_file(self) -> bool:
@@ -85,21 +79,6 @@ class DinoSpec:
         if self.weights == TIMM_WEIGHTS or self.is_random or self.is_file:
             return self.name
         return f"{self.name.split('.')[0]}.{self.weights}"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -125,7 +104,7 @@ def _create(spec: DinoSpec) -> tuple[torch.nn.Module, str]:
     kwargs = dict(spec.overrides, num_classes=0, dynamic_img_size=True)
     try:
         if spec.is_random:
-            with _seeded(spec.random_seed):
+            with seeded(spec.random_seed):
                 model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
             return model, f"random:{spec.random_seed}"
         if spec.is_file:
@@ -140,7 +119,7 @@ def _create(spec: DinoSpec) -> tuple[torch.nn.Module, str]:
                 raise BackboneLoadError(
                     f"{spec.weights!r} does not fit {spec.name!r}: missing {missing[:5]}, "
                     f"unexpected {unexpected[:5]}")
-            return model, f"{Path(spec.weights).name}#sha256={_sha256(spec.weights)[:12]}"
+            return model, f"{Path(spec.weights).name}#sha256={file_sha256(spec.weights)[:12]}"
         model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
         return model, spec.timm_name.partition(".")[2] or "timm-default"
     except (BackboneLoadError, FileNotFoundError):
