@@ -18,6 +18,7 @@ import torch
 
 from pipeline.model.backbone import BackboneLoadError
 from pipeline.model.scorers.anomalydino import PATCHES
+from pipeline.model.scorers.cnn import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.model.weights import file_sha256, is_random, random_seed, seeded
 
 LOG = logging.getLogger(__name__)
@@ -175,8 +176,8 @@ class DinoExtractor:
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         self.width = int(model.embed_dim)
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+        self.std = tuple(cfg.get("std", IMAGENET_STD))
         mode = "aspect" if spec.keep_aspect else "square"
         arch = spec.name.split(".")[0]
         extra = "".join(f",{k}={v}" for k, v in spec.overrides)
