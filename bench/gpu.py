@@ -110,27 +110,28 @@ def scoring_stage(spec: BackboneSpec, pixels: list[torch.Tensor], n: int, batch_
     """(b'): seconds for ``n`` images through the pipeline's own handler and scoring DoFn."""
     from pipeline.core.config import ScoreConfig
     from pipeline.core.manifest import ManifestRow
-    from pipeline.model.backbone import ImageFeatures
     from pipeline.model.loading import heads_hash, model_id
-    from transforms.features import ClipFeatureHandler
+    from pipeline.model.scorers.suite import TensorBundle
+    from transforms.features import SuiteFeatureHandler
     from transforms.references import ReferencePayload
     from transforms.score import _ScoreFn
 
     config = ScoreConfig(manifest="-", output=workdir, k=k, backbone=spec, batch_size=batch_size,
                          run_id="bench", run_date="2000-01-01")
-    handler = ClipFeatureHandler(spec, batch_size, on_device=on_device)
+    handler = SuiteFeatureHandler(config.suite, batch_size, on_device=on_device)
     model = handler.load_model()
     fn = _ScoreFn(config, model_id(spec, heads_hash(None)))
     fn.setup()
-    refs = handler.run_inference(pixels[:k], model)
+    views = [TensorBundle({"clip": p}) for p in pixels]
+    refs = handler.run_inference(views[:k], model)
     ref_sets = {(DATASET, CATEGORY, 0): ReferencePayload(
-        tuple(f"ref{i}" for i in range(k)), ImageFeatures.cat(refs), k)}
+        tuple(f"ref{i}" for i in range(k)), TensorBundle.cat(refs).to("cpu"), k)}
     prompts = {CATEGORY: text.cpu()}
     rows = [ManifestRow(f"/img/{i}.png", DATASET, CATEGORY, "query", 0, f"q{i}", None, None)
             for i in range(batch_size)]
 
     def one_batch(batch: list[torch.Tensor]) -> int:
-        feats = handler.run_inference(batch, model)
+        feats = handler.run_inference([TensorBundle({"clip": p}) for p in batch], model)
         elements = [((rows[i], "sha"), f) for i, f in enumerate(feats)]
         return sum(1 for _ in fn.process(elements, ref_sets, prompts))
 

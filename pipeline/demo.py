@@ -58,9 +58,13 @@ def demo_backbone(spec: BackboneSpec) -> BackboneSpec:
 
 def run_demo(paths: DemoPaths, config: ScoreConfig, beam_args: Sequence[str] = ()) -> str:
     """Generate the demo set into ``paths.data``, write its manifest to ``config.manifest``
-    and score it into ``config.output``; returns the summary as Markdown."""
+    and score it into ``config.output``; returns the summary and the comparison of the
+    run's scorers as Markdown."""
     roots = generate_demo(paths.data, seed=0)
     write_manifest(make_manifest(roots), config.manifest)
     run_score(config, beam_args)
-    with fsspec.open(f"{summary_dir(config.output, config.run_date)}/summary.md", "r") as f:
-        return f.read()
+    folder = summary_dir(config.output, config.run_date)
+    with fsspec.open(f"{folder}/summary.md", "r") as f:
+        summary = f.read()
+    with fsspec.open(f"{folder}/comparison.md", "r") as f:
+        return f"{summary}\n{f.read()}"

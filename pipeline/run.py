@@ -17,7 +17,7 @@ from pipeline.core.schemas import ERRORS
 from pipeline.core.selection import ALL_ROWS, RowSelection
 from pipeline.model.loading import heads_hash, model_id
 from pipeline.runner import counter, run_pipeline
-from transforms.features import ExtractFeatures
+from transforms.features import ExtractSuiteFeatures
 from transforms.images import LoadImages
 from transforms.manifest import ReadManifest, SelectQueries
 from transforms.outputs import WriteOutputs
@@ -48,11 +48,12 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, model: str,
         text_on_cpu=config.share_model_across_processes)
     # Queries reach the fused decode → backbone → scoring stage in per-group chunks of a few
     # batches, so each batch is scored against one group's prepared references.
+    # One decode per image, one forward per extractor the scorers read (suite.extractors).
     images = queries | "LoadQueryImages" >> LoadImages(
-        config.backbone, config.limits, decode_threads=config.decode_thread_count,
+        config.suite, config.limits, decode_threads=config.decode_thread_count,
         prefetch=config.batch_size, group_chunk=config.query_chunk)
-    features = images["images"] | "ExtractQueryFeatures" >> ExtractFeatures(
-        config.backbone, config.batch_size, config.share_model_across_processes,
+    features = images["images"] | "ExtractQueryFeatures" >> ExtractSuiteFeatures(
+        config.suite, config.batch_size, config.share_model_across_processes,
         on_device=config.features_on_device)
     scored = features | "ScoreQueries" >> ScoreQueries(
         config, model, references["sets"], prompts)
@@ -83,9 +84,9 @@ def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
     if model is None:
         # Hashing the checkpoint here makes a missing one fail now, not on a worker.
         model = model_id(config.backbone, heads_hash(config.checkpoint))
-    LOG.info("Scoring %s → %s (k=%d, seeds=%s, model=%s, run %s, date %s)",
-             config.manifest, config.output, config.k, config.seeds, model, config.run_id,
-             config.run_date)
+    LOG.info("Scoring %s → %s (scorers %s, k=%d, seeds=%s, model=%s, run %s, date %s)",
+             config.manifest, config.output, ",".join(config.scorers), config.k, config.seeds,
+             model, config.run_id, config.run_date)
     lease = nullcontext(plan) if plan is not None else date_lease(
         config.output, config.run_date, config.run_id, wait_s=lock_wait_s)
     with lease as held:

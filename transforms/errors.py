@@ -20,15 +20,16 @@ def row_error(row: ManifestRow, stage: str, reason: str) -> RowError:
 
 
 def error_records(
-    error: RowError, seeds: Iterable[int], run_id: str, model_id: str,
-    seed: Optional[int] = None,
+    error: RowError, seeds: Iterable[int], scorers: Iterable[str], run_id: str, model_id: str,
+    seed: Optional[int] = None, scorer: Optional[str] = None,
 ) -> list[dict[str, Any]]:
-    """Output rows for one error: one per seed for queries (so every query row reconciles once
-    per seed), one with a null seed for anything else; ``seed`` pins a seed-specific failure."""
+    """Output rows for one error: one per (seed, scorer) for queries (so every query row
+    reconciles once per seed and scorer), one with a null seed and scorer for anything else.
+    ``seed`` and ``scorer`` pin a failure to one seed or one scorer."""
     base = dict(error.to_record(), run_id=run_id, model_id=model_id)
-    if seed is not None:
-        return [dict(base, seed=seed)]
     # A row rejected while reading keeps its role as written ("Query"); valid rows are lower-cased.
-    if (error.role or "").strip().lower() == "query":
-        return [dict(base, seed=s) for s in seeds]
-    return [dict(base, seed=None)]
+    if (error.role or "").strip().lower() != "query" and seed is None:
+        return [dict(base, seed=None, scorer=None)]
+    seeds = [seed] if seed is not None else list(seeds)
+    scorers = [scorer] if scorer is not None else list(scorers)
+    return [dict(base, seed=s, scorer=name) for s in seeds for name in scorers]

@@ -1,6 +1,8 @@
-"""ExtractFeatures: RunInference with a ModelHandler around the frozen CLIP backbone.
+"""ExtractFeatures: RunInference with a ModelHandler around the frozen CLIP backbone (the
+training job's extraction); ExtractSuiteFeatures: the same around every extractor a scoring
+run's scorers read (``pipeline.model.scorers.suite``), one forward per extractor per batch.
 
-Also the Beam coders of pixel tensors and ImageFeatures. Beam estimates the size of sampled
+Also the Beam coders of pixel tensors, ImageFeatures and TensorBundles. Beam estimates the size of sampled
 elements of every PCollection by encoding them, and samples nearly every batch of a short
 run; pickling a batch of features costs more than a GPU needs to compute it. These coders
 write raw tensor bytes and report sizes without encoding anything.
@@ -16,6 +18,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 
 from pipeline.core.schemas import METRICS_NAMESPACE
 from pipeline.model.backbone import BackboneSpec, ClipBackbone, ImageFeatures, get_backbone
+from pipeline.model.scorers.suite import FeatureSuite, SuiteSpec, TensorBundle, get_feature_suite
 
 
 def _tensor_state(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
@@ -69,12 +72,31 @@ class ImageFeaturesCoder(beam.coders.Coder):
         return ImageFeatures
 
 
+class TensorBundleCoder(beam.coders.Coder):
+    """A TensorBundle as its named raw tensors; decodes to CPU tensors."""
+
+    def encode(self, value: TensorBundle) -> bytes:
+        return pickle.dumps({k: _tensor_state(v) for k, v in value.tensors.items()},
+                            pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, encoded: bytes) -> TensorBundle:
+        return TensorBundle({k: _tensor_from_state(v) for k, v in pickle.loads(encoded).items()})
+
+    def estimate_size(self, value: TensorBundle) -> int:
+        return sum(_tensor_size(v) + len(k) for k, v in value.tensors.items())
+
+    def to_type_hint(self):
+        return TensorBundle
+
+
 beam.coders.registry.register_coder(torch.Tensor, TensorCoder)
 beam.coders.registry.register_coder(ImageFeatures, ImageFeaturesCoder)
+beam.coders.registry.register_coder(TensorBundle, TensorBundleCoder)
 
 #: Element types of the keyed pixel and feature PCollections; they select the coders above.
 KeyedPixels = Tuple[Any, torch.Tensor]
 KeyedFeatures = Tuple[Any, ImageFeatures]
+KeyedBundle = Tuple[Any, TensorBundle]
 
 
 class ClipFeatureHandler(ModelHandler[torch.Tensor, ImageFeatures, ClipBackbone]):
@@ -136,3 +158,50 @@ class ExtractFeatures(beam.PTransform):
     def expand(self, keyed_pixels):
         return keyed_pixels | "RunInference" >> RunInference(self._handler).with_output_types(
             KeyedFeatures)
+
+
+class SuiteFeatureHandler(ModelHandler[TensorBundle, TensorBundle, FeatureSuite]):
+    """Batches of per-view pixels through every extractor of a run: {view: (3, H, W)} per
+    image in, that image's TensorBundle of features out. Loading, batching and
+    ``on_device`` are as ClipFeatureHandler's; each extractor runs once per batch."""
+
+    def __init__(self, spec: SuiteSpec, batch_size: int,
+                 share_across_processes: bool = False, on_device: bool = False) -> None:
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size,
+                         large_model=share_across_processes)
+        self._spec = spec
+        self._on_device = on_device
+
+    def load_model(self) -> FeatureSuite:
+        return get_feature_suite(self._spec)
+
+    def run_inference(self, batch: Sequence[TensorBundle], model: FeatureSuite,
+                      inference_args: Optional[dict[str, Any]] = None) -> Iterable[TensorBundle]:
+        views = {view: torch.stack([b[view] for b in batch]) for view in batch[0].keys()}
+        feats = model.extract(views)
+        if not self._on_device:
+            feats = feats.to("cpu")
+        return feats.split()
+
+    def get_num_bytes(self, batch: Sequence[TensorBundle]) -> int:
+        return sum(t.element_size() * t.nelement() for b in batch for t in b.tensors.values())
+
+    def get_metrics_namespace(self) -> str:
+        return METRICS_NAMESPACE
+
+    def batch_elements_kwargs(self):
+        return self._batching_kwargs
+
+
+class ExtractSuiteFeatures(beam.PTransform):
+    """(key, TensorBundle of views) → (key, TensorBundle of features, batch dimension 1)."""
+
+    def __init__(self, spec: SuiteSpec, batch_size: int,
+                 share_across_processes: bool = False, on_device: bool = False) -> None:
+        super().__init__()
+        self._handler = KeyedModelHandler(
+            SuiteFeatureHandler(spec, batch_size, share_across_processes, on_device))
+
+    def expand(self, keyed_views):
+        return keyed_views | "RunInference" >> RunInference(self._handler).with_output_types(
+            KeyedBundle)

@@ -23,16 +23,28 @@ from pipeline.core.images import ImageLimits, ImageLoadError, load_pixels
 from pipeline.core.manifest import ManifestRow, RowError
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.backbone import BackboneSpec, describe
+from pipeline.model.scorers.suite import SuiteSpec, suite_preprocess
 from transforms.errors import row_error
-from transforms.features import KeyedPixels
+from transforms.features import KeyedBundle, KeyedPixels
+
+#: What images are preprocessed for: one CLIP backbone (pixels: one tensor) or a run's
+#: scorers (pixels: a TensorBundle with one tensor per view).
+Target = BackboneSpec | SuiteSpec
+
+
+def _preprocess(target: Target) -> Callable:
+    if isinstance(target, SuiteSpec):
+        return suite_preprocess(target)
+    return describe(target).preprocess
 
 
 @dataclass(frozen=True)
 class Loaded:
-    """One row's outcome: pixels (3, H, W) and the file's sha256, or the error row."""
+    """One row's outcome: pixels (3, H, W) or a bundle of views, and the file's sha256, or
+    the error row."""
 
     row: ManifestRow
-    pixels: torch.Tensor | None = None
+    pixels: torch.Tensor | object | None = None
     sha256: str | None = None
     nbytes: int = 0
     error: RowError | None = None
@@ -61,13 +73,14 @@ def decode_pool(threads: int) -> ThreadPoolExecutor:
 
 
 class _LoadFn(beam.DoFn):
-    """Reads, decodes and preprocesses images with the backbone's own transform.
+    """Reads, decodes and preprocesses images with the backbone's own transform (or, for a
+    run's scorers, each view's transform of the one decoded image).
 
     ``threads`` 1 decodes inline; more decode on a shared pool with up to ``prefetch`` rows
     of a bundle in flight (enough to keep decoding while a batch runs through the model).
     """
 
-    def __init__(self, spec: BackboneSpec, limits: ImageLimits = ImageLimits(),
+    def __init__(self, spec: Target, limits: ImageLimits = ImageLimits(),
                  threads: int = 1, prefetch: int = 0) -> None:
         if threads < 1:
             raise ValueError(f"decode threads must be at least 1, got {threads}")
@@ -80,7 +93,7 @@ class _LoadFn(beam.DoFn):
         self._bytes = Metrics.distribution(METRICS_NAMESPACE, "image_bytes")
 
     def setup(self) -> None:
-        self._preprocess = describe(self._spec).preprocess
+        self._preprocess = _preprocess(self._spec)
         self._pool = decode_pool(self._threads) if self._threads > 1 else None
 
     def start_bundle(self) -> None:
@@ -160,7 +173,8 @@ class SpreadByGroup(beam.PTransform):
 
 
 class LoadImages(beam.PTransform):
-    """ManifestRow → ``{'images': ((row, sha256), pixels (3, H, W)), 'errors': RowError}``.
+    """ManifestRow → ``{'images': ((row, sha256), pixels (3, H, W)), 'errors': RowError}``;
+    for a SuiteSpec the pixels are a TensorBundle of views (one decode, a transform per view).
 
     ``decode_threads`` read and decode per worker process, with up to ``prefetch`` rows in
     flight (a batch's worth keeps decoding while the model runs). ``group_chunk`` > 0 keeps
@@ -169,10 +183,11 @@ class LoadImages(beam.PTransform):
     (references, training extraction).
     """
 
-    def __init__(self, spec: BackboneSpec, limits: ImageLimits = ImageLimits(), *,
+    def __init__(self, spec: Target, limits: ImageLimits = ImageLimits(), *,
                  decode_threads: int = 1, prefetch: int = 0, group_chunk: int = 0) -> None:
         super().__init__()
         self._fn = _LoadFn(spec, limits, decode_threads, prefetch)
+        self._type = KeyedBundle if isinstance(spec, SuiteSpec) else KeyedPixels
         self._group_chunk = group_chunk
 
     def expand(self, rows):
@@ -184,6 +199,6 @@ class LoadImages(beam.PTransform):
         spread = SpreadByGroup(self._group_chunk) if self._group_chunk else beam.Reshuffle()
         out = (rows
                | "SpreadRows" >> spread
-               | "Load" >> beam.ParDo(self._fn).with_output_types(KeyedPixels)
+               | "Load" >> beam.ParDo(self._fn).with_output_types(self._type)
                .with_outputs(ERRORS, main="images"))
         return {"images": out.images, ERRORS: out[ERRORS]}

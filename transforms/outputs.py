@@ -11,6 +11,7 @@ from pipeline.core.commit import CommitPlan, relative
 from pipeline.core.config import ScoreConfig
 from pipeline.core.layout import unstorable_reason
 from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
+from pipeline.model.scorers.suite import INCTRL
 from transforms.errors import error_records
 from transforms.summary import SummarizeMetrics
 from transforms.write import REPORT, CommitStaged, StageFiles
@@ -43,6 +44,13 @@ class _CheckDatasetFn(beam.DoFn):
                        reason=f"{reason}; the row failed at {record.get('stage')}: "
                               f"{record.get('reason')}")
         yield pvalue.TaggedOutput(ERRORS, dict(row, dataset=None))
+
+
+def _with_scorer(record: dict) -> dict:
+    """Rows written before the scorer column existed were all InCTRL's."""
+    if record.get("scorer") is None:
+        record = dict(record, scorer=INCTRL)
+    return record
 
 
 def _summary_files(paths: dict, output: str) -> list[tuple]:
@@ -79,13 +87,15 @@ class WriteOutputs(beam.PTransform):
         cfg, mid, plan = self._config, self._model_id, self._plan
         scores = outputs["scores"]
         if self._carried:
-            carried = scores.pipeline | "ReadCarriedScores" >> beam.io.ReadFromParquet(
-                self._carried)
+            carried = (scores.pipeline
+                       | "ReadCarriedScores" >> beam.io.ReadFromParquet(self._carried)
+                       | "CarriedScorer" >> beam.Map(_with_scorer))
             scores = (scores, carried) | "WithCarriedScores" >> beam.Flatten()
         row_errors = (
             [outputs[key] for key in ROW_ERRORS]
             | "MergeRowErrors" >> beam.Flatten()
-            | "ErrorRecords" >> beam.FlatMap(error_records, cfg.seeds, cfg.run_id, mid))
+            | "ErrorRecords" >> beam.FlatMap(error_records, cfg.seeds, cfg.scorers, cfg.run_id,
+                                           mid))
         errors = (row_errors, outputs["score_errors"]) | "AllErrors" >> beam.Flatten()
         checked = scores | "CheckScoreDatasets" >> beam.ParDo(
             _CheckDatasetFn(SCORES)).with_outputs(ERRORS, main="ok")
@@ -107,7 +117,7 @@ class WriteOutputs(beam.PTransform):
             | "SummarizeMetrics" >> SummarizeMetrics(
                 plan.staging_url(SUMMARY),
                 extra={"run_id": cfg.run_id, "model_id": mid, "run_date": cfg.run_date,
-                       "k": cfg.k, "seeds": list(cfg.seeds),
+                       "k": cfg.k, "seeds": list(cfg.seeds), "scorers": list(cfg.scorers),
                        "precision": cfg.backbone.precision})
             | "SummaryFiles" >> beam.FlatMap(_summary_files, cfg.output))
         committed = (

@@ -17,8 +17,8 @@ from pipeline.core.config import ScoreConfig
 from pipeline.core.manifest import ManifestRow
 from pipeline.core.sampling import sampler_rank
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
-from pipeline.model.backbone import ImageFeatures
-from transforms.cache import extract_features
+from pipeline.model.scorers.suite import TensorBundle
+from transforms.cache import extract_suite_features
 from transforms.errors import row_error
 from transforms.images import LoadImages
 
@@ -32,7 +32,7 @@ class ReferencePayload:
     """A group's loaded references: ids in draw order and their stacked features."""
 
     image_ids: tuple[str, ...]
-    features: ImageFeatures  # tokens (k, layers, patches, width), embeds (k, embed_dim)
+    features: TensorBundle  # every extractor's Features of the k images, batch k
     selected: int  # how many the sampler drew (some may have failed to load)
 
 
@@ -93,7 +93,7 @@ class _StackFn(beam.DoFn):
         self._sets.inc()
         yield key, ReferencePayload(
             image_ids=tuple(m[1] for m in members),
-            features=ImageFeatures.cat([m[2] for m in members]),
+            features=TensorBundle.cat([m[2] for m in members]),
             selected=selected,
         )
 
@@ -101,7 +101,7 @@ class _StackFn(beam.DoFn):
 class AssembleReferenceSets(beam.PTransform):
     """Joins drawn sets with extracted features: ((dataset, category, seed), ReferencePayload).
 
-    Input: ``{'sets': ..., 'features': (ManifestRow, ImageFeatures)}``. References that failed to
+    Input: ``{'sets': ..., 'features': (ManifestRow, TensorBundle)}``. References that failed to
     load are left out (their error rows come from LoadImages); a group left with none is absent.
     """
 
@@ -128,7 +128,7 @@ def _to_groups(element) -> Iterable:
         yield key, (position, image_id, features[0], selected)
 
 
-def _row_features(key: tuple, features: ImageFeatures) -> tuple[ManifestRow, ImageFeatures]:
+def _row_features(key: tuple, features: TensorBundle) -> tuple[ManifestRow, TensorBundle]:
     """((row, sha256), features) → (row, features)."""
     return key[0], features
 
@@ -138,8 +138,10 @@ class PrepareReferences(beam.PTransform):
 
     Returns ``{'sets': ((dataset, category, seed), ReferencePayload), 'errors': RowError}``:
     draw k normal references per group and seed (rows for which ``candidate(row)`` is true),
-    load each drawn image once however many seeds drew it, extract its features (through
-    the feature cache when ``config.feature_cache`` is set) and stack them per group.
+    load each drawn image once however many seeds drew it, extract the features of every
+    extractor the run's scorers read (through the feature cache when
+    ``config.feature_cache`` is set and they all read CLIP's) and stack them per group.
+    With k = 0 (zero-shot) nothing is drawn: both outputs are empty.
     """
 
     def __init__(self, config: ScoreConfig, candidate=None) -> None:
@@ -149,16 +151,19 @@ class PrepareReferences(beam.PTransform):
 
     def expand(self, rows):
         cfg = self._config
+        if cfg.k == 0:
+            return {"sets": rows | "NoSets" >> beam.Filter(lambda _: False),
+                    ERRORS: rows | "NoErrors" >> beam.Filter(lambda _: False)}
         if self._candidate is not None:
             rows = rows | "Candidates" >> beam.Filter(self._candidate)
         drawn = rows | "SelectReferences" >> SelectReferences(cfg.k, cfg.seeds)
         images = (distinct_references(drawn["sets"])
                   | "LoadReferenceImages" >> LoadImages(
-                      cfg.backbone, cfg.limits, decode_threads=cfg.decode_thread_count,
+                      cfg.suite, cfg.limits, decode_threads=cfg.decode_thread_count,
                       prefetch=cfg.batch_size))
         features = (images["images"]
-                    | "ExtractReferenceFeatures" >> extract_features(
-                        cfg.feature_cache, cfg.backbone, cfg.batch_size,
+                    | "ExtractReferenceFeatures" >> extract_suite_features(
+                        cfg.feature_cache, cfg.suite, cfg.batch_size,
                         cfg.share_model_across_processes)
                     | "RowOnly" >> beam.MapTuple(_row_features))
         sets = ({"sets": drawn["sets"], "features": features}

@@ -1,7 +1,7 @@
-"""ScoreQueries: query features against their group's references, per seed, in batches.
+"""ScoreQueries: query features against their group's references, per seed and scorer.
 
-Reference sets and prompt embeddings arrive as side inputs; each reference set is prepared
-(normalised, adapted, moved to the device) once per worker and reused for every batch.
+Reference sets and prompt embeddings arrive as side inputs; each scorer builds a group's
+normal memory once per (dataset, category, seed) on a worker and reuses it for every batch.
 """
 from __future__ import annotations
 
@@ -15,14 +15,16 @@ from apache_beam.metrics import Metrics
 from pipeline.core.config import ScoreConfig
 from pipeline.core.manifest import ManifestRow
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
-from pipeline.model.backbone import ImageFeatures, describe
-from pipeline.model.inctrl import ReferenceSet, ScoreComponents
-from pipeline.model.loading import TRAINING_FREE, WITH_HEADS, get_scorer
+from pipeline.model.loading import TRAINING_FREE, WITH_HEADS, ZERO_SHOT
+from pipeline.model.scorers.base import ScorerOutput
+from pipeline.model.scorers.suite import (EXTRACTOR_OF, INCTRL, INCTRL_COMPONENTS, TEXT,
+                                          TensorBundle, build_scorers)
 from transforms.errors import error_records, row_error
 from transforms.references import ReferencePayload
 
 STAGE_SCORE = "score"
-_PREPARED_CACHE = 64
+_PREPARED_CACHE = 64  # (group, seed) memories per scorer kept on a worker
+_NO_REFERENCES = ReferencePayload(image_ids=(), features=TensorBundle(), selected=0)
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -30,38 +32,43 @@ def _nan_to_none(x: float) -> float | None:
 
 
 def score_records(
-    rows: Sequence[ManifestRow], comps: ScoreComponents, *, seed: int, payload: ReferencePayload,
-    config: ScoreConfig, model_id: str, heads: str, mode: str,
+    rows: Sequence[ManifestRow], out: ScorerOutput, *, scorer: str, seed: int,
+    payload: ReferencePayload, config: ScoreConfig, model_id: str, heads: str | None, mode: str,
 ) -> list[dict[str, Any]]:
-    """One output record per query for one seed, with every score component."""
-    cols = {name: getattr(comps, name).detach().float().cpu().tolist()
-            for name in ("final", "fine", "holistic", "image_residual", "text_prior")}
-    maps = comps.patch_map.detach().float().cpu().numpy() if config.write_patch_map else None
-    out = []
+    """One output record per query for one seed and scorer. InCTRL's rows carry its score
+    components; other scorers leave those columns null."""
+    final = out.score.detach().float().cpu().tolist()
+    cols = {name: out.components[name].detach().float().cpu().tolist()
+            for name in INCTRL_COMPONENTS if name in out.components} if scorer == INCTRL else {}
+    maps = None
+    if config.write_patch_map and out.patch_map is not None:
+        maps = out.patch_map.detach().float().cpu()
+    backbone, pretrained = config.suite.backbone_of(scorer)
+    records = []
     for i, row in enumerate(rows):
         rec = row.to_record()
         rec.update(
             seed=seed,
+            scorer=scorer,
             k=config.k,
             k_used=len(payload.image_ids),
             reference_ids=list(payload.image_ids),
-            final_score=cols["final"][i],
-            fine_score=cols["fine"][i],
-            holistic_score=_nan_to_none(cols["holistic"][i]),
-            image_residual_score=_nan_to_none(cols["image_residual"][i]),
-            text_prior_score=cols["text_prior"][i],
+            final_score=final[i],
             scoring_mode=mode,
             model_id=model_id,
-            backbone=config.backbone.name,
-            pretrained=config.backbone.weights_id,
+            backbone=backbone,
+            pretrained=pretrained,
             heads_hash=heads,
             run_id=config.run_id,
         )
+        for name, values in cols.items():
+            rec[f"{name}_score"] = _nan_to_none(values[i])
         rec.pop("role", None)
         if maps is not None:
-            rec["patch_map"] = maps[i].tolist()
-        out.append(rec)
-    return out
+            rec["patch_map"] = maps[i].reshape(-1).tolist()
+            rec["patch_map_height"], rec["patch_map_width"] = maps.shape[1], maps.shape[2]
+        records.append(rec)
+    return records
 
 
 class _ScoreFn(beam.DoFn):
@@ -73,25 +80,47 @@ class _ScoreFn(beam.DoFn):
         self._prepared_sets = Metrics.counter(METRICS_NAMESPACE, "reference_sets_prepared")
 
     def setup(self) -> None:
-        spec = self._config.backbone
-        self._device = describe(spec).device
-        self._scorer, self._heads = get_scorer(spec, self._config.checkpoint)
-        self._mode = WITH_HEADS if self._scorer.has_heads else TRAINING_FREE
-        self._prepared: OrderedDict[tuple, ReferenceSet] = OrderedDict()
+        suite = self._config.suite
+        self._device = torch.device(suite.device)
+        self._scorers, self._heads = build_scorers(suite)
+        self._prepared: OrderedDict[tuple, Any] = OrderedDict()
         self._texts: dict[str, torch.Tensor] = {}  # category → text features on the device
 
-    def _references(self, key: tuple, payload: ReferencePayload) -> ReferenceSet:
-        refs = self._prepared.get(key)
-        if refs is None:
+    def _mode(self, scorer: str) -> str:
+        if self._config.k == 0:
+            return ZERO_SHOT
+        if scorer == INCTRL and self._scorers[INCTRL].has_heads:
+            return WITH_HEADS
+        return TRAINING_FREE
+
+    def _memory(self, key: tuple, scorer: str, payload: ReferencePayload,
+                text: torch.Tensor) -> Any:
+        """The scorer's memory of one (dataset, category, seed), built once per worker."""
+        key = (*key, scorer)
+        memory = self._prepared.get(key)
+        if memory is None:
+            refs = payload.features.to(self._device).part(EXTRACTOR_OF[scorer])
             with torch.no_grad():
-                refs = self._scorer.prepare_references(payload.features.to(self._device))
-            self._prepared[key] = refs
+                memory = self._scorers[scorer].build_memory(refs, {TEXT: text})
+            self._prepared[key] = memory
             self._prepared_sets.inc()
-            while len(self._prepared) > _PREPARED_CACHE:
+            while len(self._prepared) > _PREPARED_CACHE * len(self._scorers):
                 self._prepared.popitem(last=False)
         else:
             self._prepared.move_to_end(key)
-        return refs
+        return memory
+
+    def _no_references(self, rows: list, dataset: str, category: str, seed: int) -> Iterable:
+        cfg = self._config
+        self._failed.inc(len(rows) * len(self._scorers))
+        for row in rows:
+            err = row_error(row, STAGE_SCORE, (
+                f"no usable normal reference image for dataset {dataset!r}, category "
+                f"{category!r}: none in the manifest, or none could be loaded "
+                "(see the reference rows of the errors table)"))
+            for rec in error_records(err, cfg.seeds, cfg.scorers, cfg.run_id, self._model_id,
+                                     seed):
+                yield beam.pvalue.TaggedOutput(ERRORS, rec)
 
     def process(self, batch: list, ref_sets: dict, prompts: dict) -> Iterable:
         groups: dict[tuple[str, str], list] = defaultdict(list)
@@ -101,33 +130,30 @@ class _ScoreFn(beam.DoFn):
         for (dataset, category), items in groups.items():
             rows = [r for r, _ in items]
             # Each image straight to the device, then one concatenation there: no extra host copy.
-            feats = ImageFeatures.cat([f.to(self._device) for _, f in items])
+            feats = TensorBundle.cat([f.to(self._device) for _, f in items])
             text = self._texts.get(category)
             if text is None:
                 text = self._texts[category] = prompts[category].to(self._device)
             for seed in cfg.seeds:
-                payload = ref_sets.get((dataset, category, seed))
+                payload = _NO_REFERENCES if cfg.k == 0 else ref_sets.get(
+                    (dataset, category, seed))
                 if payload is None:
-                    self._failed.inc(len(rows))
-                    for row in rows:
-                        err = row_error(row, STAGE_SCORE, (
-                            f"no usable normal reference image for dataset {dataset!r}, category "
-                            f"{category!r}: none in the manifest, or none could be loaded "
-                            "(see the reference rows of the errors table)"))
-                        for rec in error_records(err, cfg.seeds, cfg.run_id, self._model_id, seed):
-                            yield beam.pvalue.TaggedOutput(ERRORS, rec)
+                    yield from self._no_references(rows, dataset, category, seed)
                     continue
-                refs = self._references((dataset, category, seed), payload)
-                with torch.no_grad():
-                    comps = self._scorer(feats, refs, text)
-                self._scored.inc(len(rows))
-                yield from score_records(rows, comps, seed=seed, payload=payload, config=cfg,
-                                         model_id=self._model_id, heads=self._heads,
-                                         mode=self._mode)
+                for name, scorer in self._scorers.items():
+                    memory = self._memory((dataset, category, seed), name, payload, text)
+                    with torch.no_grad():
+                        out = scorer.score(feats.part(EXTRACTOR_OF[name]), memory)
+                    self._scored.inc(len(rows))
+                    yield from score_records(
+                        rows, out, scorer=name, seed=seed, payload=payload, config=cfg,
+                        model_id=self._model_id,
+                        heads=self._heads if name == INCTRL else None, mode=self._mode(name))
 
 
 class ScoreQueries(beam.PTransform):
-    """((row, sha256), ImageFeatures) → score records (main) and error records ('errors').
+    """((row, sha256), TensorBundle) → score records (main) and error records ('errors'):
+    one per query, seed and scorer.
 
     Side inputs: ``ref_sets`` ((dataset, category, seed) → ReferencePayload) and ``prompts``
     (category → text features).

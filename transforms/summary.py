@@ -1,4 +1,5 @@
-"""SummarizeMetrics: per (dataset, category, k) metrics over seeds, written as Parquet/JSON/Markdown."""
+"""SummarizeMetrics: per (dataset, scorer, category, k) metrics over seeds, and the
+comparison table of the run's scorers (datasets × scorers), written as Parquet/JSON/Markdown."""
 from __future__ import annotations
 
 import logging
@@ -7,11 +8,12 @@ from typing import Iterable
 import apache_beam as beam
 import pandas as pd
 
-from pipeline.core.metrics import summarize_scores, summary_to_markdown, write_summary
+from pipeline.core.metrics import (comparison_table, ordered_scorers, summarize_scores,
+                                   summary_to_markdown, write_comparison, write_summary)
 
 LOG = logging.getLogger(__name__)
 
-_KEEP = ("dataset", "category", "k", "seed", "label", "final_score", "fine_score",
+_KEEP = ("dataset", "scorer", "category", "k", "seed", "label", "final_score", "fine_score",
          "image_residual_score", "text_prior_score")
 
 
@@ -35,25 +37,32 @@ class _WriteFn(beam.DoFn):
         frames = [f for f in frames if len(f)]
         summary = pd.concat(frames, ignore_index=True) if frames else summarize_scores(
             pd.DataFrame(columns=list(_KEEP)))
-        summary = summary.sort_values(["dataset", "level", "category", "k"], kind="stable",
-                                      key=_level_order).reset_index(drop=True)
+        summary = summary.sort_values(["dataset", "level", "scorer", "category", "k"],
+                                      kind="stable", key=_sort_key).reset_index(drop=True)
         paths = write_summary(summary, self._out_dir, extra=self._extra)
         LOG.info("Summary written to %s", self._out_dir)
         LOG.debug("Summary:\n%s", summary_to_markdown(summary))
+        comparison = write_comparison(comparison_table(summary), self._out_dir, extra=self._extra)
+        paths.update({f"comparison_{kind}": path for kind, path in comparison.items()})
         yield paths
 
 
-def _level_order(col: pd.Series) -> pd.Series:
+def _sort_key(col: pd.Series) -> pd.Series:
     if col.name == "level":
         return col.map({"category": 0, "dataset_mean": 1, "dataset_pooled": 2})
+    if col.name == "scorer":
+        order = {name: i for i, name in enumerate(ordered_scorers(col.dropna().unique()))}
+        return col.map(order)
     return col
 
 
 class SummarizeMetrics(beam.PTransform):
-    """Score records → summary files under ``out_dir``; one dataset per group, then one write.
+    """Score records → the summary and comparison files under ``out_dir``; one dataset per
+    group, then one write.
 
-    Returns the written paths (``{"parquet", "json", "markdown"}``). WriteOutputs points
-    ``out_dir`` into the run's staging folder: the files become visible with the run's commit.
+    Returns the written paths (``{"parquet", "json", "markdown", "comparison_parquet",
+    "comparison_json", "comparison_markdown"}``). WriteOutputs points ``out_dir`` into the
+    run's staging folder: the files become visible with the run's commit.
     """
 
     def __init__(self, out_dir: str, extra: dict) -> None:

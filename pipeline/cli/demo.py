@@ -5,8 +5,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from pipeline.cli.flags import (add_model_flags, add_run_flags, add_scoring_flags,
-                                backbone_from_args, parse_with_beam, score_config_from_args)
+from pipeline.cli.flags import (add_comparison_model_flags, add_model_flags, add_run_flags,
+                                add_scoring_flags, backbone_from_args, parse_with_beam,
+                                score_config_from_args)
 from pipeline.core.layout import summary_dir
 
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scoring_flags(parser, seeds=(0, 1, 2))
     add_run_flags(parser)
     add_model_flags(parser)
+    add_comparison_model_flags(parser)
     return parser
 
 
@@ -31,5 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.write(summary + "\n")
     sys.stdout.write(f"Scores:  {config.output}/scores/  (hive-partitioned Parquet)\n"
                      f"Errors:  {config.output}/errors/\n"
-                     f"Summary: {summary_dir(config.output, config.run_date)}/summary.md\n")
+                     f"Summary: {summary_dir(config.output, config.run_date)}/summary.md\n"
+                     f"Comparison: {summary_dir(config.output, config.run_date)}/"
+                     "comparison.md\n")
     return 0

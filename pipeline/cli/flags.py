@@ -15,6 +15,9 @@ from typing import Sequence
 from pipeline.core.config import DEFAULT_BATCH_SIZE, DEFAULT_K, ScoreConfig
 from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, BackboneSpec
 from pipeline.model.loading import backbone_for_heads
+from pipeline.model.scorers.cnn import DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHTS
+from pipeline.model.scorers.dino import DEFAULT_DINO, DEFAULT_IMAGE_SIZE, TIMM_WEIGHTS
+from pipeline.model.scorers.suite import DEFAULT_SCORERS, SCORERS, check_k, parse_scorers
 
 # --------------------------------------------------------------------------------------------
 # Validators: argparse types that turn a bad value into one usage line, never a traceback
@@ -97,6 +100,21 @@ def even_batch(text: str) -> int:
     return value
 
 
+def scorer_list(text: str) -> tuple[str, ...]:
+    """``--scorer inctrl,patchcore``: known scorer names, each once."""
+    try:
+        return parse_scorers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def unit_fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
 def name_set(text: str) -> frozenset[str]:
     """Comma-separated names, e.g. ``--semantic-classes airplane,bird``."""
     return frozenset(c.strip() for c in text.split(",") if c.strip())
@@ -139,9 +157,11 @@ def add_io_flags(parser: argparse.ArgumentParser, output_help: str,
 
 
 def add_k_flag(group: argparse._ArgumentGroup,
-               help_: str = "normal references per group (default %(default)s)") -> None:
-    """``--k``: the shots, normal references per query."""
-    group.add_argument("--k", type=positive_int, default=DEFAULT_K, help=help_)
+               help_: str = "normal references per group (default %(default)s)", *,
+               zero_shot: bool = False) -> None:
+    """``--k``: the shots, normal references per query (0 allowed with ``zero_shot``)."""
+    group.add_argument("--k", type=non_negative_int if zero_shot else positive_int,
+                       default=DEFAULT_K, help=help_)
 
 
 def add_feature_cache_flag(group: argparse._ArgumentGroup, help_: str = (
@@ -152,7 +172,11 @@ def add_feature_cache_flag(group: argparse._ArgumentGroup, help_: str = (
 def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...] = (0,)) -> None:
     """How queries are scored: shots, seeds, heads, batches, patch maps."""
     g = parser.add_argument_group("scoring")
-    add_k_flag(g)
+    add_k_flag(g, "normal references per group (default %(default)s; 0: zero-shot, for the "
+                  "scorers that can: inctrl's text prior, winclip)", zero_shot=True)
+    g.add_argument("--scorer", type=scorer_list, default=DEFAULT_SCORERS, metavar="NAMES",
+                   help=f"comma-separated scorers compared in one run: {','.join(SCORERS)} "
+                        f"(default {','.join(DEFAULT_SCORERS)})")
     g.add_argument("--seeds", type=distinct_int_list, default=seeds,
                    help="comma-separated sampler seeds; each gives one scoring (default "
                         f"{','.join(map(str, seeds))})")
@@ -161,7 +185,30 @@ def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...]
     g.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help="images per backbone batch (default %(default)s)")
     g.add_argument("--write-patch-map", action="store_true",
-                   help="also store each query's patch residual map")
+                   help="also store each query's patch map (every scorer's, on its grid)")
+    g.add_argument("--coreset-ratio", type=unit_fraction, default=None,
+                   help="patchcore: keep this fraction of the reference patches (greedy "
+                        "coreset; default: all, as suits few shots)")
+
+
+def add_comparison_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The models of the comparison scorers that do not read CLIP."""
+    g = parser.add_argument_group("comparison scorers' models")
+    g.add_argument("--cnn-backbone", default=DEFAULT_CNN_BACKBONE,
+                   help="spade/padim/patchcore: torchvision model builder name (default "
+                        "%(default)s; feature stages are chosen by stride, so ResNets and "
+                        "mobilenet_v2 both work)")
+    g.add_argument("--cnn-weights", default=DEFAULT_CNN_WEIGHTS,
+                   help="torchvision weights name (fetched into $TORCH_HOME), a state-dict "
+                        "file or 'random[:SEED]' (default %(default)s)")
+    g.add_argument("--vit-backbone", default=DEFAULT_DINO,
+                   help="anomalydino: timm DINOv2 model name (default %(default)s)")
+    g.add_argument("--vit-weights", default=TIMM_WEIGHTS,
+                   help="'timm' (the name's pretrained weights, from the Hugging Face cache), "
+                        "another timm tag, a weights file or 'random[:SEED]' (default "
+                        "%(default)s)")
+    g.add_argument("--vit-image-size", type=positive_int, default=DEFAULT_IMAGE_SIZE,
+                   help="anomalydino: square input side in pixels (default %(default)s)")
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, run_date: bool = True) -> None:
@@ -188,6 +235,7 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
     add_scoring_flags(parser)
     add_run_flags(parser)
     add_model_flags(parser)
+    add_comparison_model_flags(parser)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +270,13 @@ def score_config_from_args(args: argparse.Namespace, **overrides) -> ScoreConfig
         feature_cache=args.feature_cache,
         share_model_across_processes=args.share_model_across_processes,
         decode_threads=args.decode_threads,
+        scorers=tuple(args.scorer),
+        coreset_ratio=args.coreset_ratio,
+        cnn_backbone=args.cnn_backbone,
+        cnn_weights=args.cnn_weights,
+        vit_backbone=args.vit_backbone,
+        vit_weights=args.vit_weights,
+        vit_image_size=args.vit_image_size,
     )
     for name in ("manifest", "run_date", "run_id", "semantic_classes"):
         if getattr(args, name, None) is not None:
@@ -257,11 +312,21 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
     return [s for action in parser._actions for s in action.option_strings]  # noqa: SLF001
 
 
+def _check_together(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags valid alone but not together: one usage message."""
+    if hasattr(args, "scorer") and hasattr(args, "k"):
+        try:
+            check_k(args.scorer, args.k)
+        except ValueError as exc:
+            parser.error(f"--k {args.k} --scorer {','.join(args.scorer)}: {exc}")
+
+
 def parse_with_beam(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                     ) -> tuple[argparse.Namespace, list[str]]:
     """(our flags, Beam's flags) of ``argv``; a flag neither knows ends the command with one
     usage message naming it and the closest known flag."""
     args, rest = parser.parse_known_args(argv)
+    _check_together(parser, args)
     if not rest:
         return args, []
     beam = _beam_parser()

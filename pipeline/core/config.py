@@ -6,10 +6,16 @@ import datetime as dt
 import os
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from pipeline.core.images import ImageLimits
 from pipeline.model.backbone import BackboneSpec
 from pipeline.model.prompts import DEFAULT_SEMANTIC_CLASSES
+from pipeline.model.scorers.cnn import DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHTS
+from pipeline.model.scorers.dino import (DEFAULT_DINO,
+                                         DEFAULT_IMAGE_SIZE as DEFAULT_VIT_IMAGE_SIZE,
+                                         TIMM_WEIGHTS)
+from pipeline.model.scorers.suite import CLIP, DEFAULT_SCORERS, SuiteSpec, check_k, parse_scorers
 
 DEFAULT_K = 4
 DEFAULT_BATCH_SIZE = 16
@@ -55,18 +61,41 @@ class ScoreConfig:
     feature_cache: str | None = None
     # Threads reading and decoding images per worker process; 0: chosen from the device.
     decode_threads: int = 0
+    # The scorers compared in the run and the models of those that are not CLIP's
+    # (pipeline.model.scorers.suite).
+    scorers: tuple[str, ...] = DEFAULT_SCORERS
+    cnn_backbone: str = DEFAULT_CNN_BACKBONE
+    cnn_weights: str = DEFAULT_CNN_WEIGHTS
+    vit_backbone: str = DEFAULT_DINO
+    vit_weights: str = TIMM_WEIGHTS
+    vit_image_size: int = DEFAULT_VIT_IMAGE_SIZE
+    coreset_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.decode_threads < 0:
             raise ValueError(f"decode_threads must be 0 (auto) or more, got {self.decode_threads}")
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.k < 0:
+            raise ValueError(f"k must be 0 (zero-shot) or more, got {self.k}")
+        object.__setattr__(self, "scorers", parse_scorers(self.scorers))
+        check_k(self.scorers, self.k)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
+
+    @cached_property
+    def suite(self) -> SuiteSpec:
+        """The scorers and the models they read (hashable; it keys worker caches)."""
+        return SuiteSpec(self.scorers, self.backbone, self.checkpoint, self.cnn_backbone,
+                         self.cnn_weights, self.vit_backbone, self.vit_weights,
+                         self.vit_image_size, self.coreset_ratio)
+
+    @property
+    def clip_only(self) -> bool:
+        """Whether every scorer reads InCTRL's CLIP features (the feature cache covers them)."""
+        return self.suite.extractors == (CLIP,)
 
     @property
     def decode_thread_count(self) -> int:

@@ -361,7 +361,7 @@ def read_files(output: str, files: Sequence[tuple[str | None, str]],
     hold them) plus a string ``dataset`` column, or None when there is no file.
 
     Files whose columns differ (written by different runs) are read with their schemas
-    unified; a column a file lacks reads as null.
+    unified; a column a file lacks reads as null, and so does an asked column none has.
     """
     if not files:
         return None
@@ -377,7 +377,10 @@ def read_files(output: str, files: Sequence[tuple[str | None, str]],
     if columns is None:
         columns = [n for n in schema.names if n not in PARTITION_COLUMNS]
     wanted = [c for c in columns if c != "dataset"] + ["dataset"]
-    return data.to_table(columns=wanted)
+    table = data.to_table(columns=[c for c in wanted if c in schema.names])
+    for name in (c for c in wanted if c not in schema.names):
+        table = table.append_column(name, pa.nulls(table.num_rows))
+    return table.select(wanted)
 
 
 def _parquet(files: Iterable[tuple[str | None, str]]) -> list[tuple[str | None, str]]:

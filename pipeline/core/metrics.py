@@ -1,8 +1,9 @@
 """Metric summaries of scored anomaly tables.
 
-Score tables hold one row per (query image, seed). Everything here is pure
-pandas/numpy compute except :func:`write_summary`, the single I/O edge, which
-writes through fsspec so local paths and ``gs://`` both work.
+Score tables hold one row per (query image, seed, scorer). Everything here is
+pure pandas/numpy compute except :func:`write_summary` and
+:func:`write_comparison`, the I/O edges, which write through fsspec so local
+paths and ``gs://`` both work.
 
 Aggregation over seeds (documented once, used everywhere): a metric is first
 computed per seed on that seed's labelled rows, then reported as the mean and
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,13 @@ METRICS: tuple[str, ...] = ("auroc", "auprc", "f1_max", "f1_threshold")
 QUANTILE_COLUMNS: tuple[str, ...] = ("score_p50", "score_p90", "score_p99", "score_max", "score_mean")
 COUNT_COLUMNS: tuple[str, ...] = ("query_count", "anomalous_count", "normal_count", "unlabeled_count")
 LEVELS: tuple[str, ...] = ("category", "dataset_mean", "dataset_pooled")
+#: The scorer of tables written before they had a ``scorer`` column.
+DEFAULT_SCORER = "inctrl"
+#: Column order of the comparison (the paper's method first, then the baselines);
+#: scorers not listed follow alphabetically.
+SCORER_ORDER: tuple[str, ...] = ("inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino")
+#: The summary metrics the comparison reports, each as mean and std over seeds.
+COMPARISON_METRICS: tuple[str, ...] = ("auroc", "auprc")
 MEAN_CATEGORY = "*mean*"
 POOLED_CATEGORY = "*pooled*"
 #: What an empty summary says (the run had no query with a score).
@@ -38,6 +47,7 @@ _REQUIRED = ("dataset", "category", "k", "seed", "label")
 _SUMMARY_COLUMNS: tuple[str, ...] = (
     "level",
     "dataset",
+    "scorer",
     "category",
     "k",
     "score_column",
@@ -136,9 +146,8 @@ def _score_quantiles(scores: pd.DataFrame, keys: list[str], score_column: str) -
     return out.reset_index()
 
 
-def _category_counts(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Counts for one seed per (dataset, category, k); the max over seeds, warning when seeds disagree."""
-    keys = ["dataset", "category", "k"]
+def _category_counts(per_seed: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Counts for one seed per category ``keys``; the max over seeds, warning when seeds disagree."""
     grouped = per_seed.groupby(keys, sort=True, dropna=False)[list(COUNT_COLUMNS)]
     counts_max, counts_min = grouped.max(), grouped.min()
     uneven = (counts_max != counts_min).any(axis=1)
@@ -151,19 +160,42 @@ def _category_counts(per_seed: pd.DataFrame) -> pd.DataFrame:
     return counts_max.reset_index()
 
 
+def ordered_scorers(names: Iterable[Any]) -> list[str]:
+    """Distinct scorer names in report order: :data:`SCORER_ORDER` first, the rest alphabetically."""
+    distinct = {str(n) for n in names}
+    known = [s for s in SCORER_ORDER if s in distinct]
+    return known + sorted(distinct - set(SCORER_ORDER))
+
+
+def _with_scorer(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with a ``scorer`` column; absent or missing values become :data:`DEFAULT_SCORER`.
+
+    Tables written before scorers multiplied were all scored by InCTRL, so they
+    (and rows concatenated from them) keep summarizing as that one scorer.
+    """
+    if "scorer" not in frame.columns:
+        return frame.assign(scorer=DEFAULT_SCORER)
+    scorer = frame["scorer"].astype(object)
+    return frame.assign(scorer=scorer.where(scorer.notna(), DEFAULT_SCORER))
+
+
 def summarize_scores(scores: pd.DataFrame, score_column: str = "final_score") -> pd.DataFrame:
     """Summarize a score table into one long frame with a ``level`` column.
 
-    Levels, each per ``k`` (requested shots):
+    Levels, each per scorer and ``k`` (requested shots):
 
     * ``category``: per (dataset, category). Counts are for one seed (rows are
-      per (query, seed)); metrics are mean / population std over seeds.
+      per (query, seed, scorer)); metrics are mean / population std over seeds.
     * ``dataset_mean`` (category ``*mean*``): per seed, the mean over the
       dataset's categories of the per-seed category metric (categories without
       both classes are skipped); then mean / std over seeds. The mean equals
       the mean of category means as the InCTRL paper reports it.
     * ``dataset_pooled`` (category ``*pooled*``): metrics on all of the dataset's
       queries pooled per seed, then mean / std over seeds.
+
+    A table without a ``scorer`` column is one scorer, :data:`DEFAULT_SCORER`;
+    the output always has ``scorer`` right after ``dataset``. Rows are sorted
+    by dataset, level, scorer (in :func:`ordered_scorers` order), category, k.
 
     Dataset-level counts are sums of category counts. Only labelled rows enter
     metrics; groups without both classes get NaN metrics. ``score_p50`` ...
@@ -175,10 +207,11 @@ def summarize_scores(scores: pd.DataFrame, score_column: str = "final_score") ->
         raise ValueError(f"score table lacks columns: {missing}")
     if scores.empty:
         return pd.DataFrame(columns=list(_SUMMARY_COLUMNS))
+    scores = _with_scorer(scores)
 
-    cat_keys, ds_keys = ["dataset", "category", "k"], ["dataset", "k"]
+    cat_keys, ds_keys = ["dataset", "scorer", "category", "k"], ["dataset", "scorer", "k"]
     cat_seed = _per_seed(scores, cat_keys, score_column)
-    cat_counts = _category_counts(cat_seed)
+    cat_counts = _category_counts(cat_seed, cat_keys)
 
     category = _over_seeds(cat_seed, cat_keys).merge(cat_counts, on=cat_keys)
     category = category.merge(_score_quantiles(scores, cat_keys, score_column), on=cat_keys)
@@ -200,9 +233,11 @@ def summarize_scores(scores: pd.DataFrame, score_column: str = "final_score") ->
 
     summary = pd.concat([category, dataset_mean, pooled], ignore_index=True)
     summary["score_column"] = score_column
+    scorer_rank = {name: i for i, name in enumerate(ordered_scorers(summary["scorer"]))}
     summary["_level_order"] = summary["level"].map({lvl: i for i, lvl in enumerate(LEVELS)})
-    summary = summary.sort_values(["dataset", "_level_order", "category", "k"], kind="stable")
-    summary = summary.drop(columns="_level_order").reset_index(drop=True)
+    summary["_scorer_order"] = summary["scorer"].map(scorer_rank)
+    summary = summary.sort_values(["dataset", "_level_order", "_scorer_order", "category", "k"], kind="stable")
+    summary = summary.drop(columns=["_level_order", "_scorer_order"]).reset_index(drop=True)
     for col in ("n_seeds", *COUNT_COLUMNS):
         summary[col] = summary[col].astype("int64")
     return summary[list(_SUMMARY_COLUMNS)]
@@ -236,7 +271,7 @@ def summary_to_markdown(summary: pd.DataFrame) -> str:
     """
     if summary.empty:
         return NO_QUERIES + "\n"
-    header = ["dataset", "category", "k", "queries", "anomalous", "AUROC", "AUPRC", "F1-max"]
+    header = ["dataset", "scorer", "category", "k", "queries", "anomalous", "AUROC", "AUPRC", "F1-max"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in summary.itertuples(index=False):
         unlabelled = row.anomalous_count + row.normal_count == 0
@@ -250,7 +285,8 @@ def summary_to_markdown(summary: pd.DataFrame) -> str:
                 for m in ("auroc", "auprc", "f1_max")
             ]
             anomalous = str(row.anomalous_count)
-        cells = [row.dataset, row.category, row.k, row.query_count, anomalous, *metric_cells]
+        scorer = getattr(row, "scorer", DEFAULT_SCORER)  # summaries written before the column
+        cells = [row.dataset, scorer, row.category, row.k, row.query_count, anomalous, *metric_cells]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -266,4 +302,84 @@ def write_summary(summary: pd.DataFrame, out_dir: str, *, extra: dict | None = N
     """
     paths = write_report(summary, out_dir, "summary", summary_to_markdown(summary), extra)
     LOG.info("Wrote summary of %d rows to %s", len(summary), out_dir.rstrip("/"))
+    return paths
+
+
+def _comparison_columns(scorer: str) -> list[str]:
+    """The comparison's columns for one scorer: ``<scorer>_<metric>_<mean|std>``."""
+    return [f"{scorer}_{m}_{stat}" for m in COMPARISON_METRICS for stat in ("mean", "std")]
+
+
+def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The paper's view of a :func:`summarize_scores` table: scorers side by side.
+
+    One row per (dataset, k) from the ``dataset_mean`` level (per seed the mean
+    over categories, then mean / population std over seeds, as the InCTRL paper
+    reports). Columns are ``dataset``, ``k`` and, per scorer in
+    :func:`ordered_scorers` order, ``<scorer>_auroc_mean``, ``<scorer>_auroc_std``,
+    ``<scorer>_auprc_mean``, ``<scorer>_auprc_std``; NaN where a scorer did not
+    score a dataset. A summary without a ``scorer`` column is
+    :data:`DEFAULT_SCORER`'s. No dataset rows give an empty frame with columns
+    ``dataset`` and ``k``.
+    """
+    if summary.empty:
+        return pd.DataFrame(columns=["dataset", "k"])
+    means = _with_scorer(summary[summary["level"] == "dataset_mean"])
+    if means.empty:
+        return pd.DataFrame(columns=["dataset", "k"])
+    values = [f"{m}_{stat}" for m in COMPARISON_METRICS for stat in ("mean", "std")]
+    # unstack raises on a repeated (dataset, k, scorer): one summary row each, or the input is wrong.
+    wide = means.set_index(["dataset", "k", "scorer"])[values].unstack("scorer")
+    wide.columns = [f"{scorer}_{value}" for value, scorer in wide.columns]
+    columns = [c for scorer in ordered_scorers(means["scorer"]) for c in _comparison_columns(scorer)]
+    table = wide.reindex(columns=columns).sort_index().reset_index()
+    return table.astype({c: "float64" for c in columns})
+
+
+def _table_scorers(table: pd.DataFrame) -> list[str]:
+    """Scorers of a :func:`comparison_table`, in its column order."""
+    suffix = f"_{COMPARISON_METRICS[0]}_mean"
+    return [c[: -len(suffix)] for c in table.columns if c.endswith(suffix)]
+
+
+def comparison_to_markdown(table: pd.DataFrame) -> str:
+    """Render a :func:`comparison_table` as Markdown: one table per metric.
+
+    Each table has a row per (dataset, k) and a column per scorer with
+    ``mean ± std`` over seeds (``n/a`` where the scorer has no value). An empty
+    table says so in words.
+    """
+    if table.empty:
+        return NO_QUERIES + "\n"
+    scorers = _table_scorers(table)
+    header = ["dataset", "k", *scorers]
+    sections = []
+    for metric in COMPARISON_METRICS:
+        lines = [
+            f"## {metric.upper()} (mean over categories; mean ± std over seeds)",
+            "",
+            "| " + " | ".join(_md_cell(h) for h in header) + " |",
+            "|" + "|".join(["---"] * len(header)) + "|",
+        ]
+        for _, row in table.iterrows():
+            cells = [
+                row["dataset"],
+                row["k"],
+                *(_fmt_mean_std(row[f"{s}_{metric}_mean"], row[f"{s}_{metric}_std"]) for s in scorers),
+            ]
+            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+def write_comparison(table: pd.DataFrame, out_dir: str, *, extra: dict | None = None) -> dict[str, str]:
+    """Write ``comparison.parquet``, ``comparison.json`` and ``comparison.md`` into ``out_dir``.
+
+    Same layout as :func:`write_summary`: any fsspec URL, JSON as
+    ``{"extra": {...}, "records": [...]}`` with NaN as null. Returns
+    ``{"parquet": path, "json": path, "markdown": path}``
+    (:func:`pipeline.core.reports.write_report`).
+    """
+    paths = write_report(table, out_dir, "comparison", comparison_to_markdown(table), extra)
+    LOG.info("Wrote comparison of %d rows to %s", len(table), out_dir.rstrip("/"))
     return paths

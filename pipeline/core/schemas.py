@@ -24,6 +24,7 @@ _SCORE_FIELDS = [
     pa.field("defect_type", pa.string()),
     pa.field("capture_date", pa.string()),
     pa.field("seed", pa.int64()),
+    pa.field("scorer", pa.string()),
     pa.field("k", pa.int64()),
     pa.field("k_used", pa.int64()),
     pa.field("reference_ids", pa.list_(pa.string())),
@@ -39,7 +40,10 @@ _SCORE_FIELDS = [
     pa.field("heads_hash", pa.string()),
     pa.field("run_id", pa.string()),
 ]
-PATCH_MAP_FIELD = pa.field("patch_map", pa.list_(pa.float32()))
+#: A scorer's patch map, row-major on its own feature grid (height × width values).
+PATCH_MAP_FIELDS = [pa.field("patch_map", pa.list_(pa.float32())),
+                    pa.field("patch_map_height", pa.int64()),
+                    pa.field("patch_map_width", pa.int64())]
 
 ERROR_SCHEMA = pa.schema([
     pa.field("image_id", pa.string()),
@@ -47,6 +51,7 @@ ERROR_SCHEMA = pa.schema([
     pa.field("category", pa.string()),
     pa.field("role", pa.string()),
     pa.field("seed", pa.int64()),
+    pa.field("scorer", pa.string()),
     pa.field("stage", pa.string()),
     pa.field("reason", pa.string()),
     pa.field("run_id", pa.string()),
@@ -58,14 +63,15 @@ _MANIFEST_COLUMNS = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
 
 def passthrough_fields(manifest_schema: pa.Schema) -> list[pa.Field]:
     """Manifest columns that are not ours travel to the scores table with their own types."""
-    taken = {f.name for f in _SCORE_FIELDS} | {"dataset", "run_date"} | {"patch_map", "role"}
+    taken = ({f.name for f in _SCORE_FIELDS} | {"dataset", "run_date", "role"}
+             | {f.name for f in PATCH_MAP_FIELDS})
     return [f for f in manifest_schema if f.name not in _MANIFEST_COLUMNS and f.name not in taken]
 
 
 def scores_schema(manifest_schema: pa.Schema | None, patch_map: bool) -> pa.Schema:
     fields = list(_SCORE_FIELDS)
     if patch_map:
-        fields.append(PATCH_MAP_FIELD)
+        fields.extend(PATCH_MAP_FIELDS)
     if manifest_schema is not None:
         fields.extend(passthrough_fields(manifest_schema))
     return pa.schema(fields)

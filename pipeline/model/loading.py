@@ -33,6 +33,8 @@ _LOCK = threading.Lock()
 
 TRAINING_FREE = "training-free"
 WITH_HEADS = "inctrl-heads"
+#: k = 0: no references, the text prior (InCTRL) or the language-guided score (WinCLIP) alone.
+ZERO_SHOT = "zero-shot"
 
 
 def heads_hash(checkpoint: str | None) -> str:

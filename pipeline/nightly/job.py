@@ -47,8 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.runners.runner import PipelineResult
 
-from pipeline.core.commit import (CommitPlan, Staged, commit_run, date_lease, preview,
-                                  read_staged, relative)
+from pipeline.core.commit import (CommitPlan, Staged, commit_run, date_lease, preview, read_staged,
+                                  relative)
 from pipeline.core.config import ScoreConfig
 from pipeline.core.layout import (DRIFT as DRIFT_TABLE, NIGHTLY, previous_date, read_files,
                                   read_partition, summary_dir)
@@ -58,7 +58,7 @@ from pipeline.core.schemas import SCORES
 from pipeline.core.selection import RowSelection
 from pipeline.model.loading import heads_hash, model_id
 from pipeline.nightly.drift import DRIFT, drift_markdown, drift_report, drift_status, write_drift
-from pipeline.nightly.plan import DATE_COLUMN, NightPlan, date_queries, plan_night
+from pipeline.nightly.plan import DATE_COLUMN, LEGACY_SCORER, NightPlan, date_queries, plan_night
 from pipeline.run import run_score
 from pipeline.runner import counter, runner_name
 
@@ -126,7 +126,8 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
         queries = date_queries(config.manifest, schema, date)
         existing = read_partition(config.output, date)
         plan = plan_night(list(queries), _keys(existing), model=mid, k=config.k,
-                          seeds=config.seeds, force=options.force)
+                          seeds=config.seeds, force=options.force,
+                          scorers={s: config.suite.backbone_of(s) for s in config.scorers})
         report.queries_on_date, report.already_scored = plan.queries, len(plan.skip)
         report.scored_queries, report.carried_rows = plan.to_score, plan.carried_rows
         report.dropped_rows = plan.dropped_rows
@@ -162,9 +163,10 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
 
 def _keys(existing: pa.Table | None) -> pd.DataFrame:
     """The plan's view of the date's existing rows."""
-    columns = ["dataset", "image_id", "seed", "model_id", "k"]
-    return existing.select(columns).to_pandas() if existing is not None else pd.DataFrame(
-        columns=columns)
+    columns = ["dataset", "image_id", "seed", "model_id", "k", "scorer", "backbone", "pretrained"]
+    if existing is None:
+        return pd.DataFrame(columns=columns)
+    return existing.select([c for c in columns if c in existing.column_names]).to_pandas()
 
 
 def _carried(existing: pa.Table | None, plan: NightPlan) -> pa.Table | None:
@@ -210,12 +212,22 @@ def _record_metrics(report: NightlyReport, result: PipelineResult, *, cached: bo
              report.reference_cache_hits)
 
 
-def _scores_frame(output: str, date: str | None) -> pd.DataFrame | None:
-    """A date's committed ``final_score`` and ``dataset`` columns, or None."""
+def _primary(table: pa.Table | None, scorer: str) -> pd.DataFrame | None:
+    """The ``final_score`` and ``dataset`` of one scorer's rows (rows written before the
+    scorer column existed are InCTRL's): scorers' scores are not on one scale, so drift is
+    followed for the run's first scorer."""
+    if table is None:
+        return None
+    frame = table.to_pandas()
+    written = frame["scorer"].fillna(LEGACY_SCORER)
+    return frame.loc[written == scorer, ["final_score", "dataset"]].reset_index(drop=True)
+
+
+def _scores_frame(output: str, date: str | None, scorer: str) -> pd.DataFrame | None:
+    """A date's committed ``final_score`` and ``dataset`` columns of ``scorer``, or None."""
     if date is None:
         return None
-    table = read_partition(output, date, columns=["final_score"])
-    return None if table is None else table.to_pandas()
+    return _primary(read_partition(output, date, columns=["final_score", "scorer"]), scorer)
 
 
 def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyReport,
@@ -224,13 +236,15 @@ def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyR
     against the previous night's, staged for the night's commit."""
     date = config.run_date
     tonight = [(d, f) for d, f in preview(lease, staged, SCORES) if f.endswith(".parquet")]
-    table = read_files(config.output, tonight, columns=["final_score"])
+    scorer = config.scorers[0]
+    table = _primary(read_files(config.output, tonight, columns=["final_score", "scorer"]),
+                     scorer)
     if table is None:
         LOG.warning("No scores for %s: no drift report", date)
         return Staged()
     before = previous_date(config.output, date)
     report.previous_date = before
-    drift = drift_status(drift_report(table.to_pandas(), _scores_frame(config.output, before),
+    drift = drift_status(drift_report(table, _scores_frame(config.output, before, scorer),
                                       threshold=options.alert_threshold),
                          options.drift_tolerance)
     report.drift = json.loads(drift.to_json(orient="records"))
@@ -238,7 +252,8 @@ def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyR
     written = write_drift(
         drift, lease.staging_url("reports"), date=date, previous=before,
         extra={"run_date": date, "previous_date": before, "run_id": config.run_id,
-               "model_id": report.model_id, "threshold": options.alert_threshold,
+               "model_id": report.model_id, "scorer": scorer,
+               "threshold": options.alert_threshold,
                "tolerance": options.drift_tolerance})
     published = summary_dir(config.output, date)
     report.files.update({key: f"{published}/{path.rpartition('/')[2]}"

@@ -51,7 +51,7 @@ def test_beam_flags_still_pass_through():
                          "--experiments=use_runner_v2", "--job_name", "x"]
 
 
-@pytest.mark.parametrize("bad", [["--k", "0"], ["--seeds", "a"], ["--seeds", "1,1"],
+@pytest.mark.parametrize("bad", [["--k", "-1"], ["--seeds", "a"], ["--seeds", "1,1"],
                                  ["--batch-size", "-2"], ["--decode-threads", "-1"]])
 def test_bad_values_are_usage_errors_in_every_command(bad, capsys):
     for parser, base in ((score_parser(), BASE), (demo_parser(), [])):
@@ -59,6 +59,27 @@ def test_bad_values_are_usage_errors_in_every_command(bad, capsys):
             parse_with_beam(parser, [*base, *bad])
         assert exit_.value.code == 2
         assert bad[0] in capsys.readouterr().err
+
+
+def test_scorers_and_zero_shot_flags(capsys):
+    config, _ = parse_score_args([*BASE, "--scorer", "patchcore, inctrl,patchcore",
+                                  "--cnn-backbone", "mobilenet_v2", "--cnn-weights", "random:3",
+                                  "--coreset-ratio", "0.5"])
+    assert config.scorers == ("patchcore", "inctrl")
+    assert (config.suite.cnn_spec().backbone, config.suite.cnn_spec().weights) == (
+        "mobilenet_v2", "random:3")
+    assert config.coreset_ratio == 0.5
+    assert parse_score_args([*BASE, "--k", "0"])[0].k == 0  # inctrl zero-shot: text prior
+    assert parse_score_args([*BASE, "--k", "0", "--scorer", "winclip"])[0].k == 0
+    for parser, base in ((score_parser(), BASE), (demo_parser(), [])):
+        with pytest.raises(SystemExit) as exit_:
+            parse_with_beam(parser, [*base, "--k", "0", "--scorer", "inctrl,spade,padim"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "spade, padim cannot score with k=0" in err and "inctrl, winclip" in err
+        with pytest.raises(SystemExit):
+            parse_with_beam(parser, [*base, "--scorer", "inctrl,regad"])
+        assert "unknown scorer 'regad'" in capsys.readouterr().err
 
 
 def test_the_demo_takes_the_score_flags():

@@ -12,6 +12,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.core.metrics import (
+    DEFAULT_SCORER,
     image_metrics,
     summarize_scores,
     summary_to_markdown,
@@ -160,6 +161,7 @@ def test_summary_layout_and_sort(summary: pd.DataFrame) -> None:
         assert {f"{m}_mean", f"{m}_std"} <= set(summary.columns)
     assert (summary["k"] == 2).all()
     assert (summary["n_seeds"] == 3).all()
+    assert list(summary.columns[:5]) == ["level", "dataset", "scorer", "category", "k"]
 
 
 def test_category_metrics_are_mean_and_population_std_over_seeds(
@@ -256,9 +258,85 @@ def test_uneven_seeds_report_largest_seed_and_warn(scores: pd.DataFrame, caplog)
 
 def test_summary_edge_cases(scores: pd.DataFrame) -> None:
     empty = summarize_scores(scores.iloc[:0])
-    assert empty.empty and "auroc_mean" in empty.columns
+    assert empty.empty and {"auroc_mean", "scorer"} <= set(empty.columns)
     with pytest.raises(ValueError, match="final_score"):
         summarize_scores(scores.drop(columns="final_score"))
+
+
+# ---------------------------------------------------------------- per scorer
+
+
+def two_scorers(scores: pd.DataFrame) -> pd.DataFrame:
+    """``scores`` twice: "spade" ranks every anomaly above every normal, "inctrl" the reverse."""
+    noise = np.random.default_rng(7).uniform(0, 0.5, size=len(scores))
+    anomalous = scores["label"].fillna(0).astype(float).to_numpy()
+    perfect = scores.assign(scorer="spade", final_score=anomalous + noise)
+    inverted = scores.assign(scorer="inctrl", final_score=-anomalous + noise)
+    return pd.concat([perfect, inverted], ignore_index=True)
+
+
+def _scorer_row(summary: pd.DataFrame, scorer: str, level: str, category: str) -> pd.Series:
+    return _row(summary[summary["scorer"] == scorer], "mvtec", level, category)
+
+
+def test_summary_is_per_scorer(scores: pd.DataFrame) -> None:
+    frame = two_scorers(scores)
+    summary = summarize_scores(frame)
+    assert set(summary["scorer"]) == {"spade", "inctrl"}
+    levels = [("category", c) for c in CATEGORIES] + [("dataset_mean", "*mean*"), ("dataset_pooled", "*pooled*")]
+    for scorer, expected in (("spade", 1.0), ("inctrl", 0.0)):
+        for level, category in levels:
+            row = _scorer_row(summary, scorer, level, category)
+            assert row["auroc_mean"] == expected, (scorer, level, category)
+            assert row["auroc_std"] == 0.0
+            assert row["n_seeds"] == 3
+        # Counts are one scorer's and one seed's, not summed over scorers.
+        assert _scorer_row(summary, scorer, "category", "bottle")["query_count"] == 6
+        assert _scorer_row(summary, scorer, "dataset_pooled", "*pooled*")["query_count"] == 12
+        values = frame.loc[(frame["scorer"] == scorer) & (frame["dataset"] == "mvtec"), "final_score"]
+        assert _scorer_row(summary, scorer, "dataset_pooled", "*pooled*")["score_max"] == pytest.approx(values.max())
+
+
+def test_summary_sorts_scorers_in_report_order(scores: pd.DataFrame) -> None:
+    frame = pd.concat([scores.assign(scorer=name) for name in ("zeta", "spade", "inctrl", "alpha")],
+                      ignore_index=True)
+    summary = summarize_scores(frame)
+    mvtec = summary[summary["dataset"] == "mvtec"]
+    keys = list(zip(mvtec["level"], mvtec["scorer"], mvtec["category"]))
+    order = ["inctrl", "spade", "alpha", "zeta"]
+    expected = [(level, scorer, category)
+                for level, categories in (("category", CATEGORIES), ("dataset_mean", ("*mean*",)),
+                                          ("dataset_pooled", ("*pooled*",)))
+                for scorer in order for category in categories]
+    assert keys == expected
+    # The same scores give the same metrics whichever scorer they are filed under.
+    means = mvtec[mvtec["level"] == "dataset_mean"]["auroc_mean"]
+    assert means.nunique() == 1
+
+
+def test_summary_without_scorer_column_is_default_scorer(scores: pd.DataFrame, summary: pd.DataFrame) -> None:
+    assert "scorer" not in scores.columns
+    assert DEFAULT_SCORER == "inctrl"
+    assert (summary["scorer"] == "inctrl").all()
+    pd.testing.assert_frame_equal(summary, summarize_scores(scores.assign(scorer="inctrl")))
+
+
+def test_rows_without_scorer_count_as_default_scorer(scores: pd.DataFrame, summary: pd.DataFrame) -> None:
+    # An old table (no scorer column) concatenated with a new one leaves NaN scorers.
+    new = scores.assign(scorer="padim", final_score=scores["fine_score"])
+    mixed = summarize_scores(pd.concat([scores, new], ignore_index=True))
+    old = mixed[mixed["scorer"] == "inctrl"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, summary)
+    padim = mixed[mixed["scorer"] == "padim"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(padim, summarize_scores(new).reset_index(drop=True))
+    assert set(mixed["scorer"]) == {"inctrl", "padim"}
+
+
+def test_markdown_has_a_row_per_scorer(scores: pd.DataFrame) -> None:
+    md = summary_to_markdown(summarize_scores(two_scorers(scores)))
+    assert "| mvtec | spade | bottle | 2 |" in md
+    assert "| mvtec | inctrl | bottle | 2 |" in md
+    assert "| mvtec | spade | *mean* | 2 | 12 | 4 | 1.000 ± 0.000 |" in md
 
 
 # ---------------------------------------------------------------- markdown and writing
@@ -267,19 +345,19 @@ def test_summary_edge_cases(scores: pd.DataFrame) -> None:
 def test_markdown_formats_metrics_and_unlabelled_rows(summary: pd.DataFrame) -> None:
     md = summary_to_markdown(summary)
     lines = md.strip().splitlines()
-    assert lines[0] == "| dataset | category | k | queries | anomalous | AUROC | AUPRC | F1-max |"
+    assert lines[0] == "| dataset | scorer | category | k | queries | anomalous | AUROC | AUPRC | F1-max |"
     assert len(lines) == 2 + len(summary)
     row = _row(summary, "mvtec", "category", "bottle")
     assert f"{row['auroc_mean']:.3f} ± {row['auroc_std']:.3f}" in md
-    field = next(line for line in lines if line.startswith("| field | cable |"))
+    field = next(line for line in lines if line.startswith("| field | inctrl | cable |"))
     assert "p50=" in field and "p90=" in field and "max=" in field and "±" not in field
 
 
 def test_markdown_shows_na_for_missing_metric(summary: pd.DataFrame) -> None:
     broken = summary.copy()
     broken.loc[(broken["dataset"] == "mvtec") & (broken["category"] == "bottle"), "auprc_mean"] = np.nan
-    line = next(l for l in summary_to_markdown(broken).splitlines() if l.startswith("| mvtec | bottle |"))
-    assert line.split(" | ")[6] == "n/a"
+    line = next(l for l in summary_to_markdown(broken).splitlines() if l.startswith("| mvtec | inctrl | bottle |"))
+    assert line.split(" | ")[7] == "n/a"
 
 
 def test_write_summary_round_trips(tmp_path, summary: pd.DataFrame) -> None:
@@ -298,7 +376,7 @@ def test_write_summary_round_trips(tmp_path, summary: pd.DataFrame) -> None:
     assert field["auroc_mean"] is None
 
     md = (out_dir / "summary.md").read_text()
-    assert "| dataset | category | k |" in md
+    assert "| dataset | scorer | category | k |" in md
     assert "±" in md and "p50=" in md
 
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.core.layout import UNKNOWN_DATASET, partition_dir, partition_value
-from pipeline.core.schemas import ERROR_SCHEMA, PATCH_MAP_FIELD, scores_schema, to_table
+from pipeline.core.schemas import ERROR_SCHEMA, PATCH_MAP_FIELDS, scores_schema, to_table
 
 MANIFEST = pa.schema([
     ("image_uri", pa.string()), ("dataset", pa.string()), ("role", pa.string()),
@@ -32,8 +32,10 @@ def test_passthrough_columns_keep_their_types():
 
 
 def test_patch_map_column_only_when_asked():
-    assert scores_schema(None, patch_map=True).field("patch_map") == PATCH_MAP_FIELD
-    assert "patch_map" not in scores_schema(None, patch_map=False).names
+    with_map = scores_schema(None, patch_map=True)
+    assert [with_map.field(f.name) for f in PATCH_MAP_FIELDS] == PATCH_MAP_FIELDS
+    without = scores_schema(None, patch_map=False).names
+    assert not {f.name for f in PATCH_MAP_FIELDS} & set(without)
 
 
 def test_to_table_fills_missing_and_drops_extra_keys():
@@ -46,8 +48,8 @@ def test_to_table_fills_missing_and_drops_extra_keys():
 
 
 def test_error_schema_names_stage_and_reason():
-    assert {"image_id", "image_uri", "category", "role", "seed", "stage", "reason", "run_id",
-            "model_id"} == set(ERROR_SCHEMA.names)
+    assert {"image_id", "image_uri", "category", "role", "seed", "scorer", "stage", "reason",
+            "run_id", "model_id"} == set(ERROR_SCHEMA.names)
 
 
 @pytest.mark.parametrize("value,expected", [

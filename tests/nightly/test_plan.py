@@ -167,3 +167,25 @@ def test_date_queries_reads_timestamps_and_needs_the_column(tmp_path):
     write_manifest(frame.drop(columns="capture_date"), undated)
     with pytest.raises(ManifestSchemaError, match="capture_date"):
         date_queries(undated, validate_manifest_schema(undated), "2024-01-02")
+
+
+def test_a_query_is_done_only_with_every_seed_and_scorer_of_the_run():
+    existing = pd.DataFrame(
+        [(DS, "a", seed, MODEL, 4, scorer, "wrn", "W1")
+         for seed in (0, 1) for scorer in ("inctrl", "patchcore")]
+        + [(DS, "b", seed, MODEL, 4, "inctrl", "wrn", "W1") for seed in (0, 1)]
+        + [(DS, "c", seed, MODEL, 4, scorer, "wrn", "OLD")
+           for seed in (0, 1) for scorer in ("inctrl", "patchcore")],
+        columns=["dataset", "image_id", "seed", "model_id", "k", "scorer", "backbone",
+                 "pretrained"])
+    scorers = {"inctrl": None, "patchcore": ("wrn", "W1")}
+    p = plan_night([(DS, "a"), (DS, "b"), (DS, "c")], existing, model=MODEL, k=4,
+                   seeds=(0, 1), scorers=scorers)
+    # b lacks patchcore; c's patchcore rows come from other CNN weights
+    assert p.skip == {(DS, "a")}
+    assert p.carried_rows == 4
+    # rows without a scorer column count as InCTRL's
+    legacy = rows(("a", 0), ("a", 1))
+    assert plan_night([(DS, "a")], legacy, model=MODEL, k=4, seeds=(0, 1)).up_to_date
+    assert not plan_night([(DS, "a")], legacy, model=MODEL, k=4, seeds=(0, 1),
+                          scorers=scorers).up_to_date

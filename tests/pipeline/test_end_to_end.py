@@ -194,7 +194,9 @@ def test_summary_auroc_equals_sklearn_on_written_scores(run):
 
 def test_summary_files(run):
     folder = f"{run.config.output}/{SUMMARY}/run_date={RUN_DATE}"
-    assert sorted(os.listdir(folder)) == ["summary.json", "summary.md", "summary.parquet"]
+    assert sorted(os.listdir(folder)) == ["comparison.json", "comparison.md",
+                                          "comparison.parquet", "summary.json", "summary.md",
+                                          "summary.parquet"]
     with open(f"{folder}/summary.json") as f:
         document = json.load(f)
     assert document["extra"]["run_id"] == "e2e-first"

@@ -13,7 +13,7 @@ from pipeline.cli.score import parse_score_args
 from pipeline.core.demo_data import generate_demo
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
-from pipeline.core.schemas import PATCH_MAP_FIELD, SCORES
+from pipeline.core.schemas import PATCH_MAP_FIELDS, SCORES
 from pipeline.model.backbone import get_backbone, tiny_spec
 from pipeline.run import run_score
 from tests.beamtest import read_table
@@ -65,11 +65,14 @@ def test_patch_map_has_one_value_per_patch(run):
     assert patches == 64
     schema = pads.dataset(f"{config.output}/{SCORES}", format="parquet",
                           partitioning="hive").schema
-    assert schema.field("patch_map") == PATCH_MAP_FIELD
+    for f in PATCH_MAP_FIELDS:
+        assert schema.field(f.name) == f
     assert len(scores) > 0
     for rec in scores.itertuples():
         patch_map = np.asarray(rec.patch_map)
         assert patch_map.shape == (patches,)
+        assert (rec.patch_map_height, rec.patch_map_width) == get_backbone(
+            tiny_spec()).geometry.grid
         # Training-free, the fine score is the largest patch residual.
         assert rec.fine_score == pytest.approx(float(patch_map.max()), abs=1e-6)
 

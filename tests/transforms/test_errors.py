@@ -1,4 +1,4 @@
-"""error_records: every failure becomes rows that reconcile each query once per seed."""
+"""error_records: every failure becomes rows that reconcile each query once per seed and scorer."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +8,7 @@ from tests.beamtest import mrow
 from transforms.errors import error_records, row_error
 
 SEEDS = (0, 3, 5)
+SCORERS = ("inctrl", "patchcore")
 
 
 def _error(role: str | None) -> RowError:
@@ -15,9 +16,10 @@ def _error(role: str | None) -> RowError:
                     stage="read_image", reason="file not found")
 
 
-def test_query_errors_fan_out_once_per_seed():
-    records = error_records(_error("query"), SEEDS, "run-1", "model-1")
-    assert [r["seed"] for r in records] == list(SEEDS)
+def test_query_errors_fan_out_once_per_seed_and_scorer():
+    records = error_records(_error("query"), SEEDS, SCORERS, "run-1", "model-1")
+    assert [(r["seed"], r["scorer"]) for r in records] == [
+        (s, name) for s in SEEDS for name in SCORERS]
     for r in records:
         assert (r["image_id"], r["stage"], r["reason"], r["run_id"], r["model_id"]) == (
             "a", "read_image", "file not found", "run-1", "model-1")
@@ -25,13 +27,16 @@ def test_query_errors_fan_out_once_per_seed():
 
 @pytest.mark.parametrize("role", ["reference", "train", None])
 def test_other_errors_give_one_row_without_seed(role):
-    records = error_records(_error(role), SEEDS, "run-1", "model-1")
-    assert [(r["role"], r["seed"]) for r in records] == [(role, None)]
+    records = error_records(_error(role), SEEDS, SCORERS, "run-1", "model-1")
+    assert [(r["role"], r["seed"], r["scorer"]) for r in records] == [(role, None, None)]
 
 
 def test_pinned_seed_gives_one_row_for_that_seed():
-    records = error_records(_error("query"), SEEDS, "run-1", "model-1", seed=3)
-    assert [r["seed"] for r in records] == [3]
+    records = error_records(_error("query"), SEEDS, SCORERS, "run-1", "model-1", seed=3)
+    assert [(r["seed"], r["scorer"]) for r in records] == [(3, "inctrl"), (3, "patchcore")]
+    records = error_records(_error("query"), SEEDS, SCORERS, "run-1", "model-1", seed=3,
+                            scorer="patchcore")
+    assert [(r["seed"], r["scorer"]) for r in records] == [(3, "patchcore")]
 
 
 def test_rejected_query_row_with_role_as_written_fans_out():
@@ -40,7 +45,7 @@ def test_rejected_query_row_with_role_as_written_fans_out():
     error = normalize_row({"image_uri": "/d/a.png", "dataset": "ds", "role": " Query ",
                            "label": 7})
     assert isinstance(error, RowError)
-    assert [r["seed"] for r in error_records(error, SEEDS, "r", "m")] == list(SEEDS)
+    assert len(error_records(error, SEEDS, SCORERS, "r", "m")) == len(SEEDS) * len(SCORERS)
 
 
 def test_row_error_keeps_the_row_identity():

@@ -2,6 +2,7 @@
 import pytest
 
 import pipeline.model.backbone as backbone_mod
+import pipeline.model.scorers.cnn as cnn_mod
 from pipeline.core.config import ScoreConfig
 from pipeline.core.images import ImageLimits
 from pipeline.model.backbone import BackboneSpec, describe, tiny_spec
@@ -13,19 +14,25 @@ from transforms.score import _ScoreFn
 @pytest.fixture
 def no_model_loads(monkeypatch):
     def refuse(spec):
-        raise AssertionError(f"a full backbone was loaded for {spec}")
+        raise AssertionError(f"a full model was loaded for {spec}")
 
     monkeypatch.setattr(backbone_mod, "ClipBackbone", refuse)
+    monkeypatch.setattr(cnn_mod, "CnnExtractor", refuse)
 
 
 def test_decode_and_score_stages_load_no_model(no_model_loads, tmp_path):
     spec = BackboneSpec("ViT-B-16-plus-240", "random:7")  # not loaded anywhere in this process
-    load = _LoadFn(spec, ImageLimits(max_pixels=10**8))
-    load.setup()
-    score = _ScoreFn(ScoreConfig(manifest="m", output=str(tmp_path), backbone=spec), "id")
+    config = ScoreConfig(manifest="m", output=str(tmp_path), backbone=spec,
+                         scorers=("inctrl", "winclip", "patchcore", "spade"),
+                         cnn_backbone="resnet18", cnn_weights="IMAGENET1K_V1")
+    for target in (spec, config.suite):
+        load = _LoadFn(target, ImageLimits(max_pixels=10**8))
+        load.setup()
+    score = _ScoreFn(config, "id")
     score.setup()
-    assert score._scorer.geometry == describe(spec).geometry
-    assert score._scorer.geometry.num_patches == 225
+    assert score._scorers["inctrl"].model.geometry == describe(spec).geometry
+    assert score._scorers["inctrl"].model.geometry.num_patches == 225
+    assert score._scorers["winclip"].layout.grid == (15, 15)
 
 
 def test_prompt_text_tower_can_stay_on_the_cpu():

@@ -10,6 +10,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline.core.sampling import draw_references, sampler_rank
 from pipeline.core.schemas import ERRORS
 from pipeline.model.backbone import ImageFeatures
+from pipeline.model.scorers.suite import TensorBundle, clip_bundle
 from tests.beamtest import mrow
 from transforms.references import AssembleReferenceSets, SelectReferences, distinct_references
 
@@ -106,8 +107,8 @@ def test_distinct_references_once_per_image(test_pipeline):
                     equal_to(expected))
 
 
-def _features(value: float) -> ImageFeatures:
-    return ImageFeatures(torch.full((1, 2, 4, 3), value), torch.full((1, 5), value))
+def _features(value: float) -> TensorBundle:
+    return clip_bundle(ImageFeatures(torch.full((1, 2, 4, 3), value), torch.full((1, 5), value)))
 
 
 def test_assembled_sets_follow_draw_order_and_skip_unloaded(test_pipeline):
@@ -120,8 +121,8 @@ def test_assembled_sets_follow_draw_order_and_skip_unloaded(test_pipeline):
 
     def check(kv):
         key, payload = kv
-        return (key, payload.image_ids, payload.selected, tuple(payload.features.tokens.shape),
-                payload.features.embeds[:, 0].tolist())
+        return (key, payload.image_ids, payload.selected, tuple(payload.features["clip/tokens"].shape),
+                payload.features["clip/embeds"][:, 0].tolist())
 
     with test_pipeline() as p:
         sets = (p | "Rows" >> beam.Create(rows) | SelectReferences(K, (0,)))["sets"]

@@ -1,9 +1,8 @@
 """ScoreQueries on its own: batches of query features against side-input reference sets and
-prompts, scored by a fake scorer (the real one is pipeline.model.inctrl's, tested there)."""
+prompts, scored by fake scorers (the real ones are tested in tests/model)."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import apache_beam as beam
 import pytest
@@ -16,6 +15,8 @@ from pipeline.core.schemas import ERRORS
 from pipeline.model.backbone import ImageFeatures, tiny_spec
 from pipeline.model.inctrl import ReferenceSet, ScoreComponents
 from pipeline.model.loading import TRAINING_FREE
+from pipeline.model.scorers.base import ScorerOutput
+from pipeline.model.scorers.suite import InctrlScorer, clip_bundle
 from tests.beamtest import counter, mrow
 from transforms.references import ReferencePayload
 from transforms.score import STAGE_SCORE, ScoreQueries
@@ -56,14 +57,39 @@ class FakeScorer:
                                patch_map=queries.tokens[:, 0, :, 0] + shift)
 
 
+class FakeCnnScorer:
+    """A second scorer on another extractor's features (``cnn/x``): a query's score is its
+    ``x`` value plus ten times its memory's reference count; memories are logged."""
+
+    name = "patchcore"
+    min_k = 1
+
+    def __init__(self) -> None:
+        self.memories: list[int] = []
+
+    def build_memory(self, references, context=None):
+        self.memories.append(references["x"].shape[0])
+        return references["x"].shape[0]
+
+    def score(self, queries, memory) -> ScorerOutput:
+        score = queries["x"][:, 0] + 10.0 * memory
+        return ScorerOutput(score=score, patch_map=queries["x"].view(-1, 1, 2))
+
+
 @pytest.fixture
 def fake(monkeypatch) -> FakeScorer:
     scorer = FakeScorer()
-    monkeypatch.setattr(score_mod, "get_scorer", lambda spec, checkpoint: (scorer, HEADS))
-    # The device is all setup reads of the backbone; this skips building its config.
-    monkeypatch.setattr(score_mod, "describe",
-                        lambda spec: SimpleNamespace(device=torch.device(spec.device)))
+    monkeypatch.setattr(score_mod, "build_scorers", lambda suite: (
+        {"inctrl": InctrlScorer(scorer, (2, 2))}, HEADS))
     return scorer
+
+
+@pytest.fixture
+def fakes(monkeypatch) -> tuple[FakeScorer, FakeCnnScorer]:
+    inctrl, cnn = FakeScorer(), FakeCnnScorer()
+    monkeypatch.setattr(score_mod, "build_scorers", lambda suite: (
+        {"inctrl": InctrlScorer(inctrl, (2, 2)), "patchcore": cnn}, HEADS))
+    return inctrl, cnn
 
 
 def _config(**kw) -> ScoreConfig:
@@ -76,22 +102,23 @@ def _config(**kw) -> ScoreConfig:
 def _query(image_id: str, category: str, value: float):
     """A query whose features are all ``value``: its fake fine score is ``value + shift``."""
     row = mrow(image_id, role="query", category=category, label=int(value) % 2)
-    feats = ImageFeatures(torch.full((1, LAYERS, PATCHES, WIDTH), value),
-                          torch.full((1, EMBED), value))
+    feats = clip_bundle(ImageFeatures(torch.full((1, LAYERS, PATCHES, WIDTH), value),
+                                      torch.full((1, EMBED), value)))
+    feats.tensors["cnn/x"] = torch.full((1, 2), 2 * value)
     return (row, f"sha-{image_id}"), feats
 
 
 def _payload(category: str, seed: int, k: int = 2) -> ReferencePayload:
     """Reference embeddings all equal to ``seed + 1``: the set's shift is k * EMBED * (seed + 1)."""
     ids = tuple(f"{category}-ref{seed}-{i}" for i in range(k))
-    return ReferencePayload(
-        image_ids=ids, selected=k,
-        features=ImageFeatures(torch.zeros(k, LAYERS, PATCHES, WIDTH),
-                               torch.full((k, EMBED), float(seed + 1))))
+    features = clip_bundle(ImageFeatures(torch.zeros(k, LAYERS, PATCHES, WIDTH),
+                                         torch.full((k, EMBED), float(seed + 1))))
+    features.tensors["cnn/x"] = torch.zeros(k, 2)
+    return ReferencePayload(image_ids=ids, selected=k, features=features)
 
 
 def _shift(payload: ReferencePayload) -> float:
-    return float(payload.features.embeds.sum())
+    return float(payload.features["clip/embeds"].sum())
 
 
 PROMPT_WEIGHT = {"a": 1.0, "b": 2.0, "c": 3.0}
@@ -225,3 +252,39 @@ def test_nan_components_become_nulls_and_finite_ones_stay():
     assert score_mod._nan_to_none(float("nan")) is None
     assert score_mod._nan_to_none(0.25) == 0.25
     assert score_mod._nan_to_none(-math.inf) == -math.inf
+
+
+def test_every_scorer_scores_every_query_once_per_seed(fakes, test_pipeline):
+    inctrl, cnn = fakes
+    config = _config(scorers=("inctrl", "patchcore"), seeds=(0, 1), write_patch_map=True)
+    values = {"a0": 1.0, "a1": 2.0, "b0": 5.0}
+    queries = [_query(i, i[0], v) for i, v in values.items()]
+    ref_sets = {("ds", c, s): _payload(c, s, k=1 + s) for c in "ab" for s in config.seeds}
+    ref_sets.pop(("ds", "b", 1))  # b has no set for seed 1: one error per scorer
+
+    def key(rec):
+        return rec["image_id"], rec["seed"], rec["scorer"]
+
+    expected_cnn = [(i, s, "patchcore", 2 * v + 10.0 * (1 + s), [2 * v, 2 * v], 1, 2,
+                     None, "wide_resnet50_2", None)
+                    for i, v in values.items() for s in config.seeds if (i[0], s) != ("b", 1)]
+
+    def check(out):
+        scores = out["scores"]
+        assert_that(scores | "Keys" >> beam.Map(key), equal_to(
+            [(i, s, n) for i in values for s in config.seeds for n in ("inctrl", "patchcore")
+             if (i[0], s) != ("b", 1)]), label="OneRowEach")
+        assert_that(
+            scores | "Cnn" >> beam.Filter(lambda r: r["scorer"] == "patchcore")
+            | "CnnCols" >> beam.Map(lambda r: (
+                r["image_id"], r["seed"], r["scorer"], r["final_score"], r["patch_map"],
+                r["patch_map_height"], r["patch_map_width"], r.get("fine_score"), r["backbone"],
+                r["heads_hash"])),
+            equal_to(expected_cnn), label="CnnRows")
+        assert_that(out[ERRORS] | "ErrKeys" >> beam.Map(key),
+                    equal_to([("b0", 1, "inctrl"), ("b0", 1, "patchcore")]), label="Errors")
+
+    result = _score(config, queries, ref_sets, test_pipeline=test_pipeline, check=check)
+    # one memory per (group, seed, scorer) that a query used
+    assert sorted(cnn.memories) == [1, 1, 2]
+    assert counter(result, "reference_sets_prepared") == 6

@@ -36,12 +36,13 @@ class ScorerOutput:
     """What a scorer says about a batch of B queries.
 
     score:      (B,) image anomaly score, larger = more anomalous
-    patch_map:  (B, h, w) anomaly map on the scorer's feature grid (upsampled later)
+    patch_map:  (B, h, w) anomaly map on the scorer's feature grid (upsampled later), or
+                None where the scorer has none (InCTRL zero-shot)
     components: name → (B,) further scores worth reporting (may be empty)
     """
 
     score: torch.Tensor
-    patch_map: torch.Tensor
+    patch_map: torch.Tensor | None
     components: dict[str, torch.Tensor] = field(default_factory=dict)
 
 

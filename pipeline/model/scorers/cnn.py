@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -297,16 +298,7 @@ class CnnExtractor:
 
     def preprocess(self) -> Callable[[Any], torch.Tensor]:
         """PIL image → (3, image_size, image_size): resize, center crop, ImageNet mean/std."""
-        from torchvision import transforms as T
-
-        return T.Compose([
-            T.Lambda(_rgb),
-            T.Resize(self.spec.resize, interpolation=T.InterpolationMode.BILINEAR,
-                     antialias=True),
-            T.CenterCrop(self.spec.image_size),
-            T.ToTensor(),
-            T.Normalize(self.mean, self.std),
-        ])
+        return _transform(self.spec, self.mean, self.std)
 
     def extract(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) → {stage key: (B, C, h, w), "pooled": (B, C)} on the device, float32."""
@@ -320,6 +312,35 @@ class CnnExtractor:
 
 def _rgb(image: Any) -> Any:
     return image.convert("RGB")
+
+
+def _transform(spec: CnnSpec, mean: Sequence[float],
+               std: Sequence[float]) -> Callable[[Any], torch.Tensor]:
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Lambda(_rgb),
+        T.Resize(spec.resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.CenterCrop(spec.image_size),
+        T.ToTensor(),
+        T.Normalize(tuple(mean), tuple(std)),
+    ])
+
+
+def cnn_preprocess(spec: CnnSpec) -> Callable[[Any], torch.Tensor]:
+    """The extractor's ``preprocess()`` without loading the model: named torchvision weights
+    say their normalisation in their metadata; files and random weights use ImageNet's."""
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if not spec.is_random and not os.path.isfile(spec.weights):
+        import torchvision
+
+        try:
+            meta = torchvision.models.get_model_weights(spec.backbone)[spec.weights].transforms()
+        except (KeyError, ValueError) as exc:
+            raise CnnLoadError(f"{spec.weights!r} is neither a weights file nor a torchvision "
+                               f"weights name of {spec.backbone!r} nor random[:SEED]") from exc
+        mean, std = getattr(meta, "mean", mean), getattr(meta, "std", std)
+    return _transform(spec, mean, std)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -338,3 +359,16 @@ def build_cnn_extractor(name: str = DEFAULT_CNN_BACKBONE, weights: str = DEFAULT
     deepest feature. See ``required_features`` for what a set of scorers needs."""
     return CnnExtractor(CnnSpec(name, weights, tuple(strides), tuple(stages), pooled,
                                 image_size, resize_size, device))
+
+
+_CACHE: dict[CnnSpec, CnnExtractor] = {}
+_LOCK = threading.Lock()
+
+
+def get_cnn_extractor(spec: CnnSpec) -> CnnExtractor:
+    """One extractor per spec per process: the model is loaded once and shared."""
+    with _LOCK:
+        extractor = _CACHE.get(spec)
+        if extractor is None:
+            extractor = _CACHE[spec] = CnnExtractor(spec)
+        return extractor
