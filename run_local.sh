@@ -9,9 +9,24 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${INCTRL_VENV:-$PWD/.venv}"
 
+# Headless Chromium for the run report's browser test (tests/report): installed with apt
+# when missing and this is root on a Debian-like system; otherwise that test is skipped.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    if apt-get update -qq >/dev/null 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+          chromium >/dev/null 2>&1; then
+      return 0
+    fi
+  fi
+  echo "chromium not installed: the report's browser test will be skipped" >&2
+}
+
 setup() {
   local extras="${1:-}"
   local stamp="$VENV/.installed-$(sha256sum setup.py | cut -c1-16)${extras:+-$extras}"
+  [ "$extras" = "test" ] && ensure_chromium
   [ -f "$stamp" ] && return 0
   [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet -e ".${extras:+[$extras]}"

@@ -14,6 +14,8 @@ REQUIRES = [
     "pandas>=2.2",
     "fsspec>=2024.6",
     "scikit-learn>=1.5",
+    # Connected defect regions for AUPRO (scikit-learn brings it; we use it directly).
+    "scipy>=1.11",
     "safetensors>=0.4",
     # DINOv2 for the AnomalyDINO scorer (open_clip also brings it).
     "timm>=1.0",

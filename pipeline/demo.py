@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import fsspec
+import pandas as pd
 
 from pipeline.core.config import ScoreConfig
 from pipeline.core.demo_data import generate_demo
@@ -56,15 +57,44 @@ def demo_backbone(spec: BackboneSpec) -> BackboneSpec:
     return tiny_spec(spec.device, spec.precision)
 
 
+#: The console table's metrics: (comparison column stem, header).
+CONSOLE_METRICS = (("auroc", "AUROC"), ("auprc", "AUPRC"), ("pixel_auroc", "pixel AUROC"),
+                   ("aupro", "AUPRO"))
+
+
+def _cell(mean: float, std: float) -> str:
+    if pd.isna(mean):
+        return "n/a"
+    return f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def console_table(comparison: pd.DataFrame, scorers: Sequence[str]) -> str:
+    """The comparison table in one Markdown table, a row per (dataset, scorer): few lines
+    for the console (``comparison.md`` has a table per metric)."""
+    shown = [(stem, head) for stem, head in CONSOLE_METRICS
+             if any(f"{s}_{stem}_mean" in comparison.columns for s in scorers)]
+    lines = ["| dataset | k | scorer | " + " | ".join(h for _, h in shown) + " |",
+             "|" + "---|" * (3 + len(shown))]
+    for row in comparison.itertuples(index=False):
+        values = row._asdict()
+        for scorer in scorers:
+            cells = [_cell(values.get(f"{scorer}_{stem}_mean", float("nan")),
+                           values.get(f"{scorer}_{stem}_std", float("nan")))
+                     for stem, _ in shown]
+            lines.append(f"| {values['dataset']} | {values['k']} | {scorer} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_demo(paths: DemoPaths, config: ScoreConfig, beam_args: Sequence[str] = ()) -> str:
     """Generate the demo set into ``paths.data``, write its manifest to ``config.manifest``
-    and score it into ``config.output``; returns the summary and the comparison of the
-    run's scorers as Markdown."""
+    and score it into ``config.output``; returns the comparison of the run's scorers
+    (per dataset, the paper's view) as one Markdown table; the per-category summary and the
+    per-metric comparison are beside it in the summary folder."""
     roots = generate_demo(paths.data, seed=0)
     write_manifest(make_manifest(roots), config.manifest)
     run_score(config, beam_args)
-    folder = summary_dir(config.output, config.run_date)
-    with fsspec.open(f"{folder}/summary.md", "r") as f:
-        summary = f.read()
-    with fsspec.open(f"{folder}/comparison.md", "r") as f:
-        return f"{summary}\n{f.read()}"
+    with fsspec.open(f"{summary_dir(config.output, config.run_date)}/comparison.parquet",
+                     "rb") as f:
+        comparison = pd.read_parquet(f)
+    return console_table(comparison, config.scorers)

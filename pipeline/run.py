@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Sequence
 
 import apache_beam as beam
+import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from apache_beam.runners.runner import PipelineResult
 
 from pipeline.core.commit import CommitPlan, date_lease
 from pipeline.core.config import ScoreConfig
-from pipeline.core.manifest import validate_manifest_schema
+from pipeline.core.console import start_progress, stop_progress
+from pipeline.core.manifest import manifest_files, validate_manifest_schema
 from pipeline.core.schemas import ERRORS
 from pipeline.core.selection import ALL_ROWS, RowSelection
 from pipeline.model.loading import heads_hash, model_id
-from pipeline.runner import counter, run_pipeline
+from pipeline.runner import DIRECT_RUNNERS, counter, run_pipeline, runner_name
 from transforms.features import ExtractSuiteFeatures
 from transforms.images import LoadImages
 from transforms.manifest import ReadManifest, SelectQueries
@@ -26,6 +31,9 @@ from transforms.references import PrepareReferences
 from transforms.score import ScoreQueries
 
 LOG = logging.getLogger(__name__)
+
+#: The manifest column of ground-truth masks; with it the job computes pixel metrics.
+MASK_COLUMN = "mask_uri"
 
 
 def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, model: str,
@@ -67,20 +75,54 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, model: str,
     )
 
 
+def publish_report(output: str, run_date: str) -> str | None:
+    """Write the date's HTML report from its committed outputs; a report that cannot be
+    written is logged, never a failed run (the outputs are committed already)."""
+    from pipeline.report import build_report
+
+    try:
+        path = build_report(output, run_date)
+    except Exception:  # noqa: BLE001 - the report is a view of committed results
+        LOG.exception("The report of %s could not be written; the run's outputs are "
+                      "committed (rebuild it with python -m pipeline report)", run_date)
+        return None
+    LOG.info("Report: %s", path)
+    return path
+
+
+def _count_queries(manifest: str) -> int | None:
+    """The manifest's rows whose role reads ``query`` (the progress line's total; reads one
+    column), or None when it cannot be counted cheaply."""
+    try:
+        fs, _ = fsspec.core.url_to_fs(manifest)
+        data = pads.dataset([fsspec.core.url_to_fs(f)[1] for f in manifest_files(manifest)],
+                            filesystem=fs, format="parquet")
+        roles = data.to_table(columns=["role"]).column("role")
+        return int(pc.sum(pc.equal(pc.utf8_lower(pc.utf8_trim_whitespace(roles)),
+                                   "query")).as_py() or 0)
+    except Exception as exc:  # noqa: BLE001 - progress is a nicety, never a failure
+        LOG.debug("Could not count the manifest's queries: %s", exc)
+        return None
+
+
 def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
               manifest_schema: pa.Schema | None = None, model: str | None = None,
               selection: RowSelection = ALL_ROWS, plan: CommitPlan | None = None,
-              commit: bool = True, lock_wait_s: float = 0.0) -> PipelineResult:
+              commit: bool = True, lock_wait_s: float = 0.0,
+              total_queries: int | None = None) -> PipelineResult:
     """Check the inputs, then build and run the scoring job; blocks until it finishes.
 
     The manifest schema and the model id are computed here unless the caller has them.
     The run holds the lock of its date (``pipeline.core.commit.date_lease``: waiting up to
     ``lock_wait_s`` for another run of the date, else refusing with ``LockHeld``) unless the
     caller holds it and passes its ``plan``; with ``commit=False`` the outputs are staged
-    for the caller to commit.
+    for the caller to commit. On a local runner a progress line counts the queries scored
+    against ``total_queries`` (default: the manifest's query rows).
     """
     if manifest_schema is None:
         manifest_schema = validate_manifest_schema(config.manifest)
+    if MASK_COLUMN in manifest_schema.names and not config.pixel_metrics:
+        config = replace(config, pixel_metrics=True)  # masks given: measure maps against them
     if model is None:
         # Hashing the checkpoint here makes a missing one fail now, not on a worker.
         model = model_id(config.backbone, heads_hash(config.checkpoint))
@@ -89,11 +131,22 @@ def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
              model, config.run_id, config.run_date)
     lease = nullcontext(plan) if plan is not None else date_lease(
         config.output, config.run_date, config.run_id, wait_s=lock_wait_s)
-    with lease as held:
-        result = run_pipeline(
-            lambda p: build_pipeline(p, config, model=model, manifest_schema=manifest_schema,
-                                     selection=selection, plan=held, commit=commit),
-            beam_args)
+    local = runner_name(beam_args) in DIRECT_RUNNERS
+    if local:
+        start_progress(total_queries if total_queries is not None
+                       else _count_queries(config.manifest))
+    try:
+        with lease as held:
+            result = run_pipeline(
+                lambda p: build_pipeline(p, config, model=model,
+                                         manifest_schema=manifest_schema,
+                                         selection=selection, plan=held, commit=commit),
+                beam_args)
+    finally:
+        if local:
+            stop_progress()
+    if commit:
+        publish_report(config.output, config.run_date)
     if counter(result, "queries_selected") == 0:
         LOG.warning("No query rows to score in %s: the run wrote no scores (its summary says "
                     "so)", config.manifest)

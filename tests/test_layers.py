@@ -1,4 +1,5 @@
-"""The layering: model ← core ← transforms ← jobs ← cli, imports pointing downward only.
+"""The layering: model ← core ← transforms ← jobs ← cli, imports pointing downward only
+(``pipeline.report``, which reads a run's committed outputs, is a job).
 
 Every module of ``pipeline/`` and ``transforms/`` is read with ``ast`` (imports inside
 functions included, relative imports resolved), given a layer, and checked: no import from a
@@ -38,7 +39,8 @@ def layer_of(name: str) -> int | None:
     """The layer of a module by its dotted name; None for a module no rule covers."""
     if name in CLI_MODULES or _within(name, "pipeline.cli"):
         return CLI
-    if name in JOB_MODULES or _within(name, "pipeline.nightly"):
+    if name in JOB_MODULES or _within(name, "pipeline.nightly") or _within(name,
+                                                                        "pipeline.report"):
         return JOBS
     if _within(name, "transforms"):
         return TRANSFORMS

@@ -13,6 +13,7 @@ from pipeline.core.layout import unstorable_reason
 from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
 from pipeline.model.scorers.suite import INCTRL
 from transforms.errors import error_records
+from transforms.maps import FILES, PIXEL, AnomalyMaps
 from transforms.summary import SummarizeMetrics
 from transforms.write import REPORT, CommitStaged, StageFiles
 
@@ -86,6 +87,12 @@ class WriteOutputs(beam.PTransform):
     def expand(self, outputs: dict) -> dict:
         cfg, mid, plan = self._config, self._model_id, self._plan
         scores = outputs["scores"]
+        map_files = pixel = map_errors = None
+        if cfg.anomaly_maps:
+            mapped = scores | "AnomalyMaps" >> AnomalyMaps(
+                cfg, mid, plan.staging, write=cfg.write_anomaly_maps, pixel=cfg.pixel_metrics)
+            scores, map_files, pixel = mapped["scores"], mapped[FILES], mapped[PIXEL]
+            map_errors = mapped[ERRORS]
         if self._carried:
             carried = (scores.pipeline
                        | "ReadCarriedScores" >> beam.io.ReadFromParquet(self._carried)
@@ -96,7 +103,8 @@ class WriteOutputs(beam.PTransform):
             | "MergeRowErrors" >> beam.Flatten()
             | "ErrorRecords" >> beam.FlatMap(error_records, cfg.seeds, cfg.scorers, cfg.run_id,
                                            mid))
-        errors = (row_errors, outputs["score_errors"]) | "AllErrors" >> beam.Flatten()
+        errors = ((row_errors, outputs["score_errors"])
+                  + ((map_errors,) if map_errors is not None else ())) | "AllErrors" >> beam.Flatten()
         checked = scores | "CheckScoreDatasets" >> beam.ParDo(
             _CheckDatasetFn(SCORES)).with_outputs(ERRORS, main="ok")
         checked_errors = errors | "CheckErrorDatasets" >> beam.ParDo(
@@ -109,7 +117,7 @@ class WriteOutputs(beam.PTransform):
                     | "StorableDatasets" >> beam.Filter(
                         lambda d: unstorable_reason("dataset", d) is None)
                     | "DistinctDatasets" >> beam.Distinct())
-        score_schema = scores_schema(self._schema, cfg.write_patch_map)
+        score_schema = scores_schema(self._schema, cfg.write_patch_map, cfg.write_anomaly_maps)
         staged_scores = scores | "WriteScores" >> StageFiles(plan, SCORES, score_schema)
         staged_errors = errors | "WriteErrors" >> StageFiles(plan, ERRORS, ERROR_SCHEMA)
         staged_summary = (
@@ -118,10 +126,12 @@ class WriteOutputs(beam.PTransform):
                 plan.staging_url(SUMMARY),
                 extra={"run_id": cfg.run_id, "model_id": mid, "run_date": cfg.run_date,
                        "k": cfg.k, "seeds": list(cfg.seeds), "scorers": list(cfg.scorers),
-                       "precision": cfg.backbone.precision})
+                       "precision": cfg.backbone.precision},
+                pixel=pixel)
             | "SummaryFiles" >> beam.FlatMap(_summary_files, cfg.output))
         committed = (
             (staged_scores, staged_errors, staged_summary)
+            + ((map_files,) if map_files is not None else ())
             | "StagedFiles" >> beam.Flatten()
             | "CommitRun" >> CommitStaged(plan, {SCORES: score_schema, ERRORS: ERROR_SCHEMA},
                                           datasets, commit=self._commit))

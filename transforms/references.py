@@ -34,6 +34,7 @@ class ReferencePayload:
     image_ids: tuple[str, ...]
     features: TensorBundle  # every extractor's Features of the k images, batch k
     selected: int  # how many the sampler drew (some may have failed to load)
+    image_uris: tuple[str, ...] = ()  # in the order of image_ids
 
 
 class _SplitReferencesFn(beam.DoFn):
@@ -95,6 +96,7 @@ class _StackFn(beam.DoFn):
             image_ids=tuple(m[1] for m in members),
             features=TensorBundle.cat([m[2] for m in members]),
             selected=selected,
+            image_uris=tuple(m[4] for m in members),
         )
 
 
@@ -107,7 +109,8 @@ class AssembleReferenceSets(beam.PTransform):
 
     def expand(self, inputs):
         members = inputs["sets"] | "Memberships" >> beam.FlatMap(lambda kv: [
-            (row.image_id, (kv[0], position, len(kv[1]))) for position, row in enumerate(kv[1])])
+            (row.image_id, (kv[0], position, len(kv[1]), row.image_uri))
+            for position, row in enumerate(kv[1])])
         feats = inputs["features"] | "FeaturesById" >> beam.MapTuple(
             lambda row, f: (row.image_id, f))
         return (
@@ -124,8 +127,8 @@ def _to_groups(element) -> Iterable:
     features = list(joined["features"])
     if not features:
         return
-    for key, position, selected in joined["members"]:
-        yield key, (position, image_id, features[0], selected)
+    for key, position, selected, uri in joined["members"]:
+        yield key, (position, image_id, features[0], selected, uri)
 
 
 def _row_features(key: tuple, features: TensorBundle) -> tuple[ManifestRow, TensorBundle]:

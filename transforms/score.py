@@ -12,14 +12,16 @@ import apache_beam as beam
 import torch
 from apache_beam.metrics import Metrics
 
+from pipeline.core import console
 from pipeline.core.config import ScoreConfig
 from pipeline.core.manifest import ManifestRow
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.loading import TRAINING_FREE, WITH_HEADS, ZERO_SHOT
 from pipeline.model.scorers.base import ScorerOutput
-from pipeline.model.scorers.suite import (EXTRACTOR_OF, INCTRL, INCTRL_COMPONENTS, TEXT,
-                                          TensorBundle, build_scorers)
+from pipeline.model.scorers.suite import (EXTRACTOR_OF, IMAGE_SIZE, INCTRL, INCTRL_COMPONENTS,
+                                          TEXT, TensorBundle, build_scorers)
 from transforms.errors import error_records, row_error
+from transforms.maps import GRID_KEY, PATCH_MAP_KEY, SIZE_KEY
 from transforms.references import ReferencePayload
 
 STAGE_SCORE = "score"
@@ -34,14 +36,17 @@ def _nan_to_none(x: float) -> float | None:
 def score_records(
     rows: Sequence[ManifestRow], out: ScorerOutput, *, scorer: str, seed: int,
     payload: ReferencePayload, config: ScoreConfig, model_id: str, heads: str | None, mode: str,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """One output record per query for one seed and scorer. InCTRL's rows carry its score
-    components; other scorers leave those columns null."""
+    components; other scorers leave those columns null. With ``config.anomaly_maps`` the
+    records also carry, under internal keys, the patch map, its grid and the image's size
+    (``sizes``), for AnomalyMaps."""
     final = out.score.detach().float().cpu().tolist()
     cols = {name: out.components[name].detach().float().cpu().tolist()
             for name in INCTRL_COMPONENTS if name in out.components} if scorer == INCTRL else {}
     maps = None
-    if config.write_patch_map and out.patch_map is not None:
+    if (config.write_patch_map or config.anomaly_maps) and out.patch_map is not None:
         maps = out.patch_map.detach().float().cpu()
     backbone, pretrained = config.suite.backbone_of(scorer)
     records = []
@@ -53,6 +58,7 @@ def score_records(
             k=config.k,
             k_used=len(payload.image_ids),
             reference_ids=list(payload.image_ids),
+            reference_uris=list(payload.image_uris),
             final_score=final[i],
             scoring_mode=mode,
             model_id=model_id,
@@ -64,9 +70,13 @@ def score_records(
         for name, values in cols.items():
             rec[f"{name}_score"] = _nan_to_none(values[i])
         rec.pop("role", None)
-        if maps is not None:
+        if maps is not None and config.write_patch_map:
             rec["patch_map"] = maps[i].reshape(-1).tolist()
             rec["patch_map_height"], rec["patch_map_width"] = maps.shape[1], maps.shape[2]
+        if maps is not None and config.anomaly_maps and sizes is not None:
+            rec[PATCH_MAP_KEY] = maps[i].numpy()
+            rec[GRID_KEY] = (maps.shape[1], maps.shape[2])
+            rec[SIZE_KEY] = sizes[i]
         records.append(rec)
     return records
 
@@ -131,6 +141,8 @@ class _ScoreFn(beam.DoFn):
             rows = [r for r, _ in items]
             # Each image straight to the device, then one concatenation there: no extra host copy.
             feats = TensorBundle.cat([f.to(self._device) for _, f in items])
+            sizes = ([tuple(int(v) for v in hw) for hw in feats[IMAGE_SIZE].tolist()]
+                     if cfg.anomaly_maps and IMAGE_SIZE in feats.tensors else None)
             text = self._texts.get(category)
             if text is None:
                 text = self._texts[category] = prompts[category].to(self._device)
@@ -148,7 +160,9 @@ class _ScoreFn(beam.DoFn):
                     yield from score_records(
                         rows, out, scorer=name, seed=seed, payload=payload, config=cfg,
                         model_id=self._model_id,
-                        heads=self._heads if name == INCTRL else None, mode=self._mode(name))
+                        heads=self._heads if name == INCTRL else None, mode=self._mode(name),
+                        sizes=sizes)
+            console.advance(len(rows))  # a local run's progress line, if it has one
 
 
 class ScoreQueries(beam.PTransform):

@@ -8,8 +8,9 @@ from typing import Iterable
 import apache_beam as beam
 import pandas as pd
 
-from pipeline.core.metrics import (comparison_table, ordered_scorers, summarize_scores,
-                                   summary_to_markdown, write_comparison, write_summary)
+from pipeline.core.metrics import (add_pixel_metrics, comparison_table, ordered_scorers,
+                                   summarize_pixel_metrics, summarize_scores, summary_to_markdown,
+                                   write_comparison, write_summary)
 
 LOG = logging.getLogger(__name__)
 
@@ -33,10 +34,12 @@ class _WriteFn(beam.DoFn):
         self._out_dir = out_dir
         self._extra = extra
 
-    def process(self, frames: list) -> Iterable:
+    def process(self, frames: list, pixel: list = ()) -> Iterable:
         frames = [f for f in frames if len(f)]
         summary = pd.concat(frames, ignore_index=True) if frames else summarize_scores(
             pd.DataFrame(columns=list(_KEEP)))
+        if pixel:
+            summary = add_pixel_metrics(summary, summarize_pixel_metrics(pd.DataFrame(pixel)))
         summary = summary.sort_values(["dataset", "level", "scorer", "category", "k"],
                                       kind="stable", key=_sort_key).reset_index(drop=True)
         paths = write_summary(summary, self._out_dir, extra=self._extra)
@@ -65,16 +68,20 @@ class SummarizeMetrics(beam.PTransform):
     run's staging folder: the files become visible with the run's commit.
     """
 
-    def __init__(self, out_dir: str, extra: dict) -> None:
+    def __init__(self, out_dir: str, extra: dict, pixel=None) -> None:
+        """``pixel``: a PCollection of per-seed pixel-metric rows (AnomalyMaps), or None."""
         super().__init__()
         self._write = _WriteFn(out_dir, extra)
+        self._pixel = pixel
 
     def expand(self, scores):
-        return (
+        frames = (
             scores
             | "Compact" >> beam.Map(_compact)
             | "ByDataset" >> beam.GroupByKey()
             | "Summarize" >> beam.Map(_summarize_dataset)
             | "Collect" >> beam.combiners.ToList()
-            | "Write" >> beam.ParDo(self._write)
         )
+        if self._pixel is None:
+            return frames | "Write" >> beam.ParDo(self._write)
+        return frames | "Write" >> beam.ParDo(self._write, pixel=beam.pvalue.AsList(self._pixel))

@@ -1,4 +1,5 @@
-"""Command line: ``python -m pipeline {score, nightly, train, demo, make-manifest, import-checkpoint}``.
+"""Command line: ``python -m pipeline {score, nightly, train, demo, report, make-manifest,
+import-checkpoint}``.
 
 Layer 5, the top: each command's module (imported only when it runs) parses its flags into a
 configuration and calls its job. An error inside a command's import is a traceback, never
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nightly": ("pipeline.cli.nightly", "score one date's queries, idempotently"),
     "train": ("pipeline.cli.train", "train the adapter and heads on an auxiliary manifest"),
     "demo": ("pipeline.cli.demo", "generate the synthetic demo set, score it, print the summary"),
+    "report": ("pipeline.cli.report", "write a date's HTML report from its committed outputs"),
     "make-manifest": ("pipeline.cli.make_manifest", "build a manifest from MVTec/VisA-style folders"),
     "import-checkpoint": ("pipeline.cli.import_checkpoint",
                           "convert official InCTRL heads to safetensors"),
@@ -30,13 +32,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     lines = [f"  {name:<18} {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "usage: python -m pipeline <command> [options]\n\ncommands:\n" + "\n".join(lines) + "\n"
+    return ("usage: python -m pipeline <command> [options] [--verbose]\n\ncommands:\n"
+            + "\n".join(lines) + "\n\n--verbose: the full log (Beam's and open_clip's INFO "
+            "lines too)\n")
+
+
+#: Flag of every command: the full INFO log (Beam's and open_clip's included).
+VERBOSE = "--verbose"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.core.console import configure_logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    verbose = VERBOSE in argv
+    argv = [a for a in argv if a != VERBOSE]
+    configure_logging(verbose)
     if not argv or argv[0] in ("-h", "--help"):
         (sys.stdout if argv else sys.stderr).write(_usage())
         return 0 if argv else 2

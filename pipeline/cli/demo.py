@@ -24,16 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.demo import demo_backbone, demo_paths, run_demo
+    from pipeline.report import INDEX, report_dir
 
     args, beam_args = parse_with_beam(build_parser(), argv)
     paths = demo_paths(args.workdir)
+    # The demo shows where the anomalies are: its maps feed the report.
     config = score_config_from_args(args, manifest=paths.manifest, output=paths.output,
-                                    backbone=demo_backbone(backbone_from_args(args)))
-    summary = run_demo(paths, config, beam_args)
-    sys.stdout.write(summary + "\n")
-    sys.stdout.write(f"Scores:  {config.output}/scores/  (hive-partitioned Parquet)\n"
-                     f"Errors:  {config.output}/errors/\n"
-                     f"Summary: {summary_dir(config.output, config.run_date)}/summary.md\n"
-                     f"Comparison: {summary_dir(config.output, config.run_date)}/"
-                     "comparison.md\n")
+                                    backbone=demo_backbone(backbone_from_args(args)),
+                                    write_anomaly_maps=True)
+    comparison = run_demo(paths, config, beam_args)
+    folder = summary_dir(config.output, config.run_date)
+    sys.stdout.write(comparison.rstrip("\n") + "\n\n")
+    sys.stdout.write(f"Scores:     {config.output}/scores/  (hive-partitioned Parquet)\n"
+                     f"Errors:     {config.output}/errors/\n"
+                     f"Summary:    {folder}/summary.md  (per category)\n"
+                     f"Comparison: {folder}/comparison.md\n"
+                     f"Report:     {report_dir(config.output, config.run_date)}/{INDEX}  "
+                     "(open it in a browser)\n")
     return 0

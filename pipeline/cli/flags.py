@@ -186,6 +186,9 @@ def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...]
                    help="images per backbone batch (default %(default)s)")
     g.add_argument("--write-patch-map", action="store_true",
                    help="also store each query's patch map (every scorer's, on its grid)")
+    g.add_argument("--write-anomaly-maps", action="store_true",
+                   help="write each query's anomaly map (16-bit PNG at the image's size) and "
+                        "an overlay under OUT/maps/, their URIs in the scores rows")
     g.add_argument("--coreset-ratio", type=unit_fraction, default=None,
                    help="patchcore: keep this fraction of the reference patches (greedy "
                         "coreset; default: all, as suits few shots)")
@@ -267,6 +270,7 @@ def score_config_from_args(args: argparse.Namespace, **overrides) -> ScoreConfig
         checkpoint=args.checkpoint,
         batch_size=args.batch_size,
         write_patch_map=args.write_patch_map,
+        write_anomaly_maps=args.write_anomaly_maps,
         feature_cache=args.feature_cache,
         share_model_across_processes=args.share_model_across_processes,
         decode_threads=args.decode_threads,

@@ -70,6 +70,10 @@ class ScoreConfig:
     vit_weights: str = TIMM_WEIGHTS
     vit_image_size: int = DEFAULT_VIT_IMAGE_SIZE
     coreset_ratio: float | None = None
+    # Anomaly maps of each scored query as files (OUT/maps/...), and pixel metrics against
+    # the manifest's masks (set by run_score when the manifest has a mask_uri column).
+    write_anomaly_maps: bool = False
+    pixel_metrics: bool = False
 
     def __post_init__(self) -> None:
         if self.decode_threads < 0:
@@ -91,6 +95,11 @@ class ScoreConfig:
         return SuiteSpec(self.scorers, self.backbone, self.checkpoint, self.cnn_backbone,
                          self.cnn_weights, self.vit_backbone, self.vit_weights,
                          self.vit_image_size, self.coreset_ratio)
+
+    @property
+    def anomaly_maps(self) -> bool:
+        """Whether scoring computes each query's anomaly map (files or pixel metrics)."""
+        return self.write_anomaly_maps or self.pixel_metrics
 
     @property
     def clip_only(self) -> bool:

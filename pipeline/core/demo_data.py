@@ -4,7 +4,8 @@ Lets anyone run the whole job without downloading a benchmark. Three datasets
 of different character (regular textures, objects on a background, grayscale
 scans) are drawn with numpy: normal images share one structure and vary only
 by noise and small jitter; defect images carry one clearly visible local
-anomaly. Every image is drawn from its own seeded generator, so the same seed
+anomaly, and its ground-truth mask is written beside the images as MVTec AD
+does. Every image is drawn from its own seeded generator, so the same seed
 always gives byte-identical files.
 """
 
@@ -24,8 +25,9 @@ LOG = logging.getLogger(__name__)
 # Images are float arrays in 0..255 of shape (size, size, channels).
 Array = np.ndarray
 NormalFn = Callable[[np.random.Generator, int], Array]
-# A defect draws into an image, centred at (row, col), in place.
-DefectFn = Callable[[Array, np.random.Generator, tuple[float, float]], None]
+# A defect draws into an image, centred at (row, col), in place, and returns its blend
+# weights, shape (size, size) in [0, 1]: the pixels with a weight above 0 are the defect's.
+DefectFn = Callable[[Array, np.random.Generator, tuple[float, float]], Array]
 # Picks where a defect may go: a point on the object, not on the background.
 SiteFn = Callable[[np.random.Generator, int], tuple[float, float]]
 
@@ -207,7 +209,7 @@ def _site_brain(rng: np.random.Generator, size: int) -> tuple[float, float]:
 # --------------------------------------------------------------------------
 
 
-def _scratch(image: Array, rng: np.random.Generator, center: tuple[float, float]) -> None:
+def _scratch(image: Array, rng: np.random.Generator, center: tuple[float, float]) -> Array:
     """A thin straight line, much brighter or darker than its surroundings."""
     size = image.shape[0]
     angle = rng.uniform(0, np.pi)
@@ -221,15 +223,18 @@ def _scratch(image: Array, rng: np.random.Generator, center: tuple[float, float]
     mask = np.clip(1.5 - dist, 0.0, 1.0)  # about 2-3 px wide
     value = 250.0 if image.mean() < 128 else 15.0
     _blend(image, mask, value)
+    return mask
 
 
-def _hole(image: Array, rng: np.random.Generator, center: tuple[float, float]) -> None:
+def _hole(image: Array, rng: np.random.Generator, center: tuple[float, float]) -> Array:
     """A dark round hole."""
     radius = rng.uniform(0.07, 0.1) * image.shape[0]
-    _blend(image, _soft_disc(image.shape[0], center, radius), 8.0)
+    mask = _soft_disc(image.shape[0], center, radius)
+    _blend(image, mask, 8.0)
+    return mask
 
 
-def _stain(image: Array, rng: np.random.Generator, center: tuple[float, float]) -> None:
+def _stain(image: Array, rng: np.random.Generator, center: tuple[float, float]) -> Array:
     """A semi-transparent brownish-green blob with an irregular rim."""
     size = image.shape[0]
     radius = rng.uniform(0.1, 0.13) * size
@@ -238,17 +243,19 @@ def _stain(image: Array, rng: np.random.Generator, center: tuple[float, float]) 
     rim = 1.0 + 0.25 * _smooth_noise(rng, size, 6)
     mask = 0.75 * np.clip((rim - dist) * 4.0, 0.0, 1.0)
     _blend(image, mask, np.array([70.0, 95.0, 30.0])[: image.shape[2]])
+    return mask
 
 
-def _color_shift(image: Array, rng: np.random.Generator, center: tuple[float, float]) -> None:
+def _color_shift(image: Array, rng: np.random.Generator, center: tuple[float, float]) -> Array:
     """A patch whose colour channels are rotated: same texture, wrong hue."""
     radius = rng.uniform(0.12, 0.15) * image.shape[0]
     mask = _soft_disc(image.shape[0], center, radius)
     shifted = image[..., [2, 0, 1]] * 0.6 + np.array([0.0, 0.0, 90.0])
     _blend(image, mask, shifted)
+    return mask
 
 
-def _lesion(image: Array, rng: np.random.Generator, center: tuple[float, float]) -> None:
+def _lesion(image: Array, rng: np.random.Generator, center: tuple[float, float]) -> Array:
     """A bright, soft-edged round lesion in grayscale tissue."""
     size = image.shape[0]
     radius = rng.uniform(0.07, 0.1) * size
@@ -256,6 +263,7 @@ def _lesion(image: Array, rng: np.random.Generator, center: tuple[float, float])
     dist = np.hypot(rows - center[0], cols - center[1]) / radius
     mask = np.clip(1.6 - dist, 0.0, 1.0)
     _blend(image, mask, 235.0)
+    return mask
 
 
 _DEFECTS: dict[str, DefectFn] = {
@@ -299,6 +307,17 @@ def _save(image: Array, path: str, grayscale: bool) -> None:
     Image.fromarray(pixels).save(path, format="PNG")
 
 
+def _save_mask(weights: Array, path: str) -> None:
+    """A binary mask PNG (mode L: 255 on the defect, 0 elsewhere) of blend weights (size, size)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.where(weights > 0, 255, 0).astype(np.uint8)).save(path, format="PNG")
+
+
+def mask_path(category_root: str, defect: str, index: int) -> str:
+    """Where the demo writes the mask of ``test/<defect>/<index>.png``: MVTec AD's place."""
+    return os.path.join(category_root, "ground_truth", defect, f"{index:03d}_mask.png")
+
+
 def generate_demo(
     root: str,
     *,
@@ -311,8 +330,11 @@ def generate_demo(
     """Write the demo datasets under local folder ``root`` in MVTec layout.
 
     Layout: ``<root>/<dataset>/<category>/{train/good, test/good,
-    test/<defect_type>}/NNN.png``. Same arguments → byte-identical files.
-    Existing files with other names are left alone, so use a fresh folder.
+    test/<defect_type>}/NNN.png``, and for each defect image its ground-truth
+    mask ``<category>/ground_truth/<defect_type>/NNN_mask.png`` (same size,
+    255 on every pixel the defect painted, 0 elsewhere). Same arguments →
+    byte-identical files. Existing files with other names are left alone, so
+    use a fresh folder.
 
     Returns:
         ``(dataset_root, dataset_name)`` pairs, ready for ``make_manifest``.
@@ -338,9 +360,12 @@ def generate_demo(
                 rng = _rng(seed, dataset, category, split, index)
                 image = spec.normal(rng, image_size)
                 if defect is not None:
-                    _DEFECTS[defect](image, rng, spec.site(rng, image_size))
+                    site = spec.site(rng, image_size)
+                    weights = _DEFECTS[defect](image, rng, site)
+                    _save_mask(weights, mask_path(base, defect, index))
                 _save(image, os.path.join(base, split, f"{index:03d}.png"), spec.grayscale)
             total += len(jobs)
         pairs.append((dataset_root, dataset))
-    LOG.info("wrote %d demo images in %d datasets under %s", total, len(pairs), root)
+    LOG.info("wrote %d demo images (and a mask per defect image) in %d datasets under %s",
+             total, len(pairs), root)
     return pairs

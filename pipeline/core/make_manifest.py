@@ -2,12 +2,17 @@
 
 ``<root>/<category>/train/good/*`` become normal references, ``<category>/test/good/*``
 normal queries and ``<category>/test/<defect>/*`` anomalous queries with their defect type.
+An anomalous query's ground-truth mask, when the tree has one, is
+``<category>/ground_truth/<defect>/<name>_mask.png`` (MVTec AD) or
+``<category>/ground_truth/<defect>/<name>.png`` (VisA split into this layout by its
+``split_csv/1cls.csv``, whose masks keep the image's name).
 """
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import fsspec
@@ -15,13 +20,18 @@ import pandas as pd
 
 from pipeline.core.manifest import default_image_id
 
+LOG = logging.getLogger(__name__)
+
 #: File extensions (lower case, no dot) that make_manifest treats as images.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {"png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"}
 )
 
 _NORMAL_DIR = "good"
-_SKIPPED_DIRS = frozenset({"ground_truth"})
+_MASK_DIR = "ground_truth"
+_SKIPPED_DIRS = frozenset({_MASK_DIR})
+#: What follows an image's name in its mask's name, most specific first (MVTec AD, VisA).
+_MASK_SUFFIXES = ("_mask", "")
 
 _MANIFEST_COLUMNS = (
     "image_uri",
@@ -31,6 +41,7 @@ _MANIFEST_COLUMNS = (
     "role",
     "label",
     "defect_type",
+    "mask_uri",
 )
 
 
@@ -60,6 +71,28 @@ def _image_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         for e in entries
         if e["type"] == "file" and _is_image_file(e["name"])
     )
+
+
+def _stem(path: str) -> str:
+    return posixpath.splitext(posixpath.basename(path))[0]
+
+
+def _mask_finder(fs: fsspec.AbstractFileSystem, mask_dir: str) -> Callable[[str], Optional[str]]:
+    """A lookup from an image path to the path of its mask in ``mask_dir`` (or None).
+
+    ``mask_dir`` is listed once, so a remote tree costs one listing per defect type.
+    """
+    masks = {_stem(p): p for p in _image_files(fs, mask_dir)}
+
+    def find(image_path: str) -> Optional[str]:
+        stem = _stem(image_path)
+        for suffix in _MASK_SUFFIXES:
+            if stem + suffix in masks:
+                return masks[stem + suffix]
+        LOG.debug("No ground-truth mask for %s in %s", image_path, mask_dir)
+        return None
+
+    return find
 
 
 def _has_layout(fs: fsspec.AbstractFileSystem, category_path: str) -> bool:
@@ -92,7 +125,8 @@ def _scan_root(root: str, dataset: str) -> list[dict[str, Any]]:
             "<root>/<category>/train/good/ or <root>/<category>/test/<good|defect>/"
         )
 
-    def add(path: str, category: str, role: str, label: int, defect: Optional[str]) -> None:
+    def add(path: str, category: str, role: str, label: int, defect: Optional[str],
+            mask: Optional[str] = None) -> None:
         image_uri = uri(path)
         rows.append(
             {
@@ -103,6 +137,7 @@ def _scan_root(root: str, dataset: str) -> list[dict[str, Any]]:
                 "role": role,
                 "label": label,
                 "defect_type": defect,
+                "mask_uri": None if mask is None else uri(mask),
             }
         )
 
@@ -116,15 +151,14 @@ def _scan_root(root: str, dataset: str) -> list[dict[str, Any]]:
         for split in _subdirs(fs, test_path):
             if split in _SKIPPED_DIRS:
                 continue
-            is_normal = split == _NORMAL_DIR
-            for path in _image_files(fs, posixpath.join(test_path, split)):
-                add(
-                    path,
-                    category,
-                    "query",
-                    0 if is_normal else 1,
-                    None if is_normal else split,
-                )
+            split_path = posixpath.join(test_path, split)
+            if split == _NORMAL_DIR:
+                for path in _image_files(fs, split_path):
+                    add(path, category, "query", 0, None)
+                continue
+            find_mask = _mask_finder(fs, posixpath.join(cat_path, _MASK_DIR, split))
+            for path in _image_files(fs, split_path):
+                add(path, category, "query", 1, split, find_mask(path))
     return rows
 
 
@@ -144,8 +178,9 @@ def make_manifest(roots: Sequence[tuple[str, Optional[str]]]) -> pd.DataFrame:
     For each ``(root, dataset_name)`` (name None → basename of root):
     ``<category>/train/good/*`` are references (label 0), ``<category>/test/good/*``
     normal queries (label 0) and ``<category>/test/<defect>/*`` anomalous queries
-    (label 1, defect_type=<defect>). ``ground_truth`` folders and non-image files
-    are skipped. Rows are sorted by dataset, category and URI, so the same tree
+    (label 1, defect_type=<defect>, mask_uri=its ground-truth mask, see the module
+    docstring; null where the tree has none). ``ground_truth`` folders and non-image
+    files are not scanned for images. Rows are sorted by dataset, category and URI, so the same tree
     always gives the same manifest.
 
     Raises:

@@ -34,6 +34,7 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
     "image_id",
     "defect_type",
     "capture_date",
+    "mask_uri",
 )
 ROLES: tuple[str, ...] = ("query", "reference")
 
@@ -86,6 +87,7 @@ _TYPE_RULES: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "category": (_is_optional_string_type, "string (or all null)"),
     "image_id": (_is_optional_string_type, "string (or all null)"),
     "defect_type": (_is_optional_string_type, "string (or all null)"),
+    "mask_uri": (_is_optional_string_type, "string (or all null)"),
     "label": (
         _is_label_type,
         "integer, nullable (0 normal, 1 anomalous; in pandas use dtype 'Int64')",
@@ -213,7 +215,10 @@ class ManifestRow:
     """One valid, normalised manifest row.
 
     ``extra`` holds pass-through columns as ``(name, value)`` pairs so that the
-    row stays hashable and picklable.
+    row stays hashable and picklable. ``mask_uri`` is the binary ground-truth
+    mask of the defect (nonzero pixels are defective), None for normal images
+    and wherever no mask is known; it comes last so that rows built
+    positionally keep working.
     """
 
     image_uri: str
@@ -225,6 +230,7 @@ class ManifestRow:
     defect_type: Optional[str]
     capture_date: Optional[str]
     extra: tuple[tuple[str, Any], ...] = ()
+    mask_uri: Optional[str] = None
 
     def to_record(self) -> dict[str, Any]:
         """The row as a flat dict, pass-through columns included."""
@@ -379,10 +385,13 @@ def normalize_row(raw: Mapping[str, Any]) -> ManifestRow | RowError:
         defect_type=_text(raw.get("defect_type")),
         capture_date=capture_date,
         extra=tuple((k, v) for k, v in raw.items() if k not in known),
+        mask_uri=_text(raw.get("mask_uri")),
     )
 
 
-_STRING_COLUMNS = ("image_uri", "image_id", "dataset", "category", "role", "defect_type")
+_STRING_COLUMNS = (
+    "image_uri", "image_id", "dataset", "category", "role", "defect_type", "mask_uri",
+)
 
 
 def _to_arrow(df: pd.DataFrame) -> pa.Table:

@@ -8,7 +8,10 @@ paths and ``gs://`` both work.
 Aggregation over seeds (documented once, used everywhere): a metric is first
 computed per seed on that seed's labelled rows, then reported as the mean and
 the *population* standard deviation (``ddof=0``) over seeds. A single seed
-therefore has std 0.0, not NaN.
+therefore has std 0.0, not NaN. Pixel metrics (pixel AUROC, AUPRO; computed by
+:mod:`pipeline.core.pixel_metrics` per category and seed) are aggregated the same
+way by :func:`summarize_pixel_metrics` and joined onto the summary by
+:func:`add_pixel_metrics`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ DEFAULT_SCORER = "inctrl"
 SCORER_ORDER: tuple[str, ...] = ("inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino")
 #: The summary metrics the comparison reports, each as mean and std over seeds.
 COMPARISON_METRICS: tuple[str, ...] = ("auroc", "auprc")
+#: Pixel-level metrics, per (dataset, scorer, category, k, seed) from the anomaly maps.
+PIXEL_METRICS: tuple[str, ...] = ("pixel_auroc", "aupro")
+#: What :func:`add_pixel_metrics` appends to a summary.
+PIXEL_COLUMNS: tuple[str, ...] = (
+    "pixel_images", *(f"{m}_{stat}" for m in PIXEL_METRICS for stat in ("mean", "std")))
+#: Section titles of the Markdown comparison.
+_TITLES = {"auroc": "AUROC", "auprc": "AUPRC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
 MEAN_CATEGORY = "*mean*"
 POOLED_CATEGORY = "*pooled*"
 #: What an empty summary says (the run had no query with a score).
@@ -44,6 +54,8 @@ NO_QUERIES = ("No queries were scored in this run: the manifest (or the date) ha
               "all failed (see the errors table).")
 
 _REQUIRED = ("dataset", "category", "k", "seed", "label")
+_PIXEL_REQUIRED = ("dataset", "scorer", "category", "k", "seed", *PIXEL_METRICS, "pixel_images")
+_JOIN_KEYS = ["level", "dataset", "scorer", "category", "k"]
 _SUMMARY_COLUMNS: tuple[str, ...] = (
     "level",
     "dataset",
@@ -121,11 +133,12 @@ def _per_seed(scores: pd.DataFrame, keys: list[str], score_column: str) -> pd.Da
     return pd.DataFrame(rows, columns=[*keys, "seed", *COUNT_COLUMNS, *METRICS])
 
 
-def _over_seeds(per_seed: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def _over_seeds(per_seed: pd.DataFrame, keys: list[str],
+                metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """Mean and population std (ddof=0) of each metric over seeds, per ``keys``."""
     grouped = per_seed.groupby(keys, sort=True, dropna=False)
-    means = grouped[list(METRICS)].mean().add_suffix("_mean")
-    stds = grouped[list(METRICS)].std(ddof=0).add_suffix("_std")
+    means = grouped[list(metrics)].mean().add_suffix("_mean")
+    stds = grouped[list(metrics)].std(ddof=0).add_suffix("_std")
     n_seeds = grouped["seed"].nunique().rename("n_seeds")
     return pd.concat([n_seeds, means, stds], axis=1).reset_index()
 
@@ -243,6 +256,101 @@ def summarize_scores(scores: pd.DataFrame, score_column: str = "final_score") ->
     return summary[list(_SUMMARY_COLUMNS)]
 
 
+def summarize_pixel_metrics(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate per-seed pixel metrics into the summary's ``category`` and ``dataset_mean`` levels.
+
+    ``per_seed`` has one row per (dataset, scorer, category, k, seed) with
+    ``pixel_auroc``, ``aupro`` (NaN where undefined, e.g. a category without masks)
+    and ``pixel_images`` (how many maps entered that seed's statistics). Levels, as in
+    :func:`summarize_scores`:
+
+    * ``category``: mean / population std (ddof=0) over seeds; ``pixel_images`` is
+      one seed's count (the largest).
+    * ``dataset_mean`` (category ``*mean*``): per seed the mean over categories
+      (NaN categories skipped), then mean / std over seeds; ``pixel_images`` is the
+      sum over categories.
+
+    There is no ``dataset_pooled`` level: pooling would rank pixels of different
+    categories together and needs their merged statistics, not per-category numbers,
+    so pooled summary rows get NaN pixel metrics from :func:`add_pixel_metrics`.
+
+    Returns:
+        Columns ``level, dataset, scorer, category, k, pixel_images,
+        pixel_auroc_mean, pixel_auroc_std, aupro_mean, aupro_std``.
+
+    Raises:
+        ValueError: a column is missing, or a (dataset, scorer, category, k, seed)
+            appears twice.
+    """
+    missing = [c for c in _PIXEL_REQUIRED if c not in per_seed.columns]
+    if missing:
+        raise ValueError(f"pixel metric table lacks columns: {missing}")
+    columns = [*_JOIN_KEYS, *PIXEL_COLUMNS]
+    if per_seed.empty:
+        return pd.DataFrame(columns=columns)
+    cat_keys, ds_keys = ["dataset", "scorer", "category", "k"], ["dataset", "scorer", "k"]
+    repeated = per_seed.duplicated([*cat_keys, "seed"])
+    if repeated.any():
+        first = per_seed.loc[repeated, [*cat_keys, "seed"]].iloc[0].tolist()
+        raise ValueError(f"pixel metrics given twice for (dataset, scorer, category, k, seed) "
+                         f"{tuple(first)}")
+    per_seed = per_seed.astype({m: "float64" for m in PIXEL_METRICS})
+
+    images = per_seed.groupby(cat_keys, sort=True, dropna=False)["pixel_images"]
+    if (images.max() != images.min()).any():
+        LOG.warning("Seeds have pixel statistics of different image sets; reporting the largest")
+    category = _over_seeds(per_seed, cat_keys, PIXEL_METRICS).merge(
+        images.max().reset_index(), on=cat_keys)
+    category.insert(0, "level", "category")
+
+    seed_cat_avg = per_seed.groupby([*ds_keys, "seed"], sort=True, dropna=False)[
+        list(PIXEL_METRICS)].mean().reset_index()
+    ds_images = category.groupby(ds_keys, sort=True, dropna=False)["pixel_images"].sum()
+    dataset_mean = _over_seeds(seed_cat_avg, ds_keys, PIXEL_METRICS).merge(
+        ds_images.reset_index(), on=ds_keys)
+    dataset_mean.insert(0, "level", "dataset_mean")
+    dataset_mean["category"] = MEAN_CATEGORY
+
+    out = pd.concat([category, dataset_mean], ignore_index=True)
+    out["pixel_images"] = out["pixel_images"].astype("int64")
+    return out[columns]
+
+
+def add_pixel_metrics(summary: pd.DataFrame, pixel_summary: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with :data:`PIXEL_COLUMNS` joined from a :func:`summarize_pixel_metrics` table.
+
+    A left join on (level, dataset, scorer, category, k): the summary keeps its rows,
+    order and columns, and rows without pixel metrics (no masks, the ``dataset_pooled``
+    level) get NaN (``pixel_images`` is a nullable integer, NA there). Pixel columns the
+    summary already has are replaced.
+
+    Raises:
+        ValueError: ``pixel_summary`` has a key twice.
+    """
+    base = summary.drop(columns=[c for c in PIXEL_COLUMNS if c in summary.columns])
+    if pixel_summary.empty or base.empty:
+        out = base.assign(**{c: np.nan for c in PIXEL_COLUMNS})
+    else:
+        # An empty or differently built table may type the keys differently (k as object).
+        right = pixel_summary[[*_JOIN_KEYS, *PIXEL_COLUMNS]].astype(
+            {c: base[c].dtype for c in _JOIN_KEYS})
+        try:
+            out = base.merge(right, on=_JOIN_KEYS, how="left", validate="many_to_one")
+        except pd.errors.MergeError as exc:
+            raise ValueError(f"pixel summary has a (level, dataset, scorer, category, k) "
+                             f"twice: {exc}") from exc
+        out.index = base.index
+    return out.astype({"pixel_images": "Int64",
+                       **{c: "float64" for c in PIXEL_COLUMNS if c != "pixel_images"}})
+
+
+def _has_pixel_metrics(frame: pd.DataFrame, columns: Iterable[str]) -> bool:
+    """Whether ``frame`` has every one of ``columns`` and a value in at least one."""
+    columns = list(columns)
+    return bool(columns) and all(c in frame.columns for c in columns) and bool(
+        frame[columns].notna().to_numpy().any())
+
+
 def _fmt(value: Any) -> str:
     """Three-decimal float, or ``n/a`` for missing values."""
     return "n/a" if value is None or pd.isna(value) else f"{float(value):.3f}"
@@ -267,11 +375,16 @@ def summary_to_markdown(summary: pd.DataFrame) -> str:
 
     Groups with no labelled rows show their score distribution
     (``p50=… p90=… max=…``) in the AUROC cell instead of metrics, since there
-    is nothing to evaluate against. An empty table says so in words.
+    is nothing to evaluate against. Pixel AUROC and AUPRO columns (from
+    :func:`add_pixel_metrics`) appear only when some row has one. An empty
+    table says so in words.
     """
     if summary.empty:
         return NO_QUERIES + "\n"
-    header = ["dataset", "scorer", "category", "k", "queries", "anomalous", "AUROC", "AUPRC", "F1-max"]
+    pixel = _has_pixel_metrics(summary, [f"{m}_mean" for m in PIXEL_METRICS])
+    pixel_metrics = PIXEL_METRICS if pixel else ()
+    header = ["dataset", "scorer", "category", "k", "queries", "anomalous", "AUROC", "AUPRC", "F1-max",
+              *(_TITLES[m] for m in pixel_metrics)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in summary.itertuples(index=False):
         unlabelled = row.anomalous_count + row.normal_count == 0
@@ -285,6 +398,8 @@ def summary_to_markdown(summary: pd.DataFrame) -> str:
                 for m in ("auroc", "auprc", "f1_max")
             ]
             anomalous = str(row.anomalous_count)
+        metric_cells += [_fmt_mean_std(getattr(row, f"{m}_mean"), getattr(row, f"{m}_std"))
+                         for m in pixel_metrics]
         scorer = getattr(row, "scorer", DEFAULT_SCORER)  # summaries written before the column
         cells = [row.dataset, scorer, row.category, row.k, row.query_count, anomalous, *metric_cells]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
@@ -305,9 +420,9 @@ def write_summary(summary: pd.DataFrame, out_dir: str, *, extra: dict | None = N
     return paths
 
 
-def _comparison_columns(scorer: str) -> list[str]:
+def _comparison_columns(scorer: str, metrics: tuple[str, ...] = COMPARISON_METRICS) -> list[str]:
     """The comparison's columns for one scorer: ``<scorer>_<metric>_<mean|std>``."""
-    return [f"{scorer}_{m}_{stat}" for m in COMPARISON_METRICS for stat in ("mean", "std")]
+    return [f"{scorer}_{m}_{stat}" for m in metrics for stat in ("mean", "std")]
 
 
 def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -317,8 +432,10 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
     over categories, then mean / population std over seeds, as the InCTRL paper
     reports). Columns are ``dataset``, ``k`` and, per scorer in
     :func:`ordered_scorers` order, ``<scorer>_auroc_mean``, ``<scorer>_auroc_std``,
-    ``<scorer>_auprc_mean``, ``<scorer>_auprc_std``; NaN where a scorer did not
-    score a dataset. A summary without a ``scorer`` column is
+    ``<scorer>_auprc_mean``, ``<scorer>_auprc_std`` and, when the summary has pixel
+    metrics (:func:`add_pixel_metrics`), ``<scorer>_pixel_auroc_mean``,
+    ``<scorer>_pixel_auroc_std``, ``<scorer>_aupro_mean``, ``<scorer>_aupro_std``;
+    NaN where a scorer did not score a dataset. A summary without a ``scorer`` column is
     :data:`DEFAULT_SCORER`'s. No dataset rows give an empty frame with columns
     ``dataset`` and ``k``.
     """
@@ -327,36 +444,52 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
     means = _with_scorer(summary[summary["level"] == "dataset_mean"])
     if means.empty:
         return pd.DataFrame(columns=["dataset", "k"])
-    values = [f"{m}_{stat}" for m in COMPARISON_METRICS for stat in ("mean", "std")]
+    metrics = COMPARISON_METRICS
+    if all(f"{m}_{stat}" in means.columns for m in PIXEL_METRICS for stat in ("mean", "std")):
+        metrics = (*COMPARISON_METRICS, *PIXEL_METRICS)
+    values = [f"{m}_{stat}" for m in metrics for stat in ("mean", "std")]
     # unstack raises on a repeated (dataset, k, scorer): one summary row each, or the input is wrong.
     wide = means.set_index(["dataset", "k", "scorer"])[values].unstack("scorer")
     wide.columns = [f"{scorer}_{value}" for value, scorer in wide.columns]
-    columns = [c for scorer in ordered_scorers(means["scorer"]) for c in _comparison_columns(scorer)]
+    columns = [c for scorer in ordered_scorers(means["scorer"])
+               for c in _comparison_columns(scorer, metrics)]
     table = wide.reindex(columns=columns).sort_index().reset_index()
     return table.astype({c: "float64" for c in columns})
 
 
 def _table_scorers(table: pd.DataFrame) -> list[str]:
-    """Scorers of a :func:`comparison_table`, in its column order."""
+    """Scorers of a :func:`comparison_table`, in its column order.
+
+    A scorer has every image metric's column: ``inctrl_pixel_auroc_mean`` ends like
+    ``<scorer>_auroc_mean`` but there is no ``inctrl_pixel_auprc_mean``.
+    """
     suffix = f"_{COMPARISON_METRICS[0]}_mean"
-    return [c[: -len(suffix)] for c in table.columns if c.endswith(suffix)]
+    candidates = [c[: -len(suffix)] for c in table.columns if c.endswith(suffix)]
+    names = set(table.columns)
+    scorers = [s for s in candidates if set(_comparison_columns(s)) <= names]
+    return list(dict.fromkeys(scorers))
 
 
 def comparison_to_markdown(table: pd.DataFrame) -> str:
     """Render a :func:`comparison_table` as Markdown: one table per metric.
 
     Each table has a row per (dataset, k) and a column per scorer with
-    ``mean ± std`` over seeds (``n/a`` where the scorer has no value). An empty
-    table says so in words.
+    ``mean ± std`` over seeds (``n/a`` where the scorer has no value). Pixel
+    AUROC and AUPRO get a table each when the comparison has a value of them. An
+    empty table says so in words.
     """
     if table.empty:
         return NO_QUERIES + "\n"
     scorers = _table_scorers(table)
     header = ["dataset", "k", *scorers]
+    metrics = [*COMPARISON_METRICS]
+    metrics += [m for m in PIXEL_METRICS
+                if _has_pixel_metrics(table, [f"{s}_{m}_{stat}" for s in scorers
+                                              for stat in ("mean", "std")])]
     sections = []
-    for metric in COMPARISON_METRICS:
+    for metric in metrics:
         lines = [
-            f"## {metric.upper()} (mean over categories; mean ± std over seeds)",
+            f"## {_TITLES[metric]} (mean over categories; mean ± std over seeds)",
             "",
             "| " + " | ".join(_md_cell(h) for h in header) + " |",
             "|" + "|".join(["---"] * len(header)) + "|",

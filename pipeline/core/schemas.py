@@ -28,6 +28,7 @@ _SCORE_FIELDS = [
     pa.field("k", pa.int64()),
     pa.field("k_used", pa.int64()),
     pa.field("reference_ids", pa.list_(pa.string())),
+    pa.field("reference_uris", pa.list_(pa.string())),
     pa.field("final_score", pa.float64()),
     pa.field("fine_score", pa.float64()),
     pa.field("holistic_score", pa.float64()),
@@ -40,6 +41,12 @@ _SCORE_FIELDS = [
     pa.field("heads_hash", pa.string()),
     pa.field("run_id", pa.string()),
 ]
+#: Where a query's anomaly map went (``--write-anomaly-maps``): a 16-bit PNG of the map at
+#: the image's own size, normalised to [map_min, map_max], and an overlay PNG for people.
+ANOMALY_MAP_FIELDS = [pa.field("anomaly_map_uri", pa.string()),
+                      pa.field("overlay_uri", pa.string()),
+                      pa.field("map_min", pa.float64()),
+                      pa.field("map_max", pa.float64())]
 #: A scorer's patch map, row-major on its own feature grid (height × width values).
 PATCH_MAP_FIELDS = [pa.field("patch_map", pa.list_(pa.float32())),
                     pa.field("patch_map_height", pa.int64()),
@@ -64,14 +71,17 @@ _MANIFEST_COLUMNS = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
 def passthrough_fields(manifest_schema: pa.Schema) -> list[pa.Field]:
     """Manifest columns that are not ours travel to the scores table with their own types."""
     taken = ({f.name for f in _SCORE_FIELDS} | {"dataset", "run_date", "role"}
-             | {f.name for f in PATCH_MAP_FIELDS})
+             | {f.name for f in PATCH_MAP_FIELDS} | {f.name for f in ANOMALY_MAP_FIELDS})
     return [f for f in manifest_schema if f.name not in _MANIFEST_COLUMNS and f.name not in taken]
 
 
-def scores_schema(manifest_schema: pa.Schema | None, patch_map: bool) -> pa.Schema:
+def scores_schema(manifest_schema: pa.Schema | None, patch_map: bool,
+                  anomaly_maps: bool = False) -> pa.Schema:
     fields = list(_SCORE_FIELDS)
     if patch_map:
         fields.extend(PATCH_MAP_FIELDS)
+    if anomaly_maps:
+        fields.extend(ANOMALY_MAP_FIELDS)
     if manifest_schema is not None:
         fields.extend(passthrough_fields(manifest_schema))
     return pa.schema(fields)

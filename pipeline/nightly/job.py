@@ -59,7 +59,7 @@ from pipeline.core.selection import RowSelection
 from pipeline.model.loading import heads_hash, model_id
 from pipeline.nightly.drift import DRIFT, drift_markdown, drift_report, drift_status, write_drift
 from pipeline.nightly.plan import DATE_COLUMN, LEGACY_SCORER, NightPlan, date_queries, plan_night
-from pipeline.run import run_score
+from pipeline.run import publish_report, run_score
 from pipeline.runner import counter, runner_name
 
 LOG = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
                                selection=RowSelection(query_date=date, skip=plan.skip,
                                                       references_until=date,
                                                       carried_scores=carried),
-                               plan=lease, commit=False)
+                               plan=lease, commit=False, total_queries=plan.to_score)
             staged = read_staged(lease)
             report.pipeline_seconds = round(time.monotonic() - started, 3)
             _record_metrics(report, result, cached=bool(config.feature_cache))
@@ -158,6 +158,7 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
         staged = staged + _report_drift(config, options, report, lease, staged)
         staged = staged + _stage_report(lease, report)
         commit_run(lease, staged)
+    publish_report(config.output, date)
     return report
 
 

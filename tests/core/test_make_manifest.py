@@ -82,3 +82,77 @@ def test_make_manifest_keeps_urls_for_remote_roots():
         assert uri.startswith("memory://")
         with fsspec.open(uri, "rb") as f:  # the URI really points at the file
             assert f.read().decode().startswith("c/train" if role == "reference" else "c/test")
+
+
+# --------------------------------------------------------------------------
+# ground-truth masks
+# --------------------------------------------------------------------------
+
+
+def _masks(df: pd.DataFrame, root: str) -> dict[str, str | None]:
+    return {os.path.relpath(r.image_uri, root): (None if r.mask_uri is None
+                                                  else os.path.relpath(r.mask_uri, root))
+            for r in df.itertuples()}
+
+
+def test_mvtec_masks_are_found_and_missing_ones_are_null(mvtec_tree, caplog):
+    with caplog.at_level("DEBUG", logger="pipeline.core.make_manifest"):
+        df = mm.make_manifest([(mvtec_tree, None)])
+
+    masks = _masks(df, mvtec_tree)
+    # Only bottle/ground_truth/broken_large/000_mask.png is where MVTec AD keeps masks;
+    # bottle/test/ground_truth/... is not, and normal images never get one.
+    assert masks == {
+        "bottle/train/good/000.png": None,
+        "bottle/train/good/001.PNG": None,
+        "bottle/test/good/000.png": None,
+        "bottle/test/broken_large/000.png": "bottle/ground_truth/broken_large/000_mask.png",
+        "bottle/test/broken_large/001.png": None,
+        "bottle/test/contamination/000.jpg": None,
+        "cable/train/good/000.bmp": None,
+        "cable/test/cut/000.tiff": None,
+    }
+    assert "No ground-truth mask for" in caplog.text and "001.png" in caplog.text
+    assert os.path.isabs(df["mask_uri"].dropna().iloc[0])
+
+
+def test_visa_split_layout_masks_keep_the_image_name(tmp_path):
+    # VisA after split_csv/1cls.csv: images .JPG, masks .png under ground_truth/bad/.
+    root = tmp_path / "visa"
+    for name in ("pcb1/train/good/0001.JPG", "pcb1/test/good/0002.JPG", "pcb1/test/bad/000.JPG",
+                 "pcb1/test/bad/001.JPG", "pcb1/ground_truth/bad/000.png",
+                 "pcb1/ground_truth/bad/unrelated.png"):
+        touch(str(root / name))
+
+    masks = _masks(mm.make_manifest([(str(root), "VisA")]), str(root))
+
+    assert masks["pcb1/test/bad/000.JPG"] == "pcb1/ground_truth/bad/000.png"
+    assert masks["pcb1/test/bad/001.JPG"] is None
+    assert masks["pcb1/test/good/0002.JPG"] is None and masks["pcb1/train/good/0001.JPG"] is None
+
+
+def test_mvtec_mask_name_wins_over_a_plain_name(tmp_path):
+    root = tmp_path / "mv"
+    for name in ("c/test/hole/000.png", "c/ground_truth/hole/000.png",
+                 "c/ground_truth/hole/000_mask.png"):
+        touch(str(root / name))
+    masks = _masks(mm.make_manifest([(str(root), None)]), str(root))
+    assert masks == {"c/test/hole/000.png": "c/ground_truth/hole/000_mask.png"}
+
+
+def test_masks_of_remote_roots_are_urls_and_round_trip(tmp_path):
+    root = f"memory://trees/{uuid.uuid4().hex}/mv"
+    for name in ("c/train/good/0.png", "c/test/hole/0.png", "c/ground_truth/hole/0_mask.png"):
+        with fsspec.open(f"{root}/{name}", "wb") as f:
+            f.write(name.encode())
+
+    df = mm.make_manifest([(root, None)])
+
+    mask = df.loc[df["defect_type"] == "hole", "mask_uri"].item()
+    assert mask.startswith("memory://")
+    with fsspec.open(mask, "rb") as f:
+        assert f.read() == b"c/ground_truth/hole/0_mask.png"
+    path = str(tmp_path / "m.parquet")
+    m.write_manifest(df, path)
+    rows = [m.normalize_row(r) for r in pd.read_parquet(path).to_dict("records")]
+    assert sorted((r.role, r.mask_uri) for r in rows) == [("query", mask), ("reference", None)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import math
@@ -318,3 +319,54 @@ def test_bad_inputs_manifest_is_schema_valid_and_only_unknown_role_fails_here(tm
     # Pass-through columns survive normalisation.
     first = m.normalize_row(rows[0])
     assert dict(first.extra)["expect"] == "reference"
+
+
+# --------------------------------------------------------------------------
+# mask_uri
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(" /gt/a_mask.png ", "/gt/a_mask.png"), ("", None), ("   ", None), (None, None),
+     (math.nan, None), (pd.NA, None)],
+)
+def test_mask_uri_is_an_optional_string_not_a_pass_through(value, expected):
+    row = m.normalize_row({"image_uri": "a", "dataset": "d", "role": "query", "label": 1,
+                           "mask_uri": value, "operator": "ann"})
+    assert isinstance(row, m.ManifestRow)
+    assert row.mask_uri == expected
+    assert row.extra == (("operator", "ann"),)
+    assert row.to_record()["mask_uri"] == expected
+    assert "mask_uri" in m.OPTIONAL_COLUMNS
+
+
+def test_rows_without_mask_uri_column_have_none():
+    row = m.normalize_row({"image_uri": "a", "dataset": "d", "role": "query"})
+    assert row.mask_uri is None
+
+
+def test_positional_rows_keep_working_and_mask_uri_comes_last():
+    positional = m.ManifestRow("/a.png", "d", "c", "query", 1, "a", "hole", None)
+    with_extra = m.ManifestRow("/a.png", "d", "c", "query", 1, "a", "hole", None, (("x", 1),))
+    assert positional.mask_uri is None and positional.extra == ()
+    assert with_extra.extra == (("x", 1),) and with_extra.mask_uri is None
+    names = [f.name for f in dataclasses.fields(m.ManifestRow)]
+    assert names[-2:] == ["extra", "mask_uri"]
+    masked = m.ManifestRow("/a.png", "d", "c", "query", 1, "a", "hole", None, mask_uri="/gt/a.png")
+    assert pickle.loads(pickle.dumps(masked)) == masked and masked != positional
+
+
+def test_mask_uri_column_type_is_checked_and_kept_out_of_pass_through(tmp_path):
+    from pipeline.core.schemas import passthrough_fields
+
+    table = pa.table({"image_uri": ["a"], "dataset": ["d"], "role": ["query"], "mask_uri": [3]})
+    with pytest.raises(m.ManifestSchemaError, match="mask_uri.*string"):
+        m.validate_manifest_schema(_write(table, tmp_path / "bad.parquet"))
+
+    frame = _good_frame().assign(mask_uri=[None, None])  # all null: still written as string
+    path = str(tmp_path / "m.parquet")
+    m.write_manifest(frame, path)
+    schema = m.validate_manifest_schema(path)
+    assert schema.field("mask_uri").type == pa.string()
+    assert [f.name for f in passthrough_fields(schema)] == ["operator"]

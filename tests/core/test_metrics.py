@@ -13,7 +13,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.core.metrics import (
     DEFAULT_SCORER,
+    PIXEL_COLUMNS,
+    add_pixel_metrics,
+    comparison_table,
+    comparison_to_markdown,
     image_metrics,
+    summarize_pixel_metrics,
     summarize_scores,
     summary_to_markdown,
     write_summary,
@@ -396,3 +401,161 @@ def test_an_empty_summary_says_no_queries_in_words():
                                                    "final_score"]))
     assert empty.empty
     assert summary_to_markdown(empty).strip() == NO_QUERIES
+
+
+# ---------------------------------------------------------------- pixel metrics
+
+# Per seed (0, 1, 2): mvtec/bottle and mvtec/cable have masks, field has none (NaN).
+BOTTLE_PIXEL = np.array([0.90, 0.80, 0.85])
+CABLE_PIXEL = np.array([0.70, 0.75, 0.60])
+BOTTLE_PRO = np.array([0.60, 0.50, 0.40])
+CABLE_PRO = np.array([0.30, 0.35, 0.20])
+
+
+def make_pixel_per_seed(scorer: str = "inctrl") -> pd.DataFrame:
+    rows = []
+    for seed in SEEDS:
+        for category, auroc, pro in (("bottle", BOTTLE_PIXEL, BOTTLE_PRO),
+                                     ("cable", CABLE_PIXEL, CABLE_PRO)):
+            rows.append({"dataset": "mvtec", "scorer": scorer, "category": category, "k": 2,
+                         "seed": seed, "pixel_auroc": auroc[seed], "aupro": pro[seed],
+                         "pixel_images": 5 if category == "bottle" else 4})
+            rows.append({"dataset": "field", "scorer": scorer, "category": category, "k": 2,
+                         "seed": seed, "pixel_auroc": math.nan, "aupro": math.nan,
+                         "pixel_images": 4})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def pixel_summary() -> pd.DataFrame:
+    return summarize_pixel_metrics(make_pixel_per_seed())
+
+
+def test_pixel_summary_levels_are_means_and_population_stds(pixel_summary: pd.DataFrame) -> None:
+    assert list(pixel_summary.columns) == ["level", "dataset", "scorer", "category", "k",
+                                           *PIXEL_COLUMNS]
+    assert set(pixel_summary["level"]) == {"category", "dataset_mean"}
+    bottle = _row(pixel_summary, "mvtec", "category", "bottle")
+    assert bottle["pixel_auroc_mean"] == pytest.approx(BOTTLE_PIXEL.mean())
+    assert bottle["pixel_auroc_std"] == pytest.approx(BOTTLE_PIXEL.std(ddof=0))
+    assert bottle["aupro_mean"] == pytest.approx(BOTTLE_PRO.mean())
+    assert bottle["aupro_std"] == pytest.approx(BOTTLE_PRO.std(ddof=0))
+    assert bottle["pixel_images"] == 5
+
+    mean = _row(pixel_summary, "mvtec", "dataset_mean", "*mean*")
+    per_seed = (BOTTLE_PIXEL + CABLE_PIXEL) / 2
+    assert mean["pixel_auroc_mean"] == pytest.approx(per_seed.mean())
+    assert mean["pixel_auroc_std"] == pytest.approx(per_seed.std(ddof=0))
+    # The std of the per-seed category mean, not the mean of the category stds.
+    assert per_seed.std(ddof=0) != pytest.approx((BOTTLE_PIXEL.std() + CABLE_PIXEL.std()) / 2)
+    assert mean["aupro_mean"] == pytest.approx(((BOTTLE_PRO + CABLE_PRO) / 2).mean())
+    assert mean["pixel_images"] == 9
+
+    field = pixel_summary[pixel_summary["dataset"] == "field"]
+    assert field[["pixel_auroc_mean", "aupro_mean", "aupro_std"]].isna().all().all()
+
+
+def test_pixel_dataset_mean_skips_categories_without_masks() -> None:
+    frame = make_pixel_per_seed()
+    frame.loc[frame["category"] == "cable", ["pixel_auroc", "aupro"]] = math.nan
+    mean = _row(summarize_pixel_metrics(frame), "mvtec", "dataset_mean", "*mean*")
+    assert mean["pixel_auroc_mean"] == pytest.approx(BOTTLE_PIXEL.mean())
+    assert mean["aupro_std"] == pytest.approx(BOTTLE_PRO.std(ddof=0))
+
+
+def test_pixel_summary_edge_cases() -> None:
+    frame = make_pixel_per_seed()
+    with pytest.raises(ValueError, match="aupro"):
+        summarize_pixel_metrics(frame.drop(columns="aupro"))
+    with pytest.raises(ValueError, match="twice"):
+        summarize_pixel_metrics(pd.concat([frame, frame.iloc[:1]], ignore_index=True))
+    empty = summarize_pixel_metrics(frame.iloc[:0])
+    assert empty.empty and list(empty.columns) == list(summarize_pixel_metrics(frame).columns)
+
+
+@pytest.fixture(scope="module")
+def with_pixels(summary: pd.DataFrame, pixel_summary: pd.DataFrame) -> pd.DataFrame:
+    return add_pixel_metrics(summary, pixel_summary)
+
+
+def test_add_pixel_metrics_is_a_left_join(summary, pixel_summary, with_pixels) -> None:
+    pd.testing.assert_frame_equal(with_pixels[list(summary.columns)], summary)
+    assert list(with_pixels.columns) == [*summary.columns, *PIXEL_COLUMNS]
+    for level, category in (("category", "bottle"), ("dataset_mean", "*mean*")):
+        got, want = _row(with_pixels, "mvtec", level, category), _row(pixel_summary, "mvtec", level, category)
+        for column in PIXEL_COLUMNS:
+            assert got[column] == want[column], (level, column)
+    pooled = _row(with_pixels, "mvtec", "dataset_pooled", "*pooled*")
+    assert pooled[list(PIXEL_COLUMNS)].isna().all()
+    assert str(with_pixels["pixel_images"].dtype) == "Int64"
+    # Adding again replaces, it does not duplicate.
+    pd.testing.assert_frame_equal(add_pixel_metrics(with_pixels, pixel_summary), with_pixels)
+
+
+def test_add_pixel_metrics_without_pixel_rows_gives_nan_columns(summary, pixel_summary) -> None:
+    other_scorer = add_pixel_metrics(summary, pixel_summary.assign(scorer="spade"))
+    assert other_scorer[list(PIXEL_COLUMNS)].isna().all().all()
+    empty = add_pixel_metrics(summary, summarize_pixel_metrics(make_pixel_per_seed().iloc[:0]))
+    assert empty[list(PIXEL_COLUMNS)].isna().all().all()
+    assert len(empty) == len(summary)
+    with pytest.raises(ValueError, match="twice"):
+        add_pixel_metrics(summary, pd.concat([pixel_summary, pixel_summary.iloc[:1]]))
+
+
+def test_markdown_shows_pixel_columns_only_when_there_are_values(summary, pixel_summary,
+                                                                 with_pixels) -> None:
+    md = summary_to_markdown(with_pixels)
+    lines = md.strip().splitlines()
+    assert lines[0] == ("| dataset | scorer | category | k | queries | anomalous | AUROC | AUPRC | "
+                        "F1-max | Pixel AUROC | AUPRO |")
+    bottle = next(line for line in lines if line.startswith("| mvtec | inctrl | bottle |"))
+    cells = [c.strip() for c in bottle.strip("|").split("|")]
+    row = _row(pixel_summary, "mvtec", "category", "bottle")
+    assert cells[-2:] == [f"{row['pixel_auroc_mean']:.3f} ± {row['pixel_auroc_std']:.3f}",
+                          f"{row['aupro_mean']:.3f} ± {row['aupro_std']:.3f}"]
+    pooled = next(line for line in lines if line.startswith("| mvtec | inctrl | *pooled* |"))
+    assert pooled.endswith("| n/a | n/a |")
+    no_values = add_pixel_metrics(summary, pixel_summary.assign(scorer="spade"))
+    assert summary_to_markdown(no_values) == summary_to_markdown(summary)
+
+
+def test_comparison_gains_pixel_columns_and_tables(scores, pixel_summary) -> None:
+    frame = two_scorers(scores)
+    summary = summarize_scores(frame)
+    pixels = pd.concat([pixel_summary, summarize_pixel_metrics(make_pixel_per_seed("spade")
+                                                               .assign(aupro=math.nan))])
+    table = comparison_table(add_pixel_metrics(summary, pixels))
+    per_scorer = ["auroc_mean", "auroc_std", "auprc_mean", "auprc_std", "pixel_auroc_mean",
+                  "pixel_auroc_std", "aupro_mean", "aupro_std"]
+    assert list(table.columns) == ["dataset", "k", *(f"{s}_{c}" for s in ("inctrl", "spade")
+                                                     for c in per_scorer)]
+    mvtec = table[table["dataset"] == "mvtec"].iloc[0]
+    assert mvtec["inctrl_pixel_auroc_mean"] == pytest.approx(((BOTTLE_PIXEL + CABLE_PIXEL) / 2).mean())
+    assert mvtec["inctrl_aupro_std"] == pytest.approx(((BOTTLE_PRO + CABLE_PRO) / 2).std(ddof=0))
+    assert math.isnan(mvtec["spade_aupro_mean"])
+
+    md = comparison_to_markdown(table)
+    assert "| dataset | k | inctrl | spade |" in md  # no "inctrl_pixel" scorer
+    assert "## Pixel AUROC (mean over categories" in md and "## AUPRO (mean over categories" in md
+    aupro = md.split("## AUPRO")[1]
+    expected = ((BOTTLE_PRO + CABLE_PRO) / 2)
+    assert f"| mvtec | 2 | {expected.mean():.3f} ± {expected.std():.3f} | n/a |" in aupro
+
+    plain = comparison_table(summary)
+    assert not any("pixel" in c or "aupro" in c for c in plain.columns)
+    assert "Pixel" not in comparison_to_markdown(plain)
+    no_masks = comparison_table(add_pixel_metrics(summary, pixel_summary.iloc[:0]))
+    assert "inctrl_aupro_mean" in no_masks.columns
+    assert comparison_to_markdown(no_masks) == comparison_to_markdown(plain)
+
+
+def test_write_summary_round_trips_pixel_columns(tmp_path, with_pixels) -> None:
+    paths = write_summary(with_pixels, str(tmp_path / "run"))
+    back = pd.read_parquet(paths["parquet"])
+    pd.testing.assert_frame_equal(back, with_pixels, check_dtype=False)
+    with open(paths["json"]) as f:
+        records = json.load(f)["records"]
+    pooled = next(r for r in records if r["dataset"] == "mvtec" and r["level"] == "dataset_pooled")
+    assert pooled["pixel_images"] is None and pooled["aupro_mean"] is None
+    bottle = next(r for r in records if r["dataset"] == "mvtec" and r["category"] == "bottle")
+    assert bottle["pixel_images"] == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from pipeline.core.demo_data import generate_demo
+from pipeline.core import demo_data
+from pipeline.core.demo_data import generate_demo, mask_path
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import ManifestRow, normalize_row
 
@@ -74,10 +76,11 @@ def test_layout_counts_and_image_properties(tmp_path):
                 if split != "good":
                     assert os.listdir(os.path.join(base, "test", split)) == ["000.png"]
             for dirpath, _, names in os.walk(base):
+                is_mask = "ground_truth" in os.path.relpath(dirpath, base).split(os.sep)
                 for file in names:
                     with Image.open(os.path.join(dirpath, file)) as im:
                         assert im.size == (48, 48)
-                        assert im.mode == ("L" if name == "medical_scans" else "RGB")
+                        assert im.mode == ("L" if name == "medical_scans" or is_mask else "RGB")
 
 
 def test_defaults_are_small(manifest):
@@ -132,3 +135,84 @@ def test_normal_images_vary_but_share_structure(manifest):
 def test_rejects_tiny_images(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         generate_demo(str(tmp_path), image_size=8)
+
+
+# ---------------------------------------------------------------- ground-truth masks
+
+# sha256 of every image's path, mode and pixels (masks excluded) of
+# generate_demo(root, image_size=32, n_train=4, n_test_good=2, n_test_defect_per_type=2),
+# taken with the generator as it was before it wrote masks: painting the masks must not
+# move the random stream, or every score computed on the demo changes.
+SMALL_DEMO_PIXELS_SHA256 = "091fe62feda4f3666ebfcc2aa8221acc8748dda9833a3169b4effb5a6abde1f2"
+
+
+def _pixel_digest(root: str) -> str:
+    files = sorted(os.path.relpath(os.path.join(d, n), root)
+                   for d, _, names in os.walk(root) for n in names)
+    digest = hashlib.sha256()
+    for rel in files:
+        if "ground_truth" in rel.split(os.sep):
+            continue
+        with Image.open(os.path.join(root, rel)) as im:
+            digest.update(rel.encode())
+            digest.update(im.mode.encode())
+            digest.update(np.asarray(im).tobytes())
+    return digest.hexdigest()
+
+
+def test_images_are_those_of_the_generator_before_masks(tmp_path):
+    root = str(tmp_path)
+    generate_demo(root, image_size=32, n_train=4, n_test_good=2, n_test_defect_per_type=2)
+    assert _pixel_digest(root) == SMALL_DEMO_PIXELS_SHA256
+
+
+def _mask(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.mode == "L"
+        pixels = np.asarray(im)
+    assert set(np.unique(pixels)) <= {0, 255}
+    return pixels > 0
+
+
+def test_every_defect_image_has_a_mask_and_make_manifest_finds_it(demo, manifest):
+    root, _ = demo
+    defects = manifest[manifest["label"] == 1]
+    normals = manifest[manifest["label"] == 0]
+    assert len(defects) and defects["mask_uri"].notna().all()
+    assert normals["mask_uri"].isna().all()
+    for row in defects.itertuples():
+        category_root = os.path.dirname(os.path.dirname(os.path.dirname(row.image_uri)))
+        index = int(os.path.splitext(os.path.basename(row.image_uri))[0])
+        assert row.mask_uri == mask_path(category_root, row.defect_type, index)
+        assert row.mask_uri.endswith(f"ground_truth/{row.defect_type}/{index:03d}_mask.png")
+        with Image.open(row.image_uri) as image, Image.open(row.mask_uri) as mask:
+            assert mask.size == image.size
+        covered = _mask(row.mask_uri).mean()
+        assert 0.001 < covered < 0.2, row.image_uri  # a local defect, not empty
+    masks = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names
+             if "ground_truth" in d]
+    assert sorted(masks) == sorted(defects["mask_uri"])
+
+
+def test_masks_hold_exactly_the_painted_pixels(tmp_path):
+    """Regenerate each defect image without its defect: every changed pixel is in the mask,
+    and the mask is the painter's footprint (weights above 0), most of it visibly changed."""
+    root = str(tmp_path)
+    size = 48
+    generate_demo(root, image_size=size, n_train=1, n_test_good=1, n_test_defect_per_type=2)
+    for dataset, categories in demo_data.DATASETS.items():
+        for category, spec in categories.items():
+            base = os.path.join(root, dataset, category)
+            for defect in spec.defects:
+                for index in range(2):
+                    split = f"test/{defect}"
+                    rng = demo_data._rng(0, dataset, category, split, index)
+                    clean = np.clip(np.rint(spec.normal(rng, size)), 0, 255)
+                    with Image.open(os.path.join(base, split, f"{index:03d}.png")) as im:
+                        painted = np.asarray(im, dtype=np.float64)
+                    painted = painted[..., None] if painted.ndim == 2 else painted
+                    changed = (painted != clean).any(axis=-1)
+                    mask = _mask(mask_path(base, defect, index))
+                    assert changed.any(), (category, defect, index)
+                    assert not (changed & ~mask).any(), (category, defect, index)
+                    assert (changed & mask).sum() >= 0.5 * mask.sum(), (category, defect, index)

@@ -170,8 +170,10 @@ def test_references_are_exactly_the_seeded_draw(run):
     for rec in run.scores.itertuples():
         group = [r for r in refs if (r.dataset, r.category) == (rec.dataset, rec.category)]
         assert len(group) > K
-        expected = [r.image_id for r in draw_references(group, rec.seed, K)]
+        drawn = draw_references(group, rec.seed, K)
+        expected = [r.image_id for r in drawn]
         assert list(rec.reference_ids) == expected
+        assert list(rec.reference_uris) == [r.image_uri for r in drawn]
         draws.setdefault((rec.dataset, rec.category), {})[rec.seed] = tuple(expected)
     # The seeds matter: some group draws a different set for another seed.
     assert any(len(set(by_seed.values())) > 1 for by_seed in draws.values())

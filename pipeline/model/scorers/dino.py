@@ -222,3 +222,21 @@ def get_dino_extractor(spec: DinoSpec) -> DinoExtractor:
         if extractor is None:
             extractor = _CACHE[spec] = DinoExtractor(spec)
         return extractor
+
+
+def dino_view_preprocess(spec: DinoSpec) -> Callable[[Any], torch.Tensor]:
+    """``get_dino_extractor(spec).preprocess()`` without loading weights: the architecture is
+    built on the meta device (no memory, no download) for its patch size and its pretrained
+    configuration's normalisation. For decoding workers, which run no model."""
+    import timm
+
+    kwargs = dict(spec.overrides, num_classes=0, dynamic_img_size=True)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - one clear message, as loading gives
+        raise BackboneLoadError(f"unknown DINO backbone {spec.timm_name!r}: {exc}") from exc
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    patch = tuple(int(p) for p in model.patch_embed.patch_size)
+    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    return dino_preprocess(spec.image_size, spec.keep_aspect, patch, tuple(mean), tuple(std))

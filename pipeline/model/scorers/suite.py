@@ -21,6 +21,9 @@ included through ``InctrlScorer``.
 """
 from __future__ import annotations
 
+import functools
+import os
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -30,6 +33,8 @@ import torch
 from pipeline.model.backbone import BackboneSpec, ImageFeatures, describe, get_backbone
 from pipeline.model.inctrl import InCTRLScorer, ReferenceSet
 from pipeline.model.loading import get_scorer
+from pipeline.model.maps import InputGeometry
+from pipeline.model.weights import file_sha256
 from pipeline.model.residual import text_prior
 from pipeline.model.scorers.anomalydino import AnomalyDinoScorer
 from pipeline.model.scorers.base import Features, ScorerOutput
@@ -37,7 +42,8 @@ from pipeline.model.scorers.cnn import (DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHT
                                         cnn_preprocess, get_cnn_extractor, required_features)
 from pipeline.model.scorers.dino import (DEFAULT_DINO,
                                          DEFAULT_IMAGE_SIZE as DEFAULT_VIT_IMAGE_SIZE,
-                                         TIMM_WEIGHTS, DinoSpec, get_dino_extractor)
+                                         TIMM_WEIGHTS, DinoSpec, dino_view_preprocess,
+                                         get_dino_extractor)
 from pipeline.model.scorers.padim import Padim
 from pipeline.model.scorers.patchcore import PatchCore
 from pipeline.model.scorers.spade import Spade
@@ -205,14 +211,40 @@ class SuiteSpec:
         return DinoSpec(self.vit_backbone, self.vit_weights, image_size=self.vit_image_size,
                         device=self.clip.device)
 
-    def backbone_of(self, scorer: str) -> tuple[str, str]:
-        """(model name, weights) a scorer's features come from, for its output rows."""
+    def input_geometry(self, scorer: str, grid: tuple[int, int]) -> InputGeometry:
+        """How the scorer's view turns an image into the model input its patch map (on a
+        ``grid``) covers: CLIP's and the CNN's resize the shorter side and center-crop;
+        DINO's resize to a square and crop to a multiple of the patch size, top-left."""
         ext = EXTRACTOR_OF[scorer]
         if ext == CNN:
-            return self.cnn_backbone, self.cnn_weights
+            cnn = self.cnn_spec()
+            return InputGeometry.center_crop(cnn.resize, cnn.image_size)
         if ext == DINO:
-            return self.vit_backbone, self.vit_weights
+            size = self.vit_image_size
+            named = re.search(r"patch(\d+)", self.vit_backbone)
+            patch = int(named.group(1)) if named else size // grid[0]
+            crop = size - size % patch
+            return InputGeometry.square(size, crop, crop)
+        side = describe(self.clip).geometry.image_size
+        return InputGeometry.center_crop(side[0], side)
+
+    def backbone_of(self, scorer: str) -> tuple[str, str]:
+        """(model name, weights) a scorer's features come from, for its output rows: a
+        weights file is named by its file name and checksum (not its host's path)."""
+        ext = EXTRACTOR_OF[scorer]
+        if ext == CNN:
+            return self.cnn_backbone, _weights_label(self.cnn_weights)
+        if ext == DINO:
+            return self.vit_backbone, _weights_label(self.vit_weights)
         return self.clip.name, self.clip.weights_id
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_label(weights: str) -> str:
+    """A weights flag as rows record it: a file as ``name#sha256=<12 hex>``, else as given."""
+    if os.path.isfile(weights):
+        return f"{os.path.basename(weights)}#sha256={file_sha256(weights)[:12]}"
+    return weights
 
 
 def _cnn_scorer(name: str, spec: SuiteSpec) -> Any:
@@ -226,19 +258,25 @@ def _cnn_scorer(name: str, spec: SuiteSpec) -> Any:
 # --------------------------------------------------------------- preprocessing, per view
 
 
+#: The bundle key of an image's own (height, width), beside its views and features.
+IMAGE_SIZE = "image/size"
+
+
 class ViewPreprocess:
-    """PIL image → TensorBundle {view: (3, H, W)}: each view's own transform, one decode."""
+    """PIL image → TensorBundle {view: (3, H, W), IMAGE_SIZE: (2,) the decoded image's
+    (height, width)}: each view's own transform of one decode."""
 
     def __init__(self, transforms: Mapping[str, Callable[[Any], torch.Tensor]]) -> None:
         self._transforms = dict(transforms)
 
     def __call__(self, image: Any) -> TensorBundle:
-        return TensorBundle({view: t(image) for view, t in self._transforms.items()})
+        views = {view: t(image) for view, t in self._transforms.items()}
+        views[IMAGE_SIZE] = torch.tensor([image.height, image.width])
+        return TensorBundle(views)
 
 
 def suite_preprocess(spec: SuiteSpec) -> ViewPreprocess:
-    """The views' transforms. CLIP's and the CNN's are known without loading a model; the
-    DINO model is loaded (once per process, shared with its extractor) for its patch size."""
+    """The views' transforms, known without loading a model (decoding workers hold none)."""
     transforms: dict[str, Callable] = {}
     for view in spec.views:
         if view == CLIP:
@@ -246,7 +284,7 @@ def suite_preprocess(spec: SuiteSpec) -> ViewPreprocess:
         elif view == CNN:
             transforms[view] = cnn_preprocess(spec.cnn_spec())
         else:
-            transforms[view] = get_dino_extractor(spec.dino_spec()).preprocess()
+            transforms[view] = dino_view_preprocess(spec.dino_spec())
     return ViewPreprocess(transforms)
 
 
@@ -285,9 +323,13 @@ class FeatureSuite:
 
     def extract(self, views: Mapping[str, torch.Tensor]) -> TensorBundle:
         """{view: (B, 3, H, W)} → the bundle of every extractor's Features (batch B), on the
-        device. Each extractor runs once on its view."""
-        return TensorBundle.join({
+        device, and the images' sizes when ``views`` has them. Each extractor runs once on
+        its view."""
+        out = TensorBundle.join({
             ext: model.extract(views[VIEW_OF[ext]]) for ext, model in self.extractors.items()})
+        if IMAGE_SIZE in views:
+            out.tensors[IMAGE_SIZE] = views[IMAGE_SIZE].to(self.device)
+        return out
 
 
 _SUITES: dict[SuiteSpec, FeatureSuite] = {}

@@ -9,7 +9,8 @@ from PIL import Image
 from pipeline.model.backbone import BackboneLoadError
 from pipeline.model.scorers.anomalydino import PATCHES, AnomalyDinoScorer
 from pipeline.model.scorers.dino import (
-    DEFAULT_DINO, DinoExtractor, DinoSpec, dino_preprocess, get_dino_extractor)
+    DEFAULT_DINO, DinoExtractor, DinoSpec, dino_preprocess, dino_view_preprocess,
+    get_dino_extractor)
 
 # The real ViT-S/14 DINOv2 architecture cut to two blocks and a 56-pixel native grid: the
 # same patch embedding, width and prefix tokens at a fraction of the set-up time.
@@ -54,6 +55,24 @@ def test_preprocess_resizes_normalises_and_crops_to_patches(dino):
     assert aspect.shape == (3, 56, 84)  # shorter side 56, the other 84 = 6 x 14
     assert dino.mean == (0.485, 0.456, 0.406)  # ImageNet, from the model's pretrained config
     assert square[0].mean().item() == pytest.approx((1.0 - 0.485) / 0.229, abs=1e-3)
+
+
+def test_decoding_workers_get_the_same_transform_without_weights(dino, monkeypatch):
+    import timm
+
+    real = timm.create_model
+
+    def no_weights(*args, **kw):
+        assert not kw.get("pretrained"), "the view's transform must not load weights"
+        return real(*args, **kw)
+
+    monkeypatch.setattr(timm, "create_model", no_weights)
+    image = Image.new("RGB", (150, 100), (255, 128, 0))
+    for size, aspect in ((56, False), (60, False), (56, True)):
+        s = spec(image_size=size, keep_aspect=aspect)
+        view = dino_view_preprocess(s)(image)
+        assert torch.equal(view, dino_preprocess(size, aspect, dino.patch_size, dino.mean,
+                                                 dino.std)(image))
 
 
 def test_random_seed_is_deterministic(dino):

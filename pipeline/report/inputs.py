@@ -1,0 +1,209 @@
+"""Reading what a report shows: the committed outputs of one date, and earlier nights'
+summaries and drift for the history plots.
+
+Everything is read through the commit record in force (:mod:`pipeline.core.layout`), so the
+report shows one consistent result: the scores and errors the record names, and the summary,
+comparison, drift and ``nightly.json`` files it lists. An output root written before commit
+records existed falls back to the published copies in ``OUT/summary/run_date=<d>/``. A file
+or column that is absent is ``None`` / left out here, never an error: the page says what is
+missing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import fsspec
+import pandas as pd
+
+from pipeline.core.layout import (DRIFT, NIGHTLY, current_record, decode_value, output_fs,
+                                  read_partition, record_dates, summary_dir, to_url)
+from pipeline.core.metrics import DEFAULT_SCORER, ordered_scorers
+from pipeline.core.schemas import ERRORS, SCORES, SUMMARY
+
+LOG = logging.getLogger(__name__)
+
+SUMMARY_FILE, COMPARISON_FILE = "summary.parquet", "comparison.parquet"
+#: The scores columns the report reads (not the patch maps or score components): a column a
+#: run did not write reads as nulls, which the page treats as "not recorded".
+SCORE_COLUMNS = ("dataset", "category", "image_id", "image_uri", "label", "defect_type", "seed",
+                 "scorer", "k", "k_used", "reference_ids", "reference_uris", "final_score",
+                 "scoring_mode", "model_id", "backbone", "pretrained", "run_id", "overlay_uri",
+                 "anomaly_map_uri")
+DRIFT_FILE, DRIFT_JSON, NIGHTLY_FILE = "drift.parquet", "drift.json", "nightly.json"
+
+
+@dataclass(frozen=True)
+class Night:
+    """One date's summary and drift report, for the history plots."""
+
+    date: str
+    summary: pd.DataFrame | None
+    drift: pd.DataFrame | None
+    drift_extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """The committed outputs of one date, as the report reads them.
+
+    ``scores`` is never None (an empty frame when nothing was scored) and always has a
+    ``scorer`` column (rows written before scorers multiplied are InCTRL's); ``errors`` is
+    None when the date has no errors table in force. ``scorers`` is the run's scorer order:
+    the summary's record of it first, then :func:`ordered_scorers`. ``history`` holds the
+    dates up to and including ``run_date`` that have a summary, oldest first.
+    """
+
+    output: str
+    run_date: str
+    scores: pd.DataFrame
+    errors: pd.DataFrame | None
+    summary: pd.DataFrame | None
+    summary_extra: dict
+    comparison: pd.DataFrame | None
+    drift: pd.DataFrame | None
+    drift_extra: dict
+    nightly: dict | None
+    history: tuple[Night, ...]
+    scorers: tuple[str, ...]
+
+    @property
+    def datasets(self) -> list[str]:
+        """Every dataset with scores, summary rows or errors on this date, sorted."""
+        names: set[str] = set()
+        for frame in (self.scores, self.errors, self.summary):
+            if frame is not None and "dataset" in frame.columns:
+                names.update(str(d) for d in frame["dataset"].dropna().unique())
+        return sorted(names)
+
+
+def committed_file(output: str, run_date: str, table: str, name: str) -> str | None:
+    """The URL of report file ``name`` of ``table`` (``summary``, ``drift``, ``nightly``)
+    in force for ``run_date``, or None.
+
+    A commit record lists the files in force; a root written before records (no record, or
+    the version-0 stand-in for its ``_SUCCESS`` partitions) has only the published copy in
+    ``OUT/summary/run_date=<d>/``.
+    """
+    record = current_record(output, run_date)
+    if record is not None and record.version > 0:
+        for _, rel in record.files(table):
+            if posixpath.basename(rel) == name:
+                return to_url(output, rel)
+        return None
+    url = f"{summary_dir(output, run_date)}/{name}"
+    fs, path = output_fs(url)
+    return url if fs.exists(path) else None
+
+
+def _read_parquet(url: str | None) -> pd.DataFrame | None:
+    if url is None:
+        return None
+    try:
+        with fsspec.open(url, "rb") as f:
+            return pd.read_parquet(f)
+    except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid, a ValueError
+        LOG.warning("Could not read %s (%s); the report leaves it out", url, exc)
+        return None
+
+
+def _read_json(url: str | None) -> dict | None:
+    if url is None:
+        return None
+    try:
+        with fsspec.open(url, "r") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as exc:
+        LOG.warning("Could not read %s (%s); the report leaves it out", url, exc)
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _table(output: str, run_date: str, table: str,
+           columns: Sequence[str] | None = None) -> pd.DataFrame | None:
+    data = read_partition(output, run_date, table, columns)
+    return None if data is None else data.to_pandas()
+
+
+def _with_scorer(scores: pd.DataFrame) -> pd.DataFrame:
+    if "scorer" not in scores.columns:
+        return scores.assign(scorer=DEFAULT_SCORER)
+    scorer = scores["scorer"].astype(object)
+    return scores.assign(scorer=scorer.where(scorer.notna(), DEFAULT_SCORER))
+
+
+def _scorer_order(extra: dict, scores: pd.DataFrame, summary: pd.DataFrame | None
+                  ) -> tuple[str, ...]:
+    """The run's scorers: as its summary recorded them, then any other scorer with rows."""
+    recorded = [str(s) for s in extra.get("scorers") or () if s is not None]
+    present = set(scores["scorer"].dropna().astype(str))
+    if summary is not None and "scorer" in summary.columns:
+        present |= set(summary["scorer"].dropna().astype(str))
+    rest = [s for s in ordered_scorers(present) if s not in recorded]
+    return tuple(s for s in recorded if s in present or not present) + tuple(rest)
+
+
+def _dates(output: str) -> set[str]:
+    """Dates that may have a summary: those with commit records and, for roots written
+    before records, the published summary folders (listed only; nothing is read)."""
+    dates = set(record_dates(output))
+    fs, root = output_fs(f"{output.rstrip('/')}/{SUMMARY}")
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        entries = []
+    for entry in entries:
+        column, _, value = posixpath.basename(entry.rstrip("/")).partition("=")
+        if column == "run_date" and decode_value(value):
+            dates.add(decode_value(value))
+    return dates
+
+
+def _night(output: str, date: str) -> Night:
+    drift_json = _read_json(committed_file(output, date, DRIFT, DRIFT_JSON)) or {}
+    return Night(date, _read_parquet(committed_file(output, date, SUMMARY, SUMMARY_FILE)),
+                 _read_parquet(committed_file(output, date, DRIFT, DRIFT_FILE)),
+                 drift_json.get("extra") or {})
+
+
+def _history(output: str, run_date: str, nights: int, today: Night) -> tuple[Night, ...]:
+    """The last ``nights`` dates up to ``run_date`` (``today``) with a summary or a drift
+    report, oldest first; earlier dates are read newest first until enough are found."""
+    if nights <= 0:
+        return ()
+    found: list[Night] = []
+    for date in sorted((d for d in _dates(output) if d < run_date), reverse=True):
+        if len(found) >= nights - 1:
+            break
+        night = _night(output, date)
+        if night.summary is not None or night.drift is not None:
+            found.append(night)
+    return tuple(reversed(found)) + (today,)
+
+
+def read_inputs(output: str, run_date: str, *, history_nights: int = 14) -> RunInputs:
+    """The committed outputs of ``run_date`` under ``output`` and the summaries and drift of
+    the ``history_nights`` nights up to it."""
+    scores = _table(output, run_date, SCORES, SCORE_COLUMNS)
+    scores = _with_scorer(scores if scores is not None else pd.DataFrame(
+        columns=["dataset", "final_score", "seed", "label", "scorer"]))
+    summary = _read_parquet(committed_file(output, run_date, SUMMARY, SUMMARY_FILE))
+    summary_json = _read_json(committed_file(output, run_date, SUMMARY, "summary.json")) or {}
+    extra: dict[str, Any] = summary_json.get("extra") or {}
+    if summary is not None:
+        summary = _with_scorer(summary)
+    drift = _read_parquet(committed_file(output, run_date, DRIFT, DRIFT_FILE))
+    drift_extra = (_read_json(committed_file(output, run_date, DRIFT, DRIFT_JSON)) or {}
+                   ).get("extra") or {}
+    today = Night(run_date, summary, drift, drift_extra)
+    return RunInputs(
+        output=output, run_date=run_date, scores=scores,
+        errors=_table(output, run_date, ERRORS), summary=summary, summary_extra=extra,
+        comparison=_read_parquet(committed_file(output, run_date, SUMMARY, COMPARISON_FILE)),
+        drift=drift, drift_extra=drift_extra,
+        nightly=_read_json(committed_file(output, run_date, NIGHTLY, NIGHTLY_FILE)),
+        history=_history(output, run_date, history_nights, today),
+        scorers=_scorer_order(extra, scores, summary))

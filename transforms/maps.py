@@ -1,0 +1,214 @@
+"""AnomalyMaps: each scored query's patch map as an anomaly map of the image itself, written
+as files (``--write-anomaly-maps``) and read against the ground-truth mask (pixel metrics).
+
+Per score record (one query, seed and scorer): the scorer's patch map is upsampled to its
+model input, smoothed (σ = 4 input pixels) and mapped back through the view's resize and
+crop to the image's own size (``pipeline.model.maps``). Then:
+
+- with ``write``: a 16-bit PNG of the map (normalised to the row's ``map_min``/``map_max``)
+  and an overlay (the image with the map colour-blended where it is high, normalised per
+  image: it shows *where*, the score says *how much*) are staged as files of the ``maps``
+  table, committed with the run under ``OUT/maps/dataset=<d>/run_date=<date>/``; the row
+  gets their final URIs.
+- with ``pixel``: the map and the mask (``mask_uri``; none for a normal image: all its
+  pixels are normal), at most ``PIXEL_SIDE`` pixels on the long side, become mergeable
+  pixel histograms per (dataset, category, scorer, k, seed) (``pipeline.core.pixel_metrics``);
+  anomalous or unlabelled queries without a mask add nothing. A mask that cannot be read
+  or does not match its image is an error row (stage ``read_mask``), not a failed query.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+import re
+from typing import Iterable
+
+import apache_beam as beam
+import numpy as np
+import torch
+import torch.nn.functional as F
+from apache_beam.metrics import Metrics
+
+from pipeline.core.anomaly_images import encode_map_png, encode_png, overlay
+from pipeline.core.config import ScoreConfig
+from pipeline.core.images import ImageLoadError, decode_image, read_bytes
+from pipeline.core.layout import output_fs, partition_path
+from pipeline.core.manifest import RowError
+from pipeline.core.pixel_metrics import (MaskError, PixelStats, aupro, merge_stats, pixel_auroc,
+                                         pixel_stats, read_mask)
+from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
+from pipeline.model.maps import anomaly_map
+from transforms.errors import error_records
+from transforms.write import PART
+
+LOG = logging.getLogger(__name__)
+
+MAPS = "maps"
+PIXEL = "pixel"
+FILES = "files"
+STAGE_MASK = "read_mask"
+STAGE_MAP = "write_map"
+#: Internal keys of score records that carry what this step needs; never written.
+PATCH_MAP_KEY, SIZE_KEY, GRID_KEY = "_patch_map", "_image_size", "_grid"
+#: The long side pixel metrics are computed at (maps and masks are resized to it).
+PIXEL_SIDE = 256
+
+
+def map_file_stem(record: dict) -> str:
+    """A unique, storable file stem of one (dataset, query, seed, scorer) (one image may be a
+    query of several datasets, whose maps share the staging folder): a readable part of
+    the image id and a digest of the whole key."""
+    key = (f"{record['dataset']}\x00{record['image_id']}\x00{record['seed']}\x00"
+           f"{record['scorer']}")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(record["image_id"]))[-48:]
+    return f"{readable}.{record['seed']}.{record['scorer']}.{digest}"
+
+
+def _resize_long_side(amap: torch.Tensor, mask: np.ndarray | None,
+                      side: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(H, W) map and mask → at most ``side`` on the long side (bilinear / nearest)."""
+    h, w = amap.shape
+    scale = side / max(h, w)
+    if scale >= 1:
+        return amap.numpy(), mask
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = F.interpolate(amap[None, None], size=size, mode="bilinear", align_corners=False,
+                          antialias=True)[0, 0].numpy()
+    if mask is not None:
+        mask = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=size,
+                             mode="nearest")[0, 0].numpy() > 0.5
+    return small, mask
+
+
+class _MapsFn(beam.DoFn):
+    def __init__(self, config: ScoreConfig, model_id: str, staging: str, *, write: bool,
+                 pixel: bool) -> None:
+        self._config = config
+        self._model_id = model_id
+        self._staging = staging
+        self._write = write
+        self._pixel = pixel
+        self._written = Metrics.counter(METRICS_NAMESPACE, "anomaly_maps_written")
+        self._masks = Metrics.counter(METRICS_NAMESPACE, "masks_read")
+        self._mask_errors = Metrics.counter(METRICS_NAMESPACE, "mask_errors")
+
+    def setup(self) -> None:
+        self._suite = self._config.suite
+        self._fs, self._root = output_fs(self._config.output)
+
+    def _error(self, record: dict, stage: str, reason: str) -> Iterable:
+        error = RowError(image_uri=record.get("image_uri"), dataset=record.get("dataset"),
+                         category=record.get("category"), image_id=record.get("image_id"),
+                         role="query", stage=stage, reason=reason)
+        for rec in error_records(error, (), (), self._config.run_id, self._model_id,
+                                 seed=record["seed"], scorer=record["scorer"]):
+            yield beam.pvalue.TaggedOutput(ERRORS, rec)
+
+    def _pixel_stats(self, record: dict, amap: torch.Tensor) -> Iterable:
+        label, mask_uri = record.get("label"), record.get("mask_uri")
+        if mask_uri:
+            try:
+                mask = read_mask(mask_uri, tuple(amap.shape))
+            except MaskError as exc:
+                self._mask_errors.inc()
+                yield from self._error(record, STAGE_MASK, exc.reason)
+                return
+            self._masks.inc()
+        elif label == 0:
+            mask = None  # a normal image: every pixel is normal
+        else:
+            return  # anomalous without a mask, or unlabelled: nothing to measure
+        small, mask = _resize_long_side(amap, mask, PIXEL_SIDE)
+        key = (record["dataset"], record["category"], record["scorer"], record["k"],
+               record["seed"])
+        yield beam.pvalue.TaggedOutput(PIXEL, (key, pixel_stats(small, mask)))
+
+    def _files(self, record: dict, amap: torch.Tensor) -> Iterable:
+        """Stage the map and the overlay; the record gets their URIs after the commit."""
+        try:
+            limits = self._config.limits
+            image = decode_image(read_bytes(record["image_uri"]), max_pixels=limits.max_pixels,
+                                 min_side=limits.min_side)
+        except ImageLoadError as exc:  # it was read for scoring moments ago
+            yield from self._error(record, STAGE_MAP, exc.reason)
+            return
+        values = amap.numpy()
+        png, lo, hi = encode_map_png(values)
+        shown = encode_png(overlay(image.convert("RGB"), values, lo, hi))
+        stem = map_file_stem(record)
+        final = partition_path(MAPS, record["dataset"], self._config.run_date)
+        uris = {}
+        for kind, data in (("map", png), ("overlay", shown)):
+            rel = f"{self._staging}/{MAPS}/{stem}.{kind}.png"
+            path = f"{self._root}/{rel}"
+            self._fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            with self._fs.open(path, "wb") as f:
+                f.write(data)
+            yield beam.pvalue.TaggedOutput(FILES, (PART, MAPS, record["dataset"], rel))
+            uris[kind] = (f"{self._config.output.rstrip('/')}/{final}/"
+                          f"{posixpath.basename(rel)}")
+        self._written.inc()
+        record.update(anomaly_map_uri=uris["map"], overlay_uri=uris["overlay"], map_min=lo,
+                      map_max=hi)
+
+    def process(self, record: dict) -> Iterable:
+        patch_map = record.pop(PATCH_MAP_KEY, None)
+        size = record.pop(SIZE_KEY, None)
+        grid = record.pop(GRID_KEY, None)
+        if patch_map is not None and size is not None:
+            pm = torch.as_tensor(np.asarray(patch_map, dtype=np.float32)).view(*grid)
+            geometry = self._suite.input_geometry(record["scorer"], tuple(grid))
+            amap = anomaly_map(pm, geometry, tuple(size))
+            amap = amap[0] if amap.dim() == 3 else amap
+            if self._pixel:
+                yield from self._pixel_stats(record, amap)
+            if self._write:
+                yield from self._files(record, amap)
+        record.pop("mask_uri", None)
+        yield record
+
+
+class _MergeStats(beam.CombineFn):
+    def create_accumulator(self) -> PixelStats:
+        return PixelStats.empty()
+
+    def add_input(self, acc: PixelStats, stats: PixelStats) -> PixelStats:
+        return merge_stats(acc, stats)
+
+    def merge_accumulators(self, accs) -> PixelStats:
+        accs = list(accs)
+        out = accs[0]
+        for other in accs[1:]:
+            out = merge_stats(out, other)
+        return out
+
+    def extract_output(self, acc: PixelStats) -> PixelStats:
+        return acc
+
+
+def _pixel_row(element) -> dict:
+    (dataset, category, scorer, k, seed), stats = element
+    return {"dataset": dataset, "category": category, "scorer": scorer, "k": k, "seed": seed,
+            "pixel_auroc": pixel_auroc(stats), "aupro": aupro(stats),
+            "pixel_images": stats.images}
+
+
+class AnomalyMaps(beam.PTransform):
+    """Score records (with the internal patch-map keys) → ``{'scores': records with map
+    URIs, 'files': staged map files, 'pixel': per (dataset, category, scorer, k, seed)
+    pixel-metric rows, 'errors': error records}``."""
+
+    def __init__(self, config: ScoreConfig, model_id: str, staging: str, *, write: bool,
+                 pixel: bool) -> None:
+        super().__init__()
+        self._fn = _MapsFn(config, model_id, staging, write=write, pixel=pixel)
+
+    def expand(self, records):
+        out = records | "Maps" >> beam.ParDo(self._fn).with_outputs(
+            PIXEL, FILES, ERRORS, main="scores")
+        pixel = (out[PIXEL]
+                 | "MergePixelStats" >> beam.CombinePerKey(_MergeStats())
+                 | "PixelMetrics" >> beam.Map(_pixel_row))
+        return {"scores": out.scores, FILES: out[FILES], PIXEL: pixel, ERRORS: out[ERRORS]}
