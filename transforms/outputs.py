@@ -126,6 +126,8 @@ class WriteOutputs(beam.PTransform):
                 plan.staging_url(SUMMARY),
                 extra={"run_id": cfg.run_id, "model_id": mid, "run_date": cfg.run_date,
                        "k": cfg.k, "seeds": list(cfg.seeds), "scorers": list(cfg.scorers),
+                       "reference_selection": cfg.reference_selection,
+                       "reference_pool_limit": cfg.reference_pool_limit,
                        "precision": cfg.backbone.precision},
                 pixel=pixel)
             | "SummaryFiles" >> beam.FlatMap(_summary_files, cfg.output))

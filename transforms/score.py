@@ -49,6 +49,7 @@ def score_records(
     if (config.write_patch_map or config.anomaly_maps) and out.patch_map is not None:
         maps = out.patch_map.detach().float().cpu()
     backbone, pretrained = config.suite.backbone_of(scorer)
+    ids = payload.ids_for(EXTRACTOR_OF[scorer])
     records = []
     for i, row in enumerate(rows):
         rec = row.to_record()
@@ -56,9 +57,10 @@ def score_records(
             seed=seed,
             scorer=scorer,
             k=config.k,
-            k_used=len(payload.image_ids),
-            reference_ids=list(payload.image_ids),
-            reference_uris=list(payload.image_uris),
+            k_used=len(ids),
+            reference_ids=list(ids),
+            reference_uris=list(payload.uris_for(EXTRACTOR_OF[scorer])),
+            reference_selection=config.reference_selection,
             final_score=final[i],
             scoring_mode=mode,
             model_id=model_id,

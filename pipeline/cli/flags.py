@@ -17,6 +17,7 @@ from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECIS
 from pipeline.model.loading import backbone_for_heads
 from pipeline.model.scorers.cnn import DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHTS
 from pipeline.model.scorers.dino import DEFAULT_DINO, DEFAULT_IMAGE_SIZE, TIMM_WEIGHTS
+from pipeline.model.scorers.references import RANDOM, SELECTIONS
 from pipeline.model.scorers.suite import DEFAULT_SCORERS, SCORERS, check_k, parse_scorers
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +187,14 @@ def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...]
                    help="images per backbone batch (default %(default)s)")
     g.add_argument("--write-patch-map", action="store_true",
                    help="also store each query's patch map (every scorer's, on its grid)")
+    g.add_argument("--reference-selection", choices=SELECTIONS, default=RANDOM,
+                   help="random: the seeded draw of k (default); representative: the k that "
+                        "best cover the group's normal pool in each scorer's feature space "
+                        "(k-medoids; deterministic: with the whole pool every seed gives the "
+                        "same k, seeds matter only with --reference-pool-limit)")
+    g.add_argument("--reference-pool-limit", type=positive_int, default=None, metavar="N",
+                   help="representative: choose from a seeded sample of N candidates per "
+                        "group and seed (default: every candidate)")
     g.add_argument("--write-anomaly-maps", action="store_true",
                    help="write each query's anomaly map (16-bit PNG at the image's size) and "
                         "an overlay under OUT/maps/, their URIs in the scores rows")
@@ -271,6 +280,8 @@ def score_config_from_args(args: argparse.Namespace, **overrides) -> ScoreConfig
         batch_size=args.batch_size,
         write_patch_map=args.write_patch_map,
         write_anomaly_maps=args.write_anomaly_maps,
+        reference_selection=args.reference_selection,
+        reference_pool_limit=args.reference_pool_limit,
         feature_cache=args.feature_cache,
         share_model_across_processes=args.share_model_across_processes,
         decode_threads=args.decode_threads,
@@ -323,6 +334,13 @@ def _check_together(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             check_k(args.scorer, args.k)
         except ValueError as exc:
             parser.error(f"--k {args.k} --scorer {','.join(args.scorer)}: {exc}")
+    limit = getattr(args, "reference_pool_limit", None)
+    if limit is not None:
+        if args.reference_selection != "representative":
+            parser.error("--reference-pool-limit samples the pool of --reference-selection "
+                         "representative; the random draw takes k")
+        if limit < args.k:
+            parser.error(f"--reference-pool-limit {limit} is smaller than --k {args.k}")
 
 
 def parse_with_beam(parser: argparse.ArgumentParser, argv: Sequence[str] | None

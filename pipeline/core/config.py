@@ -15,6 +15,7 @@ from pipeline.model.scorers.cnn import DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHTS
 from pipeline.model.scorers.dino import (DEFAULT_DINO,
                                          DEFAULT_IMAGE_SIZE as DEFAULT_VIT_IMAGE_SIZE,
                                          TIMM_WEIGHTS)
+from pipeline.model.scorers.references import RANDOM, REPRESENTATIVE, SELECTIONS
 from pipeline.model.scorers.suite import CLIP, DEFAULT_SCORERS, SuiteSpec, check_k, parse_scorers
 
 DEFAULT_K = 4
@@ -74,6 +75,11 @@ class ScoreConfig:
     # the manifest's masks (set by run_score when the manifest has a mask_uri column).
     write_anomaly_maps: bool = False
     pixel_metrics: bool = False
+    # How each group's k references are chosen from its normal candidates: the seeded draw
+    # (random), or the k that best cover a pool of them (representative; the pool is every
+    # candidate, or a seeded sample of reference_pool_limit).
+    reference_selection: str = RANDOM
+    reference_pool_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.decode_threads < 0:
@@ -81,6 +87,12 @@ class ScoreConfig:
         if self.k < 0:
             raise ValueError(f"k must be 0 (zero-shot) or more, got {self.k}")
         object.__setattr__(self, "scorers", parse_scorers(self.scorers))
+        if self.reference_selection not in SELECTIONS:
+            raise ValueError(f"reference_selection must be one of {SELECTIONS}, got "
+                             f"{self.reference_selection!r}")
+        if self.reference_pool_limit is not None and self.reference_pool_limit < max(1, self.k):
+            raise ValueError(f"reference_pool_limit ({self.reference_pool_limit}) must be at "
+                             f"least k ({self.k})")
         check_k(self.scorers, self.k)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
@@ -95,6 +107,15 @@ class ScoreConfig:
         return SuiteSpec(self.scorers, self.backbone, self.checkpoint, self.cnn_backbone,
                          self.cnn_weights, self.vit_backbone, self.vit_weights,
                          self.vit_image_size, self.coreset_ratio)
+
+    @property
+    def representative(self) -> bool:
+        return self.reference_selection == REPRESENTATIVE
+
+    @property
+    def reference_draw(self) -> int | None:
+        """Candidates drawn per group and seed: k, or the pool (None: every candidate)."""
+        return self.reference_pool_limit if self.representative else self.k
 
     @property
     def anomaly_maps(self) -> bool:

@@ -8,6 +8,7 @@ and the cache works on any fsspec filesystem.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import uuid
 
@@ -94,4 +95,44 @@ class FeatureCache:
 def prompts_key(normal: list[str], anomalous: list[str]) -> str:
     """Content key of a prompt set: the features depend on the exact texts only."""
     text = "\n".join(normal) + "\x1e" + "\n".join(anomalous)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class SelectionCache:
+    """Chosen references of a pool, kept beside the features: ``<root>/selections/<aa>/<key>.json``
+    with ``{extractor: [image ids]}``. The key (``selection_key``) covers the pool's images,
+    k, the method and the extractors' identities, so a changed pool is chosen afresh."""
+
+    def __init__(self, root: str) -> None:
+        self.root = f"{root.rstrip('/')}/selections"
+        self._fs, _, (self._local_root,) = fsspec.get_fs_token_paths(self.root)
+
+    def _local(self, key: str) -> str:
+        return f"{self._local_root}/{key[:2]}/{key}.json"
+
+    def get(self, key: str) -> dict[str, list[str]] | None:
+        try:
+            with self._fs.open(self._local(key), "rb") as f:
+                return json.loads(f.read())["chosen"]
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # a damaged entry is a miss, and gets rewritten
+            LOG.warning("Ignoring unreadable reference selection %s: %s", key, exc)
+            return None
+
+    def put(self, key: str, chosen: dict[str, list[str]]) -> None:
+        path = self._local(key)
+        folder, _, name = path.rpartition("/")
+        self._fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+        with self._fs.open(tmp, "wb") as f:
+            f.write(json.dumps({"chosen": chosen}).encode())
+        self._fs.mv(tmp, path)
+
+
+def selection_key(method: str, k: int, identities: dict[str, str],
+                  pool: list[tuple[str, str]]) -> str:
+    """Content key of one choice: method, k, each extractor's identity and the pool's
+    (image_id, image_uri) pairs in any order."""
+    text = json.dumps([method, k, sorted(identities.items()), sorted(pool)])
     return hashlib.sha256(text.encode()).hexdigest()

@@ -29,6 +29,7 @@ _SCORE_FIELDS = [
     pa.field("k_used", pa.int64()),
     pa.field("reference_ids", pa.list_(pa.string())),
     pa.field("reference_uris", pa.list_(pa.string())),
+    pa.field("reference_selection", pa.string()),
     pa.field("final_score", pa.float64()),
     pa.field("fine_score", pa.float64()),
     pa.field("holistic_score", pa.float64()),

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -50,8 +51,9 @@ from apache_beam.runners.runner import PipelineResult
 from pipeline.core.commit import (CommitPlan, Staged, commit_run, date_lease, preview, read_staged,
                                   relative)
 from pipeline.core.config import ScoreConfig
-from pipeline.core.layout import (DRIFT as DRIFT_TABLE, NIGHTLY, previous_date, read_files,
-                                  read_partition, summary_dir)
+from pipeline.core.layout import (DRIFT as DRIFT_TABLE, NIGHTLY, output_fs, previous_date,
+                                  read_files, read_partition, summary_dir)
+from pipeline.core.locks import copy_file
 from pipeline.core.manifest import validate_manifest_schema
 from pipeline.core.reports import jsonable
 from pipeline.core.schemas import SCORES
@@ -61,6 +63,7 @@ from pipeline.nightly.drift import DRIFT, drift_markdown, drift_report, drift_st
 from pipeline.nightly.plan import DATE_COLUMN, LEGACY_SCORER, NightPlan, date_queries, plan_night
 from pipeline.run import publish_report, run_score
 from pipeline.runner import counter, runner_name
+from transforms.maps import MAPS
 
 LOG = logging.getLogger(__name__)
 
@@ -145,13 +148,16 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
             report.skipped = True
         else:
             started = time.monotonic()
-            carried = _stage_carried(lease, _carried(existing, plan))
+            kept = _carried(existing, plan)
+            carried = _stage_carried(lease, kept)
             result = run_score(config, beam_args, manifest_schema=schema, model=mid,
                                selection=RowSelection(query_date=date, skip=plan.skip,
                                                       references_until=date,
                                                       carried_scores=carried),
                                plan=lease, commit=False, total_queries=plan.to_score)
             staged = read_staged(lease)
+            if config.write_anomaly_maps:
+                staged = staged + _stage_carried_maps(lease, kept)
             report.pipeline_seconds = round(time.monotonic() - started, 3)
             _record_metrics(report, result, cached=bool(config.feature_cache))
 
@@ -188,6 +194,32 @@ def _stage_carried(lease: CommitPlan, carried: pa.Table | None) -> str | None:
     with fs.open(local, "wb") as f:
         pq.write_table(carried, f)
     return path
+
+
+def _stage_carried_maps(lease: CommitPlan, carried: pa.Table | None) -> Staged:
+    """The map files of the carried rows, staged again: the night's maps replace each
+    dataset's maps partition, and the kept rows must keep theirs (same names, so their URIs
+    stay valid). Files already gone are left out with a warning."""
+    if carried is None or not carried.num_rows or "anomaly_map_uri" not in carried.column_names:
+        return Staged()
+    fs, root = output_fs(lease.output)
+    parts, missing = [], 0
+    rows = carried.select(["dataset", "anomaly_map_uri", "overlay_uri"]).to_pylist()
+    for row in rows:
+        for uri in (row["anomaly_map_uri"], row["overlay_uri"]):
+            if not uri:
+                continue
+            rel = f"{lease.staging}/{MAPS}/{posixpath.basename(uri)}"
+            try:
+                copy_file(fs, fsspec.core.url_to_fs(uri)[1], f"{root}/{rel}")
+            except FileNotFoundError:
+                missing += 1
+                continue
+            parts.append((MAPS, row["dataset"], rel))
+    if missing:
+        LOG.warning("%d map files of carried rows were missing; their rows keep dangling "
+                    "URIs (rescore with --force)", missing)
+    return Staged(parts=tuple(parts))
 
 
 def _stage_report(lease: CommitPlan, report: NightlyReport) -> Staged:

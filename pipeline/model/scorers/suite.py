@@ -228,6 +228,18 @@ class SuiteSpec:
         side = describe(self.clip).geometry.image_size
         return InputGeometry.center_crop(side[0], side)
 
+    def extractor_identity(self, ext: str) -> str:
+        """What an extractor's features depend on, without loading it (keys cached choices)."""
+        if ext in (CLIP, WINDOWS):
+            c = self.clip
+            return f"{ext}|{c.backbone_id}|blocks={c.blocks}|{c.precision}"
+        if ext == CNN:
+            c = self.cnn_spec()
+            return (f"cnn|{c.backbone}|{_weights_label(c.weights)}|{c.strides}|pooled={c.pooled}"
+                    f"|{c.resize}/{c.image_size}")
+        d = self.dino_spec()
+        return f"dino|{d.name}|{_weights_label(d.weights)}|{d.image_size}|{d.keep_aspect}"
+
     def backbone_of(self, scorer: str) -> tuple[str, str]:
         """(model name, weights) a scorer's features come from, for its output rows: a
         weights file is named by its file name and checksum (not its host's path)."""

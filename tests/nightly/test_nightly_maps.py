@@ -1,0 +1,50 @@
+"""A nightly rerun that writes maps keeps the maps of the rows it carries."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pandas as pd
+
+from pipeline.core.config import ScoreConfig
+from pipeline.core.demo_data import generate_demo
+from pipeline.core.make_manifest import make_manifest
+from pipeline.core.manifest import write_manifest
+from pipeline.core.schemas import SCORES
+from pipeline.model.backbone import tiny_spec
+from pipeline.nightly.job import NightlyOptions, run_nightly
+from tests.beamtest import read_table
+
+DATE = "2024-02-01"
+
+
+def test_carried_rows_keep_their_maps(tmp_path):
+    pairs = generate_demo(str(tmp_path / "data"), image_size=32, n_train=2, n_test_good=1,
+                          n_test_defect_per_type=1)
+    manifest = make_manifest(pairs)
+    manifest = manifest[manifest.dataset == manifest.dataset.iloc[0]].copy()
+    queries = manifest.index[manifest.role == "query"]
+    manifest["capture_date"] = "2023-12-31"
+    manifest.loc[queries, "capture_date"] = DATE
+    write_manifest(manifest, str(tmp_path / "m1.parquet"))
+    late = manifest.loc[queries[0]].copy()
+    late["image_uri"] = str(tmp_path / "late.png")
+    late["image_id"] = "late-query"
+    shutil.copy(manifest.loc[queries[0], "image_uri"], late["image_uri"])
+    write_manifest(pd.concat([manifest, late.to_frame().T], ignore_index=True),
+                   str(tmp_path / "m2.parquet"))
+    out = str(tmp_path / "out")
+    base = dict(output=out, k=1, seeds=(0,), backbone=tiny_spec(), batch_size=4,
+                run_date=DATE, write_anomaly_maps=True)
+    run_nightly(ScoreConfig(manifest=str(tmp_path / "m1.parquet"), run_id="n1", **base), [],
+                NightlyOptions())
+    first = read_table(out, SCORES)
+    report = run_nightly(ScoreConfig(manifest=str(tmp_path / "m2.parquet"), run_id="n2",
+                                     **base), [], NightlyOptions())
+    assert report.scored_queries == 1 and report.carried_rows == len(first)
+    rows = read_table(out, SCORES)
+    assert len(rows) == len(first) + 1
+    for rec in rows.itertuples():
+        assert os.path.isfile(rec.anomaly_map_uri) and os.path.isfile(rec.overlay_uri)
+    kept = rows[rows.image_id != "late-query"].set_index("image_id").anomaly_map_uri
+    assert kept.to_dict() == first.set_index("image_id").anomaly_map_uri.to_dict()
