@@ -63,3 +63,115 @@ def test_throughput_bench_counts_every_forward(tmp_path, capsys):
         assert run["query_forwards"] == run["queries_scored"] == expected_queries, name
     assert runs["cold"]["prompt_sets_encoded"] == 1 and runs["warm"]["prompt_sets_from_cache"] == 1
     assert "Markdown row for bench/RESULTS.md" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------- scorer quality and cost
+
+# Random weights throughout, and a small timm ViT in DINO's place (any timm ViT fits there).
+SMALL_MODELS = ["--cnn-weights", "random:0", "--vit-backbone", "vit_tiny_patch16_224",
+                "--vit-image-size", "32"]
+
+
+def test_photo_set_is_an_mvtec_tree_with_its_manifest(tmp_path):
+    from bench.photo_set import DATASET, DEFECT, PhotoSet, write_photo_manifest
+
+    photos = PhotoSet(categories=("cat", "brick"), n_train=2, n_test_good=1,
+                      n_test_anomalous=2, size=48)
+    frame = write_photo_manifest(str(tmp_path / "a"), str(tmp_path / "a.parquet"), photos)
+    counts = frame.groupby(["category", "role", "label"]).size().to_dict()
+    for category in ("cat", "brick"):
+        assert counts[(category, "reference", 0)] == 2
+        assert counts[(category, "query", 0)] == 1 and counts[(category, "query", 1)] == 2
+    assert set(frame["dataset"]) == {DATASET}
+    assert set(frame["defect_type"].dropna()) == {DEFECT}
+    again = write_photo_manifest(str(tmp_path / "b"), str(tmp_path / "b.parquet"), photos)
+    first, second = (sorted(f["image_uri"]) for f in (frame, again))
+    assert [open(p, "rb").read() for p in first] == [open(p, "rb").read() for p in second]
+
+
+def test_quality_marks_the_scorers_on_random_weights():
+    import pandas as pd
+
+    from bench import quality
+    from pipeline.model.backbone import tiny_spec
+    from pipeline.model.scorers.suite import SCORERS, SuiteSpec
+
+    suite = SuiteSpec(SCORERS, tiny_spec(), None, "mobilenet_v2",
+                      "/nowhere/" + quality.MOBILENET_FILE, "vit_small_patch14_dinov2",
+                      "random:0", 112)
+    assert quality.random_scorers(suite) == {"inctrl", "winclip", "anomalydino"}
+    notes = quality.weights_notes(suite)
+    assert all("not a quality figure" in notes[s] for s in ("inctrl", "winclip", "anomalydino"))
+    assert "not a quality figure" not in notes["patchcore"]
+    table = pd.DataFrame([{"dataset": "d", "k": 2, "inctrl_auroc_mean": 0.5,
+                           "inctrl_auroc_std": 0.1, "inctrl_auprc_mean": 0.6,
+                           "inctrl_auprc_std": 0.0, "patchcore_auroc_mean": 0.9,
+                           "patchcore_auroc_std": 0.0, "patchcore_auprc_mean": 0.8,
+                           "patchcore_auprc_std": 0.0}])
+    text = quality.render(table, ("inctrl", "patchcore"), {"inctrl"})
+    assert "| dataset | k | inctrl † | patchcore |" in text
+    assert "| d | 2 | 0.500 ± 0.100 | 0.900 ± 0.000 |" in text
+    assert text.count(quality.RANDOM_NOTE) == 2  # under the AUROC and the AUPRC table
+
+
+def test_quality_demo_set_has_references_for_the_largest_k(tmp_path):
+    import pandas as pd
+
+    from bench import quality
+
+    args = quality.parse_args(["--k-list", "1,8", "--demo-test-good", "1",
+                               "--demo-test-defect", "1", *SMALL_MODELS])
+    frame = pd.read_parquet(quality.demo_manifest(str(tmp_path), args))
+    refs = frame[frame["role"] == "reference"].groupby("category").size()
+    assert refs.min() == 16 and len(refs) == 5  # 2 × the largest k
+    assert quality.MASK_COLUMN not in frame.columns  # image level only
+
+
+def test_quality_bench_runs_the_job_and_tabulates(tmp_path, capsys):
+    from bench import quality
+
+    out = tmp_path / "q.json"
+    rc = quality.main(["--sets", "photos", "--k-list", "1", "--seeds", "0,1",
+                       "--scorer", "inctrl,patchcore", *SMALL_MODELS, *TINY,
+                       "--photo-categories", "cat", "--photo-test-good", "2",
+                       "--photo-test-anomalous", "2", "--photo-size", "48", "--batch-size", "4",
+                       "--workdir", str(tmp_path), "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["random_weights"] == ["inctrl", "patchcore"]
+    entry = res["sets"]["photos"]
+    assert entry["shape"] == {"datasets": 1, "categories": 1, "references": 2, "queries": 4,
+                              "anomalous": 2}
+    run = entry["runs"]["1"]
+    assert run["queries_scored"] == 4 * 2 * 2  # queries × seeds × scorers
+    (row,) = entry["table"]
+    assert row["dataset"] == "real_photos" and row["k"] == 1
+    assert 0 <= row["inctrl_auroc_mean"] <= 1 and 0 <= row["patchcore_auprc_mean"] <= 1
+    printed = capsys.readouterr().out
+    assert "inctrl † | patchcore † |" in printed and quality.RANDOM_NOTE in printed
+
+
+def test_scorer_cost_bench_times_every_step(tmp_path, capsys):
+    from bench import scorer_cost
+
+    out = tmp_path / "c.json"
+    rc = scorer_cost.main(["--n", "3", "--k", "1", "--batch-size", "2", "--n-forward", "2",
+                           "--repeats", "1", "--fixed-runs", "1",
+                           "--scorer", "inctrl,patchcore,anomalydino",
+                           *SMALL_MODELS, *TINY, "--image-size", "48",
+                           "--workdir", str(tmp_path), "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res["forward_s_per_image"]) == {"clip", "cnn", "dino"}
+    assert set(res["scorers_cost"]) == {"inctrl", "patchcore", "anomalydino"}
+    assert all(v > 0 for v in res["forward_s_per_image"].values())
+    job = res["job"]
+    (fixed,) = job["fixed"]
+    for name, run, queries in (("fixed", fixed, 1), ("full", job["full"], 3)):
+        assert run["reference_forwards"] == 1, name
+        assert run["query_forwards"] == queries, name
+        assert run["queries_scored"] == 3 * queries, name
+        # the bench put the job's prompt embeddings into its cache: no run encodes them
+        assert run["prompt_sets_encoded"] == 0 and run["prompt_sets_from_cache"] == 1, name
+    assert res["derived"]["fixed_s"] == fixed["seconds"]
+    assert "Scorer cost beside the backbone forwards" in capsys.readouterr().out
