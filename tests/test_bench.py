@@ -156,7 +156,7 @@ def test_scorer_cost_bench_times_every_step(tmp_path, capsys):
 
     out = tmp_path / "c.json"
     rc = scorer_cost.main(["--n", "3", "--k", "1", "--batch-size", "2", "--n-forward", "2",
-                           "--repeats", "1", "--fixed-runs", "1",
+                           "--repeats", "1", "--passes", "1",
                            "--scorer", "inctrl,patchcore,anomalydino",
                            *SMALL_MODELS, *TINY, "--image-size", "48",
                            "--workdir", str(tmp_path), "--json", str(out)])

@@ -14,7 +14,7 @@ from bench import references  # noqa: E402
 TINY = ["--sets", "photos", "--photo-categories", "cat", "--photo-train", "4",
         "--photo-test-good", "2", "--photo-test-anomalous", "2", "--photo-size", "48",
         "--k-list", "1,2", "--draws", "2", "--scorer", "spade,padim",
-        "--cnn-weights", "random:0", "--batch-size", "8"]
+        "--cnn-weights", "random:0", "--batch-size", "8", "--workers", "2"]
 
 
 def test_bench_tabulates_representative_against_random_draws(tmp_path, capsys):
