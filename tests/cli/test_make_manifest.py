@@ -89,7 +89,7 @@ def test_cli_one_folder_per_line_and_problem_counts(tmp_path, caplog):
 
     assert code == 0
     assert sorted(pd.read_parquet(out)["dataset"].unique()) == ["a", "b"]
-    assert _closing_line(caplog).endswith("; 1 empty folder")
+    assert _closing_line(caplog).endswith("; 1 empty or missing folder")
 
 
 def test_cli_reads_published_layouts_and_names_them(tmp_path, caplog):

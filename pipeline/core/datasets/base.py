@@ -55,7 +55,7 @@ PROBLEM_KINDS: dict[str, tuple[str, str]] = {
     "unreadable": ("unreadable file", "unreadable files"),
     "mask_size": ("mask of another size than its image", "masks of another size than their image"),
     "orphan_mask": ("mask without an image", "masks without an image"),
-    "empty_folder": ("empty folder", "empty folders"),
+    "empty_folder": ("empty or missing folder", "empty or missing folders"),
     "missing": ("listed file not found", "listed files not found"),
     "bad_entry": ("unusable split entry", "unusable split entries"),
     "ignored_image": ("image outside any line folder", "images outside any line folder"),
@@ -84,7 +84,7 @@ class Problems:
         return sum(self.counts.values())
 
     def summary(self) -> str:
-        """``2 unreadable files, 1 empty folder`` (or ``no problems found``), then the count
+        """``2 unreadable files, 1 empty or missing folder`` (or ``no problems found``), then the count
         of non-image files skipped, if any."""
         parts = [f"{n} {PROBLEM_KINDS[k][0] if n == 1 else PROBLEM_KINDS[k][1]}"
                  for k, n in sorted(self.counts.items(), key=lambda kv: list(PROBLEM_KINDS)

@@ -67,7 +67,7 @@ def test_problem_summary_counts_by_kind():
     problems.add("mask_size", "/b", "2x2")
     problems.add("mask_size", "/c", "2x2")
     problems.other_files = 1
-    assert problems.summary() == ("2 masks of another size than their image, 1 empty folder; "
-                                  "1 non-image file skipped")
+    assert problems.summary() == ("2 masks of another size than their image, 1 empty or "
+                                  "missing folder; 1 non-image file skipped")
     with pytest.raises(ValueError):
         problems.add("nonsense", "/d", "x")
