@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipeline.cli.train", "train the adapter and heads on an auxiliary manifest"),
     "demo": ("pipeline.cli.demo", "generate the synthetic demo set, score it, print the summary"),
     "report": ("pipeline.cli.report", "write a date's HTML report from its committed outputs"),
-    "make-manifest": ("pipeline.cli.make_manifest", "build a manifest from MVTec/VisA-style folders"),
+    "make-manifest": ("pipeline.cli.make_manifest",
+                      "build a manifest from datasets as they ship or plain folders"),
     "import-checkpoint": ("pipeline.cli.import_checkpoint",
                           "convert official InCTRL heads to safetensors"),
 }

@@ -1,204 +1,129 @@
-"""Manifests from MVTec-AD / VisA-style folder trees.
+"""Manifests from image datasets as they ship and from plain folders of images.
 
-``<root>/<category>/train/good/*`` become normal references, ``<category>/test/good/*``
-normal queries and ``<category>/test/<defect>/*`` anomalous queries with their defect type.
-An anomalous query's ground-truth mask, when the tree has one, is
-``<category>/ground_truth/<defect>/<name>_mask.png`` (MVTec AD) or
-``<category>/ground_truth/<defect>/<name>.png`` (VisA split into this layout by its
-``split_csv/1cls.csv``, whose masks keep the image's name).
+A source is a :class:`DatasetRoot` (a benchmark's root folder read in its published
+layout: MVTec AD and the layouts converted to it, VisA, MVTec LOCO AD, MVTec AD 2,
+Real-IAD; see ``pipeline.core.datasets``) or :class:`PlainFolders` (unlabelled queries,
+normal references and calibration images of one line, or of one line per subfolder).
+Every path may be an fsspec URL.
+
+Bad input never stops the build and is never dropped silently: each problem is one warning
+naming the file and a count in :class:`ManifestBuild` (make-manifest's closing line).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import posixpath
-from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
-import fsspec
 import pandas as pd
 
-from pipeline.core.manifest import default_image_id
+from pipeline.core.datasets import AUTO, layout_for
+from pipeline.core.datasets.base import (IMAGE_EXTENSIONS, MANIFEST_COLUMNS, Problems,
+                                         ReadOptions, Rows, Tree, dataset_name_of)
+from pipeline.core.datasets.folders import (PlainFolders, read_folders,
+                                            report_lines_without_references)
+from pipeline.core.datasets.masks import check_masks
 
 LOG = logging.getLogger(__name__)
 
-#: File extensions (lower case, no dot) that make_manifest treats as images.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {"png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"}
-)
-
-_NORMAL_DIR = "good"
-_MASK_DIR = "ground_truth"
-_SKIPPED_DIRS = frozenset({_MASK_DIR})
-#: What follows an image's name in its mask's name, most specific first (MVTec AD, VisA).
-_MASK_SUFFIXES = ("_mask", "")
-
-_MANIFEST_COLUMNS = (
-    "image_uri",
-    "image_id",
-    "dataset",
-    "category",
-    "role",
-    "label",
-    "defect_type",
-    "mask_uri",
-)
+__all__ = ["IMAGE_EXTENSIONS", "DatasetRoot", "ManifestBuild", "PlainFolders", "ReadOptions",
+           "build_manifest", "make_manifest", "summarize"]
 
 
-def _is_image_file(path: str) -> bool:
-    _, ext = posixpath.splitext(path)
-    return ext[1:].lower() in IMAGE_EXTENSIONS
+@dataclasses.dataclass(frozen=True)
+class DatasetRoot:
+    """A dataset's root folder; ``dataset`` defaults to its last path component and
+    ``layout`` (``auto``) to the one its files show."""
+
+    root: str
+    dataset: Optional[str] = None
+    layout: str = AUTO
 
 
-def _subdirs(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Names of the immediate subdirectories of ``path``, sorted."""
-    entries = fs.ls(path, detail=True)
-    names = [
-        posixpath.basename(e["name"].rstrip("/"))
-        for e in entries
-        if e["type"] == "directory"
-    ]
-    return sorted(n for n in names if not n.startswith("."))
+Source = Union[DatasetRoot, PlainFolders]
 
 
-def _image_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Image files directly inside ``path`` (no recursion), sorted."""
-    if not fs.isdir(path):
-        return []
-    entries = fs.ls(path, detail=True)
-    return sorted(
-        e["name"]
-        for e in entries
-        if e["type"] == "file" and _is_image_file(e["name"])
-    )
+@dataclasses.dataclass
+class ManifestBuild:
+    """A built manifest, the problems found on the way, and the layout read at each root."""
+
+    frame: pd.DataFrame
+    problems: Problems
+    layouts: list[tuple[str, str]]
 
 
-def _stem(path: str) -> str:
-    return posixpath.splitext(posixpath.basename(path))[0]
+def _read_root(source: DatasetRoot, problems: Problems, options: ReadOptions) -> tuple[Rows, str]:
+    tree = Tree(source.root, problems)
+    if not tree.isdir(tree.root):
+        raise ValueError(f"dataset root {source.root!r} does not exist or is not a directory")
+    layout = layout_for(tree, source.layout)
+    rows = Rows(tree, source.dataset or dataset_name_of(source.root))
+    layout.read(tree, rows, options)
+    if not rows.rows:
+        raise ValueError(f"dataset root {source.root!r} read as {layout.name} "
+                         f"({layout.looks_like}) gave no images")
+    return rows, layout.name
 
 
-def _mask_finder(fs: fsspec.AbstractFileSystem, mask_dir: str) -> Callable[[str], Optional[str]]:
-    """A lookup from an image path to the path of its mask in ``mask_dir`` (or None).
-
-    ``mask_dir`` is listed once, so a remote tree costs one listing per defect type.
-    """
-    masks = {_stem(p): p for p in _image_files(fs, mask_dir)}
-
-    def find(image_path: str) -> Optional[str]:
-        stem = _stem(image_path)
-        for suffix in _MASK_SUFFIXES:
-            if stem + suffix in masks:
-                return masks[stem + suffix]
-        LOG.debug("No ground-truth mask for %s in %s", image_path, mask_dir)
-        return None
-
-    return find
-
-
-def _has_layout(fs: fsspec.AbstractFileSystem, category_path: str) -> bool:
-    return fs.isdir(posixpath.join(category_path, "train", _NORMAL_DIR)) or fs.isdir(
-        posixpath.join(category_path, "test")
-    )
-
-
-def _scan_root(root: str, dataset: str) -> list[dict[str, Any]]:
-    """Manifest rows for one MVTec-style tree ``<root>/<category>/{train,test}/...``."""
-    fs, root_path = fsspec.core.url_to_fs(root)
-    root_path = root_path.rstrip("/") or "/"
-    if not fs.isdir(root_path):
-        raise ValueError(f"dataset root {root!r} does not exist or is not a directory")
-    is_local = "file" in (
-        (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    )
-
-    def uri(path: str) -> str:
-        return path if is_local else fs.unstrip_protocol(path)
-
-    rows: list[dict[str, Any]] = []
-    categories = [
-        c for c in _subdirs(fs, root_path)
-        if c not in _SKIPPED_DIRS and _has_layout(fs, posixpath.join(root_path, c))
-    ]
-    if not categories:
-        raise ValueError(
-            f"dataset root {root!r} has no category with the expected layout "
-            "<root>/<category>/train/good/ or <root>/<category>/test/<good|defect>/"
-        )
-
-    def add(path: str, category: str, role: str, label: int, defect: Optional[str],
-            mask: Optional[str] = None) -> None:
-        image_uri = uri(path)
-        rows.append(
-            {
-                "image_uri": image_uri,
-                "image_id": default_image_id(image_uri),
-                "dataset": dataset,
-                "category": category,
-                "role": role,
-                "label": label,
-                "defect_type": defect,
-                "mask_uri": None if mask is None else uri(mask),
-            }
-        )
-
-    for category in categories:
-        cat_path = posixpath.join(root_path, category)
-        for path in _image_files(fs, posixpath.join(cat_path, "train", _NORMAL_DIR)):
-            add(path, category, "reference", 0, None)
-        test_path = posixpath.join(cat_path, "test")
-        if not fs.isdir(test_path):
-            continue
-        for split in _subdirs(fs, test_path):
-            if split in _SKIPPED_DIRS:
-                continue
-            split_path = posixpath.join(test_path, split)
-            if split == _NORMAL_DIR:
-                for path in _image_files(fs, split_path):
-                    add(path, category, "query", 0, None)
-                continue
-            find_mask = _mask_finder(fs, posixpath.join(cat_path, _MASK_DIR, split))
-            for path in _image_files(fs, split_path):
-                add(path, category, "query", 1, split, find_mask(path))
-    return rows
-
-
-def _default_dataset_name(root: str) -> str:
-    protocol, path = fsspec.core.split_protocol(root)
-    if protocol is None:
-        path = os.path.abspath(path)
-    name = posixpath.basename(path.replace("\\", "/").rstrip("/"))
-    if not name:
-        raise ValueError(f"cannot derive a dataset name from root {root!r}; pass one")
-    return name
-
-
-def make_manifest(roots: Sequence[tuple[str, Optional[str]]]) -> pd.DataFrame:
-    """Build a manifest from MVTec-AD / VisA-style folder trees.
-
-    For each ``(root, dataset_name)`` (name None → basename of root):
-    ``<category>/train/good/*`` are references (label 0), ``<category>/test/good/*``
-    normal queries (label 0) and ``<category>/test/<defect>/*`` anomalous queries
-    (label 1, defect_type=<defect>, mask_uri=its ground-truth mask, see the module
-    docstring; null where the tree has none). ``ground_truth`` folders and non-image
-    files are not scanned for images. Rows are sorted by dataset, category and URI, so the same tree
-    always gives the same manifest.
-
-    Raises:
-        ValueError: no roots, a root is missing, or it has no category with
-            the expected layout.
-    """
-    if not roots:
-        raise ValueError("make_manifest needs at least one (root, dataset) pair")
-    rows: list[dict[str, Any]] = []
-    for root, name in roots:
-        rows.extend(_scan_root(root, name or _default_dataset_name(root)))
-    rows.sort(key=lambda r: (r["dataset"], r["category"], r["image_uri"]))
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = sorted(rows, key=lambda r: (r["dataset"], r["category"], r["image_uri"]))
+    extra: list[str] = []
+    for row in rows:
+        extra.extend(k for k in row if k not in MANIFEST_COLUMNS and k not in extra)
     # Object columns keep None for missing values (pandas' str dtype would use NaN).
     columns = {
-        c: pd.Series([r[c] for r in rows], dtype="Int64" if c == "label" else object)
-        for c in _MANIFEST_COLUMNS
+        c: pd.Series([r.get(c) for r in rows], dtype="Int64" if c == "label" else object)
+        for c in (*MANIFEST_COLUMNS, *extra)
     }
+    for c in extra:  # all null: still a string column in Parquet, not Arrow's null type
+        if columns[c].isna().all():
+            columns[c] = columns[c].astype("string")
     return pd.DataFrame(columns)
+
+
+def build_manifest(sources: Sequence[Source], options: ReadOptions = ReadOptions()
+                   ) -> ManifestBuild:
+    """Read every source into one manifest.
+
+    Roles: ``reference`` (normal prompt images, label 0), ``query`` (label 0, 1 or null for
+    unlabelled images) and ``calibration`` (normal images held out from the references:
+    MVTec LOCO AD's and MVTec AD 2's ``validation/good``, plain calibration folders).
+    Rows are sorted by dataset, category and URI, so the same input always gives the same
+    manifest; pass-through columns (Real-IAD's ``sample_id`` and ``view``, MVTec AD 2's
+    ``split``) appear when a source has them.
+
+    Raises:
+        ValueError: no sources, a root or folder that does not exist, a root no layout
+            matches (the message lists the layouts), or one that gives no images.
+    """
+    if not sources:
+        raise ValueError("a manifest needs at least one dataset root or plain folder")
+    problems = Problems()
+    parts: list[Rows] = []
+    folders: list[Rows] = []
+    layouts: list[tuple[str, str]] = []
+    for source in sources:
+        if isinstance(source, PlainFolders):
+            folders.extend(read_folders(source, problems))
+        else:
+            rows, layout = _read_root(source, problems, options)
+            parts.append(rows)
+            layouts.append((source.root, layout))
+    report_lines_without_references(folders, problems)
+    parts.extend(folders)
+    for rows in parts:
+        check_masks(rows.tree, rows.mask_checks)
+    return ManifestBuild(_frame([r for rows in parts for r in rows.rows]), problems, layouts)
+
+
+def make_manifest(roots: Sequence[tuple[str, Optional[str]]],
+                  options: ReadOptions = ReadOptions()) -> pd.DataFrame:
+    """The manifest of ``(root, dataset name or None)`` pairs, each root's layout recognised
+    from its files (see :func:`build_manifest`)."""
+    if not roots:
+        raise ValueError("make_manifest needs at least one (root, dataset) pair")
+    return build_manifest([DatasetRoot(root, name) for root, name in roots], options).frame
 
 
 def summarize(df: pd.DataFrame) -> str:

@@ -1,13 +1,14 @@
 """The input manifest: a Parquet table listing the images to score.
 
 One row per image. Required columns say where the image is (``image_uri``),
-which dataset it belongs to and whether it is a ``query`` to score or a normal
-``reference``. Optional columns refine it; any other column passes through to
+which dataset it belongs to and whether it is a ``query`` to score, a normal
+``reference`` or a normal ``calibration`` image held out from the references (read and
+kept, not scored). Optional columns refine it; any other column passes through to
 the output unchanged.
 
 This module validates the manifest (schema up front, rows one by one so a bad
 row becomes a :class:`RowError` instead of failing the job) and writes
-manifests; ``make_manifest`` builds them from MVTec-AD / VisA-style trees.
+manifests; ``make_manifest`` builds them from datasets as they ship and plain folders.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
     "capture_date",
     "mask_uri",
 )
-ROLES: tuple[str, ...] = ("query", "reference")
+#: query: scored; reference: a normal prompt image; calibration: a normal image held out
+#: from the references for calibrating decisions (read and kept; the scoring job neither
+#: scores it nor draws it as a reference).
+ROLES: tuple[str, ...] = ("query", "reference", "calibration")
 
 
 STAGE_READ_MANIFEST = "read_manifest"

@@ -96,7 +96,7 @@ def _masks(df: pd.DataFrame, root: str) -> dict[str, str | None]:
 
 
 def test_mvtec_masks_are_found_and_missing_ones_are_null(mvtec_tree, caplog):
-    with caplog.at_level("DEBUG", logger="pipeline.core.make_manifest"):
+    with caplog.at_level("DEBUG", logger="pipeline.core.datasets.mvtec"):
         df = mm.make_manifest([(mvtec_tree, None)])
 
     masks = _masks(df, mvtec_tree)
@@ -156,3 +156,60 @@ def test_masks_of_remote_roots_are_urls_and_round_trip(tmp_path):
     m.write_manifest(df, path)
     rows = [m.normalize_row(r) for r in pd.read_parquet(path).to_dict("records")]
     assert sorted((r.role, r.mask_uri) for r in rows) == [("query", mask), ("reference", None)]
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one warning each, naming the file, and counted; nothing dropped silently
+# --------------------------------------------------------------------------------------------
+
+
+def _real_mvtec(tmp_path) -> str:
+    from tests.dataset_trees import image, mask
+
+    root = tmp_path / "real_mvtec"
+    for name in ("screw/train/good/000.png", "screw/test/good/000.png",
+                 "screw/test/thread_top/000.png", "screw/test/thread_top/001.png"):
+        image(root / name)
+    mask(root / "screw/ground_truth/thread_top/000_mask.png")
+    mask(root / "screw/ground_truth/thread_top/001_mask.png")
+    return str(root)
+
+
+def test_a_tree_of_good_files_has_no_problems(tmp_path):
+    built = mm.build_manifest([mm.DatasetRoot(_real_mvtec(tmp_path))])
+    assert built.problems.total == 0 and len(built.frame) == 4
+
+
+def test_bad_input_is_reported_per_file_and_counted(tmp_path, caplog):
+    from tests.dataset_trees import image, mask
+
+    root = _real_mvtec(tmp_path)
+    wrong = mask(f"{root}/screw/ground_truth/thread_top/001_mask.png", size=(5, 5))
+    orphan = mask(f"{root}/screw/ground_truth/thread_top/007_mask.png")
+    lonely = mask(f"{root}/screw/ground_truth/thread_side/000_mask.png")  # no test/thread_side
+    os.makedirs(f"{root}/screw/test/manipulated_front")  # an empty defect folder
+    empty = f"{root}/screw/test/good/001.png"
+    touch(empty, b"")
+    touch(f"{root}/screw/test/thread_top/000.png", b"")  # empty, with a mask: reported once
+    broken = f"{root}/screw/train/good/001.png"
+    os.symlink(f"{root}/nowhere.png", broken)
+    image(f"{root}/screw/elsewhere/002.png")
+    linked = f"{root}/screw/train/good/002.png"
+    os.symlink(f"{root}/screw/elsewhere/002.png", linked)
+
+    with caplog.at_level("WARNING"):
+        built = mm.build_manifest([mm.DatasetRoot(root)])
+
+    assert dict(built.problems.counts) == {"mask_size": 1, "orphan_mask": 2, "empty_folder": 1,
+                                           "unreadable": 3}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 7
+    for path in (wrong, orphan, lonely, f"{root}/screw/test/manipulated_front", empty, broken,
+                 f"{root}/screw/test/thread_top/000.png"):
+        assert sum(w.startswith(f"{path}: ") for w in warnings) == 1, path
+    # Unreadable images and the mismatched mask stay in the manifest (the job reports them
+    # per row); a link to an image is an image like any other.
+    uris = set(built.frame["image_uri"])
+    assert {empty, broken, linked} <= uris
+    assert built.frame.loc[built.frame["image_uri"].str.endswith("thread_top/001.png"),
+                           "mask_uri"].item() == wrong

@@ -262,7 +262,7 @@ def test_valid_labels(label, expected):
         ({"image_uri": math.nan}, ["image_uri"]),
         ({"image_uri": 42}, ["image_uri", "not a string"]),
         ({"dataset": None}, ["dataset"]),
-        ({"role": "train"}, ["'train'", "query", "reference"]),
+        ({"role": "train"}, ["'train'", "query", "reference", "calibration"]),
         ({"role": None}, ["role", "missing"]),
         ({"label": 2}, ["label", "2"]),
         ({"label": 0.5}, ["label"]),
@@ -281,6 +281,15 @@ def test_bad_rows_become_row_errors(changes, keywords):
     assert result.stage == "read_manifest"
     for keyword in keywords:
         assert keyword in result.reason
+
+
+def test_calibration_is_a_role():
+    """Normal images held out from the references (MVTec LOCO AD's and MVTec AD 2's
+    validation/good): valid rows, lower-cased like the other roles."""
+    row = m.normalize_row({"image_uri": "a.png", "dataset": "d", "role": " Calibration ",
+                           "label": 0})
+    assert isinstance(row, m.ManifestRow) and row.role == "calibration"
+    assert m.ROLES == ("query", "reference", "calibration")
 
 
 def test_row_error_reports_every_problem_and_keeps_identity():

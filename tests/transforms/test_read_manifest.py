@@ -7,8 +7,10 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.core.manifest import write_manifest
 from pipeline.core.schemas import ERRORS
+from pipeline.core.selection import ALL_ROWS
 from tests.beamtest import counter
-from transforms.manifest import ReadManifest
+from transforms.manifest import ReadManifest, SelectQueries
+from transforms.references import SelectReferences
 
 
 def _write(tmp_path, rows: list[dict]) -> str:
@@ -98,3 +100,29 @@ def test_folder_manifest_reads_every_data_file_validation_checks(tmp_path, test_
     out = p | ReadManifest(str(folder))
     assert_that(out["rows"] | beam.Map(lambda r: r.image_id), equal_to(["a", "b"]))
     p.run().wait_until_finish()
+
+
+def test_calibration_rows_are_read_but_neither_queries_nor_references(tmp_path, test_pipeline):
+    """Calibration rows (normal images held out from the references) are valid manifest rows
+    that the scoring job keeps out of both the queries and the reference draw, without an
+    error row."""
+    path = _write(tmp_path, [
+        _row("/d/q.png", "q"), _row("/d/r0.png", "r0", role="reference"),
+        _row("/d/r1.png", "r1", role="reference"),
+        _row("/d/c0.png", "c0", role="calibration"), _row("/d/c1.png", "c1", role="Calibration"),
+    ])
+    p = test_pipeline()
+    out = p | ReadManifest(path)
+    queries = out["rows"] | SelectQueries(ALL_ROWS.is_query)
+    refs = out["rows"] | SelectReferences(k=None, seeds=(0,))
+    assert_that(out["rows"] | "Roles" >> beam.Map(lambda r: (r.image_id, r.role)),
+                equal_to([("q", "query"), ("r0", "reference"), ("r1", "reference"),
+                          ("c0", "calibration"), ("c1", "calibration")]), label="Rows")
+    assert_that(queries | "QueryIds" >> beam.Map(lambda r: r.image_id), equal_to(["q"]),
+                label="Queries")
+    assert_that(refs["sets"] | beam.MapTuple(lambda key, rows: sorted(r.image_id for r in rows)),
+                equal_to([["r0", "r1"]]), label="References")
+    assert_that((out[ERRORS], refs[ERRORS]) | beam.Flatten(), equal_to([]), label="NoErrors")
+    result = p.run()
+    result.wait_until_finish()
+    assert counter(result, "queries_selected") == 1
