@@ -129,7 +129,9 @@ class SupportSampler:
     """One epoch's batches, as the official ``FSAD_Dataset_train.shuffle_dataset``: per group
     the images in a seeded random order, cut into batches of ``batch_size`` queries; each
     query gets ``k`` supports drawn uniformly from the group's other images (with
-    replacement); the batches of all groups in a seeded random order."""
+    replacement); the batches of all groups in a seeded random order. A last batch of a single
+    query joins the batch before it: BatchNorm in training mode cannot normalise one value
+    per channel, which a lone query gives on small feature grids."""
 
     def __init__(self, images: NormalImages, batch_size: int, k: int, seed: int) -> None:
         if batch_size < 1 or k < 1:
@@ -144,8 +146,11 @@ class SupportSampler:
         batches = []
         for members in self.groups.values():
             order = self._rng.permutation(members)
-            for start in range(0, len(order), self.batch_size):
-                queries = order[start:start + self.batch_size]
+            cuts = list(range(0, len(order), self.batch_size))
+            if len(cuts) > 1 and len(order) - cuts[-1] == 1:
+                cuts.pop()  # a last lone query joins the batch before it (see the docstring)
+            for start, end in zip(cuts, cuts[1:] + [len(order)]):
+                queries = order[start:end]
                 supports = np.empty((len(queries), self.k), dtype=np.int64)
                 for i, q in enumerate(queries):
                     others = members[members != q]
