@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate: AdamW 1e-3 (inctrl), SGD 1e-4 (regad), SGD 2e-3 (coop)")
     g.add_argument("--weight-decay", type=finite_float, default=None,
                    help="default 0.01 (inctrl), 0 (regad), 5e-4 (coop)")
-    g.add_argument("--momentum", type=finite_float, default=0.9,
-                   help="SGD momentum (regad, coop)")
+    g.add_argument("--momentum", type=finite_float, default=None,
+                   help="SGD momentum (regad, coop; default 0.9)")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="inctrl: constant (default), or cosine decay to 0 over all steps; "
                         "regad and coop always use a cosine over epochs")
@@ -129,8 +129,6 @@ def _check_method_flags(args: argparse.Namespace) -> None:
              "coop": _INCTRL_ONLY + _REGAD_ONLY + ("k",)}[args.method]
     for name in wrong:
         value = getattr(args, name)
-        if name == "momentum" and value == 0.9:
-            continue
         if name == "feature_cache" and value is None:
             continue
         if value is not None:
@@ -147,11 +145,12 @@ def train_config_from_args(args: argparse.Namespace
     lr = args.lr or lr
     decay = decay if args.weight_decay is None else args.weight_decay
     k = args.k or DEFAULT_K
+    momentum = 0.9 if args.momentum is None else args.momentum
     out = args.output.rstrip("/")
     if args.method == "regad":
         return RegadTrainConfig(
             manifest=args.manifest, output=out, k=k, epochs=epochs, batch_size=batch, lr=lr,
-            momentum=args.momentum, weight_decay=decay, seed=args.seed,
+            momentum=momentum, weight_decay=decay, seed=args.seed,
             cnn_backbone=args.cnn_backbone or DEFAULT_REGAD_BACKBONE,
             cnn_weights=args.cnn_weights or DEFAULT_REGAD_WEIGHTS,
             image_size=args.cnn_image_size or DEFAULT_REGAD_IMAGE_SIZE, device=args.device,
@@ -163,7 +162,7 @@ def train_config_from_args(args: argparse.Namespace
         return CoopTrainConfig(
             manifest=args.manifest, output=out, n_ctx=args.coop_context or DEFAULT_N_CTX,
             class_names=classes, epochs=epochs, batch_size=batch, lr=lr,
-            momentum=args.momentum, weight_decay=decay,
+            momentum=momentum, weight_decay=decay,
             warmup_epochs=1 if args.warmup_epochs is None else args.warmup_epochs,
             seed=args.seed, backbone=backbone_from_args(args), feature_cache=args.feature_cache,
             extract_batch_size=args.extract_batch_size,
