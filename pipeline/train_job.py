@@ -9,6 +9,11 @@ Outputs under ``config.output``:
 - ``validation_scores.parquet``: the kept epoch's score of every validation query
 - ``index/{train,validate,errors}.parquet``: cached image of each manifest row; unusable rows
 - ``_feature_cache/``: the features (unless ``--feature-cache`` points elsewhere)
+
+With ``--method regad`` / ``--method coop`` (``run_regad_training`` / ``run_coop_training``)
+it writes ``regad.safetensors`` / ``coop.safetensors`` and the same training log instead of
+heads; CoOp extracts CLIP features into the cache and ``index/`` as above, RegAD reads the
+manifest's normal images itself.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Sequence
 
 import fsspec
 import pandas as pd
+import torch
 
 from pipeline.core.feature_cache import FeatureCache, feature_identity
 from pipeline.core.manifest import ManifestSchemaError, validate_manifest_schema
@@ -30,11 +36,18 @@ from pipeline.model.backbone import Geometry, get_backbone
 from pipeline.model.checkpoint import HeadsMetadata, save_heads
 from pipeline.model.heads import InCTRLHeads
 from pipeline.model.inctrl import InCTRLScorer, build_text_features
-from pipeline.train.config import TrainConfig
+from pipeline.model.scorers.coop import CoopPrompts, coop_metadata, save_coop
+from pipeline.model.scorers.regad import (REGAD_STRIDES, RegadModel, RegadSpec, regad_metadata,
+                                          save_regad)
+from pipeline.model.weights import seeded
+from pipeline.train.config import CoopTrainConfig, RegadTrainConfig, TrainConfig
+from pipeline.train.coop import CoopSettings, fit_coop
 from pipeline.train.data import (EpisodeSampler, FeatureStore, TrainingDataError, TrainingSet,
                                  read_index)
+from pipeline.train.log import TrainLog
 from pipeline.train.loop import CachedBatches, FitResult, LoopSettings, fit
 from pipeline.train.loss import ALPHA, GAMMA
+from pipeline.train.regad import RegadSettings, SupportSampler, fit_regad, read_normal_images
 from pipeline.train.validate import ValidationSet, score_validation, validation_metrics
 
 LOG = logging.getLogger(__name__)
@@ -177,3 +190,114 @@ def heads_metadata(config: TrainConfig, geometry: Geometry, manifest_hash: str,
         num_patches=geometry.num_patches, k=config.k, train_manifest_hash=manifest_hash,
         extra=extra,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# RegAD and CoOp: trained once on the auxiliary manifest, like InCTRL's heads
+# --------------------------------------------------------------------------------------------
+
+REGAD_FILE = "regad.safetensors"
+COOP_FILE = "coop.safetensors"
+
+
+@dataclass
+class TrainedScorerResult:
+    """What ``train --method regad|coop`` wrote: the checkpoint, its hash and metadata."""
+
+    path: str
+    digest: str
+    metadata: dict
+    log: TrainLog
+    log_paths: dict[str, str]
+
+
+def _write_log(log: TrainLog, output: str, **info) -> dict[str, str]:
+    log.info.update(info, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(
+        timespec="seconds"))
+    return log.write(output)
+
+
+def run_regad_training(config: RegadTrainConfig) -> TrainedScorerResult:
+    """Train RegAD (CNN stages, transformers, heads) on the manifest's normal images; write
+    ``regad.safetensors`` and the training log under ``config.output``."""
+    validate_manifest_schema(config.manifest)
+    fs, _, (out_local,) = fsspec.get_fs_token_paths(config.output)
+    fs.makedirs(out_local, exist_ok=True)
+    spec = RegadSpec(config.cnn_backbone, config.cnn_weights, REGAD_STRIDES, config.image_size,
+                     config.seed)
+    images = read_normal_images(config.manifest, config.image_size, config.limits)
+    model = RegadModel(spec)
+    sampler = SupportSampler(images, config.batch_size, config.k, config.seed)
+    settings = RegadSettings(config.epochs, config.lr, config.momentum, config.weight_decay,
+                             config.log_every)
+    with seeded(config.seed):
+        log = fit_regad(model, images, sampler, settings, _device(config.device))
+    extra = {
+        "k": config.k, "epochs": config.epochs, "batch_size": config.batch_size,
+        "lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay,
+        "optimizer": "SGD", "lr_schedule": "cosine over epochs", "seed": config.seed,
+        "loss": "symmetric negative cosine, stop-gradient (query vs mean of k supports)",
+        "train_manifest": config.manifest, "train_manifest_hash": manifest_digest(config.manifest),
+        "train_images": len(images.image_ids), "train_groups": len(sampler.groups),
+        "final_mean_loss": log.epochs[-1]["mean_loss"] if log.epochs else None,
+    }
+    path = f"{config.output}/{REGAD_FILE}"
+    digest = save_regad(model.cpu(), path, extra)
+    meta = regad_metadata(model, extra)
+    paths = _write_log(log, config.output, checkpoint=path, checkpoint_hash=digest,
+                       metadata=meta, method="regad", skipped_images=images.skipped)
+    LOG.info("Wrote RegAD %s (%s) and the training log %s", path, digest, paths["json"])
+    return TrainedScorerResult(path, digest, meta, log, paths)
+
+
+def run_coop_training(config: CoopTrainConfig, beam_args: Sequence[str] = ()
+                      ) -> TrainedScorerResult:
+    """Train CoOp's context on the manifest's labelled images (CLIP features extracted into
+    the feature cache first, as for InCTRL); write ``coop.safetensors`` and the log."""
+    check_labels(config.manifest)
+    fs, _, (out_local,) = fsspec.get_fs_token_paths(config.output)
+    fs.makedirs(out_local, exist_ok=True)
+    spec = config.backbone
+    extraction = extract_manifests({TRAIN: config.manifest}, config.cache_root,
+                                   f"{config.output}/index", spec, config.extract_batch_size,
+                                   beam_args, config.limits)
+    index = read_index(extraction.index[TRAIN])
+    index = index[index["label"].notna()].reset_index(drop=True)
+    if index.empty or index["label"].nunique() < 2:
+        raise TrainingDataError("CoOp needs readable normal (0) and anomalous (1) images in "
+                                f"the training manifest {config.manifest}")
+    store = FeatureStore(FeatureCache(config.cache_root, spec), config.feature_memory_mb << 20)
+    embeds = torch.cat([store.get(h).embeds for h in index["content_hash"]])
+    labels = torch.tensor(index["label"].to_numpy(dtype="int64"))
+    backbone = get_backbone(spec)
+    prompts = CoopPrompts(backbone.model, backbone.tokenizer, config.n_ctx,
+                          config.class_names, config.seed)
+    settings = CoopSettings(config.epochs, config.batch_size, config.lr, config.momentum,
+                            config.weight_decay, config.warmup_epochs, config.seed,
+                            config.log_every)
+    log = fit_coop(backbone.model, prompts, embeds, labels, settings)
+    extra = {
+        "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr,
+        "momentum": config.momentum, "weight_decay": config.weight_decay,
+        "warmup_epochs": config.warmup_epochs, "optimizer": "SGD", "seed": config.seed,
+        "loss": "cross-entropy over (normal, anomalous)",
+        "train_manifest": config.manifest, "train_manifest_hash": manifest_digest(config.manifest),
+        "train_images": {"normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum())},
+        "feature_identity": feature_identity(spec),
+        "final_mean_loss": log.epochs[-1]["mean_loss"] if log.epochs else None,
+    }
+    geometry = backbone.geometry
+    path = f"{config.output}/{COOP_FILE}"
+    digest = save_coop(prompts, path, spec.name, spec.weights_id, geometry.embed_dim, extra)
+    meta = coop_metadata(prompts, spec.name, spec.weights_id, geometry.embed_dim, extra)
+    paths = _write_log(log, config.output, checkpoint=path, checkpoint_hash=digest,
+                       metadata=meta, method="coop", extraction=extraction.to_dict())
+    LOG.info("Wrote CoOp %s (%s) and the training log %s", path, digest, paths["json"])
+    return TrainedScorerResult(path, digest, meta, log, paths)
+
+
+def _device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingDataError(f"device {device!r} was asked for, but CUDA is not available")
+    return dev

@@ -45,8 +45,33 @@ def encode_text_prefix(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return model.encode_text(tokens)
     length = int(tokens.argmax(dim=-1).max()) + 1  # last end-of-text position, plus one
     tokens = tokens[:, :length]
+    return _tower(model, model.token_embedding(tokens), tokens)
+
+
+def encode_token_embeddings(model: nn.Module, embeddings: torch.Tensor,
+                            tokens: torch.Tensor) -> torch.Tensor:
+    """Text embeddings (not normalised) of prompts given as token *embeddings*: what
+    ``encode_text`` computes after its token lookup, for prompts some of whose token vectors
+    are learned (CoOp's context). ``tokens`` only places the end-of-text token (argmax).
+
+    embeddings: (batch, context_length, width); tokens: (batch, context_length)
+    returns (batch, embed_dim) in the tower's dtype
+    """
+    if not prefix_applies(model):
+        raise TypeError(f"{type(model).__name__} is not open_clip's causal, argmax-pooled CLIP "
+                        "text tower; prompts of learned token vectors need one")
+    if embeddings.shape[:2] != tokens.shape:
+        raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match tokens "
+                         f"{tuple(tokens.shape)}")
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    return _tower(model, embeddings[:, :length], tokens[:, :length])
+
+
+def _tower(model: nn.Module, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP.encode_text after the token lookup, on the first ``tokens.shape[1]`` positions."""
+    length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)  # (batch, length, width)
+    x = x.to(cast_dtype)  # (batch, length, width)
     x = x + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)

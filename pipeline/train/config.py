@@ -60,3 +60,82 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+
+METHODS = ("inctrl", "regad", "coop")
+
+
+@dataclass(frozen=True)
+class RegadTrainConfig:
+    """A RegAD training run (``train --method regad``): the CNN, its input, and the official
+    optimisation settings as defaults (SGD, lr 1e-4, momentum 0.9, 50 epochs, batches of 32
+    queries, each with k supports)."""
+
+    manifest: str
+    output: str
+    k: int = DEFAULT_K
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    cnn_backbone: str = "resnet18"
+    cnn_weights: str = "IMAGENET1K_V1"
+    image_size: int = 224
+    device: str = "cpu"
+    log_every: int = 20
+    limits: ImageLimits = ImageLimits()
+
+    def __post_init__(self) -> None:
+        for name in ("k", "epochs", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ValueError("momentum must lie in [0, 1) and weight decay be non-negative")
+        if self.image_size < 16:
+            raise ValueError(f"image size must be at least 16, got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class CoopTrainConfig:
+    """A CoOp training run (``train --method coop``): the CLIP backbone, the context length
+    and class names, and CoOp's optimisation settings as defaults (SGD, lr 0.002, momentum
+    0.9, weight decay 5e-4, one warm-up epoch at 1e-5, cosine, batches of 32)."""
+
+    manifest: str
+    output: str
+    n_ctx: int = 16
+    class_names: tuple[str, str] = ("normal", "anomalous")
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    seed: int = 0
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    feature_cache: str | None = None
+    extract_batch_size: int = 32
+    feature_memory_mb: int = 512
+    log_every: int = 20
+    limits: ImageLimits = ImageLimits()
+
+    def __post_init__(self) -> None:
+        for name in ("n_ctx", "epochs", "batch_size", "extract_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("momentum must lie in [0, 1); weight decay and warm-up epochs "
+                             "must be non-negative")
+        if len(self.class_names) != 2 or len(set(self.class_names)) != 2:
+            raise ValueError(f"CoOp needs two distinct class names (normal, anomalous), got "
+                             f"{list(self.class_names)}")
+
+    @property
+    def cache_root(self) -> str:
+        return self.feature_cache or feature_cache_dir(self.output)
