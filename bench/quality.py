@@ -27,6 +27,20 @@ package; inctrl and winclip on the tiny random test CLIP and anomalydino on a ra
 ViT-S/14 at 112 px, because no real CLIP or DINO weights are on this machine. Columns of
 scorers on random weights are marked in every table: their figures are no quality figures.
 Point the flags at real weights to measure those scorers.
+
+Per defect type: beside the comparison table, every set gets an image AUROC table per k
+with one row per defect type (each category's normal queries against its anomalies of that
+type, mean over the categories that have the type, mean ± std over seeds) and one for all
+anomalies together; the hardest type (the lowest AUROC of the first CNN scorer) is marked,
+because a mean over types hides the type a detector misses. The photo set has foreign
+material (``pasted``) and four structural changes of the same material (``rotated``,
+``displaced``, ``scaled``, ``missing``).
+
+Yardstick: with a CNN scorer in the run, the column ``patch_knn`` is ``bench.patch_knn``, a
+minimal patch nearest-neighbour detector written from the PatchCore paper independently of
+the job's code, scored on the same references as the job drew (seed by seed, read from the
+rows' ``reference_uris``) with the same CNN weights file. The line under each table gives
+PatchCore minus patch_knn per type.
 """
 from __future__ import annotations
 
@@ -41,9 +55,12 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from bench.measure import Timer, beam_metrics, command_line, machine, today, work_summary
+from bench.patch_knn import STAGES as KNN_STAGES, PatchKnn, nearest
 from bench.photo_set import PRODUCTS, PhotoSet, write_photo_images
+from tests.model.scorers.photos import DEFECT_KINDS
 from pipeline.core.config import ScoreConfig
 from pipeline.core.demo_data import generate_demo
 from pipeline.core.layout import summary_dir
@@ -125,10 +142,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "job's own: 2)")
     d.add_argument("--photo-categories", default=",".join(PRODUCTS),
                    help=f"real-photo categories ({', '.join(PRODUCTS)})")
-    d.add_argument("--photo-test-good", type=int, default=3, help="per category (default 3)")
-    d.add_argument("--photo-test-anomalous", type=int, default=3,
-                   help="per category (default 3)")
+    d.add_argument("--photo-test-good", type=int, default=20,
+                   help="normal queries per category (default 20)")
+    d.add_argument("--photo-test-anomalous", type=int, default=8,
+                   help="anomalous queries per defect kind and category (default 8)")
+    d.add_argument("--photo-defects", default=",".join(DEFECT_KINDS),
+                   help=f"defect kinds ({', '.join(DEFECT_KINDS)})")
     d.add_argument("--photo-size", type=int, default=224, help="side of the photos, pixels")
+    p.add_argument("--no-patch-knn", action="store_true",
+                   help="skip the patch_knn yardstick column")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "inctrl-quality"))
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -243,7 +265,9 @@ def demo_manifest(root: str, args: argparse.Namespace) -> str:
 def photo_manifest(root: str, args: argparse.Namespace) -> str:
     photo_set = PhotoSet(tuple(c.strip() for c in args.photo_categories.split(",") if c.strip()),
                          n_train=train_images(args), n_test_good=args.photo_test_good,
-                         n_test_anomalous=args.photo_test_anomalous, size=args.photo_size)
+                         n_test_anomalous=args.photo_test_anomalous, size=args.photo_size,
+                         defects=tuple(d.strip() for d in args.photo_defects.split(",")
+                                       if d.strip()))
     return _write_image_level(write_photo_images(os.path.join(root, "data"), photo_set), root)
 
 
@@ -275,7 +299,116 @@ def score_once(args: argparse.Namespace, manifest: str, output: str, k: int) -> 
     with Timer() as t:
         result = run_score(config, [])
     summary = pd.read_parquet(os.path.join(summary_dir(output, RUN_DATE), "summary.parquet"))
-    return {"summary": summary, "seconds": t.seconds, "work": work_summary(beam_metrics(result))}
+    scores = pd.read_parquet(os.path.join(output, "scores"),
+                             columns=SCORE_COLUMNS).astype({"dataset": str})
+    return {"summary": summary, "scores": scores, "seconds": t.seconds,
+            "work": work_summary(beam_metrics(result))}
+
+
+# --------------------------------------------------------------- per defect type
+
+SCORE_COLUMNS = ["dataset", "category", "image_uri", "label", "defect_type", "seed", "scorer",
+                 "final_score", "reference_uris"]
+ALL_TYPES = "all"
+KNN = "patch_knn"
+
+
+def per_defect_auroc(scores: pd.DataFrame) -> pd.DataFrame:
+    """Image AUROC per (dataset, scorer, defect type): per (seed, category) each category's
+    normal queries against its anomalies of the type (``all``: every anomaly), the mean over
+    the categories that have the type, then mean and std (population) over seeds.
+
+    scores: one row per (query, seed, scorer) with ``SCORE_COLUMNS``."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = []
+    labelled = scores[scores["label"].notna()]
+    for (dataset, scorer, seed, category), g in labelled.groupby(
+            ["dataset", "scorer", "seed", "category"]):
+        normal = g[g["label"] == 0]["final_score"].to_numpy()
+        anomalous = g[g["label"] == 1]
+        if not len(normal) or not len(anomalous):
+            continue
+        types = [(ALL_TYPES, anomalous)] + list(anomalous.groupby("defect_type"))
+        for kind, a in types:
+            y = [0] * len(normal) + [1] * len(a)
+            auroc = roc_auc_score(y, list(normal) + list(a["final_score"]))
+            rows.append({"dataset": dataset, "scorer": scorer, "seed": seed,
+                         "category": category, "defect_type": kind, "auroc": auroc})
+    per = pd.DataFrame(rows)
+    if per.empty:
+        return pd.DataFrame(columns=["dataset", "scorer", "defect_type", "auroc_mean",
+                                     "auroc_std", "categories"])
+    by_seed = per.groupby(["dataset", "scorer", "defect_type", "seed"]).agg(
+        auroc=("auroc", "mean"), categories=("category", "nunique")).reset_index()
+    return by_seed.groupby(["dataset", "scorer", "defect_type"]).agg(
+        auroc_mean=("auroc", "mean"), auroc_std=("auroc", lambda v: float(v.std(ddof=0))),
+        categories=("categories", "max")).reset_index()
+
+
+def _cnn_rows(scores: pd.DataFrame, scorers: tuple[str, ...]) -> pd.DataFrame:
+    """The rows of the first CNN scorer of the run (their references are the CNN's)."""
+    first = next(s for s in scorers if EXTRACTOR_OF[s] == CNN)
+    return scores[scores["scorer"] == first]
+
+
+def patch_knn_scores(scores: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
+    """``bench.patch_knn`` on the queries of ``scores``, each (dataset, category, seed)
+    against the references its CNN scorer's rows were scored with; rows shaped like
+    ``scores`` with scorer ``patch_knn``. Each image's patches are computed once."""
+    from PIL import Image
+
+    knn = PatchKnn(args.cnn_backbone, args.cnn_weights)
+    rows = _cnn_rows(scores, args.scorer)
+    cache: dict[str, torch.Tensor] = {}
+
+    def patches(uris: list[str]) -> torch.Tensor:
+        todo = [u for u in dict.fromkeys(uris) if u not in cache]
+        for i in range(0, len(todo), 16):
+            batch = todo[i:i + 16]
+            for uri, p in zip(batch, knn.patches([Image.open(u) for u in batch])):
+                cache[uri] = p
+        return torch.stack([cache[u] for u in uris])
+
+    out = []
+    for _, g in rows.groupby(["dataset", "category", "seed"]):
+        refs = list(g["reference_uris"].iloc[0])
+        bank = patches(refs).flatten(0, 1)
+        queries = patches(list(g["image_uri"]))
+        dist = torch.stack([nearest(q, bank).amax() for q in queries])
+        frame = g.assign(scorer=KNN, final_score=dist.tolist())
+        out.append(frame)
+    return pd.concat(out, ignore_index=True)
+
+
+def render_defects(table: pd.DataFrame, columns: list[str], randoms: set[str]) -> str:
+    """One Markdown table per dataset: a row per defect type (``all`` first, then the
+    hardest first for the first CNN scorer), a column per scorer; PatchCore − patch_knn per
+    type under it when both are there."""
+    out = []
+    for dataset, d in table.groupby("dataset"):
+        cell = {(r.scorer, r.defect_type): (r.auroc_mean, r.auroc_std)
+                for r in d.itertuples()}
+        cnn = next((c for c in columns if c != KNN and EXTRACTOR_OF.get(c) == CNN), columns[0])
+        types = sorted((t for t in d["defect_type"].unique() if t != ALL_TYPES),
+                       key=lambda t: cell.get((cnn, t), (float("inf"),))[0])
+        header = ["defect type", *(c + (f" {RANDOM_MARK}" if c in randoms else "")
+                                   for c in columns)]
+        lines = [f"{dataset}: image AUROC per defect type (mean over categories, mean ± std "
+                 f"over seeds; types hardest first for {cnn})", "",
+                 "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+        for t in [ALL_TYPES, *types]:
+            cells = [_mean_std(*cell.get((c, t), (float("nan"), float("nan")))) for c in columns]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        if "patchcore" in columns and KNN in columns:
+            gaps = []
+            for t in [ALL_TYPES, *types]:
+                a, b = cell.get(("patchcore", t)), cell.get((KNN, t))
+                if a and b:
+                    gaps.append(f"{t} {a[0] - b[0]:+.3f}")
+            lines += ["", "patchcore − patch_knn: " + ", ".join(gaps)]
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
 
 
 def _mean_std(mean: float, std: float) -> str:
@@ -309,6 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     suite = suite_of(args)
     randoms = random_scorers(suite)
     notes = weights_notes(suite)
+    use_knn = (any(EXTRACTOR_OF[s] == CNN for s in suite.scorers) and not args.no_patch_knn
+               and args.cnn_backbone in KNN_STAGES and os.path.isfile(args.cnn_weights))
+    if use_knn:
+        notes[KNN] = (f"bench.patch_knn on {args.cnn_backbone} "
+                      f"{KNN_STAGES[args.cnn_backbone]} @ "
+                      f"{_weights_label(args.cnn_weights, 'weights')}")
+        if "patchcore" in randoms:
+            randoms = randoms | {KNN}
     res: dict = {"date": today(), "machine": machine(), "command": command_line(),
                  "k_list": list(args.k_list), "seeds": list(args.seeds),
                  "scorers": list(suite.scorers), "random_weights": sorted(randoms),
@@ -321,15 +462,29 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(root)
             manifest = MANIFESTS[name](root, args)
             entry = res["sets"][name] = {"shape": set_shape(manifest), "runs": {}}
-            summaries = []
+            summaries, defect_tables = [], []
+            columns = list(suite.scorers) + ([KNN] if use_knn else [])
             for k in args.k_list:
                 run = score_once(args, manifest, os.path.join(root, f"out-k{k}"), k)
                 summaries.append(run["summary"])
+                scores = run["scores"]
+                if use_knn:
+                    with Timer() as t_knn:
+                        scores = pd.concat([scores, patch_knn_scores(scores, args)],
+                                           ignore_index=True)
+                    LOG.warning("%s k=%d: patch_knn %.1f s", name, k, t_knn.seconds)
+                defects = per_defect_auroc(scores).assign(k=k)
+                defect_tables.append(defects)
                 entry["runs"][str(k)] = {"seconds": run["seconds"], **run["work"]}
+                entry.setdefault("defects", {})[str(k)] = json.loads(
+                    defects.to_json(orient="records"))
                 LOG.warning("%s k=%d: %.1f s", name, k, run["seconds"])
             table = comparison_table(pd.concat(summaries, ignore_index=True))
             entry["table"] = json.loads(table.to_json(orient="records"))
             tables[name] = render(table, suite.scorers, randoms)
+            tables[name] += "".join(
+                f"\n#### k = {int(d['k'].iloc[0])}\n\n" + render_defects(d, columns, randoms)
+                for d in defect_tables)
     res["total_s"] = total.seconds
     res["load_average"].append(load_average())
     report(res, tables)

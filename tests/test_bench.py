@@ -73,7 +73,11 @@ SMALL_MODELS = ["--cnn-weights", "random:0", "--vit-backbone", "vit_tiny_patch16
 
 
 def test_photo_set_is_an_mvtec_tree_with_its_manifest(tmp_path):
-    from bench.photo_set import DATASET, DEFECT, PhotoSet, write_photo_manifest
+    import numpy as np
+    from PIL import Image
+
+    from bench.photo_set import DATASET, PhotoSet, write_photo_manifest
+    from tests.model.scorers.photos import DEFECT_KINDS
 
     photos = PhotoSet(categories=("cat", "brick"), n_train=2, n_test_good=1,
                       n_test_anomalous=2, size=48)
@@ -81,12 +85,42 @@ def test_photo_set_is_an_mvtec_tree_with_its_manifest(tmp_path):
     counts = frame.groupby(["category", "role", "label"]).size().to_dict()
     for category in ("cat", "brick"):
         assert counts[(category, "reference", 0)] == 2
-        assert counts[(category, "query", 0)] == 1 and counts[(category, "query", 1)] == 2
+        assert counts[(category, "query", 0)] == 1
+        assert counts[(category, "query", 1)] == 2 * len(DEFECT_KINDS)
     assert set(frame["dataset"]) == {DATASET}
-    assert set(frame["defect_type"].dropna()) == {DEFECT}
+    assert set(frame["defect_type"].dropna()) == set(DEFECT_KINDS)
+    # every anomalous query has its mask: a square of the defect, the image's size
+    anomalous = frame[frame["label"] == 1]
+    assert anomalous["mask_uri"].notna().all() and frame[frame["label"] == 0]["mask_uri"].isna().all()
+    for _, row in anomalous.iterrows():
+        mask = np.asarray(Image.open(row["mask_uri"]))
+        assert mask.shape == (48, 48) and 0 < (mask > 0).sum() < 48 * 48 / 4
     again = write_photo_manifest(str(tmp_path / "b"), str(tmp_path / "b.parquet"), photos)
     first, second = (sorted(f["image_uri"]) for f in (frame, again))
     assert [open(p, "rb").read() for p in first] == [open(p, "rb").read() for p in second]
+    only = PhotoSet(categories=("cat",), n_train=1, n_test_good=1, n_test_anomalous=1, size=48,
+                    defects=("rotated",))
+    one = write_photo_manifest(str(tmp_path / "c"), str(tmp_path / "c.parquet"), only)
+    assert set(one["defect_type"].dropna()) == {"rotated"}
+
+
+def test_structural_defects_change_only_their_region():
+    """Each structural defect rewrites its square and nothing else; none is a no-op."""
+    import numpy as np
+
+    from tests.model.scorers.photos import STRUCTURAL, ProductLine
+
+    line = ProductLine(product="brick", size=64, paste=0.2)
+    for kind in STRUCTURAL:
+        base = line.normal(np.random.default_rng(7))
+        img, (top, left, side) = line.defective(np.random.default_rng(7), kind)
+        diff = np.abs(np.asarray(img, float) - np.asarray(base, float)).sum(-1)
+        inside = np.zeros_like(diff, bool)
+        inside[top:top + side, left:left + side] = True
+        assert diff[~inside].max() == 0, kind
+        assert diff[inside].mean() > 1.0, kind
+    with pytest.raises(ValueError, match="unknown defect kind"):
+        line.defective(np.random.default_rng(0), "melted")
 
 
 def test_quality_marks_the_scorers_on_random_weights():
@@ -140,15 +174,22 @@ def test_quality_bench_runs_the_job_and_tabulates(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["random_weights"] == ["inctrl", "patchcore"]
     entry = res["sets"]["photos"]
-    assert entry["shape"] == {"datasets": 1, "categories": 1, "references": 2, "queries": 4,
-                              "anomalous": 2}
+    kinds = 5  # pasted, rotated, displaced, scaled, missing: 2 of each
+    assert entry["shape"] == {"datasets": 1, "categories": 1, "references": 2,
+                              "queries": 2 + 2 * kinds, "anomalous": 2 * kinds}
     run = entry["runs"]["1"]
-    assert run["queries_scored"] == 4 * 2 * 2  # queries × seeds × scorers
+    assert run["queries_scored"] == 12 * 2 * 2  # queries × seeds × scorers
     (row,) = entry["table"]
     assert row["dataset"] == "real_photos" and row["k"] == 1
     assert 0 <= row["inctrl_auroc_mean"] <= 1 and 0 <= row["patchcore_auprc_mean"] <= 1
+    defects = entry["defects"]["1"]
+    assert {(d["scorer"], d["defect_type"]) for d in defects} == {
+        (s, t) for s in ("inctrl", "patchcore")
+        for t in ("all", "pasted", "rotated", "displaced", "scaled", "missing")}
+    assert all(0 <= d["auroc_mean"] <= 1 and d["categories"] == 1 for d in defects)
     printed = capsys.readouterr().out
     assert "inctrl † | patchcore † |" in printed and quality.RANDOM_NOTE in printed
+    assert "image AUROC per defect type" in printed and "patch_knn" not in printed
 
 
 def test_scorer_cost_bench_times_every_step(tmp_path, capsys):
@@ -175,3 +216,58 @@ def test_scorer_cost_bench_times_every_step(tmp_path, capsys):
         assert run["prompt_sets_encoded"] == 0 and run["prompt_sets_from_cache"] == 1, name
     assert res["derived"]["fixed_s"] == fixed["seconds"]
     assert "Scorer cost beside the backbone forwards" in capsys.readouterr().out
+
+
+def test_per_defect_auroc_is_per_category_then_over_seeds():
+    """Hand-sized scores: each category's normals against its anomalies of one type; the
+    mean over categories per seed; mean and population std over seeds."""
+    import pandas as pd
+
+    from bench.quality import per_defect_auroc
+
+    rows = []
+    # seed 0: cat separates 'a' perfectly and 'b' not at all; dog separates both
+    # seed 1: everything separates
+    for seed, cat_b in ((0, 0.0), (1, 9.0)):
+        for category, b_score in (("cat", cat_b), ("dog", 9.0)):
+            rows += [dict(dataset="d", category=category, label=0, defect_type=None,
+                          seed=seed, scorer="s", final_score=v) for v in (1.0, 2.0)]
+            rows.append(dict(dataset="d", category=category, label=1, defect_type="a",
+                             seed=seed, scorer="s", final_score=5.0))
+            rows.append(dict(dataset="d", category=category, label=1, defect_type="b",
+                             seed=seed, scorer="s", final_score=b_score))
+    table = per_defect_auroc(pd.DataFrame(rows)).set_index("defect_type")
+    assert table.loc["a", "auroc_mean"] == 1.0 and table.loc["a", "auroc_std"] == 0.0
+    # b: seed 0 → (0 + 1) / 2 = 0.5, seed 1 → 1.0: mean 0.75, population std 0.25
+    assert table.loc["b", "auroc_mean"] == pytest.approx(0.75)
+    assert table.loc["b", "auroc_std"] == pytest.approx(0.25)
+    # all: seed 0 cat → ranks of {5, 0} over {1, 2}: 0.5, dog 1.0 → 0.75; seed 1 → 1.0
+    assert table.loc["all", "auroc_mean"] == pytest.approx(0.875)
+    assert set(table["categories"]) == {2}
+
+
+def test_patch_knn_scores_its_references_zero_and_a_pasted_square_higher(tmp_path):
+    """The yardstick from the PatchCore paper: a reference scores 0 against itself; a copy
+    with a foreign square scores above a clean copy."""
+    import numpy as np
+    import torch
+    import torchvision
+    from PIL import Image
+
+    from bench.patch_knn import PatchKnn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18()
+    weights = tmp_path / "r18.pth"
+    torch.save(model.state_dict(), weights)
+    knn = PatchKnn("resnet18", str(weights), image_size=64)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    ref = Image.fromarray(base)
+    bad = base.copy()
+    bad[20:36, 20:36] = 255 - bad[20:36, 20:36]
+    clean, pasted = knn.scores([ref], [ref, Image.fromarray(bad)])
+    assert clean == pytest.approx(0.0, abs=1e-3) and pasted > 0.1
+    with pytest.raises(ValueError, match="no stages known"):
+        PatchKnn("vgg11", str(weights))

@@ -99,11 +99,12 @@ class CachedSuiteFeatures(beam.PTransform):
 
 def extract_suite_features(cache_root: str | None, suite: SuiteSpec, batch_size: int,
                            share_across_processes: bool = False) -> beam.PTransform:
-    """ExtractSuiteFeatures, through the disk cache when a cache root is given and every
-    scorer reads CLIP features (the cache holds those; other extractors always run)."""
+    """Reference images' ExtractSuiteFeatures (with the extractors' reference
+    augmentations), through the disk cache when a cache root is given and every scorer
+    reads CLIP features (the cache holds those; other extractors always run)."""
     if cache_root and suite.extractors == (CLIP,):
         return CachedSuiteFeatures(cache_root, suite, batch_size, share_across_processes)
-    return ExtractSuiteFeatures(suite, batch_size, share_across_processes)
+    return ExtractSuiteFeatures(suite, batch_size, share_across_processes, references=True)
 
 
 class CacheFeatures(beam.PTransform):

@@ -163,14 +163,17 @@ class ExtractFeatures(beam.PTransform):
 class SuiteFeatureHandler(ModelHandler[TensorBundle, TensorBundle, FeatureSuite]):
     """Batches of per-view pixels through every extractor of a run: {view: (3, H, W)} per
     image in, that image's TensorBundle of features out. Loading, batching and
-    ``on_device`` are as ClipFeatureHandler's; each extractor runs once per batch."""
+    ``on_device`` are as ClipFeatureHandler's; each extractor runs once per batch.
+    ``references``: the images are references (extractors add their augmentations)."""
 
     def __init__(self, spec: SuiteSpec, batch_size: int,
-                 share_across_processes: bool = False, on_device: bool = False) -> None:
+                 share_across_processes: bool = False, on_device: bool = False,
+                 references: bool = False) -> None:
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size,
                          large_model=share_across_processes)
         self._spec = spec
         self._on_device = on_device
+        self._references = references
 
     def load_model(self) -> FeatureSuite:
         return get_feature_suite(self._spec)
@@ -178,7 +181,7 @@ class SuiteFeatureHandler(ModelHandler[TensorBundle, TensorBundle, FeatureSuite]
     def run_inference(self, batch: Sequence[TensorBundle], model: FeatureSuite,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[TensorBundle]:
         views = {view: torch.stack([b[view] for b in batch]) for view in batch[0].keys()}
-        feats = model.extract(views)
+        feats = model.extract(views, references=self._references)
         if not self._on_device:
             feats = feats.to("cpu")
         return feats.split()
@@ -194,13 +197,15 @@ class SuiteFeatureHandler(ModelHandler[TensorBundle, TensorBundle, FeatureSuite]
 
 
 class ExtractSuiteFeatures(beam.PTransform):
-    """(key, TensorBundle of views) → (key, TensorBundle of features, batch dimension 1)."""
+    """(key, TensorBundle of views) → (key, TensorBundle of features, batch dimension 1);
+    ``references``: reference images, with their augmentations' features."""
 
     def __init__(self, spec: SuiteSpec, batch_size: int,
-                 share_across_processes: bool = False, on_device: bool = False) -> None:
+                 share_across_processes: bool = False, on_device: bool = False,
+                 references: bool = False) -> None:
         super().__init__()
-        self._handler = KeyedModelHandler(
-            SuiteFeatureHandler(spec, batch_size, share_across_processes, on_device))
+        self._handler = KeyedModelHandler(SuiteFeatureHandler(
+            spec, batch_size, share_across_processes, on_device, references))
 
     def expand(self, keyed_views):
         return keyed_views | "RunInference" >> RunInference(self._handler).with_output_types(

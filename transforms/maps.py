@@ -160,7 +160,8 @@ class _MapsFn(beam.DoFn):
         if patch_map is not None and size is not None:
             pm = torch.as_tensor(np.asarray(patch_map, dtype=np.float32)).view(*grid)
             geometry = self._suite.input_geometry(record["scorer"], tuple(grid))
-            amap = anomaly_map(pm, geometry, tuple(size))
+            smooth = self._suite.smoothing(record["scorer"])
+            amap = anomaly_map(pm, geometry, tuple(size), smooth.sigma, smooth.on_original)
             amap = amap[0] if amap.dim() == 3 else amap
             if self._pixel:
                 yield from self._pixel_stats(record, amap)

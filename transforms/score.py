@@ -18,8 +18,8 @@ from pipeline.core.manifest import ManifestRow
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.loading import TRAINING_FREE, WITH_HEADS, ZERO_SHOT
 from pipeline.model.scorers.base import ScorerOutput
-from pipeline.model.scorers.suite import (EXTRACTOR_OF, IMAGE_SIZE, INCTRL, INCTRL_COMPONENTS,
-                                          TEXT, TensorBundle, build_scorers)
+from pipeline.model.scorers.suite import (CATEGORY, EXTRACTOR_OF, IMAGE_SIZE, INCTRL,
+                                          INCTRL_COMPONENTS, TEXT, TensorBundle, build_scorers)
 from transforms.errors import error_records, row_error
 from transforms.maps import GRID_KEY, PATCH_MAP_KEY, SIZE_KEY
 from transforms.references import ReferencePayload
@@ -113,7 +113,8 @@ class _ScoreFn(beam.DoFn):
         if memory is None:
             refs = payload.features.to(self._device).part(EXTRACTOR_OF[scorer])
             with torch.no_grad():
-                memory = self._scorers[scorer].build_memory(refs, {TEXT: text})
+                memory = self._scorers[scorer].build_memory(
+                    refs, {TEXT: text, CATEGORY: key[1]})
             self._prepared[key] = memory
             self._prepared_sets.inc()
             while len(self._prepared) > _PREPARED_CACHE * len(self._scorers):

@@ -17,6 +17,8 @@ from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECIS
 from pipeline.model.loading import backbone_for_heads
 from pipeline.model.scorers.cnn import DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHTS
 from pipeline.model.scorers.dino import DEFAULT_DINO, DEFAULT_IMAGE_SIZE, TIMM_WEIGHTS
+from pipeline.model.scorers.padim import COVARIANCES, SAMPLE
+from pipeline.model.scorers.patchcore import AGGREGATIONS, MEAN
 from pipeline.model.scorers.references import RANDOM, SELECTIONS
 from pipeline.model.scorers.suite import DEFAULT_SCORERS, SCORERS, check_k, parse_scorers
 
@@ -116,6 +118,11 @@ def unit_fraction(text: str) -> float:
     return value
 
 
+def name_list(text: str) -> tuple[str, ...]:
+    """Comma-separated names in order, each once, e.g. ``--cnn-stages layer2,layer3``."""
+    return tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+
+
 def name_set(text: str) -> frozenset[str]:
     """Comma-separated names, e.g. ``--semantic-classes airplane,bird``."""
     return frozenset(c.strip() for c in text.split(",") if c.strip())
@@ -198,6 +205,22 @@ def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...]
     g.add_argument("--write-anomaly-maps", action="store_true",
                    help="write each query's anomaly map (16-bit PNG at the image's size) and "
                         "an overlay under OUT/maps/, their URIs in the scores rows")
+    g.add_argument("--padim-covariance", choices=COVARIANCES, default=SAMPLE,
+                   help="padim: each position's covariance: 'sample' (the paper's, k − 1 "
+                        "normalised, + 0.01·I; default) or 'ledoit-wolf' (shrunk towards its "
+                        "mean variance, + 0.01·I)")
+    g.add_argument("--anomalydino-rotations", type=positive_int, default=8, metavar="N",
+                   help="anomalydino: each reference also at N angles evenly around the "
+                        "circle (default 8, as the official code; 1: no rotation)")
+    g.add_argument("--anomalydino-masking", choices=("auto", "on", "off"), default="auto",
+                   help="anomalydino: mask query backgrounds (PCA test); auto: the official "
+                        "default's categories (MVTec's capsule, hazelnut, pill, screw, "
+                        "toothbrush and all of VisA, by name)")
+    g.add_argument("--patchcore-aggregation", choices=AGGREGATIONS, default=MEAN,
+                   help="patchcore: 3×3 neighbourhood aggregation: 'mean' (the paper's local "
+                        "smoothing of each channel; default) or 'official' (the authors' "
+                        "code: each flattened C×3×3 patch pooled; the same on WRN-50's "
+                        "layer3, unsmoothed on narrow layers)")
     g.add_argument("--coreset-ratio", type=unit_fraction, default=None,
                    help="patchcore: keep this fraction of the reference patches (greedy "
                         "coreset; default: all, as suits few shots)")
@@ -208,8 +231,12 @@ def add_comparison_model_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("comparison scorers' models")
     g.add_argument("--cnn-backbone", default=DEFAULT_CNN_BACKBONE,
                    help="spade/padim/patchcore: torchvision model builder name (default "
-                        "%(default)s; feature stages are chosen by stride, so ResNets and "
-                        "mobilenet_v2 both work)")
+                        "%(default)s; each stage is the output of the last block at its "
+                        "stride, so ResNets, mobilenet_v2 and efficientnet work)")
+    g.add_argument("--cnn-stages", type=name_list, default=(), metavar="NAMES",
+                   help="comma-separated module or node names of the CNN (layer2,layer3; "
+                        "features.6,features.13): each replaces the automatic stage at its "
+                        "own stride")
     g.add_argument("--cnn-weights", default=DEFAULT_CNN_WEIGHTS,
                    help="torchvision weights name (fetched into $TORCH_HOME), a state-dict "
                         "file or 'random[:SEED]' (default %(default)s)")
@@ -287,8 +314,13 @@ def score_config_from_args(args: argparse.Namespace, **overrides) -> ScoreConfig
         decode_threads=args.decode_threads,
         scorers=tuple(args.scorer),
         coreset_ratio=args.coreset_ratio,
+        padim_covariance=args.padim_covariance,
+        anomalydino_rotations=args.anomalydino_rotations,
+        anomalydino_masking=args.anomalydino_masking,
+        patchcore_aggregation=args.patchcore_aggregation,
         cnn_backbone=args.cnn_backbone,
         cnn_weights=args.cnn_weights,
+        cnn_stages=tuple(args.cnn_stages),
         vit_backbone=args.vit_backbone,
         vit_weights=args.vit_weights,
         vit_image_size=args.vit_image_size,

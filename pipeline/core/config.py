@@ -71,6 +71,11 @@ class ScoreConfig:
     vit_weights: str = TIMM_WEIGHTS
     vit_image_size: int = DEFAULT_VIT_IMAGE_SIZE
     coreset_ratio: float | None = None
+    cnn_stages: tuple[str, ...] = ()
+    padim_covariance: str = "sample"
+    anomalydino_rotations: int = 8
+    anomalydino_masking: str = "auto"
+    patchcore_aggregation: str = "mean"
     # Anomaly maps of each scored query as files (OUT/maps/...), and pixel metrics against
     # the manifest's masks (set by run_score when the manifest has a mask_uri column).
     write_anomaly_maps: bool = False
@@ -106,7 +111,11 @@ class ScoreConfig:
         """The scorers and the models they read (hashable; it keys worker caches)."""
         return SuiteSpec(self.scorers, self.backbone, self.checkpoint, self.cnn_backbone,
                          self.cnn_weights, self.vit_backbone, self.vit_weights,
-                         self.vit_image_size, self.coreset_ratio)
+                         self.vit_image_size, self.coreset_ratio,
+                         cnn_stages=self.cnn_stages, padim_covariance=self.padim_covariance,
+                         anomalydino_rotations=self.anomalydino_rotations,
+                         anomalydino_masking=self.anomalydino_masking,
+                         patchcore_aggregation=self.patchcore_aggregation)
 
     @property
     def representative(self) -> bool:

@@ -133,19 +133,24 @@ def _gaussian_taps(sigma: float, radius: int, like: torch.Tensor) -> torch.Tenso
     return (taps / taps.sum()).to(like.dtype)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, 1, H, W) → (B, 1, H, W): separable Gaussian, reflect padding.
-
-    The radius is int(4σ + 0.5), cut to side − 1 along a side too short to reflect it."""
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, h, w) maps as ``scipy.ndimage.gaussian_filter`` with
+    its defaults computes it, which is what the reference implementations of PatchCore,
+    PaDiM and SPADE call: radius int(4σ + 0.5), edges mirrored with the edge sample repeated
+    (scipy's ``reflect``; ``d c b a | a b c d | d c b a``, periodically beyond the side)."""
+    if sigma <= 0:
+        return maps
     radius = int(_TRUNCATE * sigma + 0.5)
-    rh, rw = min(radius, x.shape[-2] - 1), min(radius, x.shape[-1] - 1)
-    if rh > 0:
-        taps = _gaussian_taps(sigma, rh, x)
-        x = F.conv2d(F.pad(x, (0, 0, rh, rh), mode="reflect"), taps.view(1, 1, -1, 1))
-    if rw > 0:
-        taps = _gaussian_taps(sigma, rw, x)
-        x = F.conv2d(F.pad(x, (rw, rw, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))
-    return x
+    out = maps
+    for _ in range(2):  # blur along the last axis, then transpose and do the other
+        n = out.shape[-1]
+        taps = _gaussian_taps(sigma, radius, out).view(1, 1, -1)
+        idx = torch.arange(-radius, n + radius, device=maps.device) % (2 * n)
+        idx = torch.where(idx < n, idx, 2 * n - 1 - idx)
+        padded = out.index_select(-1, idx)  # (B, h, n + 2r)
+        out = F.conv1d(padded.reshape(-1, 1, n + 2 * radius), taps).view(out.shape)
+        out = out.transpose(1, 2)
+    return out.contiguous()
 
 
 def smooth_upsample(patch_map: torch.Tensor, input_size: tuple[int, int],
@@ -154,8 +159,7 @@ def smooth_upsample(patch_map: torch.Tensor, input_size: tuple[int, int],
 
     patch_map:  (B, h, w) on the feature grid that covers the input uniformly
     input_size: (Hi, Wi) the model input
-    sigma:      the Gaussian's σ in input pixels (0: no smoothing); the kernel reaches about
-                4σ, with reflect padding at the borders
+    sigma:      the Gaussian's σ in input pixels (0: no smoothing); ``gaussian_blur``
     returns:    (B, Hi, Wi) float32, on patch_map's device
     """
     x = _batched(patch_map, "patch_map")
@@ -164,10 +168,8 @@ def smooth_upsample(patch_map: torch.Tensor, input_size: tuple[int, int],
         raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
     if x.shape[0] == 0:
         return x.new_zeros((0, *size))
-    up = F.interpolate(x[:, None], size=size, mode="bilinear", align_corners=False)
-    if sigma > 0:
-        up = _gaussian_blur(up, sigma)
-    return up[:, 0]
+    up = F.interpolate(x[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(up, sigma)
 
 
 def to_original(input_map: torch.Tensor, geometry: InputGeometry,
@@ -203,15 +205,34 @@ def to_original(input_map: torch.Tensor, geometry: InputGeometry,
     return out[:, 0]
 
 
+@dataclass(frozen=True)
+class Smoothing:
+    """How a scorer's map is smoothed: a Gaussian of ``sigma`` pixels (0: none), in the
+    model input's pixels or, ``on_original``, in the original image's (AnomalyDINO's
+    official code blurs at the original size)."""
+
+    sigma: float = 4.0
+    on_original: bool = False
+
+
+#: PatchCore's, PaDiM's and SPADE's reference code: σ = 4 at the 224 px input.
+DEFAULT_SMOOTHING = Smoothing()
+
+
 def anomaly_map(patch_map: torch.Tensor, geometry: InputGeometry,
-                original_size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
-    """A scorer's patch map as an anomaly map over the original image.
+                original_size: tuple[int, int], sigma: float = 4.0,
+                on_original: bool = False) -> torch.Tensor:
+    """A scorer's patch map as an anomaly map over the original image: bilinear to the
+    model input, the crop and resize undone, Gaussian smoothing of ``sigma`` pixels at the
+    input's resolution or, ``on_original``, at the original's.
 
     patch_map: (h, w) or (B, h, w) on the feature grid of the model input
     returns:   (H, W) or (B, H, W) float32, as patch_map is batched or not
     """
     single = isinstance(patch_map, torch.Tensor) and patch_map.dim() == 2
     x = patch_map[None] if single else patch_map
-    up = smooth_upsample(x, geometry.input_size(), sigma)
+    up = smooth_upsample(x, geometry.input_size(), 0.0 if on_original else sigma)
     out = to_original(up, geometry, original_size)
+    if on_original:
+        out = gaussian_blur(out, sigma)
     return out[0] if single else out

@@ -293,41 +293,20 @@ def test_padded_center_crop_drops_the_padding():
 
 # --- smoothing ---------------------------------------------------------------------------
 
-def _reflect(i: int, n: int) -> int:
-    while i < 0 or i >= n:
-        i = -i if i < 0 else 2 * (n - 1) - i
-    return i
+@pytest.mark.parametrize("size, sigma", [((20, 23), 1.5), ((17, 19), 4.0), ((9, 11), 3.0),
+                                         ((3, 70), 4.0)])
+def test_smoothing_is_scipys_gaussian_filter(size, sigma):
+    """The reference implementations of PatchCore (patchcore-inspection's RescaleSegmentor),
+    PaDiM and SPADE smooth with ``scipy.ndimage.gaussian_filter(map, sigma=4)`` at its
+    defaults (mode 'reflect', truncate 4): the same, sides shorter than the kernel included."""
+    from scipy.ndimage import gaussian_filter
 
-
-def _blur_loop(x: np.ndarray, sigma: float) -> np.ndarray:
-    """2-D Gaussian of one (H, W) map written out: every output pixel a weighted sum over
-    the (2r+1)² window, reflect indexing, weights normalised per axis; r = int(4σ + .5) cut
-    to side − 1."""
-    h, w = x.shape
-    r = int(4 * sigma + 0.5)
-    rh, rw = min(r, h - 1), min(r, w - 1)
-    gh = np.array([math.exp(-a * a / (2 * sigma * sigma)) for a in range(-rh, rh + 1)])
-    gw = np.array([math.exp(-b * b / (2 * sigma * sigma)) for b in range(-rw, rw + 1)])
-    gh, gw = gh / gh.sum(), gw / gw.sum()
-    out = np.zeros_like(x, dtype=np.float64)
-    for i in range(h):
-        for j in range(w):
-            acc = 0.0
-            for a in range(-rh, rh + 1):
-                for b in range(-rw, rw + 1):
-                    acc += gh[a + rh] * gw[b + rw] * x[_reflect(i + a, h), _reflect(j + b, w)]
-            out[i, j] = acc
-    return out
-
-
-@pytest.mark.parametrize("size, sigma", [((20, 23), 1.5), ((17, 19), 4.0), ((9, 11), 3.0)])
-def test_smoothing_equals_the_plain_convolution(size, sigma):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, *size, generator=g)
     # Same size in and out: the bilinear step is the identity, what is left is the blur.
     got = smooth_upsample(x, size, sigma)
     for b in range(2):
-        want = _blur_loop(x[b].double().numpy(), sigma)
+        want = gaussian_filter(x[b].double().numpy(), sigma)
         np.testing.assert_allclose(got[b].numpy(), want, atol=1e-5)
 
 
@@ -395,3 +374,19 @@ def test_bad_shapes_are_refused():
         to_original(torch.rand(1, 200, 224), geo, LANDSCAPE)
     with pytest.raises(ValueError, match="original_size"):
         to_original(torch.rand(1, 224, 224), geo, (0, 10))
+
+
+def test_smoothing_on_the_original_image_blurs_after_the_resize():
+    """AnomalyDINO's official map (dammsi/AnomalyDINO src/utils.py): the patch distances
+    resized bilinearly to the original image, then ``gaussian_filter(σ=4)`` there."""
+    from scipy.ndimage import gaussian_filter
+
+    geo = InputGeometry.square(28, 28, 28)
+    grid = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(2))
+    original = (50, 70)
+    got = anomaly_map(grid, geo, original, sigma=4.0, on_original=True)
+    plain = anomaly_map(grid, geo, original, sigma=0.0)
+    want = gaussian_filter(plain[0].double().numpy(), 4.0)
+    np.testing.assert_allclose(got[0].numpy(), want, atol=1e-5)
+    at_input = anomaly_map(grid, geo, original, sigma=4.0)
+    assert not torch.allclose(got, at_input, atol=1e-3)  # the blur's width differs

@@ -1,13 +1,17 @@
-"""AnomalyDINO (Damm et al., WACV 2025): nearest-neighbour patch distances on DINOv2 features.
+"""AnomalyDINO (Damm et al., WACV 2025): nearest-neighbour patch distances on DINOv2 features,
+with the defaults of its authors' code (dammsi/AnomalyDINO, ``--preprocess agnostic``).
 
-The memory is every patch of the k reference images (L2-normalised). A query patch scores its
-cosine distance to the nearest reference patch, d(p) = min_r (1 − cos(p, r)); the image score
+The memory is every patch of the k reference images (L2-normalised) and of their rotated
+copies: the extractor's ``extract_references`` gives each reference at 8 angles, 45° apart
+(``ROTATED``), as the official code augments every object's references. A query patch scores
+its cosine distance to the nearest memory patch, d(p) = min_r (1 − cos(p, r)); the image score
 is the mean of the top 1 % patch distances (at least one patch), the paper's empirical tail
-value at risk. Optional background masking follows the paper's zero-cost PCA test: the first
-principal component of an image's own patch features, thresholded, dilated and closed.
-
-Not implemented: the paper's rotation augmentation of the references (an image-space step the
-job would do before extraction) and k > 1 neighbours.
+value at risk. Background masking follows the paper's zero-cost PCA test (the first principal
+component of an image's own patch features, thresholded, dilated and closed); masked query
+patches score 0. ``masking="auto"`` masks the categories the official code masks by default
+(MVTec AD's capsule, hazelnut, pill, screw and toothbrush, and every VisA category, by their
+names); ``"on"`` and ``"off"`` apply to every category. References are never masked unless
+``mask_references`` (the official ``--mask_ref_images``, off there too).
 """
 from __future__ import annotations
 
@@ -17,10 +21,25 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from pipeline.model.maps import Smoothing
 from pipeline.model.scorers.base import Features, ScorerOutput
 
 #: the Features key this scorer reads: (batch, h, w, channels) patch tokens, not normalised
 PATCHES = "patches"
+#: references' rotated copies, from the extractor's ``extract_references``:
+#: (batch, rotations − 1, h, w, channels)
+ROTATED = "rotated"
+#: the context key of the category a memory is built for (decides ``masking="auto"``)
+CATEGORY = "category"
+#: The official code's default rotations of each reference (0°, 45°, ..., 315°).
+DEFAULT_ROTATIONS = 8
+MASKINGS = ("auto", "on", "off")
+#: Categories the official ``agnostic`` preprocessing masks: MVTec AD's objects that do not
+#: fill the frame, and all of VisA.
+MASKED_CATEGORIES = frozenset({
+    "capsule", "hazelnut", "pill", "screw", "toothbrush",
+    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"})
 
 # Each block of similarities holds about this many elements (16 MiB in float32).
 DEFAULT_CHUNK = 1 << 22
@@ -120,10 +139,12 @@ def foreground_mask(patches: torch.Tensor, threshold: float = 10.0, border: floa
 
 @dataclass(frozen=True)
 class AnomalyDinoMemory:
-    """bank: (m, c) L2-normalised reference patches; k: how many references made it."""
+    """bank: (m, c) L2-normalised reference patches; k: how many references made it;
+    masked: whether query backgrounds are masked for this group's category."""
 
     bank: torch.Tensor
     k: int
+    masked: bool = False
 
 
 def _patches(features: Features) -> torch.Tensor:
@@ -139,41 +160,57 @@ def _patches(features: Features) -> torch.Tensor:
 class AnomalyDinoScorer:
     """Few-shot only (k ≥ 1): nearest reference patch by cosine distance, top-1 % mean."""
 
+    #: how its maps are smoothed (``pipeline.model.maps.Smoothing``)
+    smoothing = Smoothing(sigma=4.0, on_original=True)  # official: σ = 4 at the image's size
     name = "anomalydino"
     min_k = 1
 
-    def __init__(self, top_fraction: float = 0.01, mask_background: bool = False,
+    def __init__(self, top_fraction: float = 0.01, masking: str = "auto",
                  mask_references: bool = False, mask_threshold: float = 10.0,
                  mask_border: float = 0.2, mask_kernel: int = 3,
                  chunk: int = DEFAULT_CHUNK) -> None:
-        """``mask_background`` zeroes the distances of query patches the PCA test calls
-        background (the paper does so for some object categories); ``mask_references`` also
-        drops background patches from the memory (the official code's ``--mask_ref_images``,
-        off by default there too). The threshold suits DINOv2's unnormalised features."""
+        """``masking`` zeroes the distances of query patches the PCA test calls background:
+        ``auto`` for ``MASKED_CATEGORIES`` only (the official default), ``on`` or ``off`` for
+        every category; ``mask_references`` also drops background patches from the memory of
+        masked categories. The threshold suits DINOv2's unnormalised features."""
         if not 0.0 < top_fraction <= 1.0:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
-        if mask_references and not mask_background:
-            raise ValueError("mask_references needs mask_background")
+        if masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
+        if mask_references and masking == "off":
+            raise ValueError("mask_references needs masking 'auto' or 'on'")
         self.top_fraction = top_fraction
-        self.mask_background = mask_background
+        self.masking = masking
         self.mask_references = mask_references
         self.mask_args = dict(threshold=mask_threshold, border=mask_border, kernel=mask_kernel)
         self.chunk = chunk
 
+    def masks(self, category: str | None) -> bool:
+        """Whether query backgrounds of ``category`` are masked."""
+        if self.masking == "auto":
+            return category is not None and category.lower() in MASKED_CATEGORIES
+        return self.masking == "on"
+
     def build_memory(self, references: Features,
                      context: Mapping[str, Any] | None = None) -> AnomalyDinoMemory:
-        """All reference patches, (k·h·w, c) L2-normalised (fewer with ``mask_references``)."""
+        """All reference patches and those of their rotated copies, (m, c) L2-normalised
+        (background patches dropped with ``mask_references`` where the category is masked).
+        ``context[CATEGORY]`` names the group's category."""
         k = references[PATCHES].shape[0] if PATCHES in references else 0
         if k < self.min_k:
             raise ValueError(f"anomalydino needs at least {self.min_k} reference image(s) "
                              f"(k ≥ {self.min_k}); it has no zero-shot mode, got k = {k}")
+        masked = self.masks((context or {}).get(CATEGORY))
         patches = _patches(references)
+        if ROTATED in references:
+            rotated = references[ROTATED].float()
+            patches = torch.cat([patches, rotated.reshape(-1, *rotated.shape[2:])])
         bank = F.normalize(patches, dim=-1).reshape(-1, patches.shape[-1])
-        if self.mask_references:
+        if self.mask_references and masked:
             keep = foreground_mask(patches, **self.mask_args).reshape(-1)
             if keep.any():  # a mask that drops everything would leave nothing to compare to
                 bank = bank[keep]
-        return AnomalyDinoMemory(bank=bank, k=k)
+        return AnomalyDinoMemory(bank=bank, k=k, masked=masked)
 
     def score(self, queries: Features, memory: AnomalyDinoMemory) -> ScorerOutput:
         """score (B,) top-1 % mean; patch_map (B, h, w) distances; components: max_patch."""
@@ -181,7 +218,7 @@ class AnomalyDinoScorer:
         b, h, w, c = patches.shape
         q = F.normalize(patches, dim=-1).reshape(b * h * w, c)
         dist = nearest_cosine_distance(q, memory.bank.to(q.device), self.chunk).view(b, h, w)
-        if self.mask_background:
+        if memory.masked:
             dist = dist * foreground_mask(patches, **self.mask_args)
         flat = dist.reshape(b, h * w)
         return ScorerOutput(score=top_fraction_mean(flat, self.top_fraction), patch_map=dist,

@@ -1,13 +1,21 @@
 """An ImageNet CNN (any torchvision classification model) as a frozen multi-stage feature
 extractor for the CNN scorers (SPADE, PaDiM, PatchCore).
 
-Stages are named by output stride, not by layer: the stage at stride s is the *last node of
-the model's graph, at stride s, that every path from the input to the output passes
-through* (a cut vertex of the FX graph). For ResNets that is the output of ``layer1`` /
-``layer2`` / ``layer3`` / ``layer4`` at strides 4 / 8 / 16 / 32, the features the papers
-use; for ``mobilenet_v2`` it is the last activation before each downsampling (the
-expansion of the block that halves the resolution). The strides are measured with one
-probe forward, so nothing here knows layer names.
+Stages are named by output stride, not by layer: the stage at stride s is the output of the
+*last block* at stride s: a block is a module whose ancestors below the model are all
+``nn.Sequential`` (or ``ModuleList``) containers, its output a node that every path from the
+input to the output passes through (a cut vertex of the FX graph), and of the blocks ending at
+stride s the outermost ones count (ResNet's ``layer2`` rather than ``layer2.3``,
+ConvNeXt's stage ``features.1`` rather than the norm inside the next downsampler
+``features.2.0``). For ResNets that is
+the output of ``layer1`` / ``layer2`` / ``layer3`` / ``layer4`` at strides 4 / 8 / 16 / 32,
+the features the papers use; for ``mobilenet_v2`` ``features.3`` / ``features.6`` /
+``features.13`` / ``features.18``; for ``efficientnet_b0`` ``features.2`` / ``features.3`` /
+``features.5`` / ``features.8``; for ``convnext_tiny`` ``features.1`` / ``.3`` / ``.5`` /
+``.7``. The strides are measured with one probe forward, so nothing
+here knows layer names. A model without such blocks at a stride falls back to the last cut
+vertex there (with a warning). ``CnnSpec.stages`` names stages instead (``--cnn-stages``):
+each named module or node replaces the rule at its own stride.
 
 Features are ``{"s4": (B, C4, H/4, W/4), "s8": ..., "pooled": (B, C)}``: one map per asked
 stride and, if asked, ``pooled``, the global average of the deepest map (what the
@@ -126,6 +134,41 @@ class _Graph:
     nodes: list[str]
     cut: set[str]
     stride: dict[str, int] = field(default_factory=dict)  # NCHW nodes only
+    # the output node of each block → the smallest nesting depth of a block it ends
+    blocks: dict[str, int] = field(default_factory=dict)
+
+
+def _block_names(model: torch.nn.Module) -> dict[str, int]:
+    """Modules whose ancestors below ``model`` are all Sequential or ModuleList containers,
+    with their depth (1: the model's children)."""
+    containers = (torch.nn.Sequential, torch.nn.ModuleList)
+    out: dict[str, int] = {}
+
+    def walk(module: torch.nn.Module, prefix: str, depth: int) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            out[full] = depth
+            if isinstance(child, containers):
+                walk(child, full, depth + 1)
+
+    walk(model, "", 1)
+    return out
+
+
+def _block_outputs(blocks: dict[str, int], nodes: Sequence[str]) -> dict[str, int]:
+    """Each block's last graph node (its output: the node named like the block or the last
+    one inside it, in topological order) → the smallest depth of a block ending there."""
+    last: dict[str, str] = {}
+    for node in nodes:
+        parts = node.split(".")
+        for i in range(1, len(parts) + 1):
+            last[".".join(parts[:i])] = node
+    out: dict[str, int] = {}
+    for name, depth in blocks.items():
+        if name in last:
+            node = last[name]
+            out[node] = min(depth, out.get(node, depth))
+    return out
 
 
 def _load_model(spec: CnnSpec) -> tuple[torch.nn.Module, str, tuple, tuple]:
@@ -193,6 +236,7 @@ def _probe_graph(model: torch.nn.Module) -> _Graph:
             cut.add(name_of[n])
         furthest = max(furthest, reach[i])
     graph = _Graph([name_of[n] for n in order if n in name_of], cut)
+    graph.blocks = _block_outputs(_block_names(model), graph.nodes)
     h, w = _PROBE
     with torch.no_grad():
         outs = traced(torch.zeros(1, 3, h, w))
@@ -225,25 +269,46 @@ def _resolve_stage(name: str, graph: _Graph) -> str:
 
 
 def _choose_nodes(spec: CnnSpec, graph: _Graph) -> tuple[dict[str, str], str | None]:
-    """Features key → node, and the deepest map's node when the pooled feature is asked."""
-    maps = [n for n in graph.nodes if n in graph.cut and n in graph.stride]
+    """Features key → node, and the deepest map's node when the pooled feature is asked.
+
+    Named stages (``spec.stages``) take their own strides; every other stride of
+    ``spec.strides`` takes the last block output there (the module docstring's rule)."""
+    cuts = [n for n in graph.nodes if n in graph.cut and n in graph.stride]
+    maps = [n for n in cuts if n in graph.blocks]
+    named: dict[str, str] = {}
+    for name in spec.stages:
+        node = _resolve_stage(name, graph)
+        key = stage_key(graph.stride[node])
+        if key in named:
+            raise CnnLoadError(f"stages {named[key]!r} and {node!r} share stride "
+                               f"{graph.stride[node]}")
+        named[key] = node
+    if spec.strides:
+        unused = sorted(k for k in named if int(k[1:]) not in spec.strides)
+        if unused:
+            raise CnnLoadError(
+                f"stage(s) {', '.join(repr(named[k]) for k in unused)} of {spec.backbone} "
+                f"are at stride(s) {', '.join(k[1:] for k in unused)}; the scorers read "
+                f"strides {', '.join(map(str, spec.strides))}")
     chosen: dict[str, str] = {}
-    if spec.stages:
-        for name in spec.stages:
-            node = _resolve_stage(name, graph)
-            key = stage_key(graph.stride[node])
-            if key in chosen:
-                raise CnnLoadError(f"stages {chosen[key]!r} and {node!r} share stride "
-                                   f"{graph.stride[node]}")
-            chosen[key] = node
-    else:
-        for s in spec.strides:
-            at = [n for n in maps if graph.stride[n] == s]
+    for s in spec.strides or sorted(int(k[1:]) for k in named):
+        key = stage_key(s)
+        if key in named:
+            chosen[key] = named[key]
+            continue
+        at = [n for n in maps if graph.stride[n] == s]
+        if at:  # the outermost blocks at this stride (a stage, not a layer inside the next)
+            depth = min(graph.blocks[n] for n in at)
+            at = [n for n in at if graph.blocks[n] == depth]
+        else:
+            at = [n for n in cuts if graph.stride[n] == s]
             if not at:
-                have = sorted({graph.stride[n] for n in maps})
+                have = sorted({graph.stride[n] for n in cuts})
                 raise CnnLoadError(f"{spec.backbone} has no stage at stride {s}; it has {have}")
-            chosen[stage_key(s)] = at[-1]
-    deepest = maps[-1] if spec.pooled and maps else None
+            LOG.warning("%s has no block output at stride %d; using the node %s (name the "
+                        "stage with --cnn-stages to choose another)", spec.backbone, s, at[-1])
+        chosen[key] = at[-1]
+    deepest = (maps or cuts)[-1] if spec.pooled and cuts else None
     if spec.pooled and deepest is None:
         raise CnnLoadError(f"{spec.backbone} has no feature map to pool")
     return chosen, deepest

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 
 from pipeline.model.backbone import BackboneLoadError
-from pipeline.model.scorers.anomalydino import PATCHES
+from pipeline.model.augment import even_angles, rotations
+from pipeline.model.scorers.anomalydino import DEFAULT_ROTATIONS, PATCHES, ROTATED
 from pipeline.model.scorers.cnn import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.model.weights import file_sha256, is_random, random_seed, seeded
 
@@ -40,8 +41,9 @@ class DinoSpec:
     ``weights_only=True``; timm or original DINOv2 key names), or ``random[:SEED]``.
     ``image_size``: the side images are resized to (``keep_aspect``: the shorter side, as
     the paper does; otherwise both sides, which keeps a batch stackable); either way the
-    result is cropped to a multiple of the patch size. ``overrides``: timm architecture
-    arguments (``(("depth", 2),)``), for tests.
+    result is cropped to a multiple of the patch size. ``rotations``: references are also
+    extracted at this many angles evenly around the circle (the official 8; 1: none).
+    ``overrides``: timm architecture arguments (``(("depth", 2),)``), for tests.
     """
 
     name: str = DEFAULT_DINO
@@ -50,10 +52,13 @@ class DinoSpec:
     keep_aspect: bool = False
     device: str = "cpu"
     overrides: tuple[tuple[str, Any], ...] = ()
+    rotations: int = DEFAULT_ROTATIONS
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.rotations < 1:
+            raise ValueError(f"rotations must be at least 1, got {self.rotations}")
         if not self.name:
             raise ValueError("a timm model name is needed")
         if self.is_random:
@@ -182,6 +187,8 @@ class DinoExtractor:
         arch = spec.name.split(".")[0]
         extra = "".join(f",{k}={v}" for k, v in spec.overrides)
         self.identity = f"dino:{arch}{extra}@{weights_id}:size={spec.image_size}:{mode}"
+        if spec.rotations > 1:
+            self.identity += f":rotations={spec.rotations}"
         if spec.is_random:
             LOG.warning("Using %s: random weights, for tests only; its scores say nothing "
                         "about detection quality.", self.identity)
@@ -209,6 +216,19 @@ class DinoExtractor:
         patches = tokens[:, self.num_prefix_tokens:]
         h, w = self.grid(height, width)
         return {PATCHES: patches.float().reshape(b, h, w, patches.shape[-1])}
+
+    @torch.no_grad()
+    def extract_references(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``extract`` plus, with ``spec.rotations`` > 1, ``rotated``: (B, rotations − 1, h, w,
+        C) the features of each image turned by the other angles (``augment.rotate``)."""
+        feats = self.extract(pixels)
+        if self.spec.rotations > 1:
+            b = pixels.shape[0]
+            turned = rotations(pixels.to(self.device, torch.float32),
+                               even_angles(self.spec.rotations)[1:])  # (B, R − 1, 3, H, W)
+            extra = self.extract(turned.flatten(0, 1))[PATCHES]
+            feats[ROTATED] = extra.view(b, self.spec.rotations - 1, *extra.shape[1:])
+        return feats
 
 
 _CACHE: dict[DinoSpec, DinoExtractor] = {}

@@ -1,32 +1,35 @@
 """PaDiM (Defard et al., 2020): a Gaussian per feature-map position, Mahalanobis distance.
 
+No code from the authors exists; this follows the paper, with anomalib's implementation
+and the widely used unofficial one (xiahaifeng1995/PaDiM-Anomaly-Detection-Localization) as
+cross-checks where the paper is silent.
+
 Embedding: the maps of strides 4, 8 and 16 (ResNet layers 1–3), the coarser upsampled to the
 finest grid (nearest, as the paper's patch-wise concatenation), concatenated, and a seeded
 random subset of ``n_features`` channels kept (the paper: 100 of 448 for ResNet-18, 550 of
-1792 for WRN-50; capped by the total). At every position p the k references give samples
-x_1..x_k ∈ R^d of a Gaussian N(μ_p, Σ_p); a query's map is the Mahalanobis distance
-√((x − μ_p)ᵀ Σ_p⁻¹ (x − μ_p)); its image score is the maximum of that map after bilinear
-upsampling to the input's pixels and a Gaussian blur of σ = 4 pixels.
+1792 for WRN-50, ``paper_features``; capped by the total). At every position p the k
+references give samples x_1..x_k ∈ R^d of a Gaussian N(μ_p, Σ_p); a query's map is the
+Mahalanobis distance √((x − μ_p)ᵀ Σ_p⁻¹ (x − μ_p)); its image score is the maximum of that map
+after bilinear upsampling to the input's pixels and a Gaussian blur of σ = 4 pixels.
 
-Covariance with k ≪ d. The paper regularises the sample covariance with 0.01·I; with k
-references the sample covariance has rank ≤ k − 1 (≤ 15 against d = 550), so 0.01·I alone
-decides almost every direction. We use the Ledoit–Wolf (2004) estimator instead, per
-position, in closed form: with centred samples x_i and S = (1/k)Σ x_i x_iᵀ,
+Covariance (``covariance``):
+- ``sample`` (default, the references'): the unbiased sample covariance plus the paper's
+  regulariser, Σ = XᵀX/(k − 1) + 0.01·I (X the centred samples). At k = 1 the references
+  divide by zero (NaN); here X = 0 and Σ = 0.01·I: the map is 10 × the Euclidean distance to
+  the one reference.
+- ``ledoit-wolf``: with S = XᵀX/k the Ledoit–Wolf (2004) estimate per position, in closed
+  form, shrinking S towards μI:
 
     μ = tr(S)/d,  δ² = ‖S − μI‖²_F/d,  β² = min(δ², (1/k²) Σ_i ‖x_i x_iᵀ − S‖²_F / d),
-    ρ = β²/δ² (0 when δ² = 0),         Σ = (1 − ρ)S + ρμI + εI,  ε = 0.01 (the paper's).
+    ρ = β²/δ² (0 when δ² = 0),         Σ = (1 − ρ)S + ρμI + 0.01·I.
 
-ε stays as a floor so that Σ is invertible in every case. Σ is never formed: it is εI plus a
-rank-k term, so its inverse follows from the k×k Gram matrix of the samples (Woodbury), and
-memory and time stay O(positions · k · d) instead of O(positions · d²).
+  With k ≪ d the sample covariance has rank ≤ k − 1, so 0.01·I alone decides almost every
+  direction; the shrinkage puts the references' own scale there instead (measured against
+  ``sample`` in bench/RESULTS.md).
 
-Where few shots force a choice the paper did not face:
-- k = 1: the centred sample is 0, so S = 0, μ = 0 and the shrinkage target μI is 0 too;
-  only the floor is left, Σ = εI, and the map is the Euclidean distance to the single
-  reference divided by √ε.
-- k = 2: the two centred samples are ±(x₁ − x₂)/2, both outer products equal S, so the
-  estimated error β² is 0 and ρ = 0: Σ = S + εI (rank one plus the floor).
-- k ≥ 3: ρ ∈ (0, 1] is estimated per position from the references' dispersion.
+Either way Σ is εI-like plus a rank-k term, so it is never formed: its inverse follows from
+the k×k Gram matrix of the samples (Woodbury), and memory and time stay O(positions · k · d)
+instead of O(positions · d²).
 """
 from __future__ import annotations
 
@@ -35,13 +38,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.model.maps import gaussian_blur
 from pipeline.model.scorers.base import Features, ScorerOutput, batch_size
 from pipeline.model.scorers.cnn import stage_key
 
+
+def paper_features(backbone: str) -> int:
+    """The channels PaDiM keeps on ``backbone``: the paper's d where it names one."""
+    return PAPER_FEATURES.get(backbone, DEFAULT_N_FEATURES)
+
 PADIM_STRIDES = (4, 8, 16)
-DEFAULT_N_FEATURES = 550  # the paper's d for WRN-50 (100 for ResNet-18)
-EPSILON = 0.01  # the paper's regulariser, kept as a floor under the shrunk covariance
+DEFAULT_N_FEATURES = 550  # the paper's d for WRN-50, kept for backbones it does not name
+#: The paper's d per backbone (of 448 and 1792 channels).
+PAPER_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
+EPSILON = 0.01  # the paper's regulariser
 SIGMA = 4.0  # Gaussian blur of the map, in input pixels
+SAMPLE, LEDOIT_WOLF = "sample", "ledoit-wolf"
+COVARIANCES = (SAMPLE, LEDOIT_WOLF)
 # Bound a (queries, positions, d) residual block to about this many elements.
 _MAX_ELEMENTS = 1 << 24
 
@@ -99,7 +112,8 @@ class PadimMemory:
 
     mean:     (P, d), P = h·w
     centered: (P, k, d) the references minus the mean
-    inner:    (P, k, k) c·(aI + cG)⁻¹, the Woodbury core of Σ⁻¹ (c = (1 − ρ)/k, a = ρμ + ε)
+    inner:    (P, k, k) c·(aI + cG)⁻¹, the Woodbury core of Σ = aI + c·XᵀX
+              (sample: c = 1/(k − 1), a = ε; ledoit-wolf: c = (1 − ρ)/k, a = ρμ + ε)
     alpha:    (P,) a, Σ's isotropic part
     channels: (d,) the kept channels of the concatenated embedding
     grid, stride: the map's (h, w) and its stride in input pixels
@@ -114,28 +128,6 @@ class PadimMemory:
     stride: int
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, h, w) maps, as scipy.ndimage.gaussian_filter with its
-    defaults (kernel radius ⌊4σ + ½⌋, edges mirrored including the edge sample)."""
-    if sigma <= 0:
-        return maps
-    radius = int(4.0 * sigma + 0.5)
-    t = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    weight = kernel.view(1, 1, -1)
-    out = maps
-    for _ in range(2):  # blur along the last axis, then transpose and do the other
-        n = out.shape[-1]
-        # symmetric ("reflect" in scipy) padding by index: period 2n, mirrored halves
-        idx = torch.arange(-radius, n + radius, device=maps.device) % (2 * n)
-        idx = torch.where(idx < n, idx, 2 * n - 1 - idx)
-        padded = out.index_select(-1, idx)  # (B, h, n + 2r)
-        out = F.conv1d(padded.reshape(-1, 1, n + 2 * radius), weight).view(out.shape)
-        out = out.transpose(1, 2)
-    return out.contiguous()
-
-
 class Padim:
     """PaDiM on a CNN extractor's maps at ``strides`` (Features keys ``s4``, ``s8``, ...).
 
@@ -144,7 +136,7 @@ class Padim:
                                patch_map (B, h, w) Mahalanobis distances on the finest grid,
                                components {"map_max": (B,) max of the raw map}
 
-    Needs k ≥ 1; what k = 1 and k = 2 do to the covariance is in the module docstring.
+    Needs k ≥ 1; what k = 1 does to the covariance is in the module docstring.
     """
 
     name = "padim"
@@ -153,14 +145,18 @@ class Padim:
 
     def __init__(self, strides: tuple[int, ...] = PADIM_STRIDES,
                  n_features: int = DEFAULT_N_FEATURES, seed: int = 0,
-                 epsilon: float = EPSILON, sigma: float = SIGMA) -> None:
+                 epsilon: float = EPSILON, sigma: float = SIGMA,
+                 covariance: str = SAMPLE) -> None:
         if not strides or n_features < 1 or epsilon <= 0:
             raise ValueError("PaDiM needs strides, n_features ≥ 1 and epsilon > 0")
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
         self.strides = tuple(sorted(strides))
         self.n_features = n_features
         self.seed = seed
         self.epsilon = epsilon
         self.sigma = sigma
+        self.covariance = covariance
 
     def embed(self, features: Features, channels: torch.Tensor | None = None) -> torch.Tensor:
         """The maps concatenated along channels, coarser ones upsampled (nearest) to the finest
@@ -196,15 +192,22 @@ class Padim:
         h, w = references[stage_key(self.strides[0])].shape[-2:]
         channels = self.channel_subset(total, references[stage_key(self.strides[0])].device)
         x = self.embed(references, channels).transpose(0, 1).contiguous()  # (P, k, d)
-        lw = ledoit_wolf(x)
-        alpha = lw.rho * lw.mu + self.epsilon  # (P,)
-        coef = (1 - lw.rho) / k
-        gram = lw.centered @ lw.centered.transpose(1, 2)  # (P, k, k)
+        if self.covariance == LEDOIT_WOLF:
+            lw = ledoit_wolf(x)
+            mean, centered = lw.mean, lw.centered
+            alpha = lw.rho * lw.mu + self.epsilon  # (P,)
+            coef = (1 - lw.rho) / k
+        else:
+            mean = x.mean(dim=1)
+            centered = x - mean.unsqueeze(1)
+            alpha = x.new_full((x.shape[0],), self.epsilon)
+            coef = x.new_full((x.shape[0],), 1.0 / max(k - 1, 1))  # X = 0 at k = 1
+        gram = centered @ centered.transpose(1, 2)  # (P, k, k)
         eye = torch.eye(k, dtype=x.dtype, device=x.device)
         core = alpha[:, None, None] * eye + coef[:, None, None] * gram
         inner = coef[:, None, None] * torch.linalg.inv(core)
         stride = self.strides[0]
-        return PadimMemory(lw.mean, lw.centered, inner, alpha, channels, (h, w), stride)
+        return PadimMemory(mean, centered, inner, alpha, channels, (h, w), stride)
 
     def distance_map(self, queries: Features, memory: PadimMemory) -> torch.Tensor:
         """Mahalanobis distance at every position: (B, h, w).

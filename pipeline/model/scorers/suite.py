@@ -33,10 +33,10 @@ import torch
 from pipeline.model.backbone import BackboneSpec, ImageFeatures, describe, get_backbone
 from pipeline.model.inctrl import InCTRLScorer, ReferenceSet
 from pipeline.model.loading import get_scorer
-from pipeline.model.maps import InputGeometry
+from pipeline.model.maps import DEFAULT_SMOOTHING, InputGeometry, Smoothing
 from pipeline.model.weights import file_sha256
 from pipeline.model.residual import text_prior
-from pipeline.model.scorers.anomalydino import AnomalyDinoScorer
+from pipeline.model.scorers.anomalydino import CATEGORY, DEFAULT_ROTATIONS, AnomalyDinoScorer
 from pipeline.model.scorers.base import Features, ScorerOutput
 from pipeline.model.scorers.cnn import (DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHTS, CnnSpec,
                                         cnn_preprocess, get_cnn_extractor, required_features)
@@ -44,8 +44,8 @@ from pipeline.model.scorers.dino import (DEFAULT_DINO,
                                          DEFAULT_IMAGE_SIZE as DEFAULT_VIT_IMAGE_SIZE,
                                          TIMM_WEIGHTS, DinoSpec, dino_view_preprocess,
                                          get_dino_extractor)
-from pipeline.model.scorers.padim import Padim
-from pipeline.model.scorers.patchcore import PatchCore
+from pipeline.model.scorers.padim import SAMPLE, Padim, paper_features
+from pipeline.model.scorers.patchcore import MEAN, PatchCore
 from pipeline.model.scorers.spade import Spade
 from pipeline.model.scorers.winclip import (DEFAULT_SCALES, TEXT, WinClipExtractor, WinClipScorer,
                                             WindowLayout, as_scale)
@@ -179,6 +179,11 @@ class SuiteSpec:
     vit_image_size: int = DEFAULT_VIT_IMAGE_SIZE
     coreset_ratio: float | None = None
     winclip_scales: tuple[tuple[int, int], ...] = DEFAULT_SCALES
+    cnn_stages: tuple[str, ...] = ()
+    padim_covariance: str = SAMPLE
+    anomalydino_rotations: int = DEFAULT_ROTATIONS
+    anomalydino_masking: str = "auto"
+    patchcore_aggregation: str = MEAN
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scorers", parse_scorers(self.scorers))
@@ -204,12 +209,12 @@ class SuiteSpec:
         """The CNN extractor that serves every CNN scorer of the run with one forward."""
         strides, pooled = required_features(_cnn_scorer(s, self) for s in self.scorers
                                             if s in _CNN_SCORERS)
-        return CnnSpec(self.cnn_backbone, self.cnn_weights, strides=strides, pooled=pooled,
-                       device=self.clip.device)
+        return CnnSpec(self.cnn_backbone, self.cnn_weights, strides=strides,
+                       stages=self.cnn_stages, pooled=pooled, device=self.clip.device)
 
     def dino_spec(self) -> DinoSpec:
         return DinoSpec(self.vit_backbone, self.vit_weights, image_size=self.vit_image_size,
-                        device=self.clip.device)
+                        device=self.clip.device, rotations=self.anomalydino_rotations)
 
     def input_geometry(self, scorer: str, grid: tuple[int, int]) -> InputGeometry:
         """How the scorer's view turns an image into the model input its patch map (on a
@@ -236,9 +241,14 @@ class SuiteSpec:
         if ext == CNN:
             c = self.cnn_spec()
             return (f"cnn|{c.backbone}|{_weights_label(c.weights)}|{c.strides}|pooled={c.pooled}"
-                    f"|{c.resize}/{c.image_size}")
+                    f"|{c.resize}/{c.image_size}" + (f"|stages={c.stages}" if c.stages else ""))
         d = self.dino_spec()
-        return f"dino|{d.name}|{_weights_label(d.weights)}|{d.image_size}|{d.keep_aspect}"
+        return (f"dino|{d.name}|{_weights_label(d.weights)}|{d.image_size}|{d.keep_aspect}"
+                + (f"|rotations={d.rotations}" if d.rotations > 1 else ""))
+
+    def smoothing(self, scorer: str) -> Smoothing:
+        """How the scorer's anomaly maps are smoothed (its class says; default σ = 4 px)."""
+        return getattr(_SCORER_CLASSES[scorer], "smoothing", DEFAULT_SMOOTHING)
 
     def backbone_of(self, scorer: str) -> tuple[str, str]:
         """(model name, weights) a scorer's features come from, for its output rows: a
@@ -263,8 +273,9 @@ def _cnn_scorer(name: str, spec: SuiteSpec) -> Any:
     if name == SPADE:
         return Spade()
     if name == PADIM:
-        return Padim()
-    return PatchCore(coreset_ratio=spec.coreset_ratio)
+        return Padim(n_features=paper_features(spec.cnn_backbone),
+                     covariance=spec.padim_covariance)
+    return PatchCore(coreset_ratio=spec.coreset_ratio, aggregation=spec.patchcore_aggregation)
 
 
 # --------------------------------------------------------------- preprocessing, per view
@@ -333,12 +344,18 @@ class FeatureSuite:
                 self.extractors[ext] = get_dino_extractor(spec.dino_spec())
         self.device = torch.device(spec.device)
 
-    def extract(self, views: Mapping[str, torch.Tensor]) -> TensorBundle:
+    def extract(self, views: Mapping[str, torch.Tensor], references: bool = False) -> TensorBundle:
         """{view: (B, 3, H, W)} → the bundle of every extractor's Features (batch B), on the
         device, and the images' sizes when ``views`` has them. Each extractor runs once on
-        its view."""
+        its view; with ``references``, an extractor that augments references
+        (``extract_references``, e.g. DINO's rotations) adds their features."""
+        def run(model: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+            if references and hasattr(model, "extract_references"):
+                return model.extract_references(pixels)
+            return model.extract(pixels)
+
         out = TensorBundle.join({
-            ext: model.extract(views[VIEW_OF[ext]]) for ext, model in self.extractors.items()})
+            ext: run(model, views[VIEW_OF[ext]]) for ext, model in self.extractors.items()})
         if IMAGE_SIZE in views:
             out.tensors[IMAGE_SIZE] = views[IMAGE_SIZE].to(self.device)
         return out
@@ -412,6 +429,10 @@ class InctrlScorer:
             components={name: getattr(comps, name) for name in INCTRL_COMPONENTS})
 
 
+_SCORER_CLASSES = {INCTRL: InctrlScorer, SPADE: Spade, PADIM: Padim, PATCHCORE: PatchCore,
+                   WINCLIP: WinClipScorer, ANOMALYDINO: AnomalyDinoScorer}
+
+
 def build_scorers(spec: SuiteSpec) -> tuple[dict[str, Any], str]:
     """The run's scorers by name, on the job's device, and InCTRL's heads hash (the empty
     string when InCTRL is not among them). Cheap, except InCTRL's heads (loaded once per
@@ -426,7 +447,7 @@ def build_scorers(spec: SuiteSpec) -> tuple[dict[str, Any], str]:
             grid = describe(spec.clip).geometry.grid
             scorers[name] = WinClipScorer(WindowLayout(grid, spec.winclip_scales))
         elif name == ANOMALYDINO:
-            scorers[name] = AnomalyDinoScorer()
+            scorers[name] = AnomalyDinoScorer(masking=spec.anomalydino_masking)
         else:
             scorers[name] = _cnn_scorer(name, spec)
     return scorers, heads

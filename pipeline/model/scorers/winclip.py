@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model.scorers.anomalydino import DEFAULT_CHUNK, nearest_cosine_distance
+from pipeline.model.maps import Smoothing
 from pipeline.model.scorers.base import Features, ScorerOutput
 from pipeline.model.inctrl import encode_prompt_pair
 from pipeline.model.prompts import state_prompts
@@ -233,6 +234,8 @@ def few_shot_map(features: Features, memory: WinClipMemory, layout: WindowLayout
 class WinClipScorer:
     """WinCLIP (k = 0) and WinCLIP+ (k ≥ 1) behind the scorer seam."""
 
+    #: how its maps are smoothed (``pipeline.model.maps.Smoothing``)
+    smoothing = Smoothing(sigma=0.0)  # anomalib's WinCLIP: no blur
     name = "winclip"
     min_k = 0
 

@@ -2,9 +2,18 @@
 bundled sample images, no download).
 
 Normal images are crops of one photograph with a small random shift, scale and brightness
-change (an object on a conveyor); anomalous ones are normal images with a square patch of a
-different photograph pasted in at a random place. Everything is drawn from one seeded
-``numpy`` generator, so a seed gives the same images on every machine.
+change (an object on a conveyor). Defects are square regions of a normal image, of side
+``paste`` × the image side, kept off the outer eighth of the image, of two families:
+
+- foreign material: ``pasted``, a patch of a different photograph;
+- structural changes of the same material: ``rotated`` (the region turned by 90°, 180° or
+  270° in place), ``displaced`` (the region replaced by another region of the same image, at
+  least one region side away), ``scaled`` (the central half of the region magnified ×2 over
+  it) and ``missing`` (the region's texture removed: a strong Gaussian blur of itself, its
+  colours kept).
+
+Everything is drawn from one seeded ``numpy`` generator, so a seed gives the same images on
+every machine.
 """
 from __future__ import annotations
 
@@ -12,6 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+#: Defect kinds: foreign material first, then structural changes of the same material.
+FOREIGN = ("pasted",)
+STRUCTURAL = ("rotated", "displaced", "scaled", "missing")
+DEFECT_KINDS = FOREIGN + STRUCTURAL
 
 # Sample images scikit-image ships inside its wheel (readable offline).
 PRODUCT = "chelsea"
@@ -83,6 +97,44 @@ class ProductLine:
         top = int(rng.integers(margin, self.size - margin - side))
         left = int(rng.integers(margin, self.size - margin - side))
         img.paste(patch, (left, top))
+        return img, (top, left, side)
+
+    def _region(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """A defect's square (top, left, side), off the outer eighth of the image."""
+        side = int(self.size * self.paste)
+        margin = self.size // 8
+        top = int(rng.integers(margin, self.size - margin - side))
+        left = int(rng.integers(margin, self.size - margin - side))
+        return top, left, side
+
+    def defective(self, rng: np.random.Generator,
+                  kind: str) -> tuple[Image.Image, tuple[int, int, int]]:
+        """A normal image with one defect of ``kind`` (``DEFECT_KINDS``), and the defect's
+        (top, left, side) in pixels. ``pasted`` is ``anomalous`` (same draws)."""
+        if kind == "pasted":
+            return self.anomalous(rng)
+        if kind not in STRUCTURAL:
+            raise ValueError(f"unknown defect kind {kind!r}; choose from {DEFECT_KINDS}")
+        img = self.normal(rng).copy()
+        top, left, side = self._region(rng)
+        box = (left, top, left + side, top + side)
+        region = img.crop(box)
+        if kind == "rotated":
+            region = region.rotate(90 * int(rng.integers(1, 4)))
+        elif kind == "displaced":
+            # another region of the same image, at least one side away from this one
+            while True:
+                sy, sx = (int(v) for v in rng.integers(0, self.size - side, 2))
+                if max(abs(sy - top), abs(sx - left)) >= side:
+                    break
+            region = img.crop((sx, sy, sx + side, sy + side))
+        elif kind == "scaled":
+            q = side // 4
+            region = region.resize((side, side), Image.BILINEAR,
+                                   box=(q, q, side - q, side - q))
+        else:  # missing
+            region = region.filter(ImageFilter.GaussianBlur(side / 4))
+        img.paste(region, (left, top))
         return img, (top, left, side)
 
     def sample(self, n_ref: int, n_normal: int, n_anomalous: int, seed: int):

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.scorers.anomalydino import (
-    PATCHES, AnomalyDinoScorer, foreground_mask, nearest_cosine_distance, top_fraction_mean)
+from pipeline.model.scorers.anomalydino import (CATEGORY, PATCHES, ROTATED, AnomalyDinoScorer,
+                                                foreground_mask, nearest_cosine_distance,
+                                                top_fraction_mean)
 
 
 def cos_distance(a, b):
@@ -104,8 +105,10 @@ def test_zero_shot_is_refused_clearly(references):
 def test_bad_options_and_features_are_refused():
     with pytest.raises(ValueError):
         AnomalyDinoScorer(top_fraction=0.0)
-    with pytest.raises(ValueError, match="mask_background"):
-        AnomalyDinoScorer(mask_references=True)
+    with pytest.raises(ValueError, match="mask_references needs masking"):
+        AnomalyDinoScorer(masking="off", mask_references=True)
+    with pytest.raises(ValueError, match="masking must be one of"):
+        AnomalyDinoScorer(masking="sometimes")
     with pytest.raises(ValueError, match=r"\(batch, h, w, c\)"):
         AnomalyDinoScorer().build_memory({PATCHES: torch.zeros(1, 9, 4)})
 
@@ -174,10 +177,42 @@ def test_masking_zeroes_background_query_patches():
     queries[0, 0, 0] = torch.randn(16)  # an anomaly in the background is ignored
     plain = AnomalyDinoScorer().score({PATCHES: queries},
                                       AnomalyDinoScorer().build_memory({PATCHES: refs}))
-    scorer = AnomalyDinoScorer(mask_background=True, mask_references=True)
+    scorer = AnomalyDinoScorer(masking="on", mask_references=True)
     memory = scorer.build_memory({PATCHES: refs})
     assert memory.bank.shape[0] == int(foreground_mask(refs).sum()) < 100
     masked = scorer.score({PATCHES: queries}, memory)
     assert plain.patch_map[0, 0, 0] > 0.1 and masked.patch_map[0, 0, 0] == 0
     keep = foreground_mask(queries)[0]
     assert (masked.patch_map[0][~keep] == 0).all()
+
+
+def test_auto_masking_follows_the_official_categories():
+    """dammsi/AnomalyDINO's default ``agnostic`` preprocessing masks MVTec AD's capsule,
+    hazelnut, pill, screw and toothbrush and every VisA category, no other."""
+    x = 0.1 * torch.randn(2, 10, 10, 16, generator=torch.Generator().manual_seed(6))
+    x[:, 3:7, 3:7, 0] += 40.0
+    refs, queries = x[:1], x[1:].clone()
+    queries[0, 0, 0] = torch.randn(16)  # a background anomaly
+    scorer = AnomalyDinoScorer()
+    for category, masked in (("screw", True), ("pcb3", True), ("Capsule", True),
+                             ("bottle", False), ("carpet", False), (None, False)):
+        memory = scorer.build_memory({PATCHES: refs}, {CATEGORY: category})
+        out = scorer.score({PATCHES: queries}, memory)
+        assert memory.masked is masked, category
+        assert bool(out.patch_map[0, 0, 0] == 0) is masked, category
+    assert AnomalyDinoScorer(masking="on").build_memory({PATCHES: refs}).masked
+    assert not AnomalyDinoScorer(masking="off").build_memory(
+        {PATCHES: refs}, {CATEGORY: "screw"}).masked
+
+
+def test_rotated_references_join_the_memory():
+    refs = feats(2, 3, 4, 5, seed=1)
+    turned = feats(2 * 7, 3, 4, 5, seed=2).view(2, 7, 3, 4, 5)
+    scorer = AnomalyDinoScorer()
+    memory = scorer.build_memory({PATCHES: refs, ROTATED: turned})
+    assert memory.bank.shape == (2 * 8 * 12, 5) and memory.k == 2
+    # a query that is one rotated copy scores 0, as it does not without the rotations
+    query = {PATCHES: turned[1, 4:5]}
+    assert scorer.score(query, memory).score.item() == pytest.approx(0.0, abs=1e-6)
+    plain = scorer.build_memory({PATCHES: refs})
+    assert scorer.score(query, plain).score.item() > 0.05

@@ -80,12 +80,66 @@ def test_identity_names_stages_and_size(resnet):
     assert larger.stages["s32"].grid == (3, 3)
 
 
-def test_named_stages_override_strides():
-    ex = build_cnn_extractor("resnet18", "random:0", stages=("layer3", "layer2"), image_size=SIZE)
-    assert list(ex.stages) == ["s8", "s16"]
-    assert set(ex.extract(_pixels(1))) == {"s8", "s16"}
+# The stage at each stride is the output of the last block there, as the papers read them:
+# ResNet's layer1-4 (PatchCore / PaDiM / SPADE), and for other torchvision CNNs the outputs
+# of the last block of each resolution (torchvision's own definitions of the models: block
+# lists ``features`` of MobileNetV2 and EfficientNet, whose block i halves the resolution
+# where its stride is 2), never a layer inside the next block.
+EXPECTED_STAGES = {
+    "resnet18": ["layer1", "layer2", "layer3", "layer4"],
+    "resnet50": ["layer1", "layer2", "layer3", "layer4"],
+    "wide_resnet50_2": ["layer1", "layer2", "layer3", "layer4"],
+    # MobileNetV2's inverted-residual settings (t, c, n, s): (1,16,1,1) (6,24,2,2) (6,32,3,2)
+    # (6,64,4,2) (6,96,3,1) (6,160,3,2) (6,320,1,1), then a 1x1 conv to 1280: blocks 2-3 end
+    # at stride 4, 4-6 at 8, 7-13 at 16, 14-18 at 32.
+    "mobilenet_v2": ["features.3", "features.6", "features.13", "features"],
+    # EfficientNet-B0's stages (features.1 ... features.7) have strides 1 2 2 2 1 2 1, then a
+    # 1x1 conv: stage 2 ends at stride 4, stage 3 at 8, stages 4-5 at 16, 6-8 at 32.
+    "efficientnet_b0": ["features.2", "features.3", "features.5", "features"],
+}
+EXPECTED_CHANNELS = {"mobilenet_v2": [24, 32, 96, 1280], "efficientnet_b0": [24, 40, 112, 1280],
+                     "resnet50": [256, 512, 1024, 2048],
+                     "wide_resnet50_2": [256, 512, 1024, 2048]}
+
+
+@pytest.mark.parametrize("backbone", sorted(EXPECTED_STAGES))
+def test_stages_are_the_last_block_outputs_at_each_stride(backbone):
+    ex = build_cnn_extractor(backbone, "random:0", strides=(4, 8, 16, 32), image_size=SIZE)
+    assert [s.name for s in ex.stages.values()] == EXPECTED_STAGES[backbone]
+    if backbone in EXPECTED_CHANNELS:
+        assert [s.channels for s in ex.stages.values()] == EXPECTED_CHANNELS[backbone]
+    # the chosen node is the block's output: the input of the next block reads it
+    feats = ex.extract(_pixels(1))
+    assert [tuple(feats[k].shape[2:]) for k in ex.stages] == [
+        (SIZE // s, SIZE // s) for s in (4, 8, 16, 32)]
+
+
+def test_mobilenet_stage_is_the_block_output_not_the_next_expansion():
+    """features.6's output is what features.7 reads: compare with a forward through the
+    Sequential's first seven blocks (torchvision's own module), not with our graph."""
+    import torchvision
+
+    ex = build_cnn_extractor("mobilenet_v2", "random:0", strides=(8,), image_size=SIZE)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torchvision.models.mobilenet_v2().eval()
+    x = _pixels(1)
+    with torch.no_grad():
+        expected = model.features[:7](x)
+    assert torch.allclose(ex.extract(x)["s8"], expected, atol=1e-5)
+
+
+def test_named_stages_replace_the_rule_at_their_strides():
+    ex = build_cnn_extractor("resnet18", "random:0", strides=(4, 8, 16),
+                             stages=("layer3.0", "layer2.0"), image_size=SIZE)
+    assert [s.name for s in ex.stages.values()] == ["layer1", "layer2.0", "layer3.0"]
+    assert set(ex.extract(_pixels(1))) == {"s4", "s8", "s16"}
     with pytest.raises(CnnLoadError, match="share stride"):
         build_cnn_extractor("resnet18", "random:0", stages=("layer2", "layer2.0"))
+    with pytest.raises(CnnLoadError, match="stride.* 32; the scorers read strides 8, 16"):
+        build_cnn_extractor("resnet18", "random:0", strides=(8, 16), stages=("layer4",))
+    with pytest.raises(CnnLoadError, match="not a node or module"):
+        build_cnn_extractor("resnet18", "random:0", strides=(8,), stages=("layer9",))
 
 
 def test_a_local_state_dict_file_loads(tmp_path, resnet):

@@ -46,6 +46,25 @@ def test_patch_grid_is_the_input_size_over_the_patch_size(dino):
         dino.extract(pixels(1, 60, 56))
 
 
+def test_references_come_with_their_rotations(dino):
+    """The official default: every reference also at 45°, 90°, ..., 315° (8 in all)."""
+    from pipeline.model.augment import rotate
+    from pipeline.model.scorers.anomalydino import ROTATED
+
+    x = pixels(2, 56, 56)
+    refs = dino.extract_references(x)
+    assert refs[PATCHES].shape == (2, 4, 4, dino.width)
+    assert refs[ROTATED].shape == (2, 7, 4, 4, dino.width)
+    assert torch.allclose(refs[PATCHES], dino.extract(x)[PATCHES])
+    assert torch.allclose(refs[ROTATED][:, 1], dino.extract(rotate(x, 90.0))[PATCHES],
+                          atol=1e-4)
+    once = DinoExtractor(spec(rotations=1))
+    assert set(once.extract_references(x)) == {PATCHES}
+    assert dino.identity.endswith(":rotations=8") and "rotations" not in once.identity
+    with pytest.raises(ValueError, match="rotations"):
+        spec(rotations=0)
+
+
 def test_preprocess_resizes_normalises_and_crops_to_patches(dino):
     image = Image.new("RGB", (150, 100), (255, 128, 0))
     assert dino.preprocess()(image).shape == (3, 56, 56)

@@ -1,5 +1,8 @@
-"""PaDiM: Ledoit–Wolf against scikit-learn, the Mahalanobis map and image score against a
-per-position loop from the equations, and the few-shot edge cases."""
+"""PaDiM: Ledoit–Wolf against scikit-learn; the Mahalanobis map and image score against a
+per-position loop from the paper's equations with the covariance of its reference
+implementations (xiahaifeng1995/PaDiM-Anomaly-Detection-Localization main.py and anomalib's
+MultiVariateGaussian: ``np.cov(x, rowvar=False) + 0.01·I``, i.e. normalised by k − 1) and with
+scikit-learn's Ledoit–Wolf; the few-shot edge cases."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +12,8 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from sklearn.covariance import LedoitWolf
 
-from pipeline.model.scorers.padim import Padim, gaussian_blur, ledoit_wolf
+from pipeline.model.maps import gaussian_blur
+from pipeline.model.scorers.padim import Padim, ledoit_wolf, paper_features
 from tests.model.scorers.loops import nearest_loop
 
 
@@ -44,7 +48,8 @@ def test_ledoit_wolf_with_one_and_two_samples():
 
 
 def _padim_loop(padim: Padim, refs: dict, queries: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map and image score, one position at a time, with sklearn's Ledoit–Wolf covariance."""
+    """Map and image score, one position at a time: numpy's unbiased covariance (k ≥ 2; at
+    k = 1 the references give NaN and ours is 0) or sklearn's Ledoit–Wolf, plus 0.01·I."""
     def embed(feats, i):  # (C, h, w): the s8 map nearest-upsampled to s4's grid
         fine = feats["s4"][i].double()
         return torch.cat([fine, nearest_loop(feats["s8"][i].double(), fine.shape[1:])])
@@ -59,8 +64,11 @@ def _padim_loop(padim: Padim, refs: dict, queries: dict) -> tuple[torch.Tensor, 
     for i in range(h):
         for j in range(w):
             samples = ref_emb[:, :, i, j].numpy()
-            fit = LedoitWolf().fit(samples)
-            inv = np.linalg.inv(fit.covariance_ + padim.epsilon * np.eye(d))
+            if padim.covariance == "ledoit-wolf":
+                cov = LedoitWolf().fit(samples).covariance_
+            else:
+                cov = np.cov(samples, rowvar=False) if k > 1 else np.zeros((d, d))
+            inv = np.linalg.inv(cov + padim.epsilon * np.eye(d))
             for n in range(b):
                 r = q_emb[n, :, i, j].numpy() - samples.mean(0)
                 dist[n, i, j] = float(np.sqrt(r @ inv @ r))
@@ -71,9 +79,10 @@ def _padim_loop(padim: Padim, refs: dict, queries: dict) -> tuple[torch.Tensor, 
 
 
 @pytest.mark.filterwarnings("ignore:Only one sample available")
+@pytest.mark.parametrize("covariance", ["sample", "ledoit-wolf"])
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_map_and_score_equal_the_loop(k):
-    padim = Padim(strides=(4, 8), n_features=5, seed=3, sigma=1.5)
+def test_map_and_score_equal_the_loop(k, covariance):
+    padim = Padim(strides=(4, 8), n_features=5, seed=3, sigma=1.5, covariance=covariance)
     refs, queries = _features(k, 0), _features(3, 1)
     out = padim.score(queries, padim.build_memory(refs))
     dist, score = _padim_loop(padim, refs, queries)
@@ -122,6 +131,11 @@ def test_channel_subset_is_seeded_sorted_and_capped():
     assert Padim(n_features=550).channel_subset(7, "cpu").tolist() == list(range(7))
 
 
+def test_paper_features_per_backbone():
+    assert paper_features("resnet18") == 100 and paper_features("wide_resnet50_2") == 550
+    assert paper_features("mobilenet_v2") == 550  # not in the paper: WRN-50's d, capped
+
+
 def test_gaussian_blur_equals_scipy():
     x = torch.rand(2, 13, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for sigma in (0.7, 4.0):  # 4σ beyond the map's size: mirrored more than once
@@ -140,3 +154,5 @@ def test_edge_cases():
         padim.score(_features(1, 1, grid=8), memory)
     with pytest.raises(ValueError):
         Padim(epsilon=0)
+    with pytest.raises(ValueError, match="covariance"):
+        Padim(covariance="diagonal")
