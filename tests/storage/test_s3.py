@@ -14,7 +14,7 @@ import pytest
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
 
-from pipeline.core.commit import date_lease  # noqa: E402
+from pipeline.core.lease import date_lease  # noqa: E402
 from pipeline.core.layout import (PARTITIONING, current_files, current_record,  # noqa: E402
                                   read_partition, summary_dir)
 from pipeline.core.locks import DateLock, LockHeld, create_exclusive  # noqa: E402
@@ -104,7 +104,7 @@ def test_commits_killed_on_s3_leave_one_run_whole(s3, tmp_path):
         out = f"s3://{BUCKET}/killed-{step}"
         spec = {"output": out, "date": DATE, "tables": {SCORES: {"a": 2, "b": 1}}}
         with date_lease(out, DATE, "A") as plan:
-            commit_run(plan, stage_run(dict(spec, run="A", owned=["a", "b"])))
+            commit_run(plan, stage_run(dict(spec, run="A", owned=["a", "b"]), plan))
         path = tmp_path / f"{step}.json"
         path.write_text(json.dumps(dict(spec, run="B", tables={SCORES: {"a": 3}}, owned=["a"],
                                         step=step, n=n)))
