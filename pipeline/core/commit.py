@@ -347,7 +347,7 @@ def adopt_legacy(output: str, run_date: str) -> tuple[int, Record | None]:
     that every later change is a record change."""
     versions = record_versions(output, run_date)
     if versions:
-        return versions[-1], current_record(output, run_date)
+        return versions[-1], current_record(output, run_date, versions)
     legacy = legacy_record(output, run_date)
     if legacy is None:
         return 0, None
@@ -461,10 +461,11 @@ def commit_run(plan: CommitPlan, staged: Staged) -> Record:
         winner = _winner(plan.output, plan.run_date, record.version)
         if winner is None or winner.commit_id != plan.commit_id:
             _undo(fs, root, plan, staged, moves)
-            who = f"Run {winner.run_id}" if winner is not None else "Another run"
+            who = (f"Run {winner.run_id} committed" if winner is not None
+                   else "Another run was creating")
             raise CommitConflict(
-                f"{who} committed record {record.version} of {plan.run_date} in "
-                f"{plan.output} first; run {plan.run_id}'s files are not committed.") from None
+                f"{who} record {record.version} of {plan.run_date} in {plan.output} first; "
+                f"run {plan.run_id}'s files are not committed.") from None
     except LockLost:
         _undo(fs, root, plan, staged, moves)
         raise
@@ -506,9 +507,13 @@ def remove_tree(fs: fsspec.AbstractFileSystem, folder: str, root: str) -> bool:
     else:
         fs.invalidate_cache(folder)
         try:
-            fs.rm(folder, recursive=True)
+            files = fs.find(folder)  # one listing; rm(recursive=True) lists more than once
         except FileNotFoundError:
-            removed = False
+            files = []
+        if files:
+            fs.rm(files)
+        fs.invalidate_cache(folder)
+        removed = bool(files)
     remove_empty_parents(fs, posixpath.dirname(folder), root)
     return removed
 
@@ -574,9 +579,10 @@ def publish(output: str, record: Record, previous: Record | None) -> None:
             if folder not in folders_now:
                 remove_file(fs, _abs(root, f"{folder}/{SUCCESS_MARKER}"))
                 remove_empty_parents(fs, _abs(root, folder), root)
-    for version in record_versions(output, date):
-        if version < record.version - KEEP_RECORDS + 1:
-            remove_file(fs, _record_path(output, date, version))
+    # Records older than the last KEEP_RECORDS are only history: each commit drops the one
+    # that falls out (no listing).
+    if record.version > KEEP_RECORDS:
+        remove_file(fs, _record_path(output, date, record.version - KEEP_RECORDS))
     _progress("published")
 
 
@@ -596,10 +602,7 @@ def _ls(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
 def remove_staging(output: str, run_date: str, key: str) -> None:
     """A run's staging folder, and the staging folders above it once empty."""
     fs, root = output_fs(output)
-    folder = _abs(root, staging_path(run_date, key))
-    if fs.exists(folder):
-        fs.rm(folder, recursive=True)
-    remove_empty_parents(fs, posixpath.dirname(folder), root)
+    remove_tree(fs, _abs(root, staging_path(run_date, key)), root)
 
 
 def restore_legacy_swaps(output: str, table: str, run_date: str) -> list[str]:

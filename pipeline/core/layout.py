@@ -398,11 +398,14 @@ def read_record(output: str, run_date: str, version: int) -> Record:
         return Record.from_json(json.load(f))
 
 
-def current_record(output: str, run_date: str) -> Record | None:
-    """The record in force for ``run_date``: the highest readable version, else (an output
-    written before records existed) the date's ``_SUCCESS`` partitions as version 0, else
-    None."""
-    for version in reversed(record_versions(output, run_date)):
+def current_record(output: str, run_date: str,
+                   versions: Sequence[int] | None = None) -> Record | None:
+    """The record in force for ``run_date``: the highest readable version (of ``versions``,
+    when the caller has just listed them), else (an output written before records existed)
+    the date's ``_SUCCESS`` partitions as version 0, else None."""
+    if versions is None:
+        versions = record_versions(output, run_date)
+    for version in reversed(versions):
         try:
             return read_record(output, run_date, version)
         except (ValueError, KeyError) as exc:

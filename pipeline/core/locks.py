@@ -229,7 +229,7 @@ def copy_file(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)
         return
-    fs.copy(source, target)  # one server-side copy on object stores
+    fs.cp_file(source, target)  # one server-side copy on object stores (copy() lists)
     fs.invalidate_cache(target.rpartition("/")[0])
 
 
@@ -254,10 +254,24 @@ def move_file(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
             return
         os.unlink(source)
         return
-    if fs.exists(target):
+    if object_exists(fs, target):
         raise FileExistsError(errno.EEXIST, "move target exists", target)
-    fs.mv(source, target)
+    fs.cp_file(source, target)  # mv() and copy() list both paths first: one file here
+    fs.rm_file(source)
     fs.invalidate_cache(target.rpartition("/")[0])
+
+
+def object_exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether the (non-empty) file ``path`` exists, in one request: a one-byte read.
+    ``exists()`` on an object store also lists the key as a folder when no object has it,
+    which costs what the folder's bucket holds on some servers."""
+    try:
+        fs.cat_file(path, start=0, end=1)
+    except FileNotFoundError:
+        return False
+    except OSError:  # e.g. an empty object (no byte 0 to read): ask the slow way
+        return fs.exists(path)
+    return True
 
 
 # --------------------------------------------------------------------------------------------
