@@ -7,8 +7,9 @@ SIGKILL, or waits to be killed, at a chosen step of :mod:`pipeline.core.commit`.
 ``STEP`` is a ``pipeline.core.commit._progress`` step of the commit (``started``,
 ``attempts``, ``moved``, ``recorded``, ``marked``, ``copied``, ``deleted``, ``published``) or
 ``staged`` (the files are staged and the maps written, the commit not started);
-``N`` the step's ``n`` (the n-th file moved or deleted; 0 for any). At that step the child
-kills itself, or, with a READY_FILE other than ``-``, creates it and sleeps until killed.
+``N`` the step's ``n`` (the n-th file moved or deleted; 0 for any, -1 for the last). At that
+step the child kills itself, or, with a READY_FILE other than ``-``, creates it and sleeps
+until killed.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def stop_at(step: str, n: int, ready: str | None) -> None:
     def progress(name: str, **info) -> None:
         original(name, **info)
         armed.extend([True] if name == "started" else [])
-        if armed and name == step and (not n or info.get("n") == n):
+        last = n == -1 and info.get("n") == info.get("total")
+        if armed and name == step and (not n or info.get("n") == n or last):
             stop(ready)
 
     commit._progress = progress
