@@ -237,8 +237,10 @@ def test_a_job_rerun_killed_after_moving_keeps_the_first_runs_maps(tmp_path, job
     assert first["anomaly_map_uri"].null_count == 0
     before = hashes(out)
     ready = str(tmp_path / "ready")
+    # Other weights: other maps under the same (dataset, image, seed, scorer).
     proc = child("job", "moved", "-1", ready, "--",
-                 *cli_args(job_manifest, out, DATE, "again"), "--write-anomaly-maps")
+                 *cli_args(job_manifest, out, DATE, "again"), "--write-anomaly-maps",
+                 "--pretrained", "random:1")
     deadline = time.monotonic() + 300
     while not os.path.exists(ready):
         assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
