@@ -506,9 +506,9 @@ def _all_dates(output: str) -> list[str]:
 
 
 def read_current(output: str, table: str, date: str | None = None) -> pa.Table:
-    """The rows of ``table`` in force (of ``date``, or of every date) as one pyarrow Table:
-    every column any file has (schemas unified: a column a file lacks reads as null),
-    then the string partition columns ``dataset`` and ``run_date``.
+    """The rows of partitioned ``table`` (scores, errors) in force (of ``date``, or of every
+    date) as one pyarrow Table: every column any file has (schemas unified: a column a file
+    lacks reads as null), then the string partition columns ``dataset`` and ``run_date``.
 
     The consistent read to use from Python: each date's files are read as its record in
     force names them, and a commit that lands meanwhile (deleting superseded files) makes
