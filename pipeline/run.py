@@ -14,7 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from apache_beam.runners.runner import PipelineResult
 
-from pipeline.core.commit import CommitPlan, date_lease
+from pipeline.core.commit import CommitPlan
+from pipeline.core.lease import date_lease
 from pipeline.core.config import ScoreConfig
 from pipeline.core.console import start_progress, stop_progress
 from pipeline.core.manifest import manifest_files, validate_manifest_schema
@@ -113,7 +114,7 @@ def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
     """Check the inputs, then build and run the scoring job; blocks until it finishes.
 
     The manifest schema and the model id are computed here unless the caller has them.
-    The run holds the lock of its date (``pipeline.core.commit.date_lease``: waiting up to
+    The run holds the lock of its date (``pipeline.core.lease.date_lease``: waiting up to
     ``lock_wait_s`` for another run of the date, else refusing with ``LockHeld``) unless the
     caller holds it and passes its ``plan``; with ``commit=False`` the outputs are staged
     for the caller to commit. On a local runner a progress line counts the queries scored

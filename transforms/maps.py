@@ -7,9 +7,12 @@ crop to the image's own size (``pipeline.model.maps``). Then:
 
 - with ``write``: a 16-bit PNG of the map (normalised to the row's ``map_min``/``map_max``)
   and an overlay (the image with the map colour-blended where it is high, normalised per
-  image: it shows *where*, the score says *how much*) are staged as files of the ``maps``
-  table, committed with the run under ``OUT/maps/dataset=<d>/run_date=<date>/``; the row
-  gets their final URIs.
+  image: it shows *where*, the score says *how much*) are written once, in place, under a
+  folder unique to the run and to the bundle attempt
+  (``OUT/maps/run_date=<date>/run=<key>/dataset=<d>/<attempt>/``); the row gets their URIs.
+  Each bundle attempt that succeeds reports itself (an ``ATTEMPT`` element on ``files``),
+  and the run's commit names the successful attempts' folders: no map is ever moved, and
+  a retried bundle's first attempt is garbage that no record names.
 - with ``pixel``: the map and the mask (``mask_uri``; none for a normal image: all its
   pixels are normal), at most ``PIXEL_SIDE`` pixels on the long side, become mergeable
   pixel histograms per (dataset, category, scorer, k, seed) (``pipeline.core.pixel_metrics``);
@@ -22,6 +25,7 @@ import hashlib
 import logging
 import posixpath
 import re
+import uuid
 from typing import Iterable
 
 import apache_beam as beam
@@ -29,22 +33,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.core.anomaly_images import encode_map_png, encode_png, overlay
 from pipeline.core.config import ScoreConfig
 from pipeline.core.images import ImageLoadError, decode_image, read_bytes
-from pipeline.core.layout import output_fs, partition_path
+from pipeline.core.commit import CommitPlan
+from pipeline.core.layout import MAPS, output_fs
 from pipeline.core.manifest import RowError
 from pipeline.core.pixel_metrics import (MaskError, PixelStats, aupro, merge_stats, pixel_auroc,
                                          pixel_stats, read_mask)
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.maps import anomaly_map
 from transforms.errors import error_records
-from transforms.write import PART
+from transforms.write import ATTEMPT
 
 LOG = logging.getLogger(__name__)
 
-MAPS = "maps"
 PIXEL = "pixel"
 FILES = "files"
 STAGE_MASK = "read_mask"
@@ -56,9 +62,8 @@ PIXEL_SIDE = 256
 
 
 def map_file_stem(record: dict) -> str:
-    """A unique, storable file stem of one (dataset, query, seed, scorer) (one image may be a
-    query of several datasets, whose maps share the staging folder): a readable part of
-    the image id and a digest of the whole key."""
+    """A storable file stem of one (dataset, query, seed, scorer), unique within a bundle
+    attempt's folder: a readable part of the image id and a digest of the whole key."""
     key = (f"{record['dataset']}\x00{record['image_id']}\x00{record['seed']}\x00"
            f"{record['scorer']}")
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -83,11 +88,11 @@ def _resize_long_side(amap: torch.Tensor, mask: np.ndarray | None,
 
 
 class _MapsFn(beam.DoFn):
-    def __init__(self, config: ScoreConfig, model_id: str, staging: str, *, write: bool,
+    def __init__(self, config: ScoreConfig, model_id: str, plan: CommitPlan, *, write: bool,
                  pixel: bool) -> None:
         self._config = config
         self._model_id = model_id
-        self._staging = staging
+        self._plan = plan
         self._write = write
         self._pixel = pixel
         self._written = Metrics.counter(METRICS_NAMESPACE, "anomaly_maps_written")
@@ -96,7 +101,19 @@ class _MapsFn(beam.DoFn):
 
     def setup(self) -> None:
         self._suite = self._config.suite
-        self._fs, self._root = output_fs(self._config.output)
+        self._fs, self._root = output_fs(self._plan.output)
+
+    def start_bundle(self) -> None:
+        # Beam retries failed bundles: each attempt writes into a folder of its own.
+        self._attempt = uuid.uuid4().hex[:12]
+        self._datasets: dict[str | None, None] = {}
+
+    def finish_bundle(self) -> Iterable:
+        # Only reached by an attempt that succeeded so far; the runner drops these
+        # elements, like every other output, if the bundle fails later.
+        for dataset in self._datasets:
+            yield beam.pvalue.TaggedOutput(FILES, WindowedValue(
+                (ATTEMPT, MAPS, dataset, self._attempt), 0, [GlobalWindow()]))
 
     def _error(self, record: dict, stage: str, reason: str) -> Iterable:
         error = RowError(image_uri=record.get("image_uri"), dataset=record.get("dataset"),
@@ -138,17 +155,16 @@ class _MapsFn(beam.DoFn):
         png, lo, hi = encode_map_png(values)
         shown = encode_png(overlay(image.convert("RGB"), values, lo, hi))
         stem = map_file_stem(record)
-        final = partition_path(MAPS, record["dataset"], self._config.run_date)
+        folder = self._plan.folder(MAPS, record["dataset"], self._attempt)
         uris = {}
         for kind, data in (("map", png), ("overlay", shown)):
-            rel = f"{self._staging}/{MAPS}/{stem}.{kind}.png"
+            rel = f"{folder}/{stem}.{kind}.png"
             path = f"{self._root}/{rel}"
             self._fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            with self._fs.open(path, "wb") as f:
+            with self._fs.open(path, "wb") as f:  # a new name: the folder is this attempt's
                 f.write(data)
-            yield beam.pvalue.TaggedOutput(FILES, (PART, MAPS, record["dataset"], rel))
-            uris[kind] = (f"{self._config.output.rstrip('/')}/{final}/"
-                          f"{posixpath.basename(rel)}")
+            uris[kind] = f"{self._plan.output.rstrip('/')}/{rel}"
+        self._datasets[record["dataset"]] = None
         self._written.inc()
         record.update(anomaly_map_uri=uris["map"], overlay_uri=uris["overlay"], map_min=lo,
                       map_max=hi)
@@ -198,13 +214,14 @@ def _pixel_row(element) -> dict:
 
 class AnomalyMaps(beam.PTransform):
     """Score records (with the internal patch-map keys) → ``{'scores': records with map
-    URIs, 'files': staged map files, 'pixel': per (dataset, category, scorer, k, seed)
-    pixel-metric rows, 'errors': error records}``."""
+    URIs, 'files': the successful bundle attempts that wrote maps (``ATTEMPT`` elements for
+    the commit), 'pixel': per (dataset, category, scorer, k, seed) pixel-metric rows,
+    'errors': error records}``. ``plan`` is the run's: its key names the maps folder."""
 
-    def __init__(self, config: ScoreConfig, model_id: str, staging: str, *, write: bool,
+    def __init__(self, config: ScoreConfig, model_id: str, plan: CommitPlan, *, write: bool,
                  pixel: bool) -> None:
         super().__init__()
-        self._fn = _MapsFn(config, model_id, staging, write=write, pixel=pixel)
+        self._fn = _MapsFn(config, model_id, plan, write=write, pixel=pixel)
 
     def expand(self, records):
         out = records | "Maps" >> beam.ParDo(self._fn).with_outputs(

@@ -66,8 +66,8 @@ class WriteOutputs(beam.PTransform):
 
     ``scores`` and ``score_errors`` are records; the ``ROW_ERRORS`` inputs are RowErrors,
     turned into one error record per seed for queries (each query reconciles once per seed)
-    and one with a null seed otherwise. Every dataset of ``queries`` gets its partitions
-    replaced, even by none. ``carried_scores`` (a Parquet file of earlier score rows, the
+    and one with a null seed otherwise. Every dataset of ``queries``, and the rows without a
+    dataset, get their partitions replaced in every table, even by none. ``carried_scores`` (a Parquet file of earlier score rows, the
     nightly job's) joins the new scores. ``plan`` says where and from which record the run
     commits (default: the current record, no lock); with ``commit=False`` the files are only
     staged and listed, and the caller commits them (the nightly job, adding its reports).
@@ -90,7 +90,7 @@ class WriteOutputs(beam.PTransform):
         map_files = pixel = map_errors = None
         if cfg.anomaly_maps:
             mapped = scores | "AnomalyMaps" >> AnomalyMaps(
-                cfg, mid, plan.staging, write=cfg.write_anomaly_maps, pixel=cfg.pixel_metrics)
+                cfg, mid, plan, write=cfg.write_anomaly_maps, pixel=cfg.pixel_metrics)
             scores, map_files, pixel = mapped["scores"], mapped[FILES], mapped[PIXEL]
             map_errors = mapped[ERRORS]
         if self._carried:
@@ -112,10 +112,14 @@ class WriteOutputs(beam.PTransform):
         scores = checked["ok"]
         errors = ((checked_errors["ok"], checked_errors[ERRORS], checked[ERRORS])
                   | "CheckedErrors" >> beam.Flatten())
-        datasets = (outputs["queries"]
-                    | "QueryDatasets" >> beam.Map(lambda row: row.dataset)
-                    | "StorableDatasets" >> beam.Filter(
-                        lambda d: unstorable_reason("dataset", d) is None)
+        query_datasets = (outputs["queries"]
+                          | "QueryDatasets" >> beam.Map(lambda row: row.dataset)
+                          | "StorableDatasets" >> beam.Filter(
+                              lambda d: unstorable_reason("dataset", d) is None))
+        # Rows without a dataset (manifest rows without one, names that cannot be folders)
+        # come from the manifest the run reads whole: every run answers for them too.
+        unassigned = scores.pipeline | "Unassigned" >> beam.Create([None])
+        datasets = ((query_datasets, unassigned) | "OwnedDatasets" >> beam.Flatten()
                     | "DistinctDatasets" >> beam.Distinct())
         score_schema = scores_schema(self._schema, cfg.write_patch_map, cfg.write_anomaly_maps)
         staged_scores = scores | "WriteScores" >> StageFiles(plan, SCORES, score_schema)

@@ -1,10 +1,13 @@
 """Staging part files and committing them: the Beam side of :mod:`pipeline.core.commit`.
 
-Workers write part files into the run's staging folder (:class:`StageFiles`); one commit
-step, after every bundle of every table succeeded, moves exactly the reported files to their
-final, unique names and writes the date's commit record (:class:`CommitStaged`). A rerun
-replaces the datasets it covers, never duplicates rows, and a failed run leaves the previous
-result in force. :class:`WritePartitioned` is both for one table.
+Workers write part files into the run's staging folder (:class:`StageFiles`), named with
+the run's key; the anomaly-map step writes its files in place and reports the bundle
+attempts that succeeded (``ATTEMPT`` elements). One commit step, after every bundle of every
+table succeeded, moves exactly the reported files to their final, unique names, names the
+successful attempts' map folders and writes the date's commit record
+(:class:`CommitStaged`). A rerun replaces the datasets it covers, never duplicates rows, and
+a failed run leaves the previous result in force. :class:`WritePartitioned` is both for one
+table.
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ from pipeline.core.schemas import METRICS_NAMESPACE, to_table
 
 LOG = logging.getLogger(__name__)
 
-#: Kinds of the elements StageFiles and the report steps emit: (kind, table, dataset, path).
-PART, REPORT = "part", "report"
+#: Kinds of the elements StageFiles, the report steps and the in-place writers emit:
+#: (kind, table, dataset, path) — for ATTEMPT the path is the successful bundle attempt's id.
+PART, REPORT, ATTEMPT = "part", "report", "attempt"
 
-__all__ = ["CommitStaged", "PART", "REPORT", "SUCCESS_MARKER", "StageFiles", "WritePartitioned",
-           "recover_partitions"]
+__all__ = ["ATTEMPT", "CommitStaged", "PART", "REPORT", "SUCCESS_MARKER", "StageFiles",
+           "WritePartitioned", "recover_partitions"]
 
 
 class _StageFilesFn(beam.DoFn):
@@ -51,7 +55,8 @@ class _StageFilesFn(beam.DoFn):
 
     def _flush(self, dataset: str | None) -> tuple:
         records = self._buffers.pop(dataset)
-        rel = f"{self._plan.staging}/{self._table}/part-{uuid.uuid4().hex}.parquet"
+        rel = (f"{self._plan.staging}/{self._table}/"
+               f"part-{self._plan.commit_id}-{uuid.uuid4().hex}.parquet")
         fs, root = output_fs(self._plan.output)
         path = f"{root}/{rel}"
         fs.makedirs(path.rpartition("/")[0], exist_ok=True)
@@ -98,16 +103,18 @@ class _CommitFn(beam.DoFn):
         staged = Staged(
             parts=tuple((t, d, p) for kind, t, d, p in files if kind == PART),
             reports=tuple((t, p) for kind, t, _, p in files if kind == REPORT),
-            datasets=tuple(dict.fromkeys(datasets)))
+            datasets=tuple(dict.fromkeys(datasets)),
+            attempts=tuple(dict.fromkeys((t, d, a) for kind, t, d, a in files
+                                         if kind == ATTEMPT)))
         staged = stage_empty(self._plan, staged, self._schemas)
         if not self._commit:
             write_staged(self._plan, staged)
             return
         record = commit_run(self._plan, staged)
         owned = staged.owned()
-        for table in sorted({t for t, _, _ in staged.parts}):
+        for table in sorted({t for t, _, _ in staged.parts + staged.attempts}):
             for p in record.partitions(table):
-                if p.dataset in owned:
+                if p.dataset in owned and p.prefix is None:
                     yield partition_dir(self._plan.output, table, p.dataset, self._plan.run_date)
 
 

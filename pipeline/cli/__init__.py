@@ -1,5 +1,5 @@
-"""Command line: ``python -m pipeline {score, nightly, train, demo, report, make-manifest,
-import-checkpoint}``.
+"""Command line: ``python -m pipeline {score, nightly, train, demo, report, vacuum,
+make-manifest, import-checkpoint}``.
 
 Layer 5, the top: each command's module (imported only when it runs) parses its flags into a
 configuration and calls its job. An error inside a command's import is a traceback, never
@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipeline.cli.train", "train the adapter and heads on an auxiliary manifest"),
     "demo": ("pipeline.cli.demo", "generate the synthetic demo set, score it, print the summary"),
     "report": ("pipeline.cli.report", "write a date's HTML report from its committed outputs"),
+    "vacuum": ("pipeline.cli.vacuum", "remove the files of runs that died (--dry-run: list them)"),
     "make-manifest": ("pipeline.cli.make_manifest",
                       "build a manifest from datasets as they ship or plain folders"),
     "import-checkpoint": ("pipeline.cli.import_checkpoint",
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     run = importlib.import_module(COMMANDS[command][0]).main
     from pipeline.core.commit import CommitConflict
-    from pipeline.core.locks import LockHeld, LockLost
+    from pipeline.core.locks import LockHeld, LockLost, StoreNotExclusive
     from pipeline.core.manifest import ManifestSchemaError
     from pipeline.core.preflight import OutputNotWritableError
     from pipeline.model.backbone import BackboneLoadError
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(rest)
     except (ManifestSchemaError, CheckpointError, BackboneLoadError,
-            OutputNotWritableError) as exc:
+            OutputNotWritableError, StoreNotExclusive) as exc:
         # Problems of the user's inputs: one clear line, no traceback.
         LOG.error("%s failed: %s", command, exc)
         return 1

@@ -268,6 +268,18 @@ def add_run_flags(parser: argparse.ArgumentParser, *, run_date: bool = True) -> 
                         "(default 0: refuse at once, exit status 4)")
 
 
+def add_vacuum_flags(parser: argparse.ArgumentParser) -> None:
+    """What ``vacuum`` collects, and whether it only says so."""
+    g = parser.add_argument_group("vacuum")
+    g.add_argument("--output", required=True, help="output root (local path or URL)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print what would be removed; change nothing")
+    g.add_argument("--deep", action="store_true",
+                   help="also list every date with a record and remove what no record names "
+                        "(outputs written before runs registered themselves; costs a listing "
+                        "of every date)")
+
+
 def add_score_flags(parser: argparse.ArgumentParser) -> None:
     """Everything ``score`` takes (``nightly`` adds its own group)."""
     add_io_flags(parser, "output root (local path or URL)")

@@ -1,15 +1,20 @@
 """Where a run's outputs live under the output root, and how readers find the current ones.
 
 ```
-OUT/scores/dataset=<d>/run_date=<YYYY-MM-DD>/part-<uuid>.parquet   (+ _SUCCESS)
-OUT/errors/dataset=<d>/run_date=<YYYY-MM-DD>/part-<uuid>.parquet   (+ _SUCCESS)
+OUT/scores/dataset=<d>/run_date=<YYYY-MM-DD>/part-<key>-<uuid>.parquet   (+ _SUCCESS)
+OUT/errors/dataset=<d>/run_date=<YYYY-MM-DD>/part-<key>-<uuid>.parquet   (+ _SUCCESS)
+OUT/maps/run_date=<d>/run=<key>/dataset=<d>/<attempt>/<stem>.{map,overlay}.png
 OUT/summary/run_date=<YYYY-MM-DD>/summary.{parquet,json,md}        (+ drift.*, nightly.json)
 OUT/_commits/run_date=<d>/<version>.json   one record per commit: every table's files in force
-OUT/_reports/run_date=<d>/<commit>/...     the summary / drift / nightly files a record names
+OUT/_reports/run_date=<d>/<key>/...        the summary / drift / nightly files a record names
 OUT/_locks/run_date=<d>/<generation>.json  the date's lock (pipeline.core.locks)
-OUT/_staging/run_date=<d>/<run>/...        a run's files before its commit
+OUT/_runs/<key>.json                       a run's registration, until its files are collected
+OUT/_staging/run_date=<d>/<key>/...        a run's files before its commit
 OUT/_feature_cache/...                     the nightly job's default feature cache
 ```
+
+``<key>`` is the run's unique key (its commit id, :class:`pipeline.core.commit.CommitPlan`):
+every data file a run writes carries it, so no two runs ever write the same name.
 
 Partition values are percent-encoded the way pyarrow's hive partitioning writes and reads them
 (``urllib.parse.quote(value, safe="")``; null is ``__HIVE_DEFAULT_PARTITION__``), so
@@ -17,10 +22,12 @@ pyarrow, pandas and DuckDB read back the exact value and no two values share a f
 
 A date's **commit record** (the highest ``version`` under ``_commits/run_date=<d>/``, created
 exclusively, never rewritten) lists, per table, the files in force: per dataset for the
-partitioned tables (scores, errors), one set per date for the reports (summary, drift,
-nightly). It is the single switch of a commit (``pipeline.core.commit``); the readers here
-follow it. Part files are immutable and uniquely named, so a record always means the same
-rows. ``_SUCCESS`` markers and the ``summary/run_date=<d>/`` copies are written after the
+partitioned tables (scores, errors, maps), one set per date for the reports (summary,
+drift, nightly). A maps partition names a folder as a whole (its ``prefix``) and the file
+listing the bundle attempts whose maps it holds, so a record's size does not grow with the
+number of maps. It is the single switch of a commit (``pipeline.core.commit``); the readers
+here follow it. Data files are immutable and uniquely named, so a record always means the
+same rows. ``_SUCCESS`` markers and the ``summary/run_date=<d>/`` copies are written after the
 record, for plain readers and people. Folders starting with ``_`` or ``.`` are skipped by
 hive-partitioned readers, so commits, reports, locks, staging and cache never show up as rows.
 
@@ -62,12 +69,22 @@ STAGING_DIR = "_staging"
 COMMITS_DIR = "_commits"
 REPORTS_DIR = "_reports"
 LOCKS_DIR = "_locks"
+RUNS_DIR = "_runs"
 SUCCESS_MARKER = "_SUCCESS"
+#: The anomaly-map table: folders written in place by the workers, named whole by records.
+MAPS = "maps"
+#: Tables whose partitions are folders (one per run and dataset) rather than moved files.
+FOLDER_TABLES = (MAPS,)
+#: In each such folder: the bundle attempts whose files the partition holds (written by the
+#: commit; the folders of other attempts are garbage of retried bundles).
+ATTEMPTS_FILE = "attempts.json"
 #: The tables partitioned by dataset; every other table of a record is a per-date report.
 PARTITIONED_TABLES = (SCORES, ERRORS)
 #: Report tables a run may commit beside its summary.
 DRIFT, NIGHTLY = "drift", "nightly"
-RECORD_FORMAT = "inctrl-commit/1"
+RECORD_FORMAT = "inctrl-commit/2"
+#: Record formats this version reads (1: before folder partitions and kept notes).
+READABLE_FORMATS = ("inctrl-commit/1", RECORD_FORMAT)
 NO_LEGACY = "_no_legacy"
 #: The run id of partitions written before commit records existed.
 LEGACY_RUN = "(before commit records)"
@@ -159,14 +176,14 @@ def summary_dir(root: str, run_date: str) -> str:
     return f"{root.rstrip('/')}/{summary_path(run_date)}"
 
 
-def staging_path(run_date: str, run_id: str) -> str:
+def staging_path(run_date: str, key: str) -> str:
     """:func:`staging_root`, relative to the output root."""
-    return f"{STAGING_DIR}/{partition_name(run_date)}/{partition_value(run_id)}"
+    return f"{STAGING_DIR}/{partition_name(run_date)}/{partition_value(key)}"
 
 
-def staging_root(root: str, run_date: str, run_id: str) -> str:
-    """Where a run writes its files before they are committed."""
-    return f"{root.rstrip('/')}/{staging_path(run_date, run_id)}"
+def staging_root(root: str, run_date: str, key: str) -> str:
+    """Where the run of key ``key`` writes its files before they are committed."""
+    return f"{root.rstrip('/')}/{staging_path(run_date, key)}"
 
 
 def commits_dir(root: str, run_date: str) -> str:
@@ -182,6 +199,23 @@ def record_name(version: int) -> str:
 def reports_path(run_date: str, commit_id: str) -> str:
     """Where one commit keeps the report files its record names, relative to the root."""
     return f"{REPORTS_DIR}/{partition_name(run_date)}/{commit_id}"
+
+
+def run_folder(table: str, run_date: str, key: str) -> str:
+    """Everything one run writes in place for ``table`` (maps) on ``run_date``, relative to
+    the output root: one folder, so that a dead run's files are found without a listing."""
+    return f"{table}/{partition_name(run_date)}/run={key}"
+
+
+def folder_prefix(table: str, run_date: str, key: str, dataset: str | None) -> str:
+    """One dataset's folder of a run's in-place table (a maps partition), relative to the
+    root; each bundle attempt writes into its own sub-folder."""
+    return f"{run_folder(table, run_date, key)}/{segment('dataset', dataset)}"
+
+
+def run_entry_path(root: str, key: str) -> str:
+    """A run's registration file (``pipeline.core.runs``)."""
+    return f"{root.rstrip('/')}/{RUNS_DIR}/{key}.json"
 
 
 def locks_dir(root: str, run_date: str) -> str:
@@ -230,23 +264,61 @@ def to_url(output: str, relative: str) -> str:
 
 @dataclass(frozen=True)
 class Partition:
-    """One dataset's files of a partitioned table, or one report's files (dataset None)."""
+    """One dataset's files of a partitioned table, or one report's files (dataset None).
+
+    ``prefix`` (folder tables, maps): the folder the partition names as a whole; its files
+    in force are those of the bundle attempts its attempts file (in ``files``) lists.
+    """
 
     dataset: str | None
     run_id: str
     files: tuple[str, ...]  # relative to the output root
+    prefix: str | None = None
 
     def to_json(self) -> dict:
-        return {"dataset": self.dataset, "run_id": self.run_id, "files": list(self.files)}
+        out = {"dataset": self.dataset, "run_id": self.run_id, "files": list(self.files)}
+        if self.prefix is not None:
+            out["prefix"] = self.prefix
+        return out
 
     @staticmethod
     def from_json(obj: Mapping) -> "Partition":
-        return Partition(obj["dataset"], obj["run_id"], tuple(obj["files"]))
+        return Partition(obj["dataset"], obj["run_id"], tuple(obj["files"]), obj.get("prefix"))
+
+    def names(self, path: str) -> bool:
+        """Whether ``path`` (relative to the root) is one of this partition's files or lies
+        in its folder."""
+        return path in self.files or (self.prefix is not None
+                                      and path.startswith(self.prefix.rstrip("/") + "/"))
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A partition a record took over from the record before it, and why: what a run keeps
+    of an earlier run is kept on purpose and said so."""
+
+    table: str
+    dataset: str | None
+    run_id: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"table": self.table, "dataset": self.dataset, "run_id": self.run_id,
+                "reason": self.reason}
+
+    @staticmethod
+    def from_json(obj: Mapping) -> "Kept":
+        return Kept(obj["table"], obj["dataset"], obj["run_id"], obj["reason"])
 
 
 @dataclass(frozen=True)
 class Record:
-    """A date's tables in force after one commit (``version``) of run ``run_id``."""
+    """A date's tables in force after one commit (``version``) of run ``run_id``.
+
+    ``commit_id`` is the run's key, which every data file of the run carries. ``kept``
+    lists the partitions taken over from the record before (other datasets', or rows a
+    nightly run carried), each with its reason; everything else is this run's.
+    """
 
     run_date: str
     version: int
@@ -256,28 +328,40 @@ class Record:
     tables: Mapping[str, tuple[Partition, ...]] = field(default_factory=dict)
     #: The tables partitioned by dataset (the others are per-date reports).
     partitioned: frozenset[str] = frozenset(PARTITIONED_TABLES)
+    kept: tuple[Kept, ...] = ()
 
     def partitions(self, table: str) -> tuple[Partition, ...]:
         return tuple(self.tables.get(table, ()))
 
     def files(self, table: str) -> list[tuple[str | None, str]]:
-        """``(dataset, relative path)`` of every file of ``table`` in force."""
+        """``(dataset, relative path)`` of every file of ``table`` the record lists (for a
+        folder partition: its attempts file; :func:`current_files` lists the folder)."""
         return [(p.dataset, f) for p in self.partitions(table) for f in p.files]
 
     def all_files(self) -> set[str]:
         return {f for parts in self.tables.values() for p in parts for f in p.files}
 
+    def all_prefixes(self) -> set[str]:
+        return {p.prefix for parts in self.tables.values() for p in parts
+                if p.prefix is not None}
+
+    def names(self, path: str) -> bool:
+        """Whether ``path`` (relative to the root) is a file in force under this record."""
+        return any(p.names(path) for parts in self.tables.values() for p in parts)
+
     def to_json(self) -> dict:
-        return {"format": RECORD_FORMAT, "run_date": self.run_date, "version": self.version,
-                "run_id": self.run_id, "commit_id": self.commit_id,
-                "committed_at": self.committed_at,
-                "tables": {t: {"partitioned": t in self.partitioned,
-                               "partitions": [p.to_json() for p in parts]}
-                           for t, parts in sorted(self.tables.items())}}
+        out = {"format": RECORD_FORMAT, "run_date": self.run_date, "version": self.version,
+               "run_id": self.run_id, "commit_id": self.commit_id,
+               "committed_at": self.committed_at,
+               "tables": {t: {"partitioned": t in self.partitioned,
+                              "partitions": [p.to_json() for p in parts]}
+                          for t, parts in sorted(self.tables.items())}}
+        out["kept"] = [k.to_json() for k in self.kept]
+        return out
 
     @staticmethod
     def from_json(obj: Mapping) -> "Record":
-        if obj.get("format") != RECORD_FORMAT:
+        if obj.get("format") not in READABLE_FORMATS:
             raise ValueError(f"not a commit record of format {RECORD_FORMAT}: "
                              f"{obj.get('format')!r}")
         tables = obj["tables"]
@@ -286,7 +370,8 @@ class Record:
                       {t: tuple(Partition.from_json(p) for p in v["partitions"])
                        for t, v in tables.items()},
                       frozenset(PARTITIONED_TABLES) | {t for t, v in tables.items()
-                                                      if v["partitioned"]})
+                                                      if v["partitioned"]},
+                      tuple(Kept.from_json(k) for k in obj.get("kept", ())))
 
 
 def _names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
@@ -313,11 +398,14 @@ def read_record(output: str, run_date: str, version: int) -> Record:
         return Record.from_json(json.load(f))
 
 
-def current_record(output: str, run_date: str) -> Record | None:
-    """The record in force for ``run_date``: the highest readable version, else (an output
-    written before records existed) the date's ``_SUCCESS`` partitions as version 0, else
-    None."""
-    for version in reversed(record_versions(output, run_date)):
+def current_record(output: str, run_date: str,
+                   versions: Sequence[int] | None = None) -> Record | None:
+    """The record in force for ``run_date``: the highest readable version (of ``versions``,
+    when the caller has just listed them), else (an output written before records existed)
+    the date's ``_SUCCESS`` partitions as version 0, else None."""
+    if versions is None:
+        versions = record_versions(output, run_date)
+    for version in reversed(versions):
         try:
             return read_record(output, run_date, version)
         except (ValueError, KeyError) as exc:
@@ -387,23 +475,125 @@ def _parquet(files: Iterable[tuple[str | None, str]]) -> list[tuple[str | None, 
     return [(d, f) for d, f in files if f.endswith(".parquet")]
 
 
+#: Attempts a reader makes when commits keep replacing the files it is reading.
+READ_ATTEMPTS = 5
+
+
 def read_partition(output: str, date: str, table: str = SCORES,
                    columns: Sequence[str] | None = None) -> pa.Table | None:
     """Every dataset's ``date`` rows of ``table`` in force (all columns, or ``columns``) plus
-    a string ``dataset`` column, or None when the date has no data file of ``table``."""
-    for attempt in range(3):
+    a string ``dataset`` column, or None when the date has no data file of ``table``.
+
+    A commit that lands during the read deletes the files it superseded; the read then
+    starts again from the new record."""
+    for attempt in range(READ_ATTEMPTS):
         record = current_record(output, date)
         if record is None:
             return None
         try:
             return read_files(output, _parquet(record.files(table)), columns)
         except FileNotFoundError:
-            # A commit that replaced the date meanwhile deleted the files it superseded.
-            if attempt == 2:
+            if attempt == READ_ATTEMPTS - 1:
                 raise
             LOG.info("The %s record of %s changed while it was read; reading it again",
                      table, date)
     raise AssertionError("unreachable")
+
+
+def _all_dates(output: str) -> list[str]:
+    return sorted(set(record_dates(output)) | set(_legacy_dates(output, SCORES))
+                  | set(_legacy_dates(output, ERRORS)))
+
+
+def read_current(output: str, table: str, date: str | None = None) -> pa.Table:
+    """The rows of partitioned ``table`` (scores, errors) in force (of ``date``, or of every
+    date) as one pyarrow Table: every column any file has (schemas unified: a column a file
+    lacks reads as null), then the string partition columns ``dataset`` and ``run_date``.
+
+    The consistent read to use from Python: each date's files are read as its record in
+    force names them, and a commit that lands meanwhile (deleting superseded files) makes
+    that date be read again from the new record."""
+    if table in FOLDER_TABLES:
+        raise ValueError(f"{table!r} holds image files, not rows: list them with "
+                         "current_files()")
+    pieces = []
+    for day in ([date] if date is not None else _all_dates(output)):
+        rows = read_partition(output, day, table)
+        if rows is not None:
+            pieces.append(rows.append_column("run_date", pa.array([day] * rows.num_rows,
+                                                                 pa.string())))
+    if not pieces:
+        return PARTITION_SCHEMA.empty_table()
+    return pa.concat_tables(pieces, promote_options="permissive")
+
+
+def folder_files(output: str, partition: Partition) -> list[str]:
+    """The files (relative to the root) of a folder partition (maps): those in the
+    sub-folders of the attempts its attempts file lists."""
+    fs, root = output_fs(output)
+    attempts: list[str] = []
+    for rel in partition.files:
+        if posixpath.basename(rel) == ATTEMPTS_FILE:
+            with fs.open(f"{root}/{rel}", "rb") as f:
+                attempts.extend(json.load(f)["attempts"])
+    found = []
+    for attempt in sorted(attempts):
+        folder = f"{root}/{partition.prefix}/{attempt}"
+        fs.invalidate_cache(folder)
+        try:
+            found.extend(sorted(p[len(root) + 1:] for p in fs.find(folder)))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+class CurrentFiles(list):
+    """The URLs of the files in force (a plain list of strings), with ``schema``: the one
+    schema every file reads into (the files' columns unified, types promoted where runs
+    differ, then the string partition columns). Give it to pyarrow and pandas: without it
+    they take the columns of the first file and drop the others."""
+
+    def __init__(self, urls: Iterable[str], output: str) -> None:
+        super().__init__(urls)
+        self._output = output
+        self._schema: pa.Schema | None = None
+
+    @property
+    def schema(self) -> pa.Schema:
+        if self._schema is None:
+            self._schema = unified_schema(self._output, [u for u in self
+                                                         if u.endswith(".parquet")])
+        return self._schema
+
+
+def unified_schema(output: str, urls: Sequence[str]) -> pa.Schema:
+    """The schema Parquet files ``urls`` (under ``output``) read into together: their
+    columns unified (``permissive`` promotion) plus ``dataset`` and ``run_date`` as
+    strings, metadata dropped."""
+    fs, _ = output_fs(output)
+    arrow_fs, fmt = _arrow_fs(fs), pads.ParquetFileFormat()
+    schemas = [fmt.make_fragment(output_fs(u)[1], filesystem=arrow_fs).physical_schema
+               for u in urls]
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    schema = pa.schema([f for f in schema if f.name not in PARTITION_COLUMNS])
+    return pa.schema(list(schema) + list(PARTITION_SCHEMA)).remove_metadata()
+
+
+def current_files(output: str, table: str, run_date: str | None = None) -> CurrentFiles:
+    """URLs of the files of ``table`` in force (of ``run_date``, or of every date): what a
+    reader wanting one consistent view passes to pyarrow, pandas or DuckDB, with their
+    unified ``schema`` (:class:`CurrentFiles`). For maps: every map and overlay file in
+    force. A commit after this call may delete some of them: :func:`read_current` reads
+    again then."""
+    out = []
+    for date in ([run_date] if run_date is not None else _all_dates(output)):
+        record = current_record(output, date)
+        if record is None:
+            continue
+        for p in record.partitions(table):
+            files = folder_files(output, p) if p.prefix is not None else p.files
+            out.extend(to_url(output, f) for f in files)
+    return CurrentFiles(out, output)
 
 
 def _has(output: str, date: str, table: str) -> bool:
@@ -428,20 +618,6 @@ def previous_date(output: str, date: str) -> str | None:
     legacy = [d for d in _legacy_dates(output, SCORES) if d < date and d not in recorded]
     earlier = [d for d in (found, *legacy) if d is not None]
     return max(earlier) if earlier else None
-
-
-def current_files(output: str, table: str, run_date: str | None = None) -> list[str]:
-    """URLs of the files of ``table`` in force (of ``run_date``, or of every date): what a
-    reader wanting one consistent view passes to pyarrow, pandas or DuckDB."""
-    dates = [run_date] if run_date is not None else sorted(
-        set(record_dates(output)) | set(_legacy_dates(output, SCORES))
-        | set(_legacy_dates(output, ERRORS)))
-    out = []
-    for date in dates:
-        record = current_record(output, date)
-        if record is not None:
-            out.extend(to_url(output, f) for _, f in record.files(table))
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,8 +14,11 @@ Rules, in the order they apply:
   old date does not use references that arrived later.
 * **Incremental**: a query whose rows for every requested seed are already in the date's
   partition with the same ``model_id`` and ``k`` is not scored again; its rows are carried
-  into the new partition. ``--force`` rescores every query of the date. Rows of other
-  models, other ``k``, seeds not asked for or queries no longer in the manifest are dropped.
+  into the new partition (with their anomaly maps, kept where they are and said so in the
+  record). ``--force`` rescores every query of the date. Rows of other models, other ``k``,
+  seeds not asked for or queries no longer in the manifest are dropped, and so is every
+  table's partition of a dataset no longer in the manifest: a night that scores stands for
+  the whole date.
 * **Idempotent and whole**: the night holds the date's lock (a second run of the date
   waits ``lock_wait_s`` or refuses). The new partitions (carried + new rows), the summary,
   the drift report and ``nightly.json`` are written aside and put in force together by one
@@ -48,22 +51,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.runners.runner import PipelineResult
 
-from pipeline.core.commit import (CommitPlan, Staged, commit_run, date_lease, preview, read_staged,
-                                  relative)
+from pipeline.core.commit import (KEPT_CARRIED, KEPT_UP_TO_DATE, CommitPlan, Staged, commit_run,
+                                  preview, read_staged, relative)
 from pipeline.core.config import ScoreConfig
-from pipeline.core.layout import (DRIFT as DRIFT_TABLE, NIGHTLY, output_fs, previous_date,
-                                  read_files, read_partition, summary_dir)
-from pipeline.core.locks import copy_file
+from pipeline.core.layout import (DRIFT as DRIFT_TABLE, MAPS, NIGHTLY, Record, current_record,
+                                  previous_date, read_files, read_partition, summary_dir)
+from pipeline.core.lease import date_lease
 from pipeline.core.manifest import validate_manifest_schema
 from pipeline.core.reports import jsonable
-from pipeline.core.schemas import SCORES
+from pipeline.core.schemas import SCORES, SUMMARY
 from pipeline.core.selection import RowSelection
 from pipeline.model.loading import heads_hash, model_id
 from pipeline.nightly.drift import DRIFT, drift_markdown, drift_report, drift_status, write_drift
 from pipeline.nightly.plan import DATE_COLUMN, LEGACY_SCORER, NightPlan, date_queries, plan_night
 from pipeline.run import publish_report, run_score
 from pipeline.runner import counter, runner_name
-from transforms.maps import MAPS
 
 LOG = logging.getLogger(__name__)
 
@@ -127,10 +129,12 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
                            runner=runner_name(beam_args), forced=options.force)
     with date_lease(config.output, date, config.run_id, wait_s=options.lock_wait_s) as lease:
         queries = date_queries(config.manifest, schema, date)
+        record = current_record(config.output, date)
         existing = read_partition(config.output, date)
         plan = plan_night(list(queries), _keys(existing), model=mid, k=config.k,
                           seeds=config.seeds, force=options.force,
                           scorers={s: config.suite.backbone_of(s) for s in config.scorers})
+        gone = _datasets_in_force(record) - {d for d, _ in queries} - {None}
         report.queries_on_date, report.already_scored = plan.queries, len(plan.skip)
         report.scored_queries, report.carried_rows = plan.to_score, plan.carried_rows
         report.dropped_rows = plan.dropped_rows
@@ -138,15 +142,19 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
                  "%d rows carried, %d dropped", date, plan.queries, len(plan.skip), mid,
                  plan.to_score, plan.carried_rows, plan.dropped_rows)
 
-        staged = Staged()
+        # What a night that does not score keeps: the summary of the scores it leaves.
+        staged = Staged(kept=((SUMMARY, None, None, KEPT_UP_TO_DATE),))
         if plan.queries == 0:
             LOG.warning("The manifest has no query with %s %s: nothing to score; existing "
                         "partitions of that date are left as they are", DATE_COLUMN, date)
             report.skipped = True
-        elif plan.up_to_date:
+        elif plan.up_to_date and not gone:
             LOG.info("Partition %s is up to date (use --force to rescore)", date)
             report.skipped = True
         else:
+            if gone:
+                LOG.info("Night %s: dropping %d datasets no longer in the manifest: %s", date,
+                         len(gone), ", ".join(sorted(gone)))
             started = time.monotonic()
             kept = _carried(existing, plan)
             carried = _stage_carried(lease, kept)
@@ -155,9 +163,11 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
                                                       references_until=date,
                                                       carried_scores=carried),
                                plan=lease, commit=False, total_queries=plan.to_score)
-            staged = read_staged(lease)
+            # The night stands for the whole date: every dataset in force is replaced, by
+            # this run's rows or by none.
+            staged = read_staged(lease) + Staged(datasets=tuple(sorted(gone)))
             if config.write_anomaly_maps:
-                staged = staged + _stage_carried_maps(lease, kept)
+                staged = staged + _kept_maps(lease, record, kept)
             report.pipeline_seconds = round(time.monotonic() - started, 3)
             _record_metrics(report, result, cached=bool(config.feature_cache))
 
@@ -196,30 +206,46 @@ def _stage_carried(lease: CommitPlan, carried: pa.Table | None) -> str | None:
     return path
 
 
-def _stage_carried_maps(lease: CommitPlan, carried: pa.Table | None) -> Staged:
-    """The map files of the carried rows, staged again: the night's maps replace each
-    dataset's maps partition, and the kept rows must keep theirs (same names, so their URIs
-    stay valid). Files already gone are left out with a warning."""
-    if carried is None or not carried.num_rows or "anomaly_map_uri" not in carried.column_names:
+def _datasets_in_force(record: Record | None) -> set[str | None]:
+    """The datasets with a partition of any partitioned table in ``record``."""
+    if record is None:
+        return set()
+    return {p.dataset for t in record.partitioned for p in record.partitions(t)}
+
+
+def _kept_maps(lease: CommitPlan, record: Record | None, carried: pa.Table | None) -> Staged:
+    """The maps partitions of the record in force that hold the carried rows' maps: kept on
+    purpose (and said so in the record), so that the kept rows keep their URIs while the
+    night's own maps replace the rest. Rows whose maps no partition in force holds keep
+    dangling URIs, with a warning."""
+    if (record is None or carried is None or not carried.num_rows
+            or "anomaly_map_uri" not in carried.column_names):
         return Staged()
-    fs, root = output_fs(lease.output)
-    parts, missing = [], 0
-    rows = carried.select(["dataset", "anomaly_map_uri", "overlay_uri"]).to_pylist()
-    for row in rows:
+    by_prefix = {p.prefix: p for p in record.partitions(MAPS) if p.prefix is not None}
+    by_file = {f: p for p in record.partitions(MAPS) if p.prefix is None for f in p.files}
+    kept: dict[tuple, tuple] = {}
+    missing = 0
+    for row in carried.select(["dataset", "anomaly_map_uri", "overlay_uri"]).to_pylist():
         for uri in (row["anomaly_map_uri"], row["overlay_uri"]):
             if not uri:
                 continue
-            rel = f"{lease.staging}/{MAPS}/{posixpath.basename(uri)}"
             try:
-                copy_file(fs, fsspec.core.url_to_fs(uri)[1], f"{root}/{rel}")
-            except FileNotFoundError:
+                rel = relative(lease.output, uri)
+            except ValueError:
                 missing += 1
                 continue
-            parts.append((MAPS, row["dataset"], rel))
+            # A folder partition's files lie in <prefix>/<attempt>/<file>.
+            part = by_file.get(rel) or by_prefix.get(posixpath.dirname(posixpath.dirname(rel)))
+            if part is None or part.dataset != row["dataset"]:
+                missing += 1
+                continue
+            ref = part.prefix or rel
+            kept.setdefault((part.dataset, part.prefix, part.files),
+                            (MAPS, part.dataset, ref, KEPT_CARRIED))
     if missing:
-        LOG.warning("%d map files of carried rows were missing; their rows keep dangling "
-                    "URIs (rescore with --force)", missing)
-    return Staged(parts=tuple(parts))
+        LOG.warning("%d map files of carried rows are in no partition in force; their rows "
+                    "keep dangling URIs (rescore with --force)", missing)
+    return Staged(kept=tuple(kept.values()))
 
 
 def _stage_report(lease: CommitPlan, report: NightlyReport) -> Staged:

@@ -15,8 +15,8 @@ BASE = ["--manifest", "m.parquet", "--output", "out"]
 
 
 def test_every_command_is_registered_and_importable():
-    assert set(cli.COMMANDS) == {"score", "nightly", "train", "demo", "report", "make-manifest",
-                                 "import-checkpoint"}
+    assert set(cli.COMMANDS) == {"score", "nightly", "train", "demo", "report", "vacuum",
+                                 "make-manifest", "import-checkpoint"}
     for module, _ in cli.COMMANDS.values():
         assert callable(__import__(module, fromlist=["main"]).main)
 

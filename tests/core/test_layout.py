@@ -9,7 +9,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from pipeline.core.commit import CommitPlan, Staged, commit_run, date_lease
+from pipeline.core.commit import CommitPlan, Staged, commit_run
+from pipeline.core.lease import date_lease
 from pipeline.core.layout import (INCOMING, NULL_PARTITION, SUCCESS_MARKER, aside_dir,
                                   commits_dir, committed_dates, current_files, current_record,
                                   decode_value, migrated_marker, partition_dir, partition_value,
@@ -24,15 +25,21 @@ def stage(out: str, date: str, run: str, parts: dict, table: str = SCORES) -> St
     """Part files of ``final_score`` per dataset in run ``run``'s staging folder."""
     staged = []
     for n, (dataset, scores) in enumerate(parts.items()):
-        rel = f"{staging_path(date, run)}/{table}/part-{run}-{n}.parquet"
+        rel = f"{staging_path(date, run)}/{table}/part-{run}-{table}-{n}.parquet"
         os.makedirs(os.path.dirname(f"{out}/{rel}"), exist_ok=True)
         pq.write_table(pa.table({"final_score": pa.array(scores, pa.float64())}), f"{out}/{rel}")
         staged.append((table, dataset, rel))
     return Staged(parts=tuple(staged))
 
 
-def commit(out: str, date: str, run: str, parts: dict, table: str = SCORES):
-    return commit_run(CommitPlan(out, date, run), stage(out, date, run, parts, table))
+def commit(out: str, date: str, run: str, parts: dict, table: str = SCORES,
+           errors: dict | None = None):
+    """One run's commit of ``parts`` of ``table`` (and ``errors``: the same run's errors)."""
+    plan = CommitPlan(out, date, run)
+    staged = stage(out, date, plan.commit_id, parts, table)
+    if errors:
+        staged = staged + stage(out, date, plan.commit_id, errors, ERRORS)
+    return commit_run(plan, staged)
 
 
 def frame(table: pa.Table | None) -> list[tuple]:
@@ -82,9 +89,8 @@ def test_paths():
 
 def test_only_what_the_record_names_is_read(tmp_path):
     out = str(tmp_path)
-    commit(out, D2, "r1", {"a": [0.1, 0.2], "b/x": [0.3]})
+    commit(out, D2, "r1", {"a": [0.1, 0.2], "b/x": [0.3]}, errors={"a": [4.0]})
     commit(out, D1, "r0", {"a": [8.0]})
-    commit(out, D2, "e1", {"a": [4.0]}, table=ERRORS)
     # Files no record names: a dead commit's, staging, a stray '_' file.
     put_legacy(partition_dir(out, SCORES, "c", D2), [9.0], commit=False)
     put_legacy(f"{staging_root(out, D2, 'r2')}/{SCORES}", [5.0], commit=False)
@@ -139,7 +145,7 @@ def test_current_files_and_the_record_document(tmp_path):
     (name,) = os.listdir(commits_dir(out, D2))
     with open(f"{commits_dir(out, D2)}/{name}") as f:
         doc = json.load(f)
-    assert doc["format"] == "inctrl-commit/1" and doc["version"] == 1 and doc["run_id"] == "r1"
+    assert doc["format"] == "inctrl-commit/2" and doc["version"] == 1 and doc["run_id"] == "r1"
     part = doc["tables"]["scores"]["partitions"][0]
     assert part["dataset"] == "a/b" and part["files"][0].startswith("scores/dataset=a%2Fb/")
 

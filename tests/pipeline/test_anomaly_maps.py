@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.core.anomaly_images import decode_map_png
 from pipeline.core.config import ScoreConfig
 from pipeline.core.demo_data import generate_demo
-from pipeline.core.layout import current_files, summary_dir
+from pipeline.core.layout import current_files, current_record, summary_dir
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
 from pipeline.core.schemas import ERRORS, SCORES
@@ -49,8 +49,13 @@ def test_every_row_points_at_its_committed_map_and_overlay(run):
     scores = run.scores
     assert scores.anomaly_map_uri.notna().all() and scores.overlay_uri.notna().all()
     committed = {os.path.abspath(p) for p in current_files(run.config.output, MAPS)}
+    # Written once, in place, under the run's own folder (one per dataset and bundle attempt).
+    key = current_record(run.config.output, RUN_DATE).commit_id
+    assert committed == {os.path.abspath(u) for u in scores.anomaly_map_uri} | {
+        os.path.abspath(u) for u in scores.overlay_uri}
     for rec in scores.itertuples():
-        assert f"/{MAPS}/dataset={rec.dataset}/run_date={RUN_DATE}/" in rec.anomaly_map_uri
+        assert (f"/{MAPS}/run_date={RUN_DATE}/run={key}/dataset={rec.dataset}/"
+                in rec.anomaly_map_uri)
         assert os.path.abspath(rec.anomaly_map_uri) in committed
         image = Image.open(rec.image_uri)
         overlay = Image.open(rec.overlay_uri)

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.commit import (KEEP_RECORDS, CommitConflict, CommitPlan, Staged, commit_run,
-                                  date_lease, recover_date)
-from pipeline.core.layout import (DRIFT, NIGHTLY, SUCCESS_MARKER, SUMMARY, commits_dir,
+                                  recover_date)
+from pipeline.core.lease import date_lease
+from pipeline.core.layout import (DRIFT, SUCCESS_MARKER, SUMMARY, commits_dir,
                                   current_record, partition_dir, read_partition,
                                   record_versions, summary_dir)
 from pipeline.core.schemas import ERRORS, SCORES
@@ -29,10 +30,11 @@ def run(out: str, name: str, scores: dict, errors: dict | None = None, owned=Non
     spec = {"output": out, "date": DATE, "run": name,
             "tables": {SCORES: scores, ERRORS: errors or {}},
             "owned": list(owned if owned is not None else scores)}
-    staged = stage_run(spec)
+    commit_plan = CommitPlan(out, DATE, name, **plan)
+    staged = stage_run(spec, commit_plan)
     if not reports:
         staged = Staged(staged.parts, (), staged.datasets)
-    return CommitPlan(out, DATE, name, **plan), staged
+    return commit_plan, staged
 
 
 def test_a_rerun_replaces_its_datasets_and_keeps_the_others(tmp_path):
@@ -56,19 +58,40 @@ def test_a_rerun_replaces_its_datasets_and_keeps_the_others(tmp_path):
     assert open(f"{partition_dir(out, SCORES, 'c', DATE)}/{SUCCESS_MARKER}").read() == "r1\n"
 
 
-def test_reports_a_run_does_not_write_stay_in_force(tmp_path):
-    out = str(tmp_path)
-    plan, staged = run(out, "night", {"a": 1})
+def _night(out: str) -> None:
+    """A nightly-like run: scores, summary, nightly and a drift report."""
+    plan, staged = run(out, "night", {"a": 1, "b": 1})
     drift = f"{plan.staging}/reports/drift.json"
     os.makedirs(os.path.dirname(f"{out}/{drift}"), exist_ok=True)
     with open(f"{out}/{drift}", "w") as f:
         json.dump({"night": 1}, f)
     commit_run(plan, staged + Staged(reports=((DRIFT, drift),)))
-    record = commit_run(*run(out, "score", {"a": 2}))
-    assert set(record.tables) == {SCORES, SUMMARY, NIGHTLY, DRIFT}
+
+
+def test_reports_a_run_does_not_write_leave_the_record(tmp_path):
+    # Behaviour changed on purpose (issue 21): a score rerun of a nightly date used to keep
+    # the night's drift in its record and in summary/run_date=.
+    out = str(tmp_path)
+    _night(out)
+    plan, staged = run(out, "score", {"a": 2})
+    staged = Staged(staged.parts, tuple(r for r in staged.reports if r[0] == SUMMARY),
+                    staged.datasets)
+    record = commit_run(plan, staged)
+    assert set(record.tables) == {SCORES, SUMMARY}
+    assert [k.table for k in record.kept] == [SCORES]  # dataset b's scores, nothing else
+    assert sorted(os.listdir(summary_dir(out, DATE))) == ["summary.json"]
+
+
+def test_what_a_run_keeps_of_an_earlier_run_is_said_in_its_record(tmp_path):
+    out = str(tmp_path)
+    _night(out)
+    plan, staged = run(out, "rerun", {"a": 2}, reports=False)
+    record = commit_run(plan, staged + Staged(kept=((DRIFT, None, None, "on purpose"),)))
+    assert set(record.tables) == {SCORES, DRIFT}
+    assert {(k.table, k.dataset, k.run_id, k.reason) for k in record.kept} == {
+        (DRIFT, None, "night", "on purpose"), (SCORES, "b", "night", "dataset not in this run")}
     assert record.partitions(DRIFT)[0].run_id == "night"
-    assert sorted(os.listdir(summary_dir(out, DATE))) == ["drift.json", "nightly.json",
-                                                         "summary.json"]
+    assert current_record(out, DATE).kept == record.kept  # as written in the record
 
 
 def test_a_run_whose_base_moved_on_is_refused_and_leaves_nothing(tmp_path):
@@ -147,7 +170,8 @@ def test_old_records_are_pruned(tmp_path):
 def test_the_readme_recipes_read_the_tables_in_force(tmp_path):
     out = str(tmp_path)
     with date_lease(out, DATE, "r1") as plan:
-        commit_run(plan, run(out, "r1", {"123": 1, "a/b": 2, "ä b": 1})[1])
+        commit_run(plan, stage_run({"output": out, "date": DATE, "run": "r1",
+                                    "tables": {SCORES: {"123": 1, "a/b": 2, "ä b": 1}}}, plan))
     # A dead run's file in a partition: the recipes (the records) never see it.
     stage = run(out, "dead", {"a/b": 1})[1]
     dead_dir = partition_dir(out, SCORES, "a/b", DATE)

@@ -11,7 +11,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.core.commit import commit_run, date_lease
+from pipeline.core.commit import commit_run
+from pipeline.core.lease import date_lease
 from pipeline.core.layout import (NIGHTLY, SUMMARY, current_record, read_partition,
                                   summary_dir)
 from pipeline.core.locks import LockHeld
@@ -75,7 +76,7 @@ def assert_whole(out: str, run: str, *, plain: bool) -> None:
 
 def commit_a(out: str) -> None:
     with date_lease(out, DATE, "A") as plan:
-        commit_run(plan, stage_run(dict(RUN_A, output=out, date=DATE)))
+        commit_run(plan, stage_run(dict(RUN_A, output=out, date=DATE), plan))
 
 
 def test_a_commit_killed_at_any_step_leaves_one_run_whole(tmp_path):
@@ -111,7 +112,8 @@ def test_a_job_killed_inside_its_commit_and_a_second_run_refused(tmp_path, job_m
     # The date's result in force (committed as a job would, without paying for a job).
     with date_lease(out, DATE, "first") as plan:
         commit_run(plan, stage_run({"output": out, "date": DATE, "run": "first",
-                                    "tables": {SCORES: {"p/q": 2, "r": 1}, ERRORS: {"r": 1}}}))
+                                    "tables": {SCORES: {"p/q": 2, "r": 1}, ERRORS: {"r": 1}}},
+                                   plan))
     before = {t: rows(read_partition(out, DATE, t), ["dataset", "image_id", "run_id"])
               for t in (SCORES, ERRORS)}
     summary_before = open(f"{summary_dir(out, DATE)}/summary.json").read()

@@ -1,9 +1,11 @@
 """The date lock: one holder at a time, a clear refusal, waiting, heartbeats, takeover of a
-dead holder's lock, and fencing of a holder that lost it. Exclusive creation underneath."""
+dead holder's lock (at once only where its liveness can be seen: same host and PID
+namespace), and fencing of a holder that lost it. Exclusive creation underneath."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +15,11 @@ import time
 
 import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.core.layout import locks_dir
-from pipeline.core.locks import DateLock, LockHeld, LockLost, create_exclusive
+from pipeline.core.locks import (COLLECT, DateLock, LockHeld, LockLost, StoreNotExclusive,
+                                 create_exclusive)
 
 DATE = "2024-03-04"
 
@@ -149,3 +153,124 @@ def test_competing_processes_hold_the_lock_one_at_a_time(tmp_path):
     for i in range(0, 6, 2):  # strictly nested: in p, out p, in q, out q, ...
         assert events[i][0] == "in" and events[i + 1][0] == "out"
         assert events[i][1] == events[i + 1][1]
+
+
+def _unshare_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _in_own_pid_namespace(code: str, *args: str) -> subprocess.Popen:
+    """``python -c code args`` in a PID namespace of its own, with its own /proc (as in a
+    container that shares the host's hostname: ``--uts=host``, host networking)."""
+    return subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                             "-c", textwrap.dedent(code), *args], cwd=os.getcwd(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.skipif(not _unshare_works(),
+                    reason="needs unshare --pid --fork --mount-proc (util-linux, root)")
+def test_a_live_lock_is_not_taken_from_another_pid_namespace(tmp_path):
+    out = str(tmp_path)
+    take = """
+        import sys
+        from pipeline.core.locks import DateLock, LockHeld
+        try:
+            DateLock(sys.argv[1], sys.argv[2], "container").acquire()
+        except LockHeld as exc:
+            print("REFUSED", exc)
+            sys.exit(0)
+        print("TOOK IT")
+        sys.exit(1)
+    """
+    # The holder in this namespace, the taker in its own: the holder's pid is no process
+    # there, yet it lives (issue 21: it used to be taken over at once, the holder LockLost).
+    with DateLock(out, DATE, "host-run", ttl_s=60) as token:
+        proc = _in_own_pid_namespace(take, out, DATE)
+        output = proc.communicate(timeout=120)[0].decode()
+        assert proc.returncode == 0, output
+        assert "REFUSED" in output and "locked by run 'host-run'" in output
+        token.check()  # still ours
+    # The other way round: the holder in its own namespace, the taker here.
+    hold = """
+        import sys, time
+        from pipeline.core.locks import DateLock
+        DateLock(sys.argv[1], sys.argv[2], "container", ttl_s=60).acquire()
+        print("HELD", flush=True)
+        time.sleep(60)
+    """
+    other = str(tmp_path / "other")
+    proc = _in_own_pid_namespace(hold, other, DATE)
+    try:
+        assert proc.stdout.readline().decode().strip() == "HELD"
+        with pytest.raises(LockHeld, match="locked by run 'container'"):
+            DateLock(other, DATE, "host-run").acquire()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    # Once its heartbeat is older than its TTL, the lock is taken over after all.
+    path = f"{locks_dir(other, DATE)}/0000000001.json"
+    doc = json.loads(open(path).read())
+    doc["heartbeat_at"] -= 120
+    open(path, "w").write(json.dumps(doc))
+    with DateLock(other, DATE, "host-run") as token:
+        assert token.generation == 2
+
+
+def test_a_reused_pid_does_not_keep_a_dead_holders_lock(tmp_path):
+    out = str(tmp_path)
+    _hold_and_die(out)
+    path = f"{locks_dir(out, DATE)}/0000000001.json"
+    doc = json.loads(open(path).read())
+    # The dead holder's pid now names a live process (this one), started at another time.
+    doc.update(pid=os.getpid(), pid_start="1")
+    open(path, "w").write(json.dumps(doc))
+    with DateLock(out, DATE, "next") as token:
+        assert token.generation == 2
+
+
+def test_a_run_waits_for_a_collector_instead_of_refusing(tmp_path):
+    out = str(tmp_path)
+    collector = DateLock(out, DATE, "collector", purpose=COLLECT)
+    collector.acquire()
+    threading.Timer(0.3, collector.release).start()
+    with DateLock(out, DATE, "run", poll_s=0.05) as token:  # wait_s=0, yet it waits
+        assert token.generation == 2
+
+
+class _OverwritingFileSystem(MemoryFileSystem):
+    """An in-memory store whose exclusive creation silently overwrites (as some
+    S3-compatible servers answer a PUT with If-None-Match: * — 200 and a new object)."""
+
+    protocol = ("overwriting-store",)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("overwriting-store://", "memory://", 1))
+
+    def _open(self, path, mode="rb", **kwargs):
+        return super()._open(path, mode.replace("x", "w"), **kwargs)
+
+
+def test_a_store_that_overwrites_on_exclusive_creation_is_refused(tmp_path, capsys):
+    fsspec.register_implementation("overwriting-store", _OverwritingFileSystem, clobber=True)
+    out = "overwriting-store://bucket/out"
+    with pytest.raises(StoreNotExclusive, match="does not honour exclusive creation"):
+        DateLock(out, DATE, "run").acquire()
+    assert not fsspec.filesystem("overwriting-store").find("/bucket/out/_locks")  # probe gone
+    # On the command line: one clear message, exit status 1, nothing scored.
+    from pipeline.cli import main as cli_main
+    from tests.storage.helpers import cli_args, tiny_manifest
+
+    manifest = tiny_manifest(str(tmp_path / "images"), ["a"])
+    assert cli_main(cli_args(manifest, out, DATE, "r")) == 1
+    assert "does not honour exclusive creation" in capsys.readouterr().err
+    # A store that honours it passes the probe once (the in-memory one here).
+    with DateLock("memory://bucket/out", DATE, "run") as token:
+        assert token.generation == 1
