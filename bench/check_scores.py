@@ -79,7 +79,7 @@ def config_for(mode: str, manifest: str, output: str, spec, heads: str,
         return ScoreConfig(**common)
     if mode == "heads":
         return ScoreConfig(**common, checkpoint=heads)
-    return ScoreConfig(**common, scorers=ALL_SCORERS, **MODELS)
+    return ScoreConfig(**common, scorers=ALL_SCORERS, options=MODELS)
 
 
 def compare(base: pd.DataFrame, new: pd.DataFrame) -> dict[str, float]:

@@ -8,8 +8,14 @@ import pytest
 from pipeline import cli
 from pipeline.cli.demo import build_parser as demo_parser
 from pipeline.cli.flags import parse_with_beam
-from pipeline.cli.score import build_parser as score_parser, parse_score_args
+from pipeline.cli.score import build_parser as score_parser, parse_score_command
 from pipeline.cli.train import parse_train_args
+
+
+def parse_score_args(argv):
+    """(configuration, Beam's flags) of score's command line."""
+    return parse_score_command(argv)[:2]
+
 
 BASE = ["--manifest", "m.parquet", "--output", "out"]
 
@@ -66,9 +72,9 @@ def test_scorers_and_zero_shot_flags(capsys):
                                   "--cnn-backbone", "mobilenet_v2", "--cnn-weights", "random:3",
                                   "--coreset-ratio", "0.5"])
     assert config.scorers == ("patchcore", "inctrl")
-    assert (config.suite.cnn_spec().backbone, config.suite.cnn_spec().weights) == (
-        "mobilenet_v2", "random:3")
-    assert config.coreset_ratio == 0.5
+    cnn = config.suite.extractor_spec("cnn")
+    assert (cnn.backbone, cnn.weights, cnn.strides) == ("mobilenet_v2", "random:3", (8, 16))
+    assert config.suite.setting("coreset_ratio") == 0.5
     assert parse_score_args([*BASE, "--k", "0"])[0].k == 0  # inctrl zero-shot: text prior
     assert parse_score_args([*BASE, "--k", "0", "--scorer", "winclip"])[0].k == 0
     for parser, base in ((score_parser(), BASE), (demo_parser(), [])):
