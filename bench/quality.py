@@ -70,6 +70,7 @@ from pipeline.core.metrics import COMPARISON_METRICS, comparison_table
 from pipeline.model.backbone import TINY_BACKBONE, TINY_PRETRAINED, BackboneSpec
 from pipeline.model.scorers.cnn import CNN
 from pipeline.model.scorers.dino import DINO
+from pipeline.model.scorers.regad import REGAD, RegadRun
 from pipeline.model.scorers.registry import scorer_entry, scorer_names
 from pipeline.model.scorers.suite import SuiteSpec, check_k, parse_scorers
 from pipeline.model.weights import file_sha256, is_random
@@ -201,11 +202,22 @@ def random_scorers(suite: SuiteSpec) -> set[str]:
             random_ = is_random(suite.setting("cnn_weights"))
         elif ext == DINO:
             random_ = is_random(suite.setting("vit_weights"))
-        else:
+        elif ext == REGAD:
+            random_ = _regad_random(suite.setting("regad_checkpoint"))
+        else:  # CLIP's: inctrl, winclip, coop
             random_ = suite.clip.is_random or suite.clip.is_test_only
         if random_:
             out.add(name)
     return out
+
+
+def _regad_random(checkpoint: str | None) -> bool:
+    """A RegAD network is random when it has no checkpoint or its CNN started from random
+    weights (its metadata's ``init_weights``)."""
+    if not checkpoint:
+        return True
+    meta, _ = RegadRun(checkpoint).described()
+    return is_random(str(meta["init_weights"]))
 
 
 def _weights_label(weights: str, what: str) -> str:

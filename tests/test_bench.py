@@ -135,7 +135,9 @@ def test_quality_marks_the_scorers_on_random_weights():
                          cnn_weights="/nowhere/" + quality.MOBILENET_FILE,
                          vit_backbone="vit_small_patch14_dinov2", vit_weights="random:0",
                          vit_image_size=112)
-    assert quality.random_scorers(suite) == {"inctrl", "winclip", "anomalydino"}
+    # CoOp reads the random CLIP; RegAD has no checkpoint, so no trained network at all
+    assert quality.random_scorers(suite) == {"inctrl", "winclip", "anomalydino", "coop",
+                                             "regad"}
     notes = quality.weights_notes(suite)
     assert all("not a quality figure" in notes[s] for s in ("inctrl", "winclip", "anomalydino"))
     assert "not a quality figure" not in notes["patchcore"]

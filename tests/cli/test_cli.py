@@ -84,8 +84,11 @@ def test_scorers_and_zero_shot_flags(capsys):
         err = capsys.readouterr().err
         assert "spade, padim cannot score with k=0" in err and "inctrl, winclip" in err
         with pytest.raises(SystemExit):
+            parse_with_beam(parser, [*base, "--scorer", "inctrl,regadd"])
+        assert "unknown scorer 'regadd'" in capsys.readouterr().err
+        with pytest.raises(SystemExit):  # a trained scorer without its checkpoint
             parse_with_beam(parser, [*base, "--scorer", "inctrl,regad"])
-        assert "unknown scorer 'regad'" in capsys.readouterr().err
+        assert "regad needs --regad-checkpoint FILE" in capsys.readouterr().err
 
 
 def test_the_demo_takes_the_score_flags():
