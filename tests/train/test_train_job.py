@@ -140,7 +140,11 @@ def test_training_lowers_the_loss_and_beats_untrained_heads(trained, workspace):
     assert epochs[0]["epoch"] == 0 and epochs[0]["steps"] == 0
     assert untrained < 0.9  # the colour anomalies fool the patch residual
     assert result.fit.best_metrics["auroc"] > untrained + 0.05
-    assert epochs[-1]["val_auroc"] > untrained + 0.05  # not only thanks to picking the best
+    # Not only thanks to picking the best: the trained epochs on average. (One epoch alone
+    # is a noisy figure here: 36 validation images, and runs of this tiny random model are not
+    # bit-reproducible, so an epoch's AUROC was seen anywhere from 0.80 to 0.99.)
+    trained_mean = np.mean([e["val_auroc"] for e in epochs[1:]])
+    assert trained_mean > untrained + 0.05, [e["val_auroc"] for e in epochs]
 
     # The file holds the kept heads: scoring with it again gives the logged metrics.
     heads, meta, _ = load_heads(result.heads_path)
