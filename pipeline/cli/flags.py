@@ -12,7 +12,8 @@ import difflib
 import math
 from typing import Sequence
 
-from pipeline.core.config import DEFAULT_BATCH_SIZE, DEFAULT_K, ScoreConfig
+from pipeline.core.config import (DEFAULT_BATCH_SIZE, DEFAULT_FALSE_ALARM_RATE, DEFAULT_K,
+                                  ScoreConfig)
 from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, BackboneSpec
 from pipeline.model.loading import backbone_for_heads
 from pipeline.model.scorers.cnn import DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHTS
@@ -115,6 +116,13 @@ def unit_fraction(text: str) -> float:
     value = finite_float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
+def open_unit_fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a rate in (0, 1), got {text}")
     return value
 
 
@@ -221,6 +229,11 @@ def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...]
                         "smoothing of each channel; default) or 'official' (the authors' "
                         "code: each flattened C×3×3 patch pooled; the same on WRN-50's "
                         "layer3, unsmoothed on narrow layers)")
+    g.add_argument("--false-alarm-rate", type=open_unit_fraction,
+                   default=DEFAULT_FALSE_ALARM_RATE, metavar="ALPHA",
+                   help="each query's decision keeps this false-alarm rate on normal images, "
+                        "calibrated on normal images that are not references (default "
+                        "%(default)s; needs n + 1 >= 1/ALPHA calibration images per group)")
     g.add_argument("--coreset-ratio", type=unit_fraction, default=None,
                    help="patchcore: keep this fraction of the reference patches (greedy "
                         "coreset; default: all, as suits few shots)")
@@ -321,6 +334,7 @@ def score_config_from_args(args: argparse.Namespace, **overrides) -> ScoreConfig
         write_anomaly_maps=args.write_anomaly_maps,
         reference_selection=args.reference_selection,
         reference_pool_limit=args.reference_pool_limit,
+        false_alarm_rate=args.false_alarm_rate,
         feature_cache=args.feature_cache,
         share_model_across_processes=args.share_model_across_processes,
         decode_threads=args.decode_threads,
