@@ -56,14 +56,17 @@ LEGACY_SCORER = "inctrl"
 
 def plan_night(date_queries: Iterable[tuple[str, str]], existing: pd.DataFrame, *, model: str,
                k: int, seeds: Sequence[int], force: bool = False,
-               scorers: Mapping[str, tuple[str, str] | None] | None = None) -> NightPlan:
+               scorers: Mapping[str, tuple[str, str] | None] | None = None,
+               false_alarm_rate: float | None = None) -> NightPlan:
     """Which of the date's queries ((dataset, image_id) pairs) are done, and which existing
     rows carry over.
 
     ``existing`` holds the date's current rows with at least ``dataset``, ``image_id``,
     ``seed``, ``model_id`` and ``k`` (and ``scorer``, ``backbone``, ``pretrained`` where
     written). ``scorers`` maps each scorer of the run to the (backbone, pretrained) its rows
-    must show, or None to not check them (default: InCTRL alone). A query is done when it
+    must show, or None to not check them (default: InCTRL alone). With
+    ``false_alarm_rate``, a row counts only when it was decided at that rate (rows written
+    before decisions existed, or at another rate, are scored again). A query is done when it
     has a row for every (seed, scorer) with this ``model`` and ``k``; only the done queries'
     rows for those are kept (one per (dataset, image_id, seed, scorer)). The same image may
     be a query of several datasets: each is planned on its own. ``force`` keeps nothing and
@@ -86,6 +89,10 @@ def plan_night(date_queries: Iterable[tuple[str, str]], existing: pd.DataFrame, 
         & (existing["k"] == k).to_numpy()
         & scorer.isin(list(scorers)).to_numpy()
     )
+    if false_alarm_rate is not None:
+        rate = (existing["false_alarm_rate"] if "false_alarm_rate" in existing.columns
+                else pd.Series(np.nan, index=existing.index))
+        match &= (pd.to_numeric(rate, errors="coerce") == false_alarm_rate).to_numpy(dtype=bool)
     if {"backbone", "pretrained"} <= set(existing.columns):
         for name, expected in scorers.items():
             if expected is None:
