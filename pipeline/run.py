@@ -56,7 +56,7 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, model: str,
     # Normal images that calibrate the decisions travel with the queries, marked, and are
     # scored against the same references (transforms.decisions).
     calibration = manifest["rows"] | "SelectCalibration" >> SelectCalibration(
-        config, selection, queries)
+        config, selection, queries, references["sets"])
     prompts = queries | "EncodePrompts" >> EncodePrompts(
         config.backbone, config.semantic_classes, config.feature_cache,
         text_on_cpu=config.share_model_across_processes)

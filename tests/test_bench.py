@@ -8,6 +8,7 @@ checked, only that every stage ran and that the job's counters add up.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -102,6 +103,14 @@ def test_photo_set_is_an_mvtec_tree_with_its_manifest(tmp_path):
                     defects=("rotated",))
     one = write_photo_manifest(str(tmp_path / "c"), str(tmp_path / "c.parquet"), only)
     assert set(one["defect_type"].dropna()) == {"rotated"}
+    # Calibration images come on top; every other image stays as it was.
+    calibrated = replace(photos, n_calibration=3)
+    more = write_photo_manifest(str(tmp_path / "d"), str(tmp_path / "d.parquet"), calibrated)
+    held = more[more["role"] == "calibration"]
+    assert held.groupby("category").size().to_dict() == {"cat": 3, "brick": 3}
+    assert (held["label"] == 0).all()
+    rest = sorted(more.loc[more["role"] != "calibration", "image_uri"])
+    assert [open(p, "rb").read() for p in rest] == [open(p, "rb").read() for p in first]
 
 
 def test_structural_defects_change_only_their_region():

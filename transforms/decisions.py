@@ -5,7 +5,9 @@ Two steps around the scoring job's one decode → extract → score path:
 * :class:`SelectCalibration` (before loading) picks the normal images that calibrate the
   run's groups: the manifest's ``calibration`` rows, and, with the random draw (or k = 0),
   the group's reference candidates, of which each seed uses those its draw did not take.
-  They travel with the queries through LoadImages, ExtractSuiteFeatures and ScoreQueries,
+  A candidate every seed drew is no calibration image for any seed: it is left out before
+  loading. They travel with the queries through LoadImages, ExtractSuiteFeatures and
+  ScoreQueries,
   marked by :data:`CALIBRATION_KEY` on their rows (and so on their score records), so each
   is decoded once, run once per extractor and scored for every seed and scorer against the
   same k references as the queries. Only groups with queries in the run are calibrated.
@@ -71,10 +73,13 @@ class _SelectCalibrationFn(beam.DoFn):
             return FROM_POOL
         return None
 
-    def process(self, row: ManifestRow, groups: dict) -> Iterable:
+    def process(self, row: ManifestRow, groups: dict, drawn: dict) -> Iterable:
         source = self._source(row)
-        # A group without a query in the run has nothing to calibrate.
-        if source is None or (row.dataset, row.category) not in groups:
+        group = (row.dataset, row.category)
+        # A group without a query in the run has nothing to calibrate; a candidate every
+        # seed drew as a reference calibrates no seed.
+        if (source is None or group not in groups
+                or (source == FROM_POOL and row.image_id in drawn.get(group, ()))):
             pass
         elif source == FROM_CALIBRATION and row.label == 1:
             yield beam.pvalue.TaggedOutput(ERRORS, row_error(
@@ -85,26 +90,50 @@ class _SelectCalibrationFn(beam.DoFn):
             yield dataclasses.replace(row, extra=(*row.extra, (CALIBRATION_KEY, source)))
 
 
+def _drawn_ids(element) -> tuple[tuple[str, str], tuple[int, tuple[str, ...]]]:
+    """((dataset, category, seed), ReferencePayload) → ((dataset, category), (seed, ids))."""
+    (dataset, category, seed), payload = element
+    return (dataset, category), (seed, tuple(payload.image_ids))
+
+
+def _drawn_by_every_seed(element) -> tuple[tuple[str, str], frozenset[str]]:
+    """((dataset, category), [(seed, ids drawn)]) → the ids every seed's set holds."""
+    group, sets = element
+    ids = [frozenset(drawn) for _, drawn in sets]
+    return group, frozenset.intersection(*ids) if ids else frozenset()
+
+
 class SelectCalibration(beam.PTransform):
     """ManifestRow → ``{'rows': the calibration images of the groups of ``queries``, marked,
     'errors': RowError}`` (an anomalous-labelled calibration row is an error row).
 
     ``queries`` is the run's query rows (their (dataset, category) groups are calibrated);
-    ``selection`` says which calibration rows and reference candidates the run may use.
+    ``selection`` says which calibration rows and reference candidates the run may use;
+    ``reference_sets`` (PrepareReferences' ``sets``: ((dataset, category, seed),
+    ReferencePayload)) says which candidates each seed drew.
     """
 
-    def __init__(self, config: ScoreConfig, selection: RowSelection, queries) -> None:
+    def __init__(self, config: ScoreConfig, selection: RowSelection, queries,
+                 reference_sets=None) -> None:
         super().__init__()
         self._fn = _SelectCalibrationFn(selection, pool=not config.representative)
         self._queries = queries
+        self._sets = reference_sets
 
     def expand(self, rows):
         groups = (self._queries
                   | "QueryGroups" >> beam.Map(lambda r: (r.dataset, r.category))
                   | "DistinctGroups" >> beam.Distinct()
                   | "AsKeys" >> beam.Map(lambda g: (g, True)))
+        sets = (self._sets if self._sets is not None
+                else rows.pipeline | "NoSets" >> beam.Create([]))
+        drawn = (sets
+                 | "DrawnIds" >> beam.Map(_drawn_ids)
+                 | "PerGroup" >> beam.GroupByKey()
+                 | "DrawnByEverySeed" >> beam.Map(_drawn_by_every_seed))
         out = rows | "Select" >> beam.ParDo(
-            self._fn, groups=beam.pvalue.AsDict(groups)).with_outputs(ERRORS, main="rows")
+            self._fn, groups=beam.pvalue.AsDict(groups),
+            drawn=beam.pvalue.AsDict(drawn)).with_outputs(ERRORS, main="rows")
         return {"rows": out.rows, ERRORS: out[ERRORS]}
 
 

@@ -11,9 +11,11 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline.core.config import ScoreConfig
 from pipeline.core.schemas import ERRORS
 from pipeline.core.selection import ALL_ROWS, RowSelection
+from pipeline.model.scorers.suite import TensorBundle
 from tests.beamtest import mrow, offline_pipeline
 from transforms.decisions import (CALIBRATION_KEY, FROM_CALIBRATION, FROM_POOL,
                                   STAGE_SELECT_CALIBRATION, DecideAnomalies, SelectCalibration)
+from transforms.references import ReferencePayload
 
 ALPHA = 0.2  # 4 calibration scores reach it: n + 1 = 5 >= 1 / 0.2
 
@@ -71,6 +73,22 @@ def test_a_night_uses_the_calibration_rows_captured_by_its_date():
     rows = [dataclasses.replace(r, capture_date="2024-05-02") if r.image_id == "k-late" else r
             for r in _rows()]
     _check_selected(_config(), RowSelection(references_until="2024-05-01"), rows)
+
+
+def test_a_candidate_every_seed_drew_calibrates_no_seed():
+    # Group a: seed 0 drew r0, r1; seed 1 drew r0, r2. r0 is a reference of every seed.
+    sets = [(("ds", "a", 0), ReferencePayload(("r0", "r1"), TensorBundle(), 2)),
+            (("ds", "a", 1), ReferencePayload(("r0", "r2"), TensorBundle(), 2))]
+    with offline_pipeline() as p:
+        manifest = p | beam.Create(_rows())
+        queries = manifest | beam.Filter(lambda r: r.role == "query")
+        out = manifest | SelectCalibration(_config(), ALL_ROWS, queries,
+                                           p | "Sets" >> beam.Create(sets))
+        pool = (out["rows"]
+                | beam.Filter(lambda r: dict(r.extra)[CALIBRATION_KEY] == FROM_POOL)
+                | beam.Map(lambda r: (r.category, r.image_id)))
+        assert_that(pool, equal_to([("a", "r1"), ("a", "r2"), ("b", "r0"), ("b", "r1"),
+                                    ("b", "r2")]))
 
 
 # ---------------------------------------------------------------- decisions
