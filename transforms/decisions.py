@@ -64,28 +64,27 @@ class _SelectCalibrationFn(beam.DoFn):
         self._pool = pool
         self._selected = Metrics.counter(METRICS_NAMESPACE, "calibration_images_selected")
 
-    def _source(self, row: ManifestRow) -> str | None:
-        """Where a calibration image comes from, or None when the row is not one."""
+    def _source(self, row: ManifestRow, groups: dict, drawn: dict) -> str | None:
+        """Where a calibration image of this run comes from, or None when the row is none:
+        a group without a query in the run has nothing to calibrate, and a candidate every
+        seed drew as a reference calibrates no seed."""
+        group = (row.dataset, row.category)
+        if group not in groups:
+            return None
         if row.role == "calibration" and self._selection.is_calibration(row):
             return FROM_CALIBRATION
         if (self._pool and row.role == "reference" and row.label != 1
-                and self._selection.is_candidate(row)):
+                and self._selection.is_candidate(row) and row.image_id not in drawn.get(group, ())):
             return FROM_POOL
         return None
 
     def process(self, row: ManifestRow, groups: dict, drawn: dict) -> Iterable:
-        source = self._source(row)
-        group = (row.dataset, row.category)
-        # A group without a query in the run has nothing to calibrate; a candidate every
-        # seed drew as a reference calibrates no seed.
-        if (source is None or group not in groups
-                or (source == FROM_POOL and row.image_id in drawn.get(group, ()))):
-            pass
-        elif source == FROM_CALIBRATION and row.label == 1:
+        source = self._source(row, groups, drawn)
+        if source == FROM_CALIBRATION and row.label == 1:
             yield beam.pvalue.TaggedOutput(ERRORS, row_error(
                 row, STAGE_SELECT_CALIBRATION, "calibration images must be normal (label 0 "
                 "or null), this one is labelled anomalous"))
-        else:
+        elif source is not None:
             self._selected.inc()
             yield dataclasses.replace(row, extra=(*row.extra, (CALIBRATION_KEY, source)))
 

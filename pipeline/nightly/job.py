@@ -13,9 +13,9 @@ Rules, in the order they apply:
   without a ``capture_date``: tonight that is every current reference, and a backfill of an
   old date does not use references that arrived later.
 * **Incremental**: a query whose rows for every requested seed are already in the date's
-  partition with the same ``model_id``, ``k`` and ``false_alarm_rate`` is not scored again; its rows are carried
-  into the new partition (with their anomaly maps, kept where they are and said so in the
-  record). ``--force`` rescores every query of the date. Rows of other models, other ``k``,
+  partition with the same ``model_id``, ``k`` and ``false_alarm_rate`` is not scored
+  again; its rows are carried into the new partition (with their anomaly maps, kept where
+  they are and said so in the record, and with the decisions of the run that scored them). ``--force`` rescores every query of the date. Rows of other models, other ``k``,
   seeds not asked for or queries no longer in the manifest are dropped, and so is every
   table's partition of a dataset no longer in the manifest: a night that scores stands for
   the whole date.

@@ -258,6 +258,8 @@ def header(inputs: RunInputs, generated_at: str) -> str:
              ("Seeds", ", ".join(map(str, seeds)) or MISSING)]
     if extra.get("precision"):
         facts.append(("Precision", extra["precision"]))
+    if extra.get("false_alarm_rate") is not None:
+        facts.append(("Stated false-alarm rate of the decisions", extra["false_alarm_rate"]))
     facts.append(("Report generated", generated_at))
     items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts)
     parts = [f"<header><h1>Anomaly scoring report, {esc(inputs.run_date)}</h1>"
