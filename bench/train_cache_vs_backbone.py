@@ -41,10 +41,15 @@ from pipeline.extract_job import extract_manifests  # noqa: E402
 from pipeline.model.backbone import (DEFAULT_BACKBONE, BackboneSpec, ClipBackbone,  # noqa: E402
                                      ImageFeatures, get_backbone, tiny_spec)
 from pipeline.model.heads import InCTRLHeads  # noqa: E402
-from pipeline.model.inctrl import InCTRLScorer, build_text_features  # noqa: E402
+from pipeline.model.inctrl import InCTRLModel, build_text_features  # noqa: E402
 from pipeline.train.data import (Episode, EpisodeSampler, FeatureStore, TrainingSet,  # noqa: E402
                                  read_index)
 from pipeline.train.loop import CachedBatches, LoopSettings, fit  # noqa: E402
+
+
+def _stack(backbone, images):
+    """Images through the backbone's own transform, stacked: (n, 3, H, W)."""
+    return torch.stack([backbone.preprocess(im) for im in images])
 
 LOG = logging.getLogger("bench")
 
@@ -60,8 +65,7 @@ class BackboneBatches:
     def __call__(self, episodes: Sequence[Episode]):
         uris = self.data.index["image_uri"].tolist()
         positions = [e.query for e in episodes] + [p for e in episodes for p in e.prompts]
-        pixels = self.backbone.preprocess_batch(
-            [decode_image(read_bytes(uris[p])) for p in positions])
+        pixels = _stack(self.backbone, [decode_image(read_bytes(uris[p])) for p in positions])
         t0 = time.perf_counter()
         feats = self.backbone.encode_images(pixels)
         self.encode_seconds += time.perf_counter() - t0
@@ -80,7 +84,7 @@ def _step_times(data: TrainingSet, batches, text, geometry, device, steps: int,
                 batch_size: int) -> list[float]:
     """Seconds of each of ``steps`` training steps (same seeds, so same batches, in each mode)."""
     heads = InCTRLHeads.seeded(geometry.embed_dim, geometry.num_patches, 0)
-    scorer = InCTRLScorer(geometry, heads).to(device)
+    scorer = InCTRLModel(geometry, heads).to(device)
     sampler = EpisodeSampler(data, batch_size, seed=0)
     result = fit(scorer, sampler, batches, text, LoopSettings(1, steps, log_every=10**9))
     return [s["step_time_s"] for s in result.log.steps]

@@ -21,7 +21,7 @@ from pipeline.core.console import start_progress, stop_progress
 from pipeline.core.manifest import manifest_files, validate_manifest_schema
 from pipeline.core.schemas import ERRORS
 from pipeline.core.selection import ALL_ROWS, RowSelection
-from pipeline.model.loading import heads_hash, model_id
+from pipeline.model.scorers.suite import RunIdentity
 from pipeline.runner import DIRECT_RUNNERS, counter, run_pipeline, runner_name
 from transforms.decisions import DecideAnomalies, SelectCalibration, from_pool
 from transforms.features import ExtractSuiteFeatures
@@ -38,11 +38,12 @@ LOG = logging.getLogger(__name__)
 MASK_COLUMN = "mask_uri"
 
 
-def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, model: str,
+def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdentity,
                    manifest_schema: pa.Schema | None,
                    selection: RowSelection = ALL_ROWS, plan: CommitPlan | None = None,
                    commit: bool = True) -> dict:
-    """Wire the scoring job into ``p``; ``model`` is the run's model id (computed once).
+    """Wire the scoring job into ``p``; ``identity`` says what produces each scorer's rows
+    (computed once).
 
     ``selection`` says which queries are scored, which references may be drawn and which
     earlier score rows are kept (the nightly job narrows them; ``score`` takes all).
@@ -57,9 +58,11 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, model: str,
     # scored against the same references (transforms.decisions).
     calibration = manifest["rows"] | "SelectCalibration" >> SelectCalibration(
         config, selection, queries, references["sets"])
-    prompts = queries | "EncodePrompts" >> EncodePrompts(
+    # Prompt embeddings only for scorers that read text: a run without them loads no CLIP.
+    prompts = (queries | "EncodePrompts" >> EncodePrompts(
         config.backbone, config.semantic_classes, config.feature_cache,
-        text_on_cpu=config.share_model_across_processes)
+        text_on_cpu=config.share_model_across_processes) if config.suite.needs_text
+        else p | "NoPrompts" >> beam.Create([]))
     # Queries reach the fused decode → backbone → scoring stage in per-group chunks of a few
     # batches, so each batch is scored against one group's prepared references.
     # One decode per image, one forward per extractor the scorers read (suite.extractors).
@@ -71,7 +74,7 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, model: str,
         config.suite, config.batch_size, config.share_model_across_processes,
         on_device=config.features_on_device)
     scored = features | "ScoreQueries" >> ScoreQueries(
-        config, model, references["sets"], prompts)
+        config, identity, references["sets"], prompts)
     decided = scored["scores"] | "DecideAnomalies" >> DecideAnomalies(config)
     # A reference candidate that cannot be read is PrepareReferences' to report.
     image_errors = images[ERRORS] | "NotPoolErrors" >> beam.Filter(lambda e: not from_pool(e))
@@ -79,7 +82,8 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, model: str,
         {"scores": decided, "score_errors": scored[ERRORS], "queries": queries,
          "manifest_errors": manifest[ERRORS], "reference_errors": references[ERRORS],
          "image_errors": image_errors, "calibration_errors": calibration[ERRORS]}
-        | "WriteOutputs" >> WriteOutputs(config, model_id=model, manifest_schema=manifest_schema,
+        | "WriteOutputs" >> WriteOutputs(config, model_ids=identity.by_scorer(),
+                                         manifest_schema=manifest_schema,
                                          carried_scores=selection.carried_scores, plan=plan,
                                          commit=commit)
     )
@@ -116,13 +120,14 @@ def _count_queries(manifest: str) -> int | None:
 
 
 def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
-              manifest_schema: pa.Schema | None = None, model: str | None = None,
+              manifest_schema: pa.Schema | None = None, identity: RunIdentity | None = None,
               selection: RowSelection = ALL_ROWS, plan: CommitPlan | None = None,
               commit: bool = True, lock_wait_s: float = 0.0,
               total_queries: int | None = None) -> PipelineResult:
     """Check the inputs, then build and run the scoring job; blocks until it finishes.
 
-    The manifest schema and the model id are computed here unless the caller has them.
+    The manifest schema and the run's identity (every scorer's model id, checkpoints hashed)
+    are computed here unless the caller has them.
     The run holds the lock of its date (``pipeline.core.lease.date_lease``: waiting up to
     ``lock_wait_s`` for another run of the date, else refusing with ``LockHeld``) unless the
     caller holds it and passes its ``plan``; with ``commit=False`` the outputs are staged
@@ -133,12 +138,13 @@ def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
         manifest_schema = validate_manifest_schema(config.manifest)
     if MASK_COLUMN in manifest_schema.names and not config.pixel_metrics:
         config = replace(config, pixel_metrics=True)  # masks given: measure maps against them
-    if model is None:
-        # Hashing the checkpoint here makes a missing one fail now, not on a worker.
-        model = model_id(config.backbone, heads_hash(config.checkpoint))
-    LOG.info("Scoring %s → %s (scorers %s, k=%d, seeds=%s, model=%s, run %s, date %s)",
+    if identity is None:
+        # Hashing the checkpoints here makes a missing one fail now, not on a worker.
+        identity = config.suite.identity()
+    models = "; ".join(f"{s}: {m}" for s, m in identity.model_ids)
+    LOG.info("Scoring %s → %s (scorers %s, k=%d, seeds=%s, run %s, date %s; models %s)",
              config.manifest, config.output, ",".join(config.scorers), config.k, config.seeds,
-             model, config.run_id, config.run_date)
+             config.run_id, config.run_date, models)
     lease = nullcontext(plan) if plan is not None else date_lease(
         config.output, config.run_date, config.run_id, wait_s=lock_wait_s)
     local = runner_name(beam_args) in DIRECT_RUNNERS
@@ -148,7 +154,7 @@ def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
     try:
         with lease as held:
             result = run_pipeline(
-                lambda p: build_pipeline(p, config, model=model,
+                lambda p: build_pipeline(p, config, identity=identity,
                                          manifest_schema=manifest_schema,
                                          selection=selection, plan=held, commit=commit),
                 beam_args)

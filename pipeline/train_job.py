@@ -29,13 +29,13 @@ import fsspec
 import pandas as pd
 import torch
 
-from pipeline.core.feature_cache import FeatureCache, feature_identity
+from pipeline.core.feature_cache import FeatureCache
 from pipeline.core.manifest import ManifestSchemaError, validate_manifest_schema
 from pipeline.extract_job import ExtractionReport, extract_manifests
 from pipeline.model.backbone import Geometry, get_backbone
 from pipeline.model.checkpoint import HeadsMetadata, save_heads
 from pipeline.model.heads import InCTRLHeads
-from pipeline.model.inctrl import InCTRLScorer, build_text_features
+from pipeline.model.inctrl import InCTRLModel, build_text_features
 from pipeline.model.scorers.coop import CoopPrompts, coop_metadata, save_coop
 from pipeline.model.scorers.regad import (REGAD_STRIDES, RegadModel, RegadSpec, regad_metadata,
                                           save_regad)
@@ -68,7 +68,7 @@ class TrainResult:
     fit: FitResult
     extraction: ExtractionReport
     log_paths: dict[str, str]
-    scorer: InCTRLScorer  # holds the kept heads, in eval mode
+    scorer: InCTRLModel  # holds the kept heads, in eval mode
 
 
 def manifest_digest(path: str) -> str:
@@ -121,11 +121,11 @@ def run_training(config: TrainConfig, beam_args: Sequence[str] = ()) -> TrainRes
             for c in categories}
     store = FeatureStore(FeatureCache(config.cache_root, spec), config.feature_memory_mb << 20)
     heads = InCTRLHeads.seeded(geometry.embed_dim, geometry.num_patches, config.seed)
-    scorer = InCTRLScorer(geometry, heads).to(device)
+    scorer = InCTRLModel(geometry, heads).to(device)
 
     validate = None
     if vset is not None:
-        def validate(s: InCTRLScorer):
+        def validate(s: InCTRLModel):
             scores = score_validation(s, store, vset, text, config.batch_size, device)
             return validation_metrics(scores), scores
 
@@ -181,7 +181,7 @@ def heads_metadata(config: TrainConfig, geometry: Geometry, manifest_hash: str,
         "optimizer": "AdamW", "loss": LOSS_DESCRIPTION, "seed": config.seed,
         "best_epoch": result.best_epoch, "heads_of_epoch": result.best_epoch,
         "train_manifest": config.manifest, "validate_manifest": config.validate_manifest,
-        "feature_identity": feature_identity(spec),
+        "feature_identity": spec.feature_id,
         **{f"val_{k}": v for k, v in result.best_metrics.items()},
     }
     return HeadsMetadata(
@@ -283,7 +283,7 @@ def run_coop_training(config: CoopTrainConfig, beam_args: Sequence[str] = ()
         "loss": "cross-entropy over (normal, anomalous)",
         "train_manifest": config.manifest, "train_manifest_hash": manifest_digest(config.manifest),
         "train_images": {"normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum())},
-        "feature_identity": feature_identity(spec),
+        "feature_identity": spec.feature_id,
         "final_mean_loss": log.epochs[-1]["mean_loss"] if log.epochs else None,
     }
     geometry = backbone.geometry

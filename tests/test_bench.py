@@ -137,12 +137,16 @@ def test_quality_marks_the_scorers_on_random_weights():
 
     from bench import quality
     from pipeline.model.backbone import tiny_spec
-    from pipeline.model.scorers.suite import SCORERS, SuiteSpec
+    from pipeline.model.scorers.registry import scorer_names
+    from pipeline.model.scorers.suite import SuiteSpec
 
-    suite = SuiteSpec(SCORERS, tiny_spec(), None, "mobilenet_v2",
-                      "/nowhere/" + quality.MOBILENET_FILE, "vit_small_patch14_dinov2",
-                      "random:0", 112)
-    assert quality.random_scorers(suite) == {"inctrl", "winclip", "anomalydino"}
+    suite = SuiteSpec.of(scorer_names(), tiny_spec(), None, cnn_backbone="mobilenet_v2",
+                         cnn_weights="/nowhere/" + quality.MOBILENET_FILE,
+                         vit_backbone="vit_small_patch14_dinov2", vit_weights="random:0",
+                         vit_image_size=112)
+    # CoOp reads the random CLIP; RegAD has no checkpoint, so no trained network at all
+    assert quality.random_scorers(suite) == {"inctrl", "winclip", "anomalydino", "coop",
+                                             "regad"}
     notes = quality.weights_notes(suite)
     assert all("not a quality figure" in notes[s] for s in ("inctrl", "winclip", "anomalydino"))
     assert "not a quality figure" not in notes["patchcore"]

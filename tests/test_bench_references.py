@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("skimage")
 
 from bench import references  # noqa: E402
+from pipeline.model.scorers.references import cosine_distances, k_medoids  # noqa: E402
 
 TINY = ["--sets", "photos", "--photo-categories", "cat", "--photo-train", "4",
         "--photo-test-good", "2", "--photo-test-anomalous", "2", "--photo-size", "48",
@@ -25,8 +26,8 @@ def test_bench_tabulates_representative_against_random_draws(tmp_path, capsys):
             "random best | random std | ≥ mean? | ≥ worst? |") in text
     res = json.loads(out.read_text())
     entry = res["sets"]["photos"]
-    assert entry["shape"] == {"datasets": 1, "categories": 1, "pool": 4, "queries": 4,
-                              "anomalous": 2}
+    assert entry["shape"] == {"datasets": 1, "categories": 1, "pool": 4, "queries": 12,
+                              "anomalous": 10}  # 2 per defect kind
     table = pd.DataFrame(entry["table"])
     assert list(zip(table["scorer"], table["k"])) == [("spade", 1), ("spade", 2),
                                                       ("padim", 1), ("padim", 2)]
@@ -64,3 +65,14 @@ def test_spade_image_score_does_not_depend_on_the_map_levels():
     assert cut.strides == (16,)
     assert torch.equal(full.score(queries, full.build_memory(refs)).score,
                        cut.score(queries, cut.build_memory(refs)).score)
+
+
+def test_k_center_picks_the_outlier_that_k_medoids_leaves_out():
+    # a spread-out main cluster (splitting it saves much) and one odd image
+    g = torch.Generator().manual_seed(2)
+    main = torch.tensor([1.0, 0, 0, 0]) + 0.3 * torch.randn(30, 4, generator=g)
+    odd = torch.tensor([[0.3, 1.0, 0.0, 0.0]])
+    x = torch.nn.functional.normalize(torch.cat([main, odd]).double(), dim=-1)
+    dist = cosine_distances(x)
+    assert 30 in references.k_center(dist, 2).tolist()
+    assert 30 not in k_medoids(dist, 2).tolist()

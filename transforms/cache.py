@@ -1,7 +1,7 @@
-"""CachedExtractFeatures: ExtractFeatures that skips images whose features are on disk;
-CachedSuiteFeatures, the same for a scoring run whose scorers all read InCTRL's CLIP
-features; and CacheFeatures, which loads images and fills the cache (the training job's
-extraction). Both read and write the same entries (one per image and CLIP backbone)."""
+"""CachedSuiteFeatures: ExtractSuiteFeatures that skips images whose features are on disk,
+for any extractors (``pipeline.core.feature_cache``: one entry per image and extractor
+identity); and CacheFeatures, which loads images and fills the cache with InCTRL's CLIP
+features (the training job's extraction: the same entries scoring runs read)."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -14,111 +14,118 @@ from pipeline.core.feature_cache import FeatureCache
 from pipeline.core.images import ImageLimits
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.backbone import BackboneSpec
-from pipeline.model.scorers.suite import CLIP, SuiteSpec, clip_bundle, clip_features
+from pipeline.model.scorers.inctrl import INCTRL
+from pipeline.model.scorers.registry import extractor_entry
+from pipeline.model.scorers.suite import SuiteSpec, TensorBundle
 from pipeline.train.data import index_record
-from transforms.features import ExtractFeatures, ExtractSuiteFeatures
+from transforms.features import ExtractSuiteFeatures
 from transforms.images import LoadImages
 
 
-def _same(features):
-    return features
+def cache_identities(suite: SuiteSpec, references: bool) -> dict[str, str]:
+    """Each extractor's cache identity: its features' identity, marked for reference images
+    when it extracts augmentations of them (their entries hold more)."""
+    out = {}
+    for ext in suite.extractors:
+        spec = suite.extractor_spec(ext)
+        entry = extractor_entry(ext)
+        identity = entry.identity(spec)
+        if references and entry.augments_references(spec):
+            identity += "|references"
+        out[ext] = identity
+    return out
 
 
 class _LookupFn(beam.DoFn):
-    def __init__(self, root: str, spec: BackboneSpec, wrap=_same) -> None:
-        self._root, self._spec, self._wrap = root, spec, wrap
+    """An image whose every extractor's features are cached becomes its bundle (``hits``);
+    the others go on to extraction (``missing``)."""
+
+    def __init__(self, root: str, identities: dict[str, str]) -> None:
+        self._root, self._identities = root, identities
         self._hits = Metrics.counter(METRICS_NAMESPACE, "feature_cache_hits")
         self._misses = Metrics.counter(METRICS_NAMESPACE, "feature_cache_misses")
 
     def setup(self) -> None:
-        self._cache = FeatureCache(self._root, self._spec)
+        self._caches = {ext: FeatureCache(self._root, identity)
+                        for ext, identity in self._identities.items()}
 
     def process(self, element) -> Iterable:
-        key, pixels = element
-        feats = self._cache.get(key[1])
-        if feats is None:
-            self._misses.inc()
-            yield beam.pvalue.TaggedOutput("missing", element)
-        else:
-            self._hits.inc()
-            yield key, self._wrap(feats)
+        key, _views = element
+        parts = {}
+        for ext, cache in self._caches.items():
+            feats = cache.get(key[1])
+            if feats is None:
+                self._misses.inc()
+                yield beam.pvalue.TaggedOutput("missing", element)
+                return
+            parts[ext] = feats
+        self._hits.inc()
+        yield key, TensorBundle.join(parts)
 
 
 class _StoreFn(beam.DoFn):
-    def __init__(self, root: str, spec: BackboneSpec, unwrap=_same) -> None:
-        self._root, self._spec, self._unwrap = root, spec, unwrap
+    def __init__(self, root: str, identities: dict[str, str]) -> None:
+        self._root, self._identities = root, identities
 
     def setup(self) -> None:
-        self._cache = FeatureCache(self._root, self._spec)
+        self._caches = {ext: FeatureCache(self._root, identity)
+                        for ext, identity in self._identities.items()}
 
     def process(self, element) -> Iterable:
         key, feats = element
-        self._cache.put(key[1], self._unwrap(feats))
+        for ext, cache in self._caches.items():
+            cache.put(key[1], feats.part(ext))
         yield element
 
 
-class CachedExtractFeatures(beam.PTransform):
-    """((row, sha256), pixels) → ((row, sha256), ImageFeatures); the backbone runs only on misses."""
-
-    def __init__(self, cache_root: str, spec: BackboneSpec, batch_size: int,
-                 share_across_processes: bool = False) -> None:
-        super().__init__()
-        self._root, self._spec = cache_root, spec
-        self._extract = ExtractFeatures(spec, batch_size, share_across_processes)
-
-    def expand(self, keyed_pixels):
-        looked = keyed_pixels | "Lookup" >> beam.ParDo(
-            _LookupFn(self._root, self._spec)).with_outputs("missing", main="hits")
-        fresh = (looked.missing
-                 | "Extract" >> self._extract
-                 | "Store" >> beam.ParDo(_StoreFn(self._root, self._spec)))
-        return (looked.hits, fresh) | "HitsAndFresh" >> beam.Flatten()
-
-
 class CachedSuiteFeatures(beam.PTransform):
-    """((row, sha256), views) → ((row, sha256), TensorBundle) for a run whose every scorer
-    reads InCTRL's CLIP features; the backbone runs only on cache misses."""
+    """((row, sha256), views) → ((row, sha256), TensorBundle): the extractors run only on
+    images whose features are not all cached, and store theirs. ``references``: reference
+    images (extractors add their augmentations, cached apart)."""
 
     def __init__(self, cache_root: str, suite: SuiteSpec, batch_size: int,
-                 share_across_processes: bool = False) -> None:
+                 share_across_processes: bool = False, references: bool = False) -> None:
         super().__init__()
-        if suite.extractors != (CLIP,):
-            raise ValueError(f"the feature cache holds CLIP features only; this run also "
-                             f"extracts {[e for e in suite.extractors if e != CLIP]}")
-        self._root, self._spec = cache_root, suite.clip
-        self._extract = ExtractSuiteFeatures(suite, batch_size, share_across_processes)
+        self._root = cache_root
+        self._identities = cache_identities(suite, references)
+        self._extract = ExtractSuiteFeatures(suite, batch_size, share_across_processes,
+                                             references=references)
 
     def expand(self, keyed_views):
         looked = keyed_views | "Lookup" >> beam.ParDo(
-            _LookupFn(self._root, self._spec, clip_bundle)).with_outputs("missing", main="hits")
+            _LookupFn(self._root, self._identities)).with_outputs("missing", main="hits")
         fresh = (looked.missing
                  | "Extract" >> self._extract
-                 | "Store" >> beam.ParDo(_StoreFn(self._root, self._spec, clip_features)))
+                 | "Store" >> beam.ParDo(_StoreFn(self._root, self._identities)))
         return (looked.hits, fresh) | "HitsAndFresh" >> beam.Flatten()
 
 
 def extract_suite_features(cache_root: str | None, suite: SuiteSpec, batch_size: int,
                            share_across_processes: bool = False) -> beam.PTransform:
-    """Reference images' ExtractSuiteFeatures (with the extractors' reference
-    augmentations), through the disk cache when a cache root is given and every scorer
-    reads CLIP features (the cache holds those; other extractors always run)."""
-    if cache_root and suite.extractors == (CLIP,):
-        return CachedSuiteFeatures(cache_root, suite, batch_size, share_across_processes)
+    """Reference images' features (with the extractors' reference augmentations), through
+    the disk cache when a cache root is given."""
+    if cache_root:
+        return CachedSuiteFeatures(cache_root, suite, batch_size, share_across_processes,
+                                   references=True)
     return ExtractSuiteFeatures(suite, batch_size, share_across_processes, references=True)
 
 
-class CacheFeatures(beam.PTransform):
-    """ManifestRow → ``{'index': index records, 'errors': RowError}``; features go to the cache.
+def clip_suite(spec: BackboneSpec) -> SuiteSpec:
+    """The run that extracts InCTRL's CLIP features only (training)."""
+    return SuiteSpec((INCTRL,), clip=spec)
 
-    Images already in the cache are not run through the backbone again (CachedExtractFeatures).
-    """
+
+class CacheFeatures(beam.PTransform):
+    """ManifestRow → ``{'index': index records, 'errors': RowError}``; InCTRL's CLIP features
+    of every image go to the cache (images already there are not run again)."""
 
     def __init__(self, cache_root: str, spec: BackboneSpec, batch_size: int,
                  limits: ImageLimits = ImageLimits()) -> None:
         super().__init__()
-        self._load = LoadImages(spec, limits, decode_threads=default_decode_threads(spec),
+        suite = clip_suite(spec)
+        self._load = LoadImages(suite, limits, decode_threads=default_decode_threads(spec),
                                 prefetch=batch_size)
-        self._extract = CachedExtractFeatures(cache_root, spec, batch_size)
+        self._extract = CachedSuiteFeatures(cache_root, suite, batch_size)
 
     def expand(self, rows):
         images = rows | "LoadImages" >> self._load

@@ -22,21 +22,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline.core.images import ImageLimits, ImageLoadError, load_pixels
 from pipeline.core.manifest import ManifestRow, RowError
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
-from pipeline.model.backbone import BackboneSpec, describe
 from pipeline.model.scorers.suite import SuiteSpec, suite_preprocess
 from transforms.errors import row_error
-from transforms.features import KeyedBundle, KeyedPixels
-
-#: What images are preprocessed for: one CLIP backbone (pixels: one tensor) or a run's
-#: scorers (pixels: a TensorBundle with one tensor per view).
-Target = BackboneSpec | SuiteSpec
-
-
-def _preprocess(target: Target) -> Callable:
-    if isinstance(target, SuiteSpec):
-        return suite_preprocess(target)
-    return describe(target).preprocess
-
+from transforms.features import KeyedBundle
 
 @dataclass(frozen=True)
 class Loaded:
@@ -80,7 +68,7 @@ class _LoadFn(beam.DoFn):
     of a bundle in flight (enough to keep decoding while a batch runs through the model).
     """
 
-    def __init__(self, spec: Target, limits: ImageLimits = ImageLimits(),
+    def __init__(self, spec: SuiteSpec, limits: ImageLimits = ImageLimits(),
                  threads: int = 1, prefetch: int = 0) -> None:
         if threads < 1:
             raise ValueError(f"decode threads must be at least 1, got {threads}")
@@ -93,7 +81,7 @@ class _LoadFn(beam.DoFn):
         self._bytes = Metrics.distribution(METRICS_NAMESPACE, "image_bytes")
 
     def setup(self) -> None:
-        self._preprocess = _preprocess(self._spec)
+        self._preprocess = suite_preprocess(self._spec)
         self._pool = decode_pool(self._threads) if self._threads > 1 else None
 
     def start_bundle(self) -> None:
@@ -183,11 +171,11 @@ class LoadImages(beam.PTransform):
     (references, training extraction).
     """
 
-    def __init__(self, spec: Target, limits: ImageLimits = ImageLimits(), *,
+    def __init__(self, spec: SuiteSpec, limits: ImageLimits = ImageLimits(), *,
                  decode_threads: int = 1, prefetch: int = 0, group_chunk: int = 0) -> None:
         super().__init__()
         self._fn = _LoadFn(spec, limits, decode_threads, prefetch)
-        self._type = KeyedBundle if isinstance(spec, SuiteSpec) else KeyedPixels
+        self._type = KeyedBundle
         self._group_chunk = group_chunk
 
     def expand(self, rows):

@@ -112,10 +112,9 @@ def _resize_long_side(amap: torch.Tensor, mask: np.ndarray | None,
 
 
 class _MapsFn(beam.DoFn):
-    def __init__(self, config: ScoreConfig, model_id: str, plan: CommitPlan, *, write: bool,
+    def __init__(self, config: ScoreConfig, plan: CommitPlan, *, write: bool,
                  pixel: bool) -> None:
         self._config = config
-        self._model_id = model_id
         self._plan = plan
         self._write = write
         self._pixel = pixel
@@ -144,8 +143,9 @@ class _MapsFn(beam.DoFn):
         error = RowError(image_uri=record.get("image_uri"), dataset=record.get("dataset"),
                          category=record.get("category"), image_id=record.get("image_id"),
                          role="query", stage=stage, reason=reason)
-        for rec in error_records(error, (), (), self._config.run_id, self._model_id,
-                                 seed=record["seed"], scorer=record["scorer"]):
+        for rec in error_records(error, (), {record["scorer"]: record.get("model_id")},
+                                 self._config.run_id, seed=record["seed"],
+                                 scorer=record["scorer"]):
             yield beam.pvalue.TaggedOutput(ERRORS, rec)
 
     def _pixel_stats(self, record: dict, amap: torch.Tensor) -> Iterable:
@@ -259,10 +259,10 @@ class AnomalyMaps(beam.PTransform):
     the commit), 'pixel': per (dataset, category, scorer, k, seed) pixel-metric rows,
     'errors': error records}``. ``plan`` is the run's: its key names the maps folder."""
 
-    def __init__(self, config: ScoreConfig, model_id: str, plan: CommitPlan, *, write: bool,
+    def __init__(self, config: ScoreConfig, plan: CommitPlan, *, write: bool,
                  pixel: bool) -> None:
         super().__init__()
-        self._fn = _MapsFn(config, model_id, plan, write=write, pixel=pixel)
+        self._fn = _MapsFn(config, plan, write=write, pixel=pixel)
 
     def expand(self, records):
         out = records | "Maps" >> beam.ParDo(self._fn).with_outputs(

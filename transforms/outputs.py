@@ -11,7 +11,7 @@ from pipeline.core.commit import CommitPlan, relative
 from pipeline.core.config import ScoreConfig
 from pipeline.core.layout import unstorable_reason
 from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
-from pipeline.model.scorers.suite import INCTRL
+from pipeline.model.scorers.inctrl import INCTRL
 from transforms.errors import error_records
 from transforms.maps import FILES, PIXEL, AnomalyMaps
 from transforms.summary import SummarizeMetrics
@@ -73,24 +73,24 @@ class WriteOutputs(beam.PTransform):
     staged and listed, and the caller commits them (the nightly job, adding its reports).
     """
 
-    def __init__(self, config: ScoreConfig, *, model_id: str, manifest_schema: pa.Schema | None,
-                 carried_scores: str | None = None, plan: CommitPlan | None = None,
-                 commit: bool = True) -> None:
+    def __init__(self, config: ScoreConfig, *, model_ids: dict[str, str],
+                 manifest_schema: pa.Schema | None, carried_scores: str | None = None,
+                 plan: CommitPlan | None = None, commit: bool = True) -> None:
         super().__init__()
         self._config = config
-        self._model_id = model_id
+        self._model_ids = dict(model_ids)
         self._schema = manifest_schema
         self._carried = carried_scores
         self._plan = plan or CommitPlan(config.output, config.run_date, config.run_id)
         self._commit = commit
 
     def expand(self, outputs: dict) -> dict:
-        cfg, mid, plan = self._config, self._model_id, self._plan
+        cfg, model_ids, plan = self._config, self._model_ids, self._plan
         scores = outputs["scores"]
         map_files = pixel = map_errors = None
         if cfg.anomaly_maps:
             mapped = scores | "AnomalyMaps" >> AnomalyMaps(
-                cfg, mid, plan, write=cfg.write_anomaly_maps, pixel=cfg.pixel_metrics)
+                cfg, plan, write=cfg.write_anomaly_maps, pixel=cfg.pixel_metrics)
             scores, map_files, pixel = mapped["scores"], mapped[FILES], mapped[PIXEL]
             map_errors = mapped[ERRORS]
         if self._carried:
@@ -101,8 +101,7 @@ class WriteOutputs(beam.PTransform):
         row_errors = (
             [outputs[key] for key in ROW_ERRORS if key in outputs]
             | "MergeRowErrors" >> beam.Flatten()
-            | "ErrorRecords" >> beam.FlatMap(error_records, cfg.seeds, cfg.scorers, cfg.run_id,
-                                           mid))
+            | "ErrorRecords" >> beam.FlatMap(error_records, cfg.seeds, model_ids, cfg.run_id))
         errors = ((row_errors, outputs["score_errors"])
                   + ((map_errors,) if map_errors is not None else ())) | "AllErrors" >> beam.Flatten()
         checked = scores | "CheckScoreDatasets" >> beam.ParDo(
@@ -128,7 +127,7 @@ class WriteOutputs(beam.PTransform):
             scores
             | "SummarizeMetrics" >> SummarizeMetrics(
                 plan.staging_url(SUMMARY),
-                extra={"run_id": cfg.run_id, "model_id": mid, "run_date": cfg.run_date,
+                extra={"run_id": cfg.run_id, "model_ids": model_ids, "run_date": cfg.run_date,
                        "k": cfg.k, "seeds": list(cfg.seeds), "scorers": list(cfg.scorers),
                        "reference_selection": cfg.reference_selection,
                        "reference_pool_limit": cfg.reference_pool_limit,

@@ -16,10 +16,8 @@ from pipeline.core import console
 from pipeline.core.config import ScoreConfig
 from pipeline.core.manifest import ManifestRow
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
-from pipeline.model.loading import TRAINING_FREE, WITH_HEADS, ZERO_SHOT
-from pipeline.model.scorers.base import ScorerOutput
-from pipeline.model.scorers.suite import (CATEGORY, EXTRACTOR_OF, IMAGE_SIZE, INCTRL,
-                                          INCTRL_COMPONENTS, TEXT, TensorBundle, build_scorers)
+from pipeline.model.scorers.base import CATEGORY, TEXT, ScorerOutput
+from pipeline.model.scorers.suite import IMAGE_SIZE, RunIdentity, TensorBundle, build_scorers
 from transforms.errors import error_records, row_error
 from transforms.maps import GRID_KEY, PATCH_MAP_KEY, SIZE_KEY
 from transforms.references import ReferencePayload
@@ -35,21 +33,25 @@ def _nan_to_none(x: float) -> float | None:
 
 def score_records(
     rows: Sequence[ManifestRow], out: ScorerOutput, *, scorer: str, seed: int,
-    payload: ReferencePayload, config: ScoreConfig, model_id: str, heads: str | None, mode: str,
+    payload: ReferencePayload, config: ScoreConfig, identity: RunIdentity,
     sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One output record per query for one seed and scorer. InCTRL's rows carry its score
-    components; other scorers leave those columns null. With ``config.anomaly_maps`` the
-    records also carry, under internal keys, the patch map, its grid and the image's size
-    (``sizes``), for AnomalyMaps."""
+    """One output record per query for one seed and scorer. A scorer's declared components
+    (``ScorerEntry.components``) fill their ``<name>_score`` columns; the other component
+    columns stay null. With ``config.anomaly_maps`` the records also carry, under internal
+    keys, the patch map, its grid and the image's size (``sizes``), for AnomalyMaps."""
+    suite = config.suite
+    entry = suite.entry(scorer)
     final = out.score.detach().float().cpu().tolist()
     cols = {name: out.components[name].detach().float().cpu().tolist()
-            for name in INCTRL_COMPONENTS if name in out.components} if scorer == INCTRL else {}
+            for name in entry.components if name in out.components}
     maps = None
     if (config.write_patch_map or config.anomaly_maps) and out.patch_map is not None:
         maps = out.patch_map.detach().float().cpu()
-    backbone, pretrained = config.suite.backbone_of(scorer)
-    ids = payload.ids_for(EXTRACTOR_OF[scorer])
+    backbone, pretrained = suite.backbone_of(scorer)
+    ids = payload.ids_for(entry.extractor)
+    mode = entry.mode(suite, config.k)
+    model_id, heads = identity.model_id(scorer), identity.checkpoint_label(scorer)
     records = []
     for i, row in enumerate(rows):
         rec = row.to_record()
@@ -59,7 +61,7 @@ def score_records(
             k=config.k,
             k_used=len(ids),
             reference_ids=list(ids),
-            reference_uris=list(payload.uris_for(EXTRACTOR_OF[scorer])),
+            reference_uris=list(payload.uris_for(entry.extractor)),
             reference_selection=config.reference_selection,
             final_score=final[i],
             scoring_mode=mode,
@@ -84,9 +86,9 @@ def score_records(
 
 
 class _ScoreFn(beam.DoFn):
-    def __init__(self, config: ScoreConfig, model_id: str) -> None:
+    def __init__(self, config: ScoreConfig, identity: RunIdentity) -> None:
         self._config = config
-        self._model_id = model_id
+        self._identity = identity
         self._scored = Metrics.counter(METRICS_NAMESPACE, "queries_scored")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
         self._prepared_sets = Metrics.counter(METRICS_NAMESPACE, "reference_sets_prepared")
@@ -94,27 +96,23 @@ class _ScoreFn(beam.DoFn):
     def setup(self) -> None:
         suite = self._config.suite
         self._device = torch.device(suite.device)
-        self._scorers, self._heads = build_scorers(suite)
+        self._scorers = build_scorers(suite)
+        self._extractor = {name: suite.entry(name).extractor for name in self._scorers}
         self._prepared: OrderedDict[tuple, Any] = OrderedDict()
         self._texts: dict[str, torch.Tensor] = {}  # category → text features on the device
 
-    def _mode(self, scorer: str) -> str:
-        if self._config.k == 0:
-            return ZERO_SHOT
-        if scorer == INCTRL and self._scorers[INCTRL].has_heads:
-            return WITH_HEADS
-        return TRAINING_FREE
-
     def _memory(self, key: tuple, scorer: str, payload: ReferencePayload,
-                text: torch.Tensor) -> Any:
+                text: torch.Tensor | None) -> Any:
         """The scorer's memory of one (dataset, category, seed), built once per worker."""
         key = (*key, scorer)
         memory = self._prepared.get(key)
         if memory is None:
-            refs = payload.features.to(self._device).part(EXTRACTOR_OF[scorer])
+            refs = payload.features.to(self._device).part(self._extractor[scorer])
+            context = {CATEGORY: key[1]}
+            if text is not None:
+                context[TEXT] = text
             with torch.no_grad():
-                memory = self._scorers[scorer].build_memory(
-                    refs, {TEXT: text, CATEGORY: key[1]})
+                memory = self._scorers[scorer].build_memory(refs, context)
             self._prepared[key] = memory
             self._prepared_sets.inc()
             while len(self._prepared) > _PREPARED_CACHE * len(self._scorers):
@@ -131,8 +129,8 @@ class _ScoreFn(beam.DoFn):
                 f"no usable normal reference image for dataset {dataset!r}, category "
                 f"{category!r}: none in the manifest, or none could be loaded "
                 "(see the reference rows of the errors table)"))
-            for rec in error_records(err, cfg.seeds, cfg.scorers, cfg.run_id, self._model_id,
-                                     seed):
+            model_ids = {name: self._identity.model_id(name) for name in self._scorers}
+            for rec in error_records(err, cfg.seeds, model_ids, cfg.run_id, seed):
                 yield beam.pvalue.TaggedOutput(ERRORS, rec)
 
     def process(self, batch: list, ref_sets: dict, prompts: dict) -> Iterable:
@@ -147,7 +145,7 @@ class _ScoreFn(beam.DoFn):
             sizes = ([tuple(int(v) for v in hw) for hw in feats[IMAGE_SIZE].tolist()]
                      if cfg.anomaly_maps and IMAGE_SIZE in feats.tensors else None)
             text = self._texts.get(category)
-            if text is None:
+            if text is None and category in prompts:  # only when a scorer reads text
                 text = self._texts[category] = prompts[category].to(self._device)
             queries = [r for r in rows if r.role == "query"]  # not the calibration images
             for seed in cfg.seeds:
@@ -159,13 +157,11 @@ class _ScoreFn(beam.DoFn):
                 for name, scorer in self._scorers.items():
                     memory = self._memory((dataset, category, seed), name, payload, text)
                     with torch.no_grad():
-                        out = scorer.score(feats.part(EXTRACTOR_OF[name]), memory)
+                        out = scorer.score(feats.part(self._extractor[name]), memory)
                     self._scored.inc(len(queries))
                     yield from score_records(
                         rows, out, scorer=name, seed=seed, payload=payload, config=cfg,
-                        model_id=self._model_id,
-                        heads=self._heads if name == INCTRL else None, mode=self._mode(name),
-                        sizes=sizes)
+                        identity=self._identity, sizes=sizes)
             console.advance(len(queries))  # a local run's progress line, if it has one
 
 
@@ -174,13 +170,14 @@ class ScoreQueries(beam.PTransform):
     one per query, seed and scorer.
 
     Side inputs: ``ref_sets`` ((dataset, category, seed) → ReferencePayload) and ``prompts``
-    (category → text features).
+    (category → text features; empty when no scorer reads text). ``identity``: what
+    produced each scorer's rows.
     """
 
-    def __init__(self, config: ScoreConfig, model_id: str, ref_sets, prompts) -> None:
+    def __init__(self, config: ScoreConfig, identity: RunIdentity, ref_sets, prompts) -> None:
         super().__init__()
         self._config = config
-        self._model_id = model_id
+        self._identity = identity
         self._ref_sets = ref_sets
         self._prompts = prompts
 
@@ -190,7 +187,7 @@ class ScoreQueries(beam.PTransform):
             | "Batch" >> beam.BatchElements(min_batch_size=self._config.batch_size,
                                             max_batch_size=self._config.batch_size)
             | "Score" >> beam.ParDo(
-                _ScoreFn(self._config, self._model_id),
+                _ScoreFn(self._config, self._identity),
                 ref_sets=beam.pvalue.AsDict(self._ref_sets),
                 prompts=beam.pvalue.AsDict(self._prompts),
             ).with_outputs(ERRORS, main="scores")

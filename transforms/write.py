@@ -23,8 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.core.commit import (CommitPlan, Staged, commit_run, restore_legacy_swaps,
-                                  stage_empty, write_staged)
+from pipeline.core.commit import CommitPlan, Staged, commit_run, stage_empty, write_staged
 from pipeline.core.layout import SUCCESS_MARKER, output_fs, partition_dir, unstorable_reason
 from pipeline.core.schemas import METRICS_NAMESPACE, to_table
 
@@ -35,7 +34,7 @@ LOG = logging.getLogger(__name__)
 PART, REPORT, ATTEMPT = "part", "report", "attempt"
 
 __all__ = ["ATTEMPT", "CommitStaged", "PART", "REPORT", "SUCCESS_MARKER", "StageFiles",
-           "WritePartitioned", "recover_partitions"]
+           "WritePartitioned"]
 
 
 class _StageFilesFn(beam.DoFn):
@@ -163,9 +162,3 @@ class WritePartitioned(beam.PTransform):
     def expand(self, records):
         return records | "Stage" >> self._stage | self._commit
 
-
-def recover_partitions(output: str, table: str, run_date: str) -> list[str]:
-    """Tidy the ``run_date`` partitions of ``table`` after a former-layout (folder swap)
-    commit died; see :func:`pipeline.core.commit.restore_legacy_swaps`. Runs of this layout
-    are tidied by :func:`pipeline.core.commit.recover_date`."""
-    return restore_legacy_swaps(output, table, run_date)

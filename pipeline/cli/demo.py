@@ -9,6 +9,7 @@ from pipeline.cli.flags import (add_comparison_model_flags, add_model_flags, add
                                 add_scoring_flags, backbone_from_args, parse_with_beam,
                                 score_config_from_args)
 from pipeline.core.layout import summary_dir
+from pipeline.model.scorers.suite import SuiteSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,10 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, beam_args = parse_with_beam(build_parser(), argv)
     paths = demo_paths(args.workdir)
+    backbone = backbone_from_args(args)
+    if SuiteSpec(args.scorer).uses_clip:  # a CLIP-free run needs no CLIP weights at all
+        backbone = demo_backbone(backbone)
     # The demo shows where the anomalies are: its maps feed the report.
     config = score_config_from_args(args, manifest=paths.manifest, output=paths.output,
-                                    backbone=demo_backbone(backbone_from_args(args)),
-                                    write_anomaly_maps=True)
+                                    backbone=backbone, write_anomaly_maps=True)
     comparison = run_demo(paths, config, beam_args)
     folder = summary_dir(config.output, config.run_date)
     sys.stdout.write(comparison.rstrip("\n") + "\n\n")

@@ -16,26 +16,14 @@ from pipeline.core.config import (DEFAULT_BATCH_SIZE, DEFAULT_FALSE_ALARM_RATE, 
                                   ScoreConfig)
 from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, BackboneSpec
 from pipeline.model.loading import backbone_for_heads
-from pipeline.model.scorers.cnn import DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHTS
-from pipeline.model.scorers.dino import DEFAULT_DINO, DEFAULT_IMAGE_SIZE, TIMM_WEIGHTS
-from pipeline.model.scorers.padim import COVARIANCES, SAMPLE
-from pipeline.model.scorers.patchcore import AGGREGATIONS, MEAN
+from pipeline.model.scorers import registry
 from pipeline.model.scorers.references import RANDOM, SELECTIONS
-from pipeline.model.scorers.suite import DEFAULT_SCORERS, SCORERS, check_k, parse_scorers
+from pipeline.model.scorers.base import positive_int  # one validator, shared with the scorers
+from pipeline.model.scorers.suite import SuiteSpec, parse_scorers
 
 # --------------------------------------------------------------------------------------------
 # Validators: argparse types that turn a bad value into one usage line, never a traceback
 # --------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def non_negative_int(text: str) -> int:
@@ -112,23 +100,11 @@ def scorer_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def unit_fraction(text: str) -> float:
-    value = finite_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
-    return value
-
-
 def open_unit_fraction(text: str) -> float:
     value = finite_float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a rate in (0, 1), got {text}")
     return value
-
-
-def name_list(text: str) -> tuple[str, ...]:
-    """Comma-separated names in order, each once, e.g. ``--cnn-stages layer2,layer3``."""
-    return tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
 
 
 def name_set(text: str) -> frozenset[str]:
@@ -190,9 +166,11 @@ def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...]
     g = parser.add_argument_group("scoring")
     add_k_flag(g, "normal references per group (default %(default)s; 0: zero-shot, for the "
                   "scorers that can: inctrl's text prior, winclip)", zero_shot=True)
-    g.add_argument("--scorer", type=scorer_list, default=DEFAULT_SCORERS, metavar="NAMES",
-                   help=f"comma-separated scorers compared in one run: {','.join(SCORERS)} "
-                        f"(default {','.join(DEFAULT_SCORERS)})")
+    g.add_argument("--scorer", type=scorer_list, default=registry.DEFAULT_SCORERS,
+                   metavar="NAMES",
+                   help=f"comma-separated scorers compared in one run: "
+                        f"{','.join(registry.scorer_names())} "
+                        f"(default {','.join(registry.DEFAULT_SCORERS)})")
     g.add_argument("--seeds", type=distinct_int_list, default=seeds,
                    help="comma-separated sampler seeds; each gives one scoring (default "
                         f"{','.join(map(str, seeds))})")
@@ -213,54 +191,36 @@ def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...]
     g.add_argument("--write-anomaly-maps", action="store_true",
                    help="write each query's anomaly map (16-bit PNG at the image's size) and "
                         "an overlay under OUT/maps/, their URIs in the scores rows")
-    g.add_argument("--padim-covariance", choices=COVARIANCES, default=SAMPLE,
-                   help="padim: each position's covariance: 'sample' (the paper's, k − 1 "
-                        "normalised, + 0.01·I; default) or 'ledoit-wolf' (shrunk towards its "
-                        "mean variance, + 0.01·I)")
-    g.add_argument("--anomalydino-rotations", type=positive_int, default=8, metavar="N",
-                   help="anomalydino: each reference also at N angles evenly around the "
-                        "circle (default 8, as the official code; 1: no rotation)")
-    g.add_argument("--anomalydino-masking", choices=("auto", "on", "off"), default="auto",
-                   help="anomalydino: mask query backgrounds (PCA test); auto: the official "
-                        "default's categories (MVTec's capsule, hazelnut, pill, screw, "
-                        "toothbrush and all of VisA, by name)")
-    g.add_argument("--patchcore-aggregation", choices=AGGREGATIONS, default=MEAN,
-                   help="patchcore: 3×3 neighbourhood aggregation: 'mean' (the paper's local "
-                        "smoothing of each channel; default) or 'official' (the authors' "
-                        "code: each flattened C×3×3 patch pooled; the same on WRN-50's "
-                        "layer3, unsmoothed on narrow layers)")
     g.add_argument("--false-alarm-rate", type=open_unit_fraction,
                    default=DEFAULT_FALSE_ALARM_RATE, metavar="ALPHA",
                    help="each query's decision keeps this false-alarm rate on normal images, "
                         "calibrated on normal images that are not references (default "
                         "%(default)s; needs n + 1 >= 1/ALPHA calibration images per group)")
-    g.add_argument("--coreset-ratio", type=unit_fraction, default=None,
-                   help="patchcore: keep this fraction of the reference patches (greedy "
-                        "coreset; default: all, as suits few shots)")
 
 
 def add_comparison_model_flags(parser: argparse.ArgumentParser) -> None:
-    """The models of the comparison scorers that do not read CLIP."""
-    g = parser.add_argument_group("comparison scorers' models")
-    g.add_argument("--cnn-backbone", default=DEFAULT_CNN_BACKBONE,
-                   help="spade/padim/patchcore: torchvision model builder name (default "
-                        "%(default)s; each stage is the output of the last block at its "
-                        "stride, so ResNets, mobilenet_v2 and efficientnet work)")
-    g.add_argument("--cnn-stages", type=name_list, default=(), metavar="NAMES",
-                   help="comma-separated module or node names of the CNN (layer2,layer3; "
-                        "features.6,features.13): each replaces the automatic stage at its "
-                        "own stride")
-    g.add_argument("--cnn-weights", default=DEFAULT_CNN_WEIGHTS,
-                   help="torchvision weights name (fetched into $TORCH_HOME), a state-dict "
-                        "file or 'random[:SEED]' (default %(default)s)")
-    g.add_argument("--vit-backbone", default=DEFAULT_DINO,
-                   help="anomalydino: timm DINOv2 model name (default %(default)s)")
-    g.add_argument("--vit-weights", default=TIMM_WEIGHTS,
-                   help="'timm' (the name's pretrained weights, from the Hugging Face cache), "
-                        "another timm tag, a weights file or 'random[:SEED]' (default "
-                        "%(default)s)")
-    g.add_argument("--vit-image-size", type=positive_int, default=DEFAULT_IMAGE_SIZE,
-                   help="anomalydino: square input side in pixels (default %(default)s)")
+    """The settings of every registered extractor and scorer (``Option``), one group each
+    (``--cnn-backbone``, ``--coreset-ratio``, ...)."""
+    entries = [*((registry.extractor_entry(e), "extractor") for e in registry.extractor_names()),
+               *((registry.scorer_entry(s), "scorer") for s in registry.scorer_names())]
+    for entry, kind in entries:
+        if not entry.options:
+            continue
+        g = parser.add_argument_group(f"{entry.name} {kind}")
+        for o in entry.options:
+            kwargs = dict(default=o.default, help=o.help, dest=o.name)
+            if o.type is not None:
+                kwargs["type"] = o.type
+            if o.choices is not None:
+                kwargs["choices"] = o.choices
+            if o.metavar is not None:
+                kwargs["metavar"] = o.metavar
+            g.add_argument(o.flag, **kwargs)
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    """The registered settings' values of parsed flags (by name)."""
+    return {o.name: getattr(args, o.name) for o in registry.options() if hasattr(args, o.name)}
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, run_date: bool = True) -> None:
@@ -339,17 +299,7 @@ def score_config_from_args(args: argparse.Namespace, **overrides) -> ScoreConfig
         share_model_across_processes=args.share_model_across_processes,
         decode_threads=args.decode_threads,
         scorers=tuple(args.scorer),
-        coreset_ratio=args.coreset_ratio,
-        padim_covariance=args.padim_covariance,
-        anomalydino_rotations=args.anomalydino_rotations,
-        anomalydino_masking=args.anomalydino_masking,
-        patchcore_aggregation=args.patchcore_aggregation,
-        cnn_backbone=args.cnn_backbone,
-        cnn_weights=args.cnn_weights,
-        cnn_stages=tuple(args.cnn_stages),
-        vit_backbone=args.vit_backbone,
-        vit_weights=args.vit_weights,
-        vit_image_size=args.vit_image_size,
+        options=options_from_args(args),
     )
     for name in ("manifest", "run_date", "run_id", "semantic_classes"):
         if getattr(args, name, None) is not None:
@@ -389,7 +339,9 @@ def _check_together(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """Flags valid alone but not together: one usage message."""
     if hasattr(args, "scorer") and hasattr(args, "k"):
         try:
-            check_k(args.scorer, args.k)
+            suite = SuiteSpec(args.scorer, settings=tuple(options_from_args(args).items()),
+                              checkpoint=getattr(args, "checkpoint", None))
+            suite.check(args.k)
         except ValueError as exc:
             parser.error(f"--k {args.k} --scorer {','.join(args.scorer)}: {exc}")
     limit = getattr(args, "reference_pool_limit", None)
@@ -404,7 +356,7 @@ def _check_together(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def parse_with_beam(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                     ) -> tuple[argparse.Namespace, list[str]]:
     """(our flags, Beam's flags) of ``argv``; a flag neither knows ends the command with one
-    usage message naming it and the closest known flag."""
+    usage message naming it and the closest flag of this command."""
     args, rest = parser.parse_known_args(argv)
     _check_together(parser, args)
     if not rest:
@@ -413,7 +365,8 @@ def parse_with_beam(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     _, unknown = beam.parse_known_args(rest)
     if unknown:
         flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
-        known = _options(parser) + _options(beam)
+        # suggest only this command's own flags: Beam's are many and no usage text shows them
+        known = _options(parser)
         hints = []
         for flag in flags:
             close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)

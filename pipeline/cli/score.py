@@ -18,11 +18,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_score_args(argv: Sequence[str] | None) -> tuple[ScoreConfig, list[str]]:
-    config, beam_args, _ = parse_score_command(argv)
-    return config, beam_args
-
-
 def parse_score_command(argv: Sequence[str] | None) -> tuple[ScoreConfig, list[str], float]:
     """(configuration, Beam's flags, seconds to wait for the date's lock)."""
     args, beam_args = parse_with_beam(build_parser(), argv)

@@ -53,18 +53,15 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.layout import (ATTEMPTS_FILE, COMMITS_DIR, FOLDER_TABLES, LEGACY_RUN,
-                                  PARTITIONED_TABLES, REPORTS_DIR, STAGING_DIR, SUCCESS_MARKER,
-                                  Kept, Partition, Record, aside_glob, commits_dir,
-                                  current_record, folder_prefix, is_retired, legacy_dates,
-                                  legacy_record, migrated_marker, output_fs, partition_glob,
-                                  partition_name, partition_path, read_record, record_name,
-                                  record_versions, reports_path, run_folder, staging_path,
+from pipeline.core.layout import (ATTEMPTS_FILE, COMMITS_DIR, FOLDER_TABLES, PARTITIONED_TABLES,
+                                  REPORTS_DIR, STAGING_DIR, SUCCESS_MARKER, Kept, Partition,
+                                  Record, commits_dir, current_record, folder_prefix, output_fs,
+                                  partition_name, partition_path, read_record, record_in_force,
+                                  record_name, reports_path, run_folder, staging_path,
                                   summary_path)
 from pipeline.core.locks import (LockLost, LockToken, copy_file, create_exclusive, is_local,
                                  move_file, replace_file)
 from pipeline.core.runs import mark_committing, mark_published
-from pipeline.core.schemas import ERRORS, SCORES
 
 LOG = logging.getLogger(__name__)
 
@@ -227,25 +224,6 @@ def _dataset_key(dataset: str | None) -> tuple:
     return (dataset is not None, dataset or "")
 
 
-def _legacy_value(dataset: str | None) -> str:
-    """The folder value the former layout gave a dataset (lossy: kept only to migrate)."""
-    if dataset is None or dataset == "":
-        return "_unknown"
-    text = str(dataset)
-    for ch in '/\\=:*?"<>|\n':
-        text = text.replace(ch, "_")
-    return text
-
-
-def _supersedes(owned: set, partition: Partition) -> bool:
-    """Whether a partition of the record before is replaced by a run owning ``owned``."""
-    if partition.dataset in owned:
-        return True
-    # A partition adopted from the former layout holds every dataset its folder name merged.
-    return partition.run_id == LEGACY_RUN and partition.dataset in {
-        _legacy_value(d) for d in owned}
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -308,8 +286,8 @@ def next_record(previous: Record | None, staged: Staged, plan: CommitPlan, versi
             parts.append(Partition(dataset, plan.run_id, (f"{prefix}/{ATTEMPTS_FILE}",),
                                    prefix))
         for p in before.get(table, ()):
-            reason = KEPT_OTHER_DATASET if not _supersedes(owned, p) else _keeps(staged,
-                                                                                 table, p)
+            reason = (KEPT_OTHER_DATASET if p.dataset not in owned
+                      else _keeps(staged, table, p))
             if reason is not None:
                 parts.append(p)
                 kept.append(Kept(table, p.dataset, p.run_id, reason))
@@ -339,39 +317,6 @@ def preview(plan: CommitPlan, staged: Staged, table: str) -> list[tuple[str | No
 
 def _record_path(output: str, run_date: str, version: int) -> str:
     return output_fs(f"{commits_dir(output, run_date)}/{record_name(version)}")[1]
-
-
-def adopt_legacy(output: str, run_date: str) -> tuple[int, Record | None]:
-    """The date's newest record version and the record in force. A date written before
-    commit records existed gets its ``_SUCCESS`` partitions recorded as version 1 first, so
-    that every later change is a record change."""
-    versions = record_versions(output, run_date)
-    if versions:
-        return versions[-1], current_record(output, run_date, versions)
-    legacy = legacy_record(output, run_date)
-    if legacy is None:
-        return 0, None
-    adopted = replace(legacy, version=1, commit_id="legacy", committed_at=_now())
-    fs, _ = output_fs(output)
-    try:
-        create_exclusive(fs, _record_path(output, run_date, 1),
-                         json.dumps(adopted.to_json(), indent=1).encode())
-        LOG.info("Recorded the former-layout partitions of %s as commit record 1", run_date)
-    except FileExistsError:
-        pass
-    return adopt_legacy(output, run_date)
-
-
-def adopt_all_legacy(output: str) -> None:
-    """Record every former-layout date of the root (:func:`adopt_legacy`), then mark the
-    root migrated, so that readers stop looking for former-layout partitions."""
-    fs, marker = output_fs(migrated_marker(output))
-    if fs.exists(marker):
-        return
-    for date in sorted(set(legacy_dates(output, SCORES)) | set(legacy_dates(output, ERRORS))):
-        adopt_legacy(output, date)
-    fs.makedirs(marker.rpartition("/")[0], exist_ok=True)
-    replace_file(fs, marker, b"Every partition of this output root is named by a record.\n")
 
 
 def _undo(fs: fsspec.AbstractFileSystem, root: str, plan: CommitPlan, staged: Staged,
@@ -421,7 +366,7 @@ def commit_run(plan: CommitPlan, staged: Staged) -> Record:
     fs, root = output_fs(plan.output)
     leased = plan.fence is not None
     _progress("started", run_id=plan.run_id)
-    top, previous = adopt_legacy(plan.output, plan.run_date)
+    top, previous = record_in_force(plan.output, plan.run_date)
     if previous is not None and previous.commit_id == plan.commit_id:
         LOG.info("Commit %s of %s was already recorded; publishing it", plan.commit_id,
                  plan.run_date)
@@ -587,7 +532,7 @@ def publish(output: str, record: Record, previous: Record | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Staging, and tidying a date by listing it (outputs of former versions)
+# Staging, and tidying a date by listing it (outputs written before run registrations)
 # --------------------------------------------------------------------------------------------
 
 
@@ -603,29 +548,6 @@ def remove_staging(output: str, run_date: str, key: str) -> None:
     """A run's staging folder, and the staging folders above it once empty."""
     fs, root = output_fs(output)
     remove_tree(fs, _abs(root, staging_path(run_date, key)), root)
-
-
-def restore_legacy_swaps(output: str, table: str, run_date: str) -> list[str]:
-    """Tidy the ``run_date`` partitions of ``table`` after a former-layout commit (folder
-    swap) died: a partition retired but not replaced is put back; hidden folders it left
-    beside partitions are removed. Returns the partitions restored."""
-    # A glob: url_to_fs leaves it unexpanded (get_fs_token_paths would expand it).
-    fs, pattern = fsspec.core.url_to_fs(aside_glob(partition_glob(output, table, run_date)))
-    by_dataset: dict[str, list[str]] = {}
-    for path in sorted(fs.glob(pattern)):
-        by_dataset.setdefault(path.rstrip("/").rpartition("/")[0], []).append(path)
-    restored = []
-    for dataset_dir, leftovers in sorted(by_dataset.items()):
-        final = f"{dataset_dir}/{partition_name(run_date)}"
-        retired = [p for p in leftovers if is_retired(p)]
-        if retired and not fs.exists(final):
-            fs.mv(retired[-1], final, recursive=True)
-            restored.append(final)
-            LOG.warning("Restored %s, retired by a commit that did not finish", final)
-        for path in leftovers:
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-    return restored
 
 
 def collect_folders(output: str, table: str, run_date: str, key: str,
@@ -671,41 +593,37 @@ def recover_date(output: str, run_date: str, *, keep_run: str | None = None,
     Returns the paths removed (relative to the output root)."""
     fs, root = output_fs(output)
     removed: list[str] = []
-    if not dry_run:
-        for table in PARTITIONED_TABLES:
-            restore_legacy_swaps(output, table, run_date)
     record = current_record(output, run_date)
-    if record is None or record.version > 0:
-        partitioned = (record.partitioned if record is not None
-                       else frozenset(PARTITIONED_TABLES) | set(FOLDER_TABLES))
-        for table in sorted(partitioned):
-            for dataset_dir in _ls(fs, _abs(root, table)):
-                if not posixpath.basename(dataset_dir).startswith("dataset="):
+    partitioned = (record.partitioned if record is not None
+                   else frozenset(PARTITIONED_TABLES) | set(FOLDER_TABLES))
+    for table in sorted(partitioned):
+        for dataset_dir in _ls(fs, _abs(root, table)):
+            if not posixpath.basename(dataset_dir).startswith("dataset="):
+                continue
+            for path in _ls(fs, f"{dataset_dir}/{partition_name(run_date)}"):
+                rel = path[len(root) + 1:]
+                if posixpath.basename(path) == SUCCESS_MARKER:
                     continue
-                for path in _ls(fs, f"{dataset_dir}/{partition_name(run_date)}"):
-                    rel = path[len(root) + 1:]
-                    if posixpath.basename(path) == SUCCESS_MARKER:
-                        continue
-                    if record is None or not record.names(rel):
-                        if dry_run or remove_file(fs, path):
-                            removed.append(rel)
-        for table in FOLDER_TABLES:
-            for run_dir in _ls(fs, _abs(root, f"{table}/{partition_name(run_date)}")):
-                name = posixpath.basename(run_dir)
-                if name.startswith("run="):
-                    removed.extend(collect_folders(output, table, run_date, name[4:], record,
-                                                   dry_run=dry_run))
-        kept_reports = {posixpath.dirname(f) for t, parts in (record.tables.items()
-                                                               if record else ())
-                        if t not in partitioned for p in parts for f in p.files}
-        for folder in _ls(fs, _abs(root, f"{REPORTS_DIR}/{partition_name(run_date)}")):
-            rel = folder[len(root) + 1:]
-            if rel not in kept_reports:
-                if not dry_run:
-                    fs.rm(folder, recursive=True)
-                removed.append(rel)
-        if record is not None and not dry_run:
-            publish(output, record, record_before(output, record))
+                if record is None or not record.names(rel):
+                    if dry_run or remove_file(fs, path):
+                        removed.append(rel)
+    for table in FOLDER_TABLES:
+        for run_dir in _ls(fs, _abs(root, f"{table}/{partition_name(run_date)}")):
+            name = posixpath.basename(run_dir)
+            if name.startswith("run="):
+                removed.extend(collect_folders(output, table, run_date, name[4:], record,
+                                               dry_run=dry_run))
+    kept_reports = {posixpath.dirname(f) for t, parts in (record.tables.items()
+                                                           if record else ())
+                    if t not in partitioned for p in parts for f in p.files}
+    for folder in _ls(fs, _abs(root, f"{REPORTS_DIR}/{partition_name(run_date)}")):
+        rel = folder[len(root) + 1:]
+        if rel not in kept_reports:
+            if not dry_run:
+                fs.rm(folder, recursive=True)
+            removed.append(rel)
+    if record is not None and not dry_run:
+        publish(output, record, record_before(output, record))
     staging = _abs(root, f"{STAGING_DIR}/{partition_name(run_date)}")
     for folder in _ls(fs, staging):
         if keep_run is None or posixpath.basename(folder) != keep_run:
@@ -721,8 +639,7 @@ def recover_date(output: str, run_date: str, *, keep_run: str | None = None,
 
 
 __all__ = ["COMMITS_DIR", "CommitConflict", "CommitPlan", "KEEP_RECORDS", "KEPT_CARRIED",
-           "KEPT_OTHER_DATASET", "KEPT_UP_TO_DATE", "Staged", "adopt_all_legacy",
-           "adopt_legacy", "collect_folders", "commit_run", "final_name", "new_key",
-           "next_record", "preview", "publish", "read_staged", "recover_date", "relative",
-           "record_before", "remove_empty_parents", "remove_file", "remove_staging", "remove_tree",
-           "restore_legacy_swaps", "stage_empty", "write_staged"]
+           "KEPT_OTHER_DATASET", "KEPT_UP_TO_DATE", "Staged", "collect_folders", "commit_run",
+           "final_name", "new_key", "next_record", "preview", "publish", "read_staged",
+           "recover_date", "relative", "record_before", "remove_empty_parents", "remove_file",
+           "remove_staging", "remove_tree", "stage_empty", "write_staged"]

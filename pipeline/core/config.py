@@ -7,17 +7,15 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any, Mapping
 
 from pipeline.core.calibration import DEFAULT_FALSE_ALARM_RATE, check_alpha
 from pipeline.core.images import ImageLimits
 from pipeline.model.backbone import BackboneSpec
 from pipeline.model.prompts import DEFAULT_SEMANTIC_CLASSES
-from pipeline.model.scorers.cnn import DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHTS
-from pipeline.model.scorers.dino import (DEFAULT_DINO,
-                                         DEFAULT_IMAGE_SIZE as DEFAULT_VIT_IMAGE_SIZE,
-                                         TIMM_WEIGHTS)
 from pipeline.model.scorers.references import RANDOM, REPRESENTATIVE, SELECTIONS
-from pipeline.model.scorers.suite import CLIP, DEFAULT_SCORERS, SuiteSpec, check_k, parse_scorers
+from pipeline.model.scorers.registry import DEFAULT_SCORERS
+from pipeline.model.scorers.suite import SuiteSpec, parse_scorers
 
 DEFAULT_K = 4
 DEFAULT_BATCH_SIZE = 16
@@ -63,20 +61,10 @@ class ScoreConfig:
     feature_cache: str | None = None
     # Threads reading and decoding images per worker process; 0: chosen from the device.
     decode_threads: int = 0
-    # The scorers compared in the run and the models of those that are not CLIP's
-    # (pipeline.model.scorers.suite).
+    # The scorers compared in the run, and their extractors' and their own settings by
+    # name (``pipeline.model.scorers.registry.options()``; unnamed ones take defaults).
     scorers: tuple[str, ...] = DEFAULT_SCORERS
-    cnn_backbone: str = DEFAULT_CNN_BACKBONE
-    cnn_weights: str = DEFAULT_CNN_WEIGHTS
-    vit_backbone: str = DEFAULT_DINO
-    vit_weights: str = TIMM_WEIGHTS
-    vit_image_size: int = DEFAULT_VIT_IMAGE_SIZE
-    coreset_ratio: float | None = None
-    cnn_stages: tuple[str, ...] = ()
-    padim_covariance: str = "sample"
-    anomalydino_rotations: int = 8
-    anomalydino_masking: str = "auto"
-    patchcore_aggregation: str = "mean"
+    options: Mapping[str, Any] = field(default_factory=dict)
     # Anomaly maps of each scored query as files (OUT/maps/...), and pixel metrics against
     # the manifest's masks (set by run_score when the manifest has a mask_uri column).
     write_anomaly_maps: bool = False
@@ -102,7 +90,8 @@ class ScoreConfig:
         if self.reference_pool_limit is not None and self.reference_pool_limit < max(1, self.k):
             raise ValueError(f"reference_pool_limit ({self.reference_pool_limit}) must be at "
                              f"least k ({self.k})")
-        check_k(self.scorers, self.k)
+        object.__setattr__(self, "options", dict(self.options))
+        self.suite.check(self.k)  # unknown settings, k below a scorer's minimum, ...
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if not self.seeds:
@@ -113,13 +102,8 @@ class ScoreConfig:
     @cached_property
     def suite(self) -> SuiteSpec:
         """The scorers and the models they read (hashable; it keys worker caches)."""
-        return SuiteSpec(self.scorers, self.backbone, self.checkpoint, self.cnn_backbone,
-                         self.cnn_weights, self.vit_backbone, self.vit_weights,
-                         self.vit_image_size, self.coreset_ratio,
-                         cnn_stages=self.cnn_stages, padim_covariance=self.padim_covariance,
-                         anomalydino_rotations=self.anomalydino_rotations,
-                         anomalydino_masking=self.anomalydino_masking,
-                         patchcore_aggregation=self.patchcore_aggregation)
+        return SuiteSpec(self.scorers, self.backbone, self.checkpoint,
+                         tuple(self.options.items()), descriptors=self.representative)
 
     @property
     def representative(self) -> bool:
@@ -134,11 +118,6 @@ class ScoreConfig:
     def anomaly_maps(self) -> bool:
         """Whether scoring computes each query's anomaly map (files or pixel metrics)."""
         return self.write_anomaly_maps or self.pixel_metrics
-
-    @property
-    def clip_only(self) -> bool:
-        """Whether every scorer reads InCTRL's CLIP features (the feature cache covers them)."""
-        return self.suite.extractors == (CLIP,)
 
     @property
     def decode_thread_count(self) -> int:

@@ -1,9 +1,12 @@
-"""A disk cache of backbone features, keyed by image content hash and feature identity.
+"""A disk cache of extractors' features, keyed by image content hash and feature identity.
 
-The backbone is frozen, so an image's features depend only on its bytes and on the backbone
-(architecture, weights, blocks, precision). One safetensors file per image under a folder
-per feature identity: writes are atomic (temp file, then rename), readers open files lazily,
-and the cache works on any fsspec filesystem.
+Every extractor is frozen, so an image's features depend only on its bytes and on the
+extractor's identity (``ExtractorEntry.identity``: architecture, weights, layers, input
+size, precision). One safetensors file per image under a folder per identity, holding that
+extractor's Features by name (CLIP's ``tokens`` and ``embeds``; a CNN's ``s8``, ...): writes
+are atomic (temp file, then rename), readers open files lazily, and the cache works on any
+fsspec filesystem. The training job and scoring runs share it: InCTRL's identity is the
+backbone's ``feature_id`` either way.
 """
 from __future__ import annotations
 
@@ -11,27 +14,24 @@ import hashlib
 import json
 import logging
 import uuid
+from typing import Mapping
 
 import fsspec
 import torch
 from safetensors.torch import load as st_load, save as st_save
 
-from pipeline.model.backbone import BackboneSpec, ImageFeatures
+from pipeline.model.backbone import BackboneSpec
 
 LOG = logging.getLogger(__name__)
 
 
-def feature_identity(spec: BackboneSpec) -> str:
-    """What features depend on: backbone id, blocks and numeric precision."""
-    blocks = ",".join(map(str, spec.blocks)) if spec.blocks else "default"
-    return f"{spec.backbone_id}|blocks={blocks}|precision={spec.precision}"
-
-
 class FeatureCache:
-    """Per-image features stored as ``<root>/<identity-hash>/<aa>/<sha256>.safetensors``."""
+    """Per-image features stored as ``<root>/<identity-hash>/<aa>/<sha256>.safetensors``.
 
-    def __init__(self, root: str, spec: BackboneSpec) -> None:
-        self.identity = feature_identity(spec)
+    ``identity``: the features' identity, or a CLIP BackboneSpec (its ``feature_id``)."""
+
+    def __init__(self, root: str, identity: str | BackboneSpec) -> None:
+        self.identity = identity.feature_id if isinstance(identity, BackboneSpec) else identity
         digest = hashlib.sha256(self.identity.encode()).hexdigest()[:16]
         self.root = f"{root.rstrip('/')}/{digest}"
         self._fs, _, (self._local_root,) = fsspec.get_fs_token_paths(self.root)
@@ -42,8 +42,9 @@ class FeatureCache:
     def contains(self, content_hash: str) -> bool:
         return self._fs.exists(self._local(content_hash))
 
-    def get(self, content_hash: str) -> ImageFeatures | None:
-        """Features with a batch dimension of 1, or None when absent or unreadable."""
+    def get(self, content_hash: str) -> dict[str, torch.Tensor] | None:
+        """One image's Features (batch dimension 1) by name, or None when absent or
+        unreadable."""
         path = self._local(content_hash)
         try:
             with self._fs.open(path, "rb") as f:
@@ -53,17 +54,16 @@ class FeatureCache:
         except Exception as exc:  # a damaged entry is a miss, and gets rewritten
             LOG.warning("Ignoring unreadable feature cache entry %s: %s", path, exc)
             return None
-        return ImageFeatures(state["tokens"], state["embeds"])
+        return dict(state)
 
-    def put(self, content_hash: str, features: ImageFeatures) -> None:
-        """Store one image's features (batch dimension 1) atomically."""
+    def put(self, content_hash: str, features: Mapping[str, torch.Tensor]) -> None:
+        """Store one image's Features (batch dimension 1) atomically."""
         self._atomic_write(self._local(content_hash), st_save(
-            {"tokens": features.tokens.detach().cpu().contiguous(),
-             "embeds": features.embeds.detach().cpu().contiguous()},
+            {name: value.detach().cpu().contiguous() for name, value in features.items()},
             metadata={"identity": self.identity},
         ))
 
-    # Prompt-ensemble embeddings live beside the image features: same backbone identity.
+    # Prompt-ensemble embeddings live beside the CLIP features: the same backbone identity.
     def _text_local(self, prompts_key: str) -> str:
         return f"{self._local_root}/text/{prompts_key}.safetensors"
 

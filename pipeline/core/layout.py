@@ -30,12 +30,6 @@ here follow it. Data files are immutable and uniquely named, so a record always 
 same rows. ``_SUCCESS`` markers and the ``summary/run_date=<d>/`` copies are written after the
 record, for plain readers and people. Folders starting with ``_`` or ``.`` are skipped by
 hive-partitioned readers, so commits, reports, locks, staging and cache never show up as rows.
-
-Output roots written before commit records existed (``_SUCCESS`` partitions, no record) are
-read the old way until the first run on the root records every such date as its version 1
-(``pipeline.core.commit.adopt_all_legacy``) and marks the root migrated
-(``_commits/_no_legacy``); from then on only records count, so a former version of the job
-must not write to that root any more.
 """
 from __future__ import annotations
 
@@ -85,18 +79,12 @@ DRIFT, NIGHTLY = "drift", "nightly"
 RECORD_FORMAT = "inctrl-commit/2"
 #: Record formats this version reads (1: before folder partitions and kept notes).
 READABLE_FORMATS = ("inctrl-commit/1", RECORD_FORMAT)
-NO_LEGACY = "_no_legacy"
-#: The run id of partitions written before commit records existed.
-LEGACY_RUN = "(before commit records)"
-INCOMING, RETIRED = "incoming", "old"  # hidden folders of the former (folder-swap) commit
 
 #: The partition folders' values, always strings (a dataset named "123" or a date is never
 #: type-inferred), percent-decoded as pyarrow writes them.
 PARTITION_SCHEMA = pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS])
 PARTITIONING = pads.HivePartitioning(PARTITION_SCHEMA, segment_encoding="uri",
                                      null_fallback=NULL_PARTITION)
-#: Folders written before partition values were encoded: values taken as written.
-LEGACY_PARTITIONING = pads.HivePartitioning(PARTITION_SCHEMA, segment_encoding="none")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,11 +149,6 @@ def partition_dir(root: str, table: str, dataset: str | None, run_date: str) -> 
     return f"{root.rstrip('/')}/{partition_path(table, dataset, run_date)}"
 
 
-def partition_glob(root: str, table: str, run_date: str) -> str:
-    """A glob of every dataset's ``run_date`` partition folder of ``table``."""
-    return f"{table_dir(root, table)}/dataset=*/{partition_name(run_date)}"
-
-
 def summary_path(run_date: str) -> str:
     """:func:`summary_dir`, relative to the output root."""
     return f"{SUMMARY}/{partition_name(run_date)}"
@@ -226,24 +209,6 @@ def locks_dir(root: str, run_date: str) -> str:
 def feature_cache_dir(root: str) -> str:
     """The default feature cache of jobs that keep one beside their outputs."""
     return f"{root.rstrip('/')}/{FEATURE_CACHE_DIR}"
-
-
-def aside_dir(partition: str, kind: str, run_id: str) -> str:
-    """The hidden folder beside ``partition`` where a former (folder-swap) commit kept the new
-    (``INCOMING``) or the retired (``RETIRED``) files."""
-    parent, _, name = partition.rstrip("/").rpartition("/")
-    return f"{parent}/.{name}.{kind}-{run_id}"
-
-
-def aside_glob(partition: str) -> str:
-    """A glob of every hidden folder former commits of ``partition`` (a glob or not) left."""
-    parent, _, name = partition.rstrip("/").rpartition("/")
-    return f"{parent}/.{name}.*"
-
-
-def is_retired(path: str) -> bool:
-    """Whether ``path`` is a former commit's retired copy of a partition."""
-    return f".{RETIRED}-" in path.rstrip("/").rpartition("/")[2]
 
 
 def output_fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -401,8 +366,7 @@ def read_record(output: str, run_date: str, version: int) -> Record:
 def current_record(output: str, run_date: str,
                    versions: Sequence[int] | None = None) -> Record | None:
     """The record in force for ``run_date``: the highest readable version (of ``versions``,
-    when the caller has just listed them), else (an output written before records existed)
-    the date's ``_SUCCESS`` partitions as version 0, else None."""
+    when the caller has just listed them), or None."""
     if versions is None:
         versions = record_versions(output, run_date)
     for version in reversed(versions):
@@ -413,7 +377,14 @@ def current_record(output: str, run_date: str,
             # come from a file system without it and is skipped like an aborted commit.
             LOG.warning("Commit record %d of %s is unreadable (%s); using the one before",
                         version, run_date, exc)
-    return legacy_record(output, run_date)
+    return None
+
+
+def record_in_force(output: str, run_date: str) -> tuple[int, Record | None]:
+    """The date's newest record version (0 when it has none) and the record in force: what
+    a run starts from, and what its commit checks it still is."""
+    versions = record_versions(output, run_date)
+    return (versions[-1] if versions else 0), current_record(output, run_date, versions)
 
 
 def record_dates(output: str) -> list[str]:
@@ -500,11 +471,6 @@ def read_partition(output: str, date: str, table: str = SCORES,
     raise AssertionError("unreachable")
 
 
-def _all_dates(output: str) -> list[str]:
-    return sorted(set(record_dates(output)) | set(_legacy_dates(output, SCORES))
-                  | set(_legacy_dates(output, ERRORS)))
-
-
 def read_current(output: str, table: str, date: str | None = None) -> pa.Table:
     """The rows of partitioned ``table`` (scores, errors) in force (of ``date``, or of every
     date) as one pyarrow Table: every column any file has (schemas unified: a column a file
@@ -517,7 +483,7 @@ def read_current(output: str, table: str, date: str | None = None) -> pa.Table:
         raise ValueError(f"{table!r} holds image files, not rows: list them with "
                          "current_files()")
     pieces = []
-    for day in ([date] if date is not None else _all_dates(output)):
+    for day in ([date] if date is not None else record_dates(output)):
         rows = read_partition(output, day, table)
         if rows is not None:
             pieces.append(rows.append_column("run_date", pa.array([day] * rows.num_rows,
@@ -586,7 +552,7 @@ def current_files(output: str, table: str, run_date: str | None = None) -> Curre
     force. A commit after this call may delete some of them: :func:`read_current` reads
     again then."""
     out = []
-    for date in ([run_date] if run_date is not None else _all_dates(output)):
+    for date in ([run_date] if run_date is not None else record_dates(output)):
         record = current_record(output, date)
         if record is None:
             continue
@@ -603,90 +569,12 @@ def _has(output: str, date: str, table: str) -> bool:
 
 def committed_dates(output: str, table: str = SCORES) -> list[str]:
     """Dates with at least one partition of ``table`` in force, oldest first."""
-    recorded = record_dates(output)
-    dates = {d for d in recorded if _has(output, d, table)}
-    if table in PARTITIONED_TABLES:
-        dates |= set(_legacy_dates(output, table)) - set(recorded)
-    return sorted(dates)
+    return [d for d in record_dates(output) if _has(output, d, table)]
 
 
 def previous_date(output: str, date: str) -> str | None:
     """The latest date before ``date`` with scores in force: the 'previous night' for drift."""
-    recorded = record_dates(output)
     # Newest first: usually the night before decides, after one record read.
-    found = next((d for d in reversed(recorded) if d < date and _has(output, d, SCORES)), None)
-    legacy = [d for d in _legacy_dates(output, SCORES) if d < date and d not in recorded]
-    earlier = [d for d in (found, *legacy) if d is not None]
-    return max(earlier) if earlier else None
+    return next((d for d in reversed(record_dates(output)) if d < date
+                 and _has(output, d, SCORES)), None)
 
-
-# --------------------------------------------------------------------------------------------
-# Outputs written before commit records (a ``_SUCCESS`` marker per partition folder)
-# --------------------------------------------------------------------------------------------
-
-
-def _name(path: str) -> str:
-    return path.rpartition("/")[2]
-
-
-def _parent(path: str) -> str:
-    return path.rpartition("/")[0]
-
-
-def migrated_marker(root: str) -> str:
-    """A file saying that every former-layout partition of the root has a record."""
-    return f"{root.rstrip('/')}/{COMMITS_DIR}/{NO_LEGACY}"
-
-
-def _migrated(output: str) -> bool:
-    fs, path = output_fs(migrated_marker(output))
-    return fs.exists(path)
-
-
-def _legacy_fragments(output: str, table: str, run_date: str | None = None
-                      ) -> list[pads.FileFragment]:
-    """Every file (markers included) of the ``_SUCCESS`` partitions of ``table``; none once
-    the root is migrated (:func:`migrated_marker`): then only records count."""
-    fs, root = output_fs(table_dir(output, table))
-    if _migrated(output) or not fs.exists(root):
-        return []
-    # Hidden ('.') folders, a former commit's incoming and retired copies, are skipped; '_'
-    # files are kept so that the markers are seen. The schema is given: no file is opened.
-    found = pads.dataset(root, filesystem=fs, format="parquet",
-                         partitioning=LEGACY_PARTITIONING, schema=PARTITION_SCHEMA,
-                         ignore_prefixes=["."])
-    where = None if run_date is None else pc.field("run_date") == partition_value(run_date)
-    files = list(found.get_fragments(filter=where))
-    committed = {_parent(f.path) for f in files if _name(f.path) == SUCCESS_MARKER}
-    return [f for f in files if _parent(f.path) in committed]
-
-
-def legacy_dates(output: str, table: str) -> list[str]:
-    """Dates with former-layout ``_SUCCESS`` partitions of ``table`` (none once migrated)."""
-    return _legacy_dates(output, table)
-
-
-def _legacy_dates(output: str, table: str) -> list[str]:
-    dates = {pads.get_partition_keys(f.partition_expression).get("run_date")
-             for f in _legacy_fragments(output, table) if _name(f.path) == SUCCESS_MARKER}
-    return sorted(decode_value(d) for d in dates if d)
-
-
-def legacy_record(output: str, run_date: str) -> Record | None:
-    """A date's ``_SUCCESS`` partitions, as an output root without commit records has them,
-    as a version-0 record (dataset values as the folders hold them), or None."""
-    _, root = output_fs(output)
-    tables = {}
-    for table in PARTITIONED_TABLES:
-        by_dataset: dict[str, list[str]] = {}
-        for f in _legacy_fragments(output, table, run_date):
-            if not f.path.endswith(".parquet") or _name(f.path).startswith(("_", ".")):
-                continue
-            dataset = pads.get_partition_keys(f.partition_expression).get("dataset")
-            by_dataset.setdefault(dataset, []).append(posixpath.relpath(f.path, root))
-        if by_dataset:
-            tables[table] = tuple(Partition(d, LEGACY_RUN, tuple(sorted(p)))
-                                  for d, p in sorted(by_dataset.items()))
-    if not tables:
-        return None
-    return Record(run_date, 0, LEGACY_RUN, "", "", tables)

@@ -6,9 +6,8 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator
 
-from pipeline.core.commit import (CommitPlan, adopt_all_legacy, adopt_legacy, new_key,
-                                  restore_legacy_swaps)
-from pipeline.core.layout import PARTITIONED_TABLES, migrated_marker, output_fs
+from pipeline.core.commit import CommitPlan, new_key
+from pipeline.core.layout import record_in_force
 from pipeline.core.locks import DEFAULT_TTL_S, DateLock
 from pipeline.core.runs import RunEntry, read_run, register_run
 from pipeline.core.vacuum import collect_dead_runs, collect_run
@@ -29,15 +28,10 @@ def date_lease(output: str, run_date: str, run_id: str, *, wait_s: float = 0.0,
     key = new_key()
     registered = False
     try:
-        fs, marker = output_fs(migrated_marker(output))
-        if not fs.exists(marker):  # a root of the former layouts: tidy and record it first
-            for table in PARTITIONED_TABLES:
-                restore_legacy_swaps(output, table, run_date)
-            adopt_all_legacy(output)
         register_run(output, key, run_id, run_date)
         registered = True
         collect_dead_runs(output, me=key, held_date=run_date, collector=run_id)
-        top, _ = adopt_legacy(output, run_date)
+        top, _ = record_in_force(output, run_date)
         yield CommitPlan(output, run_date, run_id, base_version=top, fence=token, commit_id=key)
     finally:
         try:

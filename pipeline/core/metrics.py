@@ -28,6 +28,8 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from pipeline.core.decision_metrics import DECISION_RATES
 from pipeline.core.reports import write_report
+from pipeline.model.scorers.inctrl import INCTRL
+from pipeline.model.scorers.registry import scorer_names
 
 LOG = logging.getLogger(__name__)
 
@@ -36,10 +38,7 @@ QUANTILE_COLUMNS: tuple[str, ...] = ("score_p50", "score_p90", "score_p99", "sco
 COUNT_COLUMNS: tuple[str, ...] = ("query_count", "anomalous_count", "normal_count", "unlabeled_count")
 LEVELS: tuple[str, ...] = ("category", "dataset_mean", "dataset_pooled")
 #: The scorer of tables written before they had a ``scorer`` column.
-DEFAULT_SCORER = "inctrl"
-#: Column order of the comparison (the paper's method first, then the baselines);
-#: scorers not listed follow alphabetically.
-SCORER_ORDER: tuple[str, ...] = ("inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino")
+DEFAULT_SCORER = INCTRL
 #: The summary metrics the comparison reports, each as mean and std over seeds.
 COMPARISON_METRICS: tuple[str, ...] = ("auroc", "auprc")
 #: Pixel-level metrics, per (dataset, scorer, category, k, seed) from the anomaly maps.
@@ -183,10 +182,11 @@ def _category_counts(per_seed: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def ordered_scorers(names: Iterable[Any]) -> list[str]:
-    """Distinct scorer names in report order: :data:`SCORER_ORDER` first, the rest alphabetically."""
+    """Distinct scorer names in report order: the registry's (the paper's method first, then
+    the baselines), then any others alphabetically."""
     distinct = {str(n) for n in names}
-    known = [s for s in SCORER_ORDER if s in distinct]
-    return known + sorted(distinct - set(SCORER_ORDER))
+    known = [s for s in scorer_names() if s in distinct]
+    return known + sorted(distinct - set(known))
 
 
 def _with_scorer(frame: pd.DataFrame) -> pd.DataFrame:

@@ -9,6 +9,7 @@ from typing import Iterable
 import pyarrow as pa
 
 from pipeline.core.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+from pipeline.model.scorers.registry import components
 
 SCORES = "scores"
 ERRORS = "errors"
@@ -31,10 +32,9 @@ _SCORE_FIELDS = [
     pa.field("reference_uris", pa.list_(pa.string())),
     pa.field("reference_selection", pa.string()),
     pa.field("final_score", pa.float64()),
-    pa.field("fine_score", pa.float64()),
-    pa.field("holistic_score", pa.float64()),
-    pa.field("image_residual_score", pa.float64()),
-    pa.field("text_prior_score", pa.float64()),
+    # every registered scorer's components (``ScorerEntry.components``): InCTRL's fine,
+    # holistic, image_residual and text_prior first; null on other scorers' rows
+    *(pa.field(f"{name}_score", pa.float64()) for name in components()),
     pa.field("scoring_mode", pa.string()),
     pa.field("model_id", pa.string()),
     pa.field("backbone", pa.string()),

@@ -21,7 +21,7 @@ from pipeline.model.checkpoint import (
     save_heads,
 )
 from pipeline.model.heads import Adapter, InCTRLHeads, ScoreHead
-from pipeline.model.inctrl import InCTRLScorer, ReferenceSet, ScoreComponents
+from pipeline.model.inctrl import InCTRLModel, ReferenceSet, ScoreComponents
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -37,7 +37,7 @@ __all__ = [
     "HeadsMetadata",
     "ImageFeatures",
     "InCTRLHeads",
-    "InCTRLScorer",
+    "InCTRLModel",
     "ReferenceSet",
     "ScoreComponents",
     "ScoreHead",

@@ -24,9 +24,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.model.shared import peek, shared
 from pipeline.model.weights import file_sha256, is_random, random_seed, seeded
 
 LOG = logging.getLogger(__name__)
+
+#: ``pipeline.model.shared`` kinds: loaded backbones and their descriptions.
+BACKBONES, DESCRIPTIONS = "clip", "clip-description"
 
 DEFAULT_BACKBONE = "ViT-B-16-plus-240"
 # InCTRL's engine loads these towers before training and keeps them frozen.
@@ -131,6 +135,13 @@ class BackboneSpec:
     def backbone_id(self) -> str:
         """Identifies the features: architecture and weights (not device or precision)."""
         return f"{self.name}@{self.weights_id}"
+
+    @property
+    def feature_id(self) -> str:
+        """What its features depend on: backbone id, blocks and numeric precision (keys the
+        feature cache and names InCTRL's features)."""
+        blocks = ",".join(map(str, self.blocks)) if self.blocks else "default"
+        return f"{self.backbone_id}|blocks={blocks}|precision={self.precision}"
 
 
 def tiny_spec(device: str = "cpu", precision: str = "fp32") -> BackboneSpec:
@@ -589,35 +600,18 @@ class ClipBackbone:
         emb = encode_text_prefix(self.model, tokens)
         return F.normalize(emb.float(), dim=-1)
 
-    def preprocess_batch(self, images: Sequence) -> torch.Tensor:
-        """Stack PIL images into a (batch, 3, H, W) tensor with the model's own transform."""
-        return torch.stack([self.preprocess(im) for im in images])
-
-
-_CACHE: dict[BackboneSpec, ClipBackbone] = {}
-_CACHE_LOCK = threading.Lock()
-_INFO: dict[BackboneSpec, BackboneInfo] = {}
-
 
 def describe(spec: BackboneSpec) -> BackboneInfo:
     """Geometry, preprocessing and device of a backbone, without loading it (cached)."""
-    with _CACHE_LOCK:
-        backbone = _CACHE.get(spec)
-        if backbone is not None:
-            return BackboneInfo(backbone.geometry, backbone.preprocess, backbone.device)
-        info = _INFO.get(spec)
-        if info is None:
-            info = _INFO[spec] = _describe(spec)
-        return info
+    backbone = peek(BACKBONES, spec)
+    if backbone is not None:
+        return BackboneInfo(backbone.geometry, backbone.preprocess, backbone.device)
+    return shared(DESCRIPTIONS, spec, lambda: _describe(spec))
 
 
 def get_backbone(spec: BackboneSpec) -> ClipBackbone:
     """One backbone per spec per process: heavy state is loaded once and shared."""
-    with _CACHE_LOCK:
-        backbone = _CACHE.get(spec)
-        if backbone is None:
-            backbone = _CACHE[spec] = ClipBackbone(spec)
-        return backbone
+    return shared(BACKBONES, spec, lambda: ClipBackbone(spec))
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """InCTRL scoring: residuals of a query against its few-shot normal references.
 
-``InCTRLScorer`` holds the (optional) trained heads and does all per-batch tensor work;
+``InCTRLModel`` holds the (optional) trained heads and does all per-batch tensor work;
 reference sets and text priors are prepared once per group and passed in.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def encode_prompt_pair(backbone: ClipBackbone, normal: list[str], anomalous: lis
     return torch.stack(sides)
 
 
-class InCTRLScorer(nn.Module):
+class InCTRLModel(nn.Module):
     """Scores query features against a prepared reference set; heads are optional.
 
     Without heads the model is training-free: the final score is the fine-grained patch

@@ -1,10 +1,9 @@
-"""Process-wide loading of the scorer (backbone geometry + optional heads), the backbone a
-heads file runs on, and model ids."""
+"""Process-wide loading of InCTRL's model (backbone geometry + optional heads), the backbone
+a heads file runs on, and its model id."""
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 
 import fsspec
@@ -23,18 +22,11 @@ from pipeline.model.checkpoint import (
     read_heads_metadata,
     towers_location,
 )
-from pipeline.model.inctrl import InCTRLScorer
+from pipeline.model.inctrl import InCTRLModel
+from pipeline.model.shared import shared
 from pipeline.model.weights import file_sha256
 
 LOG = logging.getLogger(__name__)
-
-_SCORERS: dict[tuple[BackboneSpec, str | None], tuple[InCTRLScorer, str]] = {}
-_LOCK = threading.Lock()
-
-TRAINING_FREE = "training-free"
-WITH_HEADS = "inctrl-heads"
-#: k = 0: no references, the text prior (InCTRL) or the language-guided score (WinCLIP) alone.
-ZERO_SHOT = "zero-shot"
 
 
 def heads_hash(checkpoint: str | None) -> str:
@@ -115,13 +107,13 @@ def _check_geometry(checkpoint: str, meta: HeadsMetadata, geometry: Geometry,
         )
 
 
-def build_scorer(geometry: Geometry, checkpoint: str | None, spec: BackboneSpec) -> tuple[InCTRLScorer, str]:
-    """The scorer for a backbone geometry with heads from ``checkpoint`` (or none).
+def build_model(geometry: Geometry, checkpoint: str | None, spec: BackboneSpec) -> tuple[InCTRLModel, str]:
+    """The InCTRL model for a backbone geometry with heads from ``checkpoint`` (or none).
 
     Heads that carry their own towers are refused on any other backbone weights: see
     ``backbone_for_heads``."""
     if not checkpoint:
-        return InCTRLScorer(geometry).eval(), "none"
+        return InCTRLModel(geometry).eval(), "none"
     heads, meta, digest = load_heads(checkpoint)
     if meta.towers and spec.weights_sha256 != meta.towers_sha256:
         raise CheckpointError(
@@ -137,19 +129,14 @@ def build_scorer(geometry: Geometry, checkpoint: str | None, spec: BackboneSpec)
     if meta.backbone != spec.name or tuple(meta.blocks) != tuple(geometry.blocks):
         LOG.warning("Heads %s were trained on %s blocks %s; scoring with %s blocks %s",
                     checkpoint, meta.backbone, meta.blocks, spec.name, geometry.blocks)
-    return InCTRLScorer(geometry, heads).eval(), digest
+    return InCTRLModel(geometry, heads).eval(), digest
 
 
-def get_scorer(spec: BackboneSpec, checkpoint: str | None) -> tuple[InCTRLScorer, str]:
-    """One scorer per (backbone, checkpoint) per process, on the backbone's device."""
-    key = (spec, checkpoint)
-    with _LOCK:
-        cached = _SCORERS.get(key)
-    if cached is not None:
-        return cached
-    info = describe(spec)  # the scorer needs geometry and device, not the backbone itself
-    scorer, digest = build_scorer(info.geometry, checkpoint, spec)
-    scorer = scorer.to(info.device)
-    with _LOCK:
-        _SCORERS.setdefault(key, (scorer, digest))
-        return _SCORERS[key]
+def get_model(spec: BackboneSpec, checkpoint: str | None) -> tuple[InCTRLModel, str]:
+    """One InCTRL model per (backbone, checkpoint) per process, on the backbone's device."""
+    def load() -> tuple[InCTRLModel, str]:
+        info = describe(spec)  # the model needs geometry and device, not the backbone itself
+        model, digest = build_model(info.geometry, checkpoint, spec)
+        return model.to(info.device), digest
+
+    return shared("inctrl", (spec, checkpoint), load)

@@ -3,7 +3,9 @@ and the checksum of a weights file."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import os
 from typing import Iterator
 
 import fsspec
@@ -41,3 +43,12 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def weights_label(weights: str) -> str:
+    """A weights setting as rows record it: a file as ``name#sha256=<12 hex>`` (not its
+    host's path), anything else (a tag, ``random:SEED``) as given."""
+    if os.path.isfile(weights):
+        return f"{os.path.basename(weights)}#sha256={file_sha256(weights)[:12]}"
+    return weights

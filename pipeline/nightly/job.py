@@ -65,7 +65,6 @@ from pipeline.core.manifest import validate_manifest_schema
 from pipeline.core.reports import jsonable
 from pipeline.core.schemas import SCORES, SUMMARY
 from pipeline.core.selection import RowSelection
-from pipeline.model.loading import heads_hash, model_id
 from pipeline.nightly.drift import DRIFT, drift_markdown, drift_report, drift_status, write_drift
 from pipeline.nightly.plan import DATE_COLUMN, LEGACY_SCORER, NightPlan, date_queries, plan_night
 from pipeline.run import publish_report, run_score
@@ -102,7 +101,7 @@ class NightlyReport:
 
     date: str
     run_id: str
-    model_id: str
+    model_ids: dict[str, str]
     manifest: str
     output: str
     runner: str
@@ -130,24 +129,24 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
     all with one record of the date, under the date's lock."""
     date = config.run_date
     schema = validate_manifest_schema(config.manifest)
-    mid = model_id(config.backbone, heads_hash(config.checkpoint))
-    report = NightlyReport(date=date, run_id=config.run_id, model_id=mid,
+    identity = config.suite.identity()  # a missing checkpoint fails here
+    model_ids = identity.by_scorer()
+    report = NightlyReport(date=date, run_id=config.run_id, model_ids=model_ids,
                            manifest=config.manifest, output=config.output,
                            runner=runner_name(beam_args), forced=options.force)
     with date_lease(config.output, date, config.run_id, wait_s=options.lock_wait_s) as lease:
         queries = date_queries(config.manifest, schema, date)
         record = current_record(config.output, date)
         existing = read_partition(config.output, date)
-        plan = plan_night(list(queries), _keys(existing), model=mid, k=config.k,
+        plan = plan_night(list(queries), _keys(existing), model_ids=model_ids, k=config.k,
                           seeds=config.seeds, force=options.force,
-                          scorers={s: config.suite.backbone_of(s) for s in config.scorers},
                           false_alarm_rate=config.false_alarm_rate)
         gone = _datasets_in_force(record) - {d for d, _ in queries} - {None}
         report.queries_on_date, report.already_scored = plan.queries, len(plan.skip)
         report.scored_queries, report.carried_rows = plan.to_score, plan.carried_rows
         report.dropped_rows = plan.dropped_rows
-        LOG.info("Night %s: %d queries captured, %d already scored with %s, %d to score; "
-                 "%d rows carried, %d dropped", date, plan.queries, len(plan.skip), mid,
+        LOG.info("Night %s: %d queries captured, %d already scored with these models, %d to "
+                 "score; %d rows carried, %d dropped", date, plan.queries, len(plan.skip),
                  plan.to_score, plan.carried_rows, plan.dropped_rows)
 
         # What a night that does not score keeps: the summary of the scores it leaves.
@@ -166,7 +165,7 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
             started = time.monotonic()
             kept = _carried(existing, plan)
             carried = _stage_carried(lease, kept)
-            result = run_score(config, beam_args, manifest_schema=schema, model=mid,
+            result = run_score(config, beam_args, manifest_schema=schema, identity=identity,
                                selection=RowSelection(query_date=date, skip=plan.skip,
                                                       references_until=date,
                                                       carried_scores=carried),
@@ -188,8 +187,7 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
 
 def _keys(existing: pa.Table | None) -> pd.DataFrame:
     """The plan's view of the date's existing rows."""
-    columns = ["dataset", "image_id", "seed", "model_id", "k", "scorer", "backbone", "pretrained",
-               "false_alarm_rate"]
+    columns = ["dataset", "image_id", "seed", "model_id", "k", "scorer", "false_alarm_rate"]
     if existing is None:
         return pd.DataFrame(columns=columns)
     return existing.select([c for c in columns if c in existing.column_names]).to_pandas()
@@ -326,7 +324,7 @@ def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyR
     written = write_drift(
         drift, lease.staging_url("reports"), date=date, previous=before,
         extra={"run_date": date, "previous_date": before, "run_id": config.run_id,
-               "model_id": report.model_id, "scorer": scorer,
+               "model_id": report.model_ids[scorer], "scorer": scorer,
                "false_alarm_rate": config.false_alarm_rate,
                "threshold": options.alert_threshold,
                "tolerance": options.drift_tolerance})

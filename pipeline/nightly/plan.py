@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 
 from pipeline.core.manifest import ManifestRow, ManifestSchemaError, manifest_files, normalize_row
 from pipeline.core.selection import RowSelection
+from pipeline.model.scorers.inctrl import INCTRL
 
 LOG = logging.getLogger(__name__)
 
@@ -51,56 +52,46 @@ class NightPlan:
 
 
 #: Rows written before the scorer column existed were all InCTRL's.
-LEGACY_SCORER = "inctrl"
+LEGACY_SCORER = INCTRL
 
 
-def plan_night(date_queries: Iterable[tuple[str, str]], existing: pd.DataFrame, *, model: str,
-               k: int, seeds: Sequence[int], force: bool = False,
-               scorers: Mapping[str, tuple[str, str] | None] | None = None,
-               false_alarm_rate: float | None = None) -> NightPlan:
+def plan_night(date_queries: Iterable[tuple[str, str]], existing: pd.DataFrame, *,
+               model_ids: Mapping[str, str], k: int, seeds: Sequence[int],
+               force: bool = False, false_alarm_rate: float | None = None) -> NightPlan:
     """Which of the date's queries ((dataset, image_id) pairs) are done, and which existing
     rows carry over.
 
     ``existing`` holds the date's current rows with at least ``dataset``, ``image_id``,
-    ``seed``, ``model_id`` and ``k`` (and ``scorer``, ``backbone``, ``pretrained`` where
-    written). ``scorers`` maps each scorer of the run to the (backbone, pretrained) its rows
-    must show, or None to not check them (default: InCTRL alone). With
-    ``false_alarm_rate``, a row counts only when it was decided at that rate (rows written
-    before decisions existed, or at another rate, are scored again). A query is done when it
-    has a row for every (seed, scorer) with this ``model`` and ``k``; only the done queries'
+    ``seed``, ``model_id`` and ``k`` (and ``scorer``; rows without one are InCTRL's, written
+    before the column existed). ``model_ids`` maps each scorer of the run to the model id
+    its rows must show (``SuiteSpec.model_ids``). With ``false_alarm_rate``, a row counts
+    only when it was decided at that rate (rows written before decisions existed, or at
+    another rate, are scored again). A query is done when it has a row for every (seed,
+    scorer) with that scorer's model id and this ``k``; only the done queries'
     rows for those are kept (one per (dataset, image_id, seed, scorer)). The same image may
-    be a query of several datasets: each is planned on its own. ``force`` keeps nothing and
-    rescores everything.
+    be a query of several datasets: each is planned on its own. ``force`` keeps nothing
+    and rescores everything.
     """
     wanted = set(date_queries)
     n = len(existing)
     if force or n == 0:
         return NightPlan(len(wanted), frozenset(), np.zeros(n, dtype=bool), n)
-    scorers = dict(scorers) if scorers is not None else {LEGACY_SCORER: None}
     seeds = set(seeds)
     keys = pd.Series(list(zip(existing["dataset"], existing["image_id"])), index=existing.index,
                      dtype=object)
     scorer = (existing["scorer"].fillna(LEGACY_SCORER) if "scorer" in existing.columns
               else pd.Series(LEGACY_SCORER, index=existing.index))
+    expected = scorer.map(dict(model_ids))  # NaN for scorers not in the run
     match = (
         keys.isin(wanted).to_numpy()
         & existing["seed"].isin(seeds).to_numpy()
-        & (existing["model_id"] == model).to_numpy()
+        & (existing["model_id"] == expected).to_numpy()
         & (existing["k"] == k).to_numpy()
-        & scorer.isin(list(scorers)).to_numpy()
     )
     if false_alarm_rate is not None:
         rate = (existing["false_alarm_rate"] if "false_alarm_rate" in existing.columns
                 else pd.Series(np.nan, index=existing.index))
         match &= (pd.to_numeric(rate, errors="coerce") == false_alarm_rate).to_numpy(dtype=bool)
-    if {"backbone", "pretrained"} <= set(existing.columns):
-        for name, expected in scorers.items():
-            if expected is None:
-                continue
-            own = (scorer == name).to_numpy()
-            same = ((existing["backbone"] == expected[0])
-                    & (existing["pretrained"] == expected[1])).to_numpy()
-            match &= ~own | same
     frame = existing.assign(scorer=scorer)
     rows = np.flatnonzero(match)
     unique = rows[~frame.iloc[rows].duplicated(
@@ -109,7 +100,7 @@ def plan_night(date_queries: Iterable[tuple[str, str]], existing: pd.DataFrame, 
     match[unique] = True  # one row per (dataset, image_id, seed, scorer)
     # rows are now distinct per (seed, scorer): a query's count is its distinct pairs
     pairs = frame[match].groupby(["dataset", "image_id"]).size()
-    done = frozenset(pairs.index[pairs == len(seeds) * len(scorers)])
+    done = frozenset(pairs.index[pairs == len(seeds) * len(model_ids)])
     carry = match & keys.isin(done).to_numpy()
     return NightPlan(len(wanted), done, carry, n)
 

@@ -3,10 +3,8 @@ summaries and drift for the history plots.
 
 Everything is read through the commit record in force (:mod:`pipeline.core.layout`), so the
 report shows one consistent result: the scores and errors the record names, and the summary,
-comparison, drift and ``nightly.json`` files it lists. An output root written before commit
-records existed falls back to the published copies in ``OUT/summary/run_date=<d>/``. A file
-or column that is absent is ``None`` / left out here, never an error: the page says what is
-missing.
+comparison, drift and ``nightly.json`` files it lists. A file or column that is absent is
+``None`` / left out here, never an error: the page says what is missing.
 """
 from __future__ import annotations
 
@@ -19,8 +17,8 @@ from typing import Any, Sequence
 import fsspec
 import pandas as pd
 
-from pipeline.core.layout import (DRIFT, NIGHTLY, current_record, decode_value, output_fs,
-                                  read_partition, record_dates, summary_dir, to_url)
+from pipeline.core.layout import (DRIFT, NIGHTLY, current_record, read_partition, record_dates,
+                                  to_url)
 from pipeline.core.metrics import DEFAULT_SCORER, ordered_scorers
 from pipeline.core.schemas import ERRORS, SCORES, SUMMARY
 
@@ -84,21 +82,14 @@ class RunInputs:
 
 def committed_file(output: str, run_date: str, table: str, name: str) -> str | None:
     """The URL of report file ``name`` of ``table`` (``summary``, ``drift``, ``nightly``)
-    in force for ``run_date``, or None.
-
-    A commit record lists the files in force; a root written before records (no record, or
-    the version-0 stand-in for its ``_SUCCESS`` partitions) has only the published copy in
-    ``OUT/summary/run_date=<d>/``.
-    """
+    in force for ``run_date`` (the commit record lists it), or None."""
     record = current_record(output, run_date)
-    if record is not None and record.version > 0:
-        for _, rel in record.files(table):
-            if posixpath.basename(rel) == name:
-                return to_url(output, rel)
+    if record is None:
         return None
-    url = f"{summary_dir(output, run_date)}/{name}"
-    fs, path = output_fs(url)
-    return url if fs.exists(path) else None
+    for _, rel in record.files(table):
+        if posixpath.basename(rel) == name:
+            return to_url(output, rel)
+    return None
 
 
 def _read_parquet(url: str | None) -> pd.DataFrame | None:
@@ -149,19 +140,8 @@ def _scorer_order(extra: dict, scores: pd.DataFrame, summary: pd.DataFrame | Non
 
 
 def _dates(output: str) -> set[str]:
-    """Dates that may have a summary: those with commit records and, for roots written
-    before records, the published summary folders (listed only; nothing is read)."""
-    dates = set(record_dates(output))
-    fs, root = output_fs(f"{output.rstrip('/')}/{SUMMARY}")
-    try:
-        entries = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        entries = []
-    for entry in entries:
-        column, _, value = posixpath.basename(entry.rstrip("/")).partition("=")
-        if column == "run_date" and decode_value(value):
-            dates.add(decode_value(value))
-    return dates
+    """Dates that may have a summary: those with commit records."""
+    return set(record_dates(output))
 
 
 def _night(output: str, date: str) -> Night:

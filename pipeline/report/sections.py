@@ -274,8 +274,9 @@ def _models(inputs: RunInputs) -> str:
     """Per scorer: the model id, backbone and weights its rows record."""
     scores = inputs.scores
     if scores.empty:
-        model = inputs.summary_extra.get("model_id")
-        return note(f"Model id: {model}") if model else ""
+        models = inputs.summary_extra.get("model_ids") or {}
+        return note("Model ids: " + "; ".join(f"{s}: {m}" for s, m in models.items())
+                    ) if models else ""
     rows = []
     for scorer in inputs.scorers:
         mine = scores[scores["scorer"] == scorer]

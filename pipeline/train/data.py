@@ -20,6 +20,7 @@ import torch
 from pipeline.core.feature_cache import FeatureCache
 from pipeline.core.manifest import ManifestRow, RowError
 from pipeline.model.backbone import ImageFeatures
+from pipeline.model.scorers.clip import EMBEDS, TOKENS
 
 LOG = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ class Episode:
 
 
 class FeatureStore:
-    """Reads per-image features from a FeatureCache, keeping recent ones in a bounded LRU."""
+    """Reads per-image CLIP features (InCTRL's ``tokens`` and ``embeds``) from a FeatureCache,
+    keeping recent ones in a bounded LRU."""
 
     def __init__(self, cache: FeatureCache, max_bytes: int = 256 << 20) -> None:
         self._cache = cache
@@ -100,11 +102,12 @@ class FeatureStore:
         if feats is not None:
             self._lru.move_to_end(content_hash)
             return feats
-        feats = self._cache.get(content_hash)
-        if feats is None:
+        state = self._cache.get(content_hash)
+        if state is None:
             raise MissingFeaturesError(
                 f"no cached features for image {content_hash} under {self._cache.root}; "
                 "was the cache moved or cleaned after extraction?")
+        feats = ImageFeatures(state[TOKENS], state[EMBEDS])
         self.reads += 1
         size = self._size(feats)
         if size <= self._max_bytes:

@@ -1,11 +1,11 @@
 """The training forward: a batch of queries, each with its own few-shot reference set.
 
-Scoring (``InCTRLScorer.forward``) takes one reference set for a whole batch. In training every
+Scoring (``InCTRLModel.forward``) takes one reference set for a whole batch. In training every
 query has its own freshly drawn prompts, yet the heads' BatchNorm layers must see the whole
 batch at once (train mode normalises with batch statistics, and a batch of one is undefined).
 So this module computes the per-query parts with the scorer's own pieces
 (``prepare_references``, the residual functions) and runs the heads once over the batch. A test
-checks that, when all queries share one reference set, it equals ``InCTRLScorer.forward``.
+checks that, when all queries share one reference set, it equals ``InCTRLModel.forward``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from pipeline.model.backbone import ImageFeatures
-from pipeline.model.inctrl import InCTRLScorer, ReferenceSet
+from pipeline.model.inctrl import InCTRLModel, ReferenceSet
 from pipeline.model.residual import image_residual, patch_anomaly_map, text_prior
 
 
@@ -44,13 +44,13 @@ class EpisodeOutputs:
         return 0.5 * (self.holistic + self.fine)
 
 
-def prepare_episode_references(scorer: InCTRLScorer,
+def prepare_episode_references(scorer: InCTRLModel,
                                references: Sequence[ImageFeatures]) -> list[ReferenceSet]:
     """One prepared reference set per query (the adapter runs with gradients)."""
     return [scorer.prepare_references(refs) for refs in references]
 
 
-def forward_episodes(scorer: InCTRLScorer, queries: ImageFeatures, refs: Sequence[ReferenceSet],
+def forward_episodes(scorer: InCTRLModel, queries: ImageFeatures, refs: Sequence[ReferenceSet],
                      text_features: torch.Tensor) -> EpisodeOutputs:
     """Score each query against its own references, with the heads over the whole batch.
 

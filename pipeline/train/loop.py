@@ -18,7 +18,7 @@ import torch
 
 from pipeline.model.backbone import ImageFeatures
 from pipeline.model.heads import InCTRLHeads
-from pipeline.model.inctrl import InCTRLScorer
+from pipeline.model.inctrl import InCTRLModel
 from pipeline.train.data import Episode, EpisodeSampler, FeatureStore, TrainingSet, batch_features
 from pipeline.train.forward import forward_episodes, prepare_episode_references
 from pipeline.train.log import TrainLog
@@ -26,7 +26,7 @@ from pipeline.train.loss import focal_loss_final, focal_loss_sigmoid
 
 LOG = logging.getLogger(__name__)
 
-Validator = Callable[[InCTRLScorer], tuple[dict[str, float], pd.DataFrame]]
+Validator = Callable[[InCTRLModel], tuple[dict[str, float], pd.DataFrame]]
 
 
 class BatchSource(Protocol):
@@ -76,7 +76,7 @@ def _lr_lambda(schedule: str, total: int) -> Callable[[int], float]:
     return lambda step: 1.0
 
 
-def episode_loss(scorer: InCTRLScorer, queries: ImageFeatures, prompts: Sequence[ImageFeatures],
+def episode_loss(scorer: InCTRLModel, queries: ImageFeatures, prompts: Sequence[ImageFeatures],
                  labels: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss of one batch and its two parts (as floats, for the log)."""
     refs = prepare_episode_references(scorer, prompts)
@@ -87,7 +87,7 @@ def episode_loss(scorer: InCTRLScorer, queries: ImageFeatures, prompts: Sequence
     return loss, {"loss_final": loss_final.item(), "loss_image_residual": loss_image.item()}
 
 
-def train_step(scorer: InCTRLScorer, optimizer: torch.optim.Optimizer, batches: BatchSource,
+def train_step(scorer: InCTRLModel, optimizer: torch.optim.Optimizer, batches: BatchSource,
                episodes: Sequence[Episode], text: torch.Tensor) -> dict[str, float]:
     """One optimisation step on a batch of episodes; returns the loss and its parts."""
     queries, prompts, labels = batches(episodes)
@@ -110,7 +110,7 @@ def _better(metrics: dict[str, float], best: dict[str, float] | None) -> bool:
     return (score, metrics.get("auprc", -math.inf)) > (best["auroc"], best.get("auprc", -math.inf))
 
 
-def fit(scorer: InCTRLScorer, sampler: EpisodeSampler, batches: BatchSource,
+def fit(scorer: InCTRLModel, sampler: EpisodeSampler, batches: BatchSource,
         text_features: Mapping[str, torch.Tensor], settings: LoopSettings,
         validate: Validator | None = None) -> FitResult:
     """Train ``scorer.heads`` in place; returns the kept heads and the log.

@@ -2,7 +2,7 @@
 
 References are the k normal reference rows of each (dataset, category) that the scoring job's
 seeded sampler draws (``sampler_rank``), queries are the labelled query rows; scores come from
-``InCTRLScorer.forward`` in eval mode. AUROC and AUPRC of the final score are computed per
+``InCTRLModel.forward`` in eval mode. AUROC and AUPRC of the final score are computed per
 category and averaged (the paper's convention), and over all queries pooled.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from pipeline.core.metrics import image_metrics
 from pipeline.core.sampling import sampler_rank
-from pipeline.model.inctrl import InCTRLScorer
+from pipeline.model.inctrl import InCTRLModel
 from pipeline.train.data import FeatureStore
 
 LOG = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class ValidationSet:
 
 
 @torch.no_grad()
-def score_validation(scorer: InCTRLScorer, store: FeatureStore, vset: ValidationSet,
+def score_validation(scorer: InCTRLModel, store: FeatureStore, vset: ValidationSet,
                      text_features: Mapping[str, torch.Tensor], batch_size: int,
                      device: torch.device | str = "cpu") -> pd.DataFrame:
     """Every validation query's scores: image_id, dataset, category, label and score columns."""

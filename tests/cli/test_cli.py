@@ -8,8 +8,14 @@ import pytest
 from pipeline import cli
 from pipeline.cli.demo import build_parser as demo_parser
 from pipeline.cli.flags import parse_with_beam
-from pipeline.cli.score import build_parser as score_parser, parse_score_args
+from pipeline.cli.score import build_parser as score_parser, parse_score_command
 from pipeline.cli.train import parse_train_args
+
+
+def parse_score_args(argv):
+    """(configuration, Beam's flags) of score's command line."""
+    return parse_score_command(argv)[:2]
+
 
 BASE = ["--manifest", "m.parquet", "--output", "out"]
 
@@ -66,9 +72,9 @@ def test_scorers_and_zero_shot_flags(capsys):
                                   "--cnn-backbone", "mobilenet_v2", "--cnn-weights", "random:3",
                                   "--coreset-ratio", "0.5"])
     assert config.scorers == ("patchcore", "inctrl")
-    assert (config.suite.cnn_spec().backbone, config.suite.cnn_spec().weights) == (
-        "mobilenet_v2", "random:3")
-    assert config.coreset_ratio == 0.5
+    cnn = config.suite.extractor_spec("cnn")
+    assert (cnn.backbone, cnn.weights, cnn.strides) == ("mobilenet_v2", "random:3", (8, 16))
+    assert config.suite.setting("coreset_ratio") == 0.5
     assert parse_score_args([*BASE, "--k", "0"])[0].k == 0  # inctrl zero-shot: text prior
     assert parse_score_args([*BASE, "--k", "0", "--scorer", "winclip"])[0].k == 0
     for parser, base in ((score_parser(), BASE), (demo_parser(), [])):
@@ -78,8 +84,11 @@ def test_scorers_and_zero_shot_flags(capsys):
         err = capsys.readouterr().err
         assert "spade, padim cannot score with k=0" in err and "inctrl, winclip" in err
         with pytest.raises(SystemExit):
+            parse_with_beam(parser, [*base, "--scorer", "inctrl,regadd"])
+        assert "unknown scorer 'regadd'" in capsys.readouterr().err
+        with pytest.raises(SystemExit):  # a trained scorer without its checkpoint
             parse_with_beam(parser, [*base, "--scorer", "inctrl,regad"])
-        assert "unknown scorer 'regad'" in capsys.readouterr().err
+        assert "regad needs --regad-checkpoint FILE" in capsys.readouterr().err
 
 
 def test_the_demo_takes_the_score_flags():

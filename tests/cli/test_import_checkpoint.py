@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.cli.score import parse_score_args
+from pipeline.cli.score import parse_score_command
 from pipeline.core.demo_data import generate_demo
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
@@ -18,6 +18,12 @@ from pipeline.model.checkpoint import HeadsMetadata, import_official_checkpoint,
 from pipeline.run import run_score
 from tests.beamtest import read_table
 from tests.model.helpers import official_head, official_state, perturbed
+
+
+def parse_score_args(argv):
+    """(configuration, Beam's flags) of score's command line."""
+    return parse_score_command(argv)[:2]
+
 
 TINY = ["--backbone", TINY_BACKBONE]
 DATASET = "medical_scans"

@@ -11,12 +11,12 @@ import pytest
 
 from pipeline.core.metrics import (
     NO_QUERIES,
-    SCORER_ORDER,
     comparison_table,
     comparison_to_markdown,
     summarize_scores,
     write_comparison,
 )
+from pipeline.model.scorers.registry import scorer_names
 
 # Two normals and two anomalies per (category, seed); the AUROC is the share of the
 # four (anomaly, normal) pairs ranked right, the AUPRC the mean precision at each anomaly.
@@ -113,7 +113,7 @@ def test_scorer_columns_follow_scorer_order_then_alphabet() -> None:
     table = comparison_table(summarize_scores(frame))
     order = [c[: -len("_auroc_mean")] for c in table.columns if c.endswith("_auroc_mean")]
     assert order == ["inctrl", "patchcore", "winclip", "alpha", "zeta"]
-    assert SCORER_ORDER.index("patchcore") < SCORER_ORDER.index("winclip")
+    assert scorer_names().index("patchcore") < scorer_names().index("winclip")
 
 
 def test_comparison_has_a_row_per_dataset_and_k() -> None:

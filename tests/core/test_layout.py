@@ -1,5 +1,5 @@
 """The output layout: paths, encoded partition values, and reading the tables in force back
-through the dates' commit records (and outputs written before records existed)."""
+through the dates' commit records."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pipeline.core.commit import CommitPlan, Staged, commit_run
-from pipeline.core.lease import date_lease
-from pipeline.core.layout import (INCOMING, NULL_PARTITION, SUCCESS_MARKER, aside_dir,
-                                  commits_dir, committed_dates, current_files, current_record,
-                                  decode_value, migrated_marker, partition_dir, partition_value,
-                                  previous_date, read_partition, staging_path, staging_root,
-                                  summary_dir, unstorable_reason)
+from pipeline.core.layout import (NULL_PARTITION, commits_dir, committed_dates, current_files,
+                                  current_record, decode_value, partition_dir, partition_value,
+                                  previous_date, read_partition, record_in_force, staging_path,
+                                  staging_root, summary_dir, unstorable_reason)
 from pipeline.core.schemas import ERRORS, SCORES
 
 D1, D2, D3 = "2024-01-01", "2024-01-02", "2024-01-03"
@@ -47,13 +45,10 @@ def frame(table: pa.Table | None) -> list[tuple]:
     return sorted(zip(table["dataset"].to_pylist(), table["final_score"].to_pylist()))
 
 
-def put_legacy(folder: str, scores: list[float], *, commit: bool = True) -> None:
-    """A part file as the former layout wrote it (marker per folder, no record)."""
+def put_stray(folder: str, scores: list[float]) -> None:
+    """A part file that no record names (a dead run's, or staging)."""
     os.makedirs(folder, exist_ok=True)
     pq.write_table(pa.table({"final_score": scores}), f"{folder}/part-0.parquet")
-    if commit:
-        with open(f"{folder}/{SUCCESS_MARKER}", "w") as f:
-            f.write("old-run\n")
 
 
 def test_partition_values_are_percent_encoded_like_pyarrow(tmp_path):
@@ -92,8 +87,8 @@ def test_only_what_the_record_names_is_read(tmp_path):
     commit(out, D2, "r1", {"a": [0.1, 0.2], "b/x": [0.3]}, errors={"a": [4.0]})
     commit(out, D1, "r0", {"a": [8.0]})
     # Files no record names: a dead commit's, staging, a stray '_' file.
-    put_legacy(partition_dir(out, SCORES, "c", D2), [9.0], commit=False)
-    put_legacy(f"{staging_root(out, D2, 'r2')}/{SCORES}", [5.0], commit=False)
+    put_stray(partition_dir(out, SCORES, "c", D2), [9.0])
+    put_stray(f"{staging_root(out, D2, 'r2')}/{SCORES}", [5.0])
     with open(f"{partition_dir(out, SCORES, 'a', D2)}/_common_metadata", "w") as f:
         f.write("not parquet")
 
@@ -124,7 +119,7 @@ def test_committed_and_previous_dates(tmp_path):
     out = str(tmp_path)
     for ds, date in (("a", D1), ("b", D3), ("a", "2024-01-05"), ("123", D3)):
         commit(out, date, f"r-{ds}-{date}", {ds: [0.1]})
-    put_legacy(partition_dir(out, SCORES, "a", "2024-01-04"), [0.1], commit=False)
+    put_stray(partition_dir(out, SCORES, "a", "2024-01-04"), [0.1])
     commit(out, "2024-01-06", "e", {"a": [0.1]}, table=ERRORS)
     assert committed_dates(out) == [D1, D3, "2024-01-05"]
     assert committed_dates(out, ERRORS) == ["2024-01-06"]
@@ -150,34 +145,20 @@ def test_current_files_and_the_record_document(tmp_path):
     assert part["dataset"] == "a/b" and part["files"][0].startswith("scores/dataset=a%2Fb/")
 
 
-def test_outputs_written_before_records_are_read_then_adopted(tmp_path):
+def test_the_record_in_force_skips_an_unreadable_newest_record(tmp_path):
     out = str(tmp_path)
-    # The former layout: sanitised folder values, a marker per committed folder.
-    put_legacy(f"{out}/{SCORES}/dataset=a_b/run_date={D2}", [0.5])
-    put_legacy(f"{out}/{SCORES}/dataset=k/run_date={D2}", [0.7])
-    put_legacy(f"{out}/{SCORES}/dataset=u/run_date={D2}", [0.9], commit=False)
-    put_legacy(aside_dir(f"{out}/{SCORES}/dataset=k/run_date={D2}", INCOMING, "x"), [0.6])
-    assert frame(read_partition(out, D2)) == [("a_b", 0.5), ("k", 0.7)]
-    assert current_record(out, D2).version == 0
-    assert committed_dates(out) == [D2]
-    # The first commit records them (version 1), then replaces what its datasets cover:
-    # "a/b" was stored as "a_b" by the former layout.
-    record = commit(out, D2, "r1", {"a/b": [0.1]})
-    assert record.version == 2
-    assert frame(read_partition(out, D2)) == [("a/b", 0.1), ("k", 0.7)]
-    assert not os.path.exists(f"{out}/{SCORES}/dataset=a_b/run_date={D2}/part-0.parquet")
-
-
-def test_the_first_run_on_an_old_root_records_every_old_date(tmp_path):
-    out = str(tmp_path)
-    put_legacy(f"{out}/{SCORES}/dataset=a/run_date={D1}", [0.5])
-    put_legacy(f"{out}/{ERRORS}/dataset=a/run_date={D3}", [0.6])
-    with date_lease(out, D2, "r1"):
-        pass
-    assert os.path.exists(migrated_marker(out))
-    assert current_record(out, D1).version == 1 and current_record(out, D3).version == 1
-    assert frame(read_partition(out, D1)) == [("a", 0.5)]
-    assert committed_dates(out) == [D1] and committed_dates(out, ERRORS) == [D3]
+    assert record_in_force(out, D2) == (0, None) and current_record(out, D2) is None
+    commit(out, D2, "r1", {"a": [0.1]})
+    commit(out, D2, "r2", {"a": [0.2]})
+    # A record whole or absent is what exclusive creation gives; a torn one (a file system
+    # without it) is skipped, and the newest version still counts, so the next commit
+    # cannot be created on it.
+    with open(f"{commits_dir(out, D2)}/0000000003.json", "w") as f:
+        f.write('{"format": "inctrl-commit/2", "run_d')
+    top, record = record_in_force(out, D2)
+    assert top == 3 and record.version == 2 and record.run_id == "r2"
+    assert current_record(out, D2) == record
+    assert frame(read_partition(out, D2)) == [("a", 0.2)]
 
 
 def test_any_fsspec_file_system():

@@ -36,6 +36,11 @@ from pipeline.model.backbone import (
 from tests.model.helpers import texture
 
 
+def _stack(backbone, images):
+    """Images through the backbone's own transform, stacked: (n, 3, H, W)."""
+    return torch.stack([backbone.preprocess(im) for im in images])
+
+
 @pytest.fixture(scope="module")
 def vitb() -> ClipBackbone:
     """ViT-B-16-plus-240 with random weights: geometry only, no download."""
@@ -94,7 +99,7 @@ def test_default_blocks_needs_a_block():
 
 
 def test_encode_images_matches_open_clip(tiny):
-    pixels = tiny.preprocess_batch([texture(1), texture(2)])
+    pixels = _stack(tiny, [texture(1), texture(2)])
     assert pixels.shape == (2, 3, 64, 64)
     f = tiny.encode_images(pixels)
     assert f.tokens.shape == (2, 3, 64, 64) and f.tokens.dtype == torch.float32
@@ -114,7 +119,7 @@ def test_encode_images_matches_open_clip(tiny):
 def test_explicit_blocks_override(tiny, blocks, want):
     b = ClipBackbone(BackboneSpec(TINY_BACKBONE, "random:0", blocks=blocks))
     assert b.geometry.blocks == want
-    pixels = tiny.preprocess_batch([texture(3)])
+    pixels = _stack(tiny, [texture(3)])
     f = b.encode_images(pixels)
     assert f.tokens.shape == (1, len(want), 64, 64)
     with torch.no_grad():

@@ -24,7 +24,7 @@ from pipeline.model.checkpoint import (
     towers_location,
 )
 from pipeline.model.heads import InCTRLHeads
-from pipeline.model.inctrl import InCTRLScorer
+from pipeline.model.inctrl import InCTRLModel
 from tests.model.helpers import (
     geometry,
     official_adapter,
@@ -61,7 +61,7 @@ def _text() -> torch.Tensor:
 def trained_heads() -> InCTRLHeads:
     """Heads after a few SGD steps, so BatchNorm running statistics are not the defaults."""
     heads = InCTRLHeads.seeded(EMBED, PATCHES, seed=0)
-    scorer = InCTRLScorer(geometry(EMBED, GRID, WIDTH), heads).train()
+    scorer = InCTRLModel(geometry(EMBED, GRID, WIDTH), heads).train()
     opt = torch.optim.SGD(heads.parameters(), lr=0.1)
     for step in range(3):
         refs = scorer.prepare_references(_features(2, seed=100 + step))
@@ -80,7 +80,7 @@ def trained_heads() -> InCTRLHeads:
 
 
 def _scores(heads: InCTRLHeads):
-    scorer = InCTRLScorer(geometry(EMBED, GRID, WIDTH), heads).eval()
+    scorer = InCTRLModel(geometry(EMBED, GRID, WIDTH), heads).eval()
     refs = scorer.prepare_references(_features(3, seed=7))
     return scorer(_features(4, seed=8), refs, _text())
 
@@ -189,9 +189,9 @@ def test_heads_of_another_geometry_do_not_fit_the_scorer(tmp_path):
     save_heads(InCTRLHeads(EMBED, PATCHES), path, _meta())
     heads, _, _ = load_heads(path)
     with pytest.raises(ValueError, match=r"embed_dim=8, patches=9.*embed_dim=16, patches=9"):
-        InCTRLScorer(geometry(16, GRID, WIDTH), heads)
+        InCTRLModel(geometry(16, GRID, WIDTH), heads)
     with pytest.raises(ValueError, match=r"patches=16"):
-        InCTRLScorer(geometry(EMBED, (4, 4), WIDTH), heads)
+        InCTRLModel(geometry(EMBED, (4, 4), WIDTH), heads)
 
 
 # ------------------------------------------------------------------ official import

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.model.backbone import ImageFeatures
 from pipeline.model.heads import InCTRLHeads
-from pipeline.model.inctrl import InCTRLScorer, ReferenceSet, build_text_features
+from pipeline.model.inctrl import InCTRLModel, ReferenceSet, build_text_features
 from pipeline.model.prompts import prompts_for
 from pipeline.model.checkpoint import import_official_checkpoint
 from tests.model.helpers import (
@@ -20,6 +20,11 @@ from tests.model.helpers import (
     residual_loop,
     texture,
 )
+
+
+def _stack(backbone, images):
+    """Images through the backbone's own transform, stacked: (n, 3, H, W)."""
+    return torch.stack([backbone.preprocess(im) for im in images])
 
 COMPONENTS = ("final", "fine", "holistic", "image_residual", "text_prior", "patch_map")
 DEFECT = dict(top=24, left=8, side=16)  # covers patches rows 3-4, cols 1-2 of the 8x8 grid
@@ -35,7 +40,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def feats(tiny, images):
-    enc = lambda ims: tiny.encode_images(tiny.preprocess_batch(ims))  # noqa: E731
+    enc = lambda ims: tiny.encode_images(_stack(tiny, ims))  # noqa: E731
     return {"refs": enc(images["refs"]),
             "queries": enc([images["refs"][2], images["clean"], images["defect"]]),
             "others": enc(images["others"])}
@@ -59,14 +64,14 @@ def _same(a, b, atol=0.0):
 
 
 def test_query_identical_to_a_reference_scores_zero(tiny, feats, text):
-    scorer = InCTRLScorer(tiny.geometry).eval()
+    scorer = InCTRLModel(tiny.geometry).eval()
     out = scorer(feats["queries"], scorer.prepare_references(feats["refs"]), text)
     assert abs(out.fine[0].item()) < 1e-5
     assert out.patch_map[0].abs().max() < 1e-5
 
 
 def test_pasted_defect_scores_higher_and_is_located(tiny, feats, text):
-    scorer = InCTRLScorer(tiny.geometry).eval()
+    scorer = InCTRLModel(tiny.geometry).eval()
     out = scorer(feats["queries"], scorer.prepare_references(feats["refs"]), text)
     identical, clean, defect = out.fine.tolist()
     assert identical < clean < defect
@@ -80,7 +85,7 @@ def test_pasted_defect_scores_higher_and_is_located(tiny, feats, text):
 
 
 def test_fine_and_map_follow_the_paper_loop_on_real_features(tiny, feats, text):
-    scorer = InCTRLScorer(tiny.geometry).eval()
+    scorer = InCTRLModel(tiny.geometry).eval()
     out = scorer(feats["queries"], scorer.prepare_references(feats["refs"]), text)
     _, want_map, want_fine = residual_loop(feats["queries"].tokens, feats["refs"].tokens)
     torch.testing.assert_close(out.patch_map.double(), want_map, atol=1e-5, rtol=0)
@@ -88,7 +93,7 @@ def test_fine_and_map_follow_the_paper_loop_on_real_features(tiny, feats, text):
 
 
 def test_with_heads_final_is_mean_of_holistic_and_fine(tiny, feats, text, heads):
-    scorer = InCTRLScorer(tiny.geometry, heads).eval()
+    scorer = InCTRLModel(tiny.geometry, heads).eval()
     refs = scorer.prepare_references(feats["refs"])
     out = scorer(feats["queries"], refs, text)
     torch.testing.assert_close(out.final, (out.holistic + out.fine) / 2)
@@ -108,7 +113,7 @@ def test_with_heads_final_is_mean_of_holistic_and_fine(tiny, feats, text, heads)
 
 
 def test_without_heads_final_is_fine_and_head_scores_are_nan(tiny, feats, text):
-    scorer = InCTRLScorer(tiny.geometry).eval()
+    scorer = InCTRLModel(tiny.geometry).eval()
     assert not scorer.has_heads
     refs = scorer.prepare_references(feats["refs"])
     assert refs.adapted_mean is None
@@ -122,7 +127,7 @@ def test_without_heads_final_is_fine_and_head_scores_are_nan(tiny, feats, text):
 
 @pytest.mark.parametrize("with_heads", [False, True])
 def test_every_component_has_batch_shape(tiny, feats, text, heads, with_heads):
-    scorer = InCTRLScorer(tiny.geometry, heads if with_heads else None).eval()
+    scorer = InCTRLModel(tiny.geometry, heads if with_heads else None).eval()
     out = scorer(feats["queries"], scorer.prepare_references(feats["refs"]), text)
     batch = len(feats["queries"])
     for name in COMPONENTS[:-1]:
@@ -132,7 +137,7 @@ def test_every_component_has_batch_shape(tiny, feats, text, heads, with_heads):
 
 @pytest.mark.parametrize("with_heads", [False, True])
 def test_batch_equals_each_query_alone(tiny, feats, text, heads, with_heads):
-    scorer = InCTRLScorer(tiny.geometry, heads if with_heads else None).eval()
+    scorer = InCTRLModel(tiny.geometry, heads if with_heads else None).eval()
     refs = scorer.prepare_references(feats["refs"])
     queries = ImageFeatures.cat([feats["queries"], feats["others"]])
     batch = scorer(queries, refs, text)
@@ -151,7 +156,7 @@ def _clone(refs: ReferenceSet) -> ReferenceSet:
 
 @pytest.mark.parametrize("with_heads", [False, True])
 def test_prepared_references_are_reused_unchanged(tiny, feats, text, heads, with_heads):
-    scorer = InCTRLScorer(tiny.geometry, heads if with_heads else None).eval()
+    scorer = InCTRLModel(tiny.geometry, heads if with_heads else None).eval()
     refs = scorer.prepare_references(feats["refs"])
     before = _clone(refs)
     assert refs.k == 4
@@ -171,7 +176,7 @@ def test_prepared_references_are_reused_unchanged(tiny, feats, text, heads, with
 
 
 def test_empty_reference_set_is_refused(tiny):
-    scorer = InCTRLScorer(tiny.geometry)
+    scorer = InCTRLModel(tiny.geometry)
     with pytest.raises(ValueError, match="at least one"):
         scorer.prepare_references(ImageFeatures(torch.zeros(0, 3, 64, 64), torch.zeros(0, 32)))
 
@@ -183,7 +188,7 @@ def test_scorer_on_random_features_equals_loop(k):
     q = ImageFeatures(torch.randn(3, 2, 9, 16, generator=g), torch.randn(3, 8, generator=g))
     r = ImageFeatures(torch.randn(k, 2, 9, 16, generator=g), torch.randn(k, 8, generator=g))
     text = F.normalize(torch.randn(2, 8, generator=g), dim=-1)
-    scorer = InCTRLScorer(geo).eval()
+    scorer = InCTRLModel(geo).eval()
     out = scorer(q, scorer.prepare_references(r), text)
     _, want_map, want_fine = residual_loop(q.tokens, r.tokens)
     torch.testing.assert_close(out.patch_map.double(), want_map, atol=1e-5, rtol=0)
@@ -210,7 +215,7 @@ def test_scores_equal_the_official_forward_by_hand(tmp_path, k):
     embed, grid, width = 16, (3, 3), 16
     state = official_state(embed, grid[0] * grid[1], seed=k, scale=0.15)
     torch.save({"model_state": state}, tmp_path / "official.pyth")
-    scorer = InCTRLScorer(geometry(embed, grid, width),
+    scorer = InCTRLModel(geometry(embed, grid, width),
                           import_official_checkpoint(str(tmp_path / "official.pyth"))).eval()
     g = torch.Generator().manual_seed(10 + k)
     q = ImageFeatures(torch.randn(4, 2, 9, width, generator=g), torch.randn(4, embed, generator=g))

@@ -23,7 +23,7 @@ from pipeline.model.checkpoint import (
     save_heads,
 )
 from pipeline.model.heads import InCTRLHeads
-from pipeline.model.loading import backbone_for_heads, build_scorer, get_scorer
+from pipeline.model.loading import backbone_for_heads, build_model, get_model
 from tests.model.helpers import official_state, perturbed
 
 
@@ -65,7 +65,7 @@ def test_imported_heads_run_on_their_own_towers(imported, towers):
                                 f"#sha256={meta.towers_sha256[:12]}")
     got = ClipBackbone(spec).model.state_dict()
     assert all(torch.equal(got[k], towers[k]) for k in towers)
-    scorer, digest = get_scorer(spec, imported)
+    scorer, digest = get_model(spec, imported)
     assert scorer.heads is not None and digest != "none"
 
 
@@ -121,8 +121,8 @@ def test_the_scorer_refuses_heads_with_towers_on_other_weights(imported):
     geometry = describe(spec).geometry
     for other in (tiny_spec(), BackboneSpec(TINY_BACKBONE, spec.pretrained)):
         with pytest.raises(CheckpointError, match="own CLIP towers"):
-            build_scorer(geometry, imported, other)
-    assert build_scorer(geometry, imported, spec)[0].heads is not None
+            build_model(geometry, imported, other)
+    assert build_model(geometry, imported, spec)[0].heads is not None
 
 
 def test_towers_changed_after_the_import_are_refused_when_loaded(imported, tmp_path):

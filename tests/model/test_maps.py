@@ -7,7 +7,6 @@ The inverse mapping must send the model input back onto those original positions
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

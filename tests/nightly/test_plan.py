@@ -1,8 +1,7 @@
-"""The nightly run's plan and its edges: planning, the date's queries, flags, recovery."""
+"""The nightly run's plan and its edges: planning, the date's queries, flags."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 
 import pandas as pd
 import pytest
@@ -11,7 +10,6 @@ from pipeline.cli.nightly import parse_nightly_args
 from pipeline.core.layout import FEATURE_CACHE_DIR
 from pipeline.core.manifest import ManifestSchemaError, validate_manifest_schema, write_manifest
 from pipeline.nightly.plan import date_queries, plan_night
-from transforms.write import recover_partitions
 
 MODEL = "m@random|blocks=default|heads=none"
 
@@ -28,7 +26,8 @@ def rows(*specs, dataset: str = DS) -> pd.DataFrame:
 def plan(queries, existing, force=False, seeds=(0, 1)):
     """Plan image ids of dataset ``ds`` (pairs pass through)."""
     pairs = [q if isinstance(q, tuple) else (DS, q) for q in queries]
-    return plan_night(pairs, existing, model=MODEL, k=4, seeds=seeds, force=force)
+    return plan_night(pairs, existing, model_ids={"inctrl": MODEL}, k=4, seeds=seeds,
+                      force=force)
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -148,35 +147,6 @@ def test_bad_flags_are_refused(bad):
 
 # -- files -------------------------------------------------------------------------------------
 
-def _touch(path) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("x")
-
-
-def test_recover_restores_a_partition_retired_by_a_dead_commit(tmp_path):
-    out = str(tmp_path)
-    scores = tmp_path / "scores"
-    _touch(scores / "dataset=a" / ".run_date=2024-01-02.old-r1" / "part-old.parquet")
-    _touch(scores / "dataset=a" / ".run_date=2024-01-02.incoming-r2" / "part-new.parquet")
-    _touch(scores / "dataset=b" / "run_date=2024-01-02" / "part-b.parquet")
-    _touch(scores / "dataset=b" / ".run_date=2024-01-02.incoming-r2" / "part-new.parquet")
-    _touch(scores / "dataset=b" / ".run_date=2024-01-03.old-r9" / "part-other-date.parquet")
-    _touch(scores / "dataset=c" / "run_date=2024-01-02" / "part-c.parquet")  # the swap finished
-    _touch(scores / "dataset=c" / ".run_date=2024-01-02.old-r3" / "part-stale.parquet")
-
-    restored = recover_partitions(out, "scores", "2024-01-02")
-
-    assert [p.rstrip("/").split("/")[-2] for p in restored] == ["dataset=a"]
-    assert sorted(os.listdir(scores / "dataset=a")) == ["run_date=2024-01-02"]
-    assert os.listdir(scores / "dataset=a" / "run_date=2024-01-02") == ["part-old.parquet"]
-    assert sorted(os.listdir(scores / "dataset=b")) == [".run_date=2024-01-03.old-r9",
-                                                        "run_date=2024-01-02"]
-    assert os.listdir(scores / "dataset=c") == ["run_date=2024-01-02"]
-    assert os.listdir(scores / "dataset=c" / "run_date=2024-01-02") == ["part-c.parquet"]
-    assert recover_partitions(out, "missing-table", "2024-01-02") == []
-
-
 def test_date_queries_reads_timestamps_and_needs_the_column(tmp_path):
     frame = pd.DataFrame({
         "image_uri": ["/x/1.png", "/x/2.png", "/x/3.png", "/x/4.png"],
@@ -197,22 +167,23 @@ def test_date_queries_reads_timestamps_and_needs_the_column(tmp_path):
 
 
 def test_a_query_is_done_only_with_every_seed_and_scorer_of_the_run():
+    cnn = "patchcore|cnn|wrn|W1"
     existing = pd.DataFrame(
-        [(DS, "a", seed, MODEL, 4, scorer, "wrn", "W1")
+        [(DS, "a", seed, MODEL if scorer == "inctrl" else cnn, 4, scorer)
          for seed in (0, 1) for scorer in ("inctrl", "patchcore")]
-        + [(DS, "b", seed, MODEL, 4, "inctrl", "wrn", "W1") for seed in (0, 1)]
-        + [(DS, "c", seed, MODEL, 4, scorer, "wrn", "OLD")
+        + [(DS, "b", seed, MODEL, 4, "inctrl") for seed in (0, 1)]
+        + [(DS, "c", seed, MODEL if scorer == "inctrl" else "patchcore|cnn|wrn|OLD", 4, scorer)
            for seed in (0, 1) for scorer in ("inctrl", "patchcore")],
-        columns=["dataset", "image_id", "seed", "model_id", "k", "scorer", "backbone",
-                 "pretrained"])
-    scorers = {"inctrl": None, "patchcore": ("wrn", "W1")}
-    p = plan_night([(DS, "a"), (DS, "b"), (DS, "c")], existing, model=MODEL, k=4,
-                   seeds=(0, 1), scorers=scorers)
-    # b lacks patchcore; c's patchcore rows come from other CNN weights
+        columns=["dataset", "image_id", "seed", "model_id", "k", "scorer"])
+    model_ids = {"inctrl": MODEL, "patchcore": cnn}
+    p = plan_night([(DS, "a"), (DS, "b"), (DS, "c")], existing, model_ids=model_ids, k=4,
+                   seeds=(0, 1))
+    # b lacks patchcore; c's patchcore rows come from another model (other CNN weights)
     assert p.skip == {(DS, "a")}
     assert p.carried_rows == 4
     # rows without a scorer column count as InCTRL's
     legacy = rows(("a", 0), ("a", 1))
-    assert plan_night([(DS, "a")], legacy, model=MODEL, k=4, seeds=(0, 1)).up_to_date
-    assert not plan_night([(DS, "a")], legacy, model=MODEL, k=4, seeds=(0, 1),
-                          scorers=scorers).up_to_date
+    assert plan_night([(DS, "a")], legacy, model_ids={"inctrl": MODEL}, k=4,
+                      seeds=(0, 1)).up_to_date
+    assert not plan_night([(DS, "a")], legacy, model_ids=model_ids, k=4,
+                          seeds=(0, 1)).up_to_date

@@ -39,7 +39,7 @@ def run(tmp_path_factory) -> Run:
     output = str(root / "out")
     config = ScoreConfig(manifest=path, output=output, k=2, seeds=(0, 1), backbone=tiny_spec(),
                          run_date=RUN_DATE, run_id="maps", batch_size=4, scorers=SCORERS,
-                         cnn_backbone="mobilenet_v2", cnn_weights="random:0",
+                         options=dict(cnn_backbone="mobilenet_v2", cnn_weights="random:0"),
                          write_anomaly_maps=True)
     result = run_score(config, [])
     return Run(config, frame, result, read_table(output, SCORES), read_table(output, ERRORS))

@@ -202,7 +202,7 @@ def test_summary_files(run):
     with open(f"{folder}/summary.json") as f:
         document = json.load(f)
     assert document["extra"]["run_id"] == "e2e-first"
-    assert "TESTONLY" in document["extra"]["model_id"]
+    assert "TESTONLY" in document["extra"]["model_ids"]["inctrl"]
     assert document["extra"]["seeds"] == list(SEEDS)
     assert len(document["records"]) == len(pd.read_parquet(f"{folder}/summary.parquet"))
     with open(f"{folder}/summary.md") as f:

@@ -9,7 +9,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli.score import parse_score_args
+from pipeline.cli.score import parse_score_command
 from pipeline.core.demo_data import generate_demo
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
@@ -17,6 +17,12 @@ from pipeline.core.schemas import PATCH_MAP_FIELDS, SCORES
 from pipeline.model.backbone import get_backbone, tiny_spec
 from pipeline.run import run_score
 from tests.beamtest import read_table
+
+
+def parse_score_args(argv):
+    """(configuration, Beam's flags) of score's command line."""
+    return parse_score_command(argv)[:2]
+
 
 DATASET = "medical_scans"
 EXTRA = {

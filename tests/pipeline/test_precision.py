@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 
 from pipeline.core.config import ScoreConfig
 from pipeline.core.demo_data import generate_demo
-from pipeline.core.feature_cache import FeatureCache, feature_identity
+from pipeline.core.feature_cache import FeatureCache
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
 from pipeline.core.schemas import SCORES, SUMMARY
@@ -64,9 +64,10 @@ def test_text_features_are_float32_whatever_the_precision():
 def test_feature_cache_keeps_precisions_apart(tmp_path, pixels):
     """An fp32 cache entry must never be served to a bf16 run (or back)."""
     fp32_spec, bf16_spec = tiny_spec(), tiny_spec(precision="bf16")
-    assert feature_identity(fp32_spec) != feature_identity(bf16_spec)
+    assert fp32_spec.feature_id != bf16_spec.feature_id
     features = get_backbone(fp32_spec).encode_images(pixels[:1])
-    FeatureCache(str(tmp_path), fp32_spec).put("ab" * 32, features)
+    FeatureCache(str(tmp_path), fp32_spec).put(
+        "ab" * 32, {"tokens": features.tokens, "embeds": features.embeds})
     assert FeatureCache(str(tmp_path), fp32_spec).get("ab" * 32) is not None
     assert FeatureCache(str(tmp_path), bf16_spec).get("ab" * 32) is None
 

@@ -35,7 +35,7 @@ def _run(frame: pd.DataFrame, root, name: str, **kw):
     config = ScoreConfig(manifest=path, output=str(root / name), k=K, seeds=(0, 1),
                          backbone=tiny_spec(), run_date="2024-07-01", run_id=name,
                          batch_size=4, scorers=SCORERS, reference_selection="representative",
-                         **{**MODELS, **kw})
+                         options=MODELS, **kw)
     result = run_score(config, [])
     return config, result, read_table(config.output, SCORES)
 

@@ -6,9 +6,14 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from pipeline.cli.score import parse_score_args
+from pipeline.cli.score import parse_score_command
 from pipeline.core.manifest import manifest_files
 from pipeline.runner import make_runner
+
+
+def parse_score_args(argv):
+    """(configuration, Beam's flags) of score's command line."""
+    return parse_score_command(argv)[:2]
 
 
 def test_direct_runner_is_the_offline_in_process_runner():

@@ -1,4 +1,4 @@
-"""All six scorers in one scoring job, and zero-shot scoring, on a small demo set.
+"""The six scorers that need no trained file of their own in one scoring job, and zero-shot scoring, on a small demo set.
 
 Small random models keep it fast (tiny CLIP, random MobileNetV2, a random DINOv2 ViT-S on
 56-pixel inputs): these runs check the job's wiring, not detection quality (the
@@ -21,10 +21,16 @@ from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
 from pipeline.core.schemas import ERRORS, SCORES
 from pipeline.model.backbone import tiny_spec
-from pipeline.model.scorers.suite import SCORERS
+from pipeline.model.scorers import registry
 from pipeline.run import run_score
 from pipeline.runner import counter
 from tests.beamtest import Run, pool_calibration, read_table
+
+
+def scorer_names() -> tuple[str, ...]:
+    """Every registered scorer but the trained ones (RegAD and CoOp need their checkpoints:
+    tests/pipeline/test_trained_scorers_e2e.py scores them)."""
+    return tuple(n for n in registry.scorer_names() if n not in ("regad", "coop"))
 
 K = 2
 SEEDS = (0, 1)
@@ -49,14 +55,14 @@ def _run(manifest, output: str, **kw) -> Run:
     path, frame = manifest
     config = ScoreConfig(manifest=path, output=output, seeds=SEEDS, backbone=tiny_spec(),
                          run_date=RUN_DATE, run_id="six", batch_size=4, write_patch_map=True,
-                         **{**MODELS, **kw})
+                         options=MODELS, **kw)
     result = run_score(config, beam_args=[])
     return Run(config, frame, result, read_table(output, SCORES), read_table(output, ERRORS))
 
 
 @pytest.fixture(scope="module")
 def six(manifest, tmp_path_factory) -> Run:
-    return _run(manifest, str(tmp_path_factory.mktemp("six")), k=K, scorers=SCORERS)
+    return _run(manifest, str(tmp_path_factory.mktemp("six")), k=K, scorers=scorer_names())
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +78,10 @@ def _queries(run: Run) -> pd.DataFrame:
 def test_every_query_has_one_row_per_seed_and_scorer(six):
     assert six.errors.empty
     queries = _queries(six)
-    assert len(six.scores) == len(queries) * len(SEEDS) * len(SCORERS)
+    assert len(six.scores) == len(queries) * len(SEEDS) * len(scorer_names())
     keys = six.scores.groupby(["dataset", "image_id", "seed", "scorer"]).size()
     assert (keys == 1).all()
-    assert set(six.scores.scorer) == set(SCORERS)
+    assert set(six.scores.scorer) == set(scorer_names())
     assert np.isfinite(six.scores.final_score).all()
     # one decode and one forward per extractor per image, whatever the number of scorers
     references = {(d, r) for d, ids in zip(six.scores.dataset, six.scores.reference_ids)
@@ -119,13 +125,13 @@ def test_summary_and_comparison_hold_a_row_per_dataset_and_a_column_per_scorer(s
     comparison = pd.read_parquet(f"{folder}/comparison.parquet")
     datasets = sorted(_queries(six).dataset.unique())
     assert sorted(comparison.dataset) == datasets
-    for scorer in SCORERS:
+    for scorer in scorer_names():
         for metric in ("auroc", "auprc"):
             assert f"{scorer}_{metric}_mean" in comparison.columns
             assert f"{scorer}_{metric}_std" in comparison.columns
     means = summary[summary.level == "dataset_mean"]
     assert sorted(means.groupby(["dataset", "scorer"]).size().index) == sorted(
-        (d, s) for d in datasets for s in SCORERS)
+        (d, s) for d in datasets for s in scorer_names())
     # the table's value is the per-seed mean over categories, then mean over seeds
     scores = six.scores
     for dataset in datasets:
@@ -137,9 +143,9 @@ def test_summary_and_comparison_hold_a_row_per_dataset_and_a_column_per_scorer(s
             got = comparison.set_index("dataset").loc[dataset, f"{scorer}_auroc_mean"]
             assert got == pytest.approx(np.mean(per_seed), abs=1e-12)
     markdown = open(f"{folder}/comparison.md").read()
-    assert all(s in markdown for s in SCORERS) and all(d in markdown for d in datasets)
+    assert all(s in markdown for s in scorer_names()) and all(d in markdown for d in datasets)
     document = json.load(open(f"{folder}/comparison.json"))
-    assert document["extra"]["scorers"] == list(SCORERS)
+    assert document["extra"]["scorers"] == list(scorer_names())
 
 
 def test_zero_shot_scores_without_references(zero_shot):

@@ -113,7 +113,7 @@ def built(tmp_path_factory) -> Built:
             if "write_anomaly_maps" in {f.name for f in dataclasses.fields(ScoreConfig)} else {})
     config = ScoreConfig(manifest=path, output=output, k=K, seeds=SEEDS, backbone=tiny_spec(),
                          run_date=RUN_DATE, run_id="report-run", batch_size=4, scorers=SCORERS,
-                         cnn_backbone="mobilenet_v2", cnn_weights="random:0",
+                         options=dict(cnn_backbone="mobilenet_v2", cnn_weights="random:0"),
                          false_alarm_rate=ALPHA, **maps)
     run_score(config, beam_args=[])
     index = build_report(output, RUN_DATE, top_n=TOP_N)

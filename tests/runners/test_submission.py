@@ -56,7 +56,7 @@ def build_local(args: list[str], tmp_path) -> tuple[beam.Pipeline, PipelineOptio
     p = beam.Pipeline(runner=FnApiRunner(), options=options)
     local = replace(config, manifest=manifest_path(), output=str(tmp_path),
                     feature_cache=str(tmp_path / "cache"))
-    build_pipeline(p, local, model="test-model", manifest_schema=None)
+    build_pipeline(p, local, identity=local.suite.identity(), manifest_schema=None)
     return p, options
 
 

@@ -1,5 +1,5 @@
-"""Dataset names round-trip exactly: datasets that the former layout merged into one folder
-are scored together, each reads back with its own value through pyarrow, pandas and DuckDB,
+"""Dataset names round-trip exactly: datasets that a lossy folder encoding would merge into
+one folder are scored together, each reads back with its own value through pyarrow, pandas and DuckDB,
 a name too long for a folder becomes error rows, and rescoring one of them leaves the others
 untouched."""
 from __future__ import annotations

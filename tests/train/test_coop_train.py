@@ -62,7 +62,7 @@ def _training_embeds(out):
     index = read_index(str(out / "index" / "train.parquet"))
     index = index[index["label"].notna()]
     cache = FeatureCache(str(out / "_feature_cache"), tiny_spec())
-    embeds = torch.cat([cache.get(h).embeds for h in index["content_hash"]])
+    embeds = torch.cat([cache.get(h)["embeds"] for h in index["content_hash"]])
     return embeds, index["label"].to_numpy(dtype=int)
 
 

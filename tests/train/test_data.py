@@ -131,7 +131,7 @@ def test_feature_store_reads_lazily_and_bounds_its_memory(tmp_path):
     feats = {f"h{i}": ImageFeatures(torch.full((1, 2, 4, 8), float(i)),
                                     torch.full((1, 8), float(i))) for i in range(4)}
     for h, f in feats.items():
-        cache.put(h, f)
+        cache.put(h, {"tokens": f.tokens, "embeds": f.embeds})
     one = 2 * 4 * 8 * 4 + 8 * 4  # bytes of one image's tensors
     store = FeatureStore(cache, max_bytes=2 * one)
     stacked = store.stack(["h0", "h1", "h0"])

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.model.backbone import ImageFeatures
 from pipeline.model.heads import InCTRLHeads
-from pipeline.model.inctrl import InCTRLScorer
+from pipeline.model.inctrl import InCTRLModel
 from pipeline.train.forward import forward_episodes, prepare_episode_references
 from tests.model.helpers import geometry
 
@@ -22,7 +22,7 @@ def _features(n: int, geo, g: torch.Generator) -> ImageFeatures:
 def _setup(seed: int = 0):
     geo = geometry()
     g = torch.Generator().manual_seed(seed)
-    scorer = InCTRLScorer(geo, InCTRLHeads.seeded(geo.embed_dim, geo.num_patches, seed))
+    scorer = InCTRLModel(geo, InCTRLHeads.seeded(geo.embed_dim, geo.num_patches, seed))
     text = torch.nn.functional.normalize(torch.randn(2, geo.embed_dim, generator=g), dim=-1)
     return geo, g, scorer, text
 

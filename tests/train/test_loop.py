@@ -10,7 +10,7 @@ import torch
 
 from pipeline.model.backbone import ImageFeatures
 from pipeline.model.heads import InCTRLHeads
-from pipeline.model.inctrl import InCTRLScorer
+from pipeline.model.inctrl import InCTRLModel
 from pipeline.train.data import EpisodeSampler, TrainingSet
 from pipeline.train.loop import LoopSettings, fit
 from tests.model.helpers import geometry
@@ -51,7 +51,7 @@ class FakeBatches:
 def _run(settings: LoopSettings, aurocs=None, seed: int = 0):
     geo = geometry()
     data = TrainingSet(_index(), k=2)
-    scorer = InCTRLScorer(geo, InCTRLHeads.seeded(geo.embed_dim, geo.num_patches, seed))
+    scorer = InCTRLModel(geo, InCTRLHeads.seeded(geo.embed_dim, geo.num_patches, seed))
     g = torch.Generator().manual_seed(1)
     text = {"c": torch.nn.functional.normalize(torch.randn(2, geo.embed_dim, generator=g), dim=-1)}
     snapshots = []
@@ -110,7 +110,7 @@ def test_same_seed_same_losses():
 def test_a_non_finite_loss_stops_training():
     geo = geometry()
     data = TrainingSet(_index(), k=2)
-    scorer = InCTRLScorer(geo, InCTRLHeads.seeded(geo.embed_dim, geo.num_patches, 0))
+    scorer = InCTRLModel(geo, InCTRLHeads.seeded(geo.embed_dim, geo.num_patches, 0))
     batches = FakeBatches(data, geo)
     batches.embeds[:] = float("nan")
     text = {"c": torch.nn.functional.normalize(torch.randn(2, geo.embed_dim), dim=-1)}

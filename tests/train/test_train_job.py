@@ -32,7 +32,7 @@ from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
 from pipeline.model.backbone import get_backbone, tiny_spec
 from pipeline.model.checkpoint import load_heads
-from pipeline.model.inctrl import InCTRLScorer, build_text_features
+from pipeline.model.inctrl import InCTRLModel, build_text_features
 from pipeline.run import run_score
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import FeatureStore, read_index
@@ -144,7 +144,7 @@ def test_training_lowers_the_loss_and_beats_untrained_heads(trained, workspace):
 
     # The file holds the kept heads: scoring with it again gives the logged metrics.
     heads, meta, _ = load_heads(result.heads_path)
-    scorer = InCTRLScorer(result.scorer.geometry, heads)
+    scorer = InCTRLModel(result.scorer.geometry, heads)
     vset = ValidationSet(read_index(result.extraction.index["validate"]), K, config.seed)
     backbone = get_backbone(tiny_spec())
     text = {c: build_text_features(backbone, c) for c in vset.categories}

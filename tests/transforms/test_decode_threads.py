@@ -23,6 +23,7 @@ from pipeline.core.images import ImageLimits
 from pipeline.core.manifest import write_manifest
 from pipeline.core.schemas import ERRORS, ERRORS as ERROR_TAG, SCORES
 from pipeline.model.backbone import tiny_spec
+from pipeline.model.scorers.suite import SuiteSpec
 from pipeline.run import run_score
 from tests import badinputs
 from tests.beamtest import counter, mrow, read_table
@@ -110,7 +111,8 @@ def _unwrap(out):
 def test_rows_come_out_in_order_with_their_windows(monkeypatch, threads, prefetch):
     loader = _SlowLoader()
     monkeypatch.setattr(images_mod, "load_row", loader)
-    fn = _LoadFn(tiny_spec(), ImageLimits(max_pixels=10**8), threads=threads, prefetch=prefetch)
+    fn = _LoadFn(SuiteSpec(clip=tiny_spec()), ImageLimits(max_pixels=10**8), threads=threads,
+                 prefetch=prefetch)
     fn.setup()
     rows = [mrow(f"bad{i}" if i % 7 == 3 else f"q{i}", role="query") for i in range(60)]
     window = IntervalWindow(0, 100)
@@ -156,7 +158,7 @@ def test_in_flight_rows_are_bounded_by_prefetch(monkeypatch):
         return _outcome(row)
 
     monkeypatch.setattr(images_mod, "load_row", blocked)
-    fn = _LoadFn(tiny_spec(), ImageLimits(max_pixels=10**8), threads=2, prefetch=5)
+    fn = _LoadFn(SuiteSpec(clip=tiny_spec()), ImageLimits(max_pixels=10**8), threads=2, prefetch=5)
     fn.setup()
     fn.start_bundle()
     rows = [mrow(f"q{i}", role="query") for i in range(5)]
@@ -177,6 +179,6 @@ def test_decode_threads_default_by_device():
 
 def test_decode_threads_must_be_positive():
     with pytest.raises(ValueError, match="decode threads"):
-        _LoadFn(tiny_spec(), ImageLimits(max_pixels=10**8), threads=0)
+        _LoadFn(SuiteSpec(clip=tiny_spec()), ImageLimits(max_pixels=10**8), threads=0)
     with pytest.raises(ValueError, match="decode_threads"):
         ScoreConfig(manifest="m", output="o", decode_threads=-1)

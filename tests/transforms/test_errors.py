@@ -8,7 +8,7 @@ from tests.beamtest import mrow
 from transforms.errors import error_records, row_error
 
 SEEDS = (0, 3, 5)
-SCORERS = ("inctrl", "patchcore")
+SCORERS = {"inctrl": "model-inctrl", "patchcore": "model-patchcore"}
 
 
 def _error(role: str | None) -> RowError:
@@ -17,24 +17,25 @@ def _error(role: str | None) -> RowError:
 
 
 def test_query_errors_fan_out_once_per_seed_and_scorer():
-    records = error_records(_error("query"), SEEDS, SCORERS, "run-1", "model-1")
+    records = error_records(_error("query"), SEEDS, SCORERS, "run-1")
     assert [(r["seed"], r["scorer"]) for r in records] == [
         (s, name) for s in SEEDS for name in SCORERS]
-    for r in records:
+    for r in records:  # each row names the model of its own scorer
         assert (r["image_id"], r["stage"], r["reason"], r["run_id"], r["model_id"]) == (
-            "a", "read_image", "file not found", "run-1", "model-1")
+            "a", "read_image", "file not found", "run-1", f"model-{r['scorer']}")
 
 
 @pytest.mark.parametrize("role", ["reference", "train", None])
 def test_other_errors_give_one_row_without_seed(role):
-    records = error_records(_error(role), SEEDS, SCORERS, "run-1", "model-1")
-    assert [(r["role"], r["seed"], r["scorer"]) for r in records] == [(role, None, None)]
+    records = error_records(_error(role), SEEDS, SCORERS, "run-1")
+    assert [(r["role"], r["seed"], r["scorer"], r["model_id"]) for r in records] == [
+        (role, None, None, None)]
 
 
 def test_pinned_seed_gives_one_row_for_that_seed():
-    records = error_records(_error("query"), SEEDS, SCORERS, "run-1", "model-1", seed=3)
+    records = error_records(_error("query"), SEEDS, SCORERS, "run-1", seed=3)
     assert [(r["seed"], r["scorer"]) for r in records] == [(3, "inctrl"), (3, "patchcore")]
-    records = error_records(_error("query"), SEEDS, SCORERS, "run-1", "model-1", seed=3,
+    records = error_records(_error("query"), SEEDS, SCORERS, "run-1", seed=3,
                             scorer="patchcore")
     assert [(r["seed"], r["scorer"]) for r in records] == [(3, "patchcore")]
 
@@ -45,7 +46,7 @@ def test_rejected_query_row_with_role_as_written_fans_out():
     error = normalize_row({"image_uri": "/d/a.png", "dataset": "ds", "role": " Query ",
                            "label": 7})
     assert isinstance(error, RowError)
-    assert len(error_records(error, SEEDS, SCORERS, "r", "m")) == len(SEEDS) * len(SCORERS)
+    assert len(error_records(error, SEEDS, SCORERS, "r")) == len(SEEDS) * len(SCORERS)
 
 
 def test_row_error_keeps_the_row_identity():

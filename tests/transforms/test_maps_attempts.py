@@ -49,7 +49,7 @@ def test_a_retried_bundle_writes_a_new_folder_and_only_the_retry_is_committed(tm
     config = ScoreConfig(manifest="unused", output=out, k=1, seeds=(0,), backbone=tiny_spec(),
                          run_date=DATE, run_id="r", write_anomaly_maps=True)
     with date_lease(out, DATE, "r") as plan:
-        fn = _MapsFn(config, "model", plan, write=True, pixel=False)
+        fn = _MapsFn(config, plan, write=True, pixel=False)
         fn.setup()
         first, _ = attempt(fn, [record(image)], fails=True)
         retry, reported = attempt(fn, [record(image)], fails=False)

@@ -6,6 +6,7 @@ import pipeline.model.scorers.cnn as cnn_mod
 from pipeline.core.config import ScoreConfig
 from pipeline.core.images import ImageLimits
 from pipeline.model.backbone import BackboneSpec, describe, tiny_spec
+from pipeline.model.scorers.suite import SuiteSpec
 from transforms.images import _LoadFn
 from transforms.prompts import EncodePrompts
 from transforms.score import _ScoreFn
@@ -24,11 +25,11 @@ def test_decode_and_score_stages_load_no_model(no_model_loads, tmp_path):
     spec = BackboneSpec("ViT-B-16-plus-240", "random:7")  # not loaded anywhere in this process
     config = ScoreConfig(manifest="m", output=str(tmp_path), backbone=spec,
                          scorers=("inctrl", "winclip", "patchcore", "spade"),
-                         cnn_backbone="resnet18", cnn_weights="IMAGENET1K_V1")
-    for target in (spec, config.suite):
+                         options=dict(cnn_backbone="resnet18", cnn_weights="IMAGENET1K_V1"))
+    for target in (SuiteSpec(("inctrl",), clip=spec), config.suite):
         load = _LoadFn(target, ImageLimits(max_pixels=10**8))
         load.setup()
-    score = _ScoreFn(config, "id")
+    score = _ScoreFn(config, config.suite.identity())
     score.setup()
     assert score._scorers["inctrl"].model.geometry == describe(spec).geometry
     assert score._scorers["inctrl"].model.geometry.num_patches == 225

@@ -9,8 +9,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.core.sampling import draw_references, sampler_rank
 from pipeline.core.schemas import ERRORS
-from pipeline.model.backbone import ImageFeatures
-from pipeline.model.scorers.suite import TensorBundle, clip_bundle
+from pipeline.model.scorers.suite import TensorBundle
 from tests.beamtest import mrow
 from transforms.references import AssembleReferenceSets, SelectReferences, distinct_references
 
@@ -108,7 +107,8 @@ def test_distinct_references_once_per_image(test_pipeline):
 
 
 def _features(value: float) -> TensorBundle:
-    return clip_bundle(ImageFeatures(torch.full((1, 2, 4, 3), value), torch.full((1, 5), value)))
+    return TensorBundle.join({"clip": {"tokens": torch.full((1, 2, 4, 3), value),
+                                         "embeds": torch.full((1, 5), value)}})
 
 
 def test_assembled_sets_follow_draw_order_and_skip_unloaded(test_pipeline):

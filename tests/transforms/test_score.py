@@ -14,9 +14,9 @@ from pipeline.core.config import ScoreConfig
 from pipeline.core.schemas import ERRORS
 from pipeline.model.backbone import ImageFeatures, tiny_spec
 from pipeline.model.inctrl import ReferenceSet, ScoreComponents
-from pipeline.model.loading import TRAINING_FREE
-from pipeline.model.scorers.base import ScorerOutput
-from pipeline.model.scorers.suite import InctrlScorer, clip_bundle
+from pipeline.model.scorers.base import TRAINING_FREE, ScorerOutput
+from pipeline.model.scorers.inctrl import InctrlScorer
+from pipeline.model.scorers.suite import RunIdentity, TensorBundle
 from tests.beamtest import counter, mrow
 from transforms.references import ReferencePayload
 from transforms.score import STAGE_SCORE, ScoreQueries
@@ -24,10 +24,17 @@ from transforms.score import STAGE_SCORE, ScoreQueries
 LAYERS, PATCHES, WIDTH, EMBED = 2, 4, 3, 5
 MODEL_ID = "fake-model"
 HEADS = "fake-heads"
+#: What the launcher computes once per run: each scorer's model id and checkpoint hash.
+IDENTITY = RunIdentity(model_ids=(("inctrl", MODEL_ID), ("patchcore", "fake-cnn-model")),
+                       checkpoints=(("inctrl", HEADS), ("patchcore", None)))
+
+
+def clip_bundle(tokens: torch.Tensor, embeds: torch.Tensor) -> TensorBundle:
+    return TensorBundle.join({"clip": {"tokens": tokens, "embeds": embeds}})
 
 
 class FakeScorer:
-    """InCTRLScorer's interface, with scores anyone can compute by hand.
+    """InCTRLModel's interface, with scores anyone can compute by hand.
 
     A query's fine score is its first embedding value plus the sum of its reference set's
     embeddings (so each seed's set gives other scores); the text prior is its embedding
@@ -80,7 +87,7 @@ class FakeCnnScorer:
 def fake(monkeypatch) -> FakeScorer:
     scorer = FakeScorer()
     monkeypatch.setattr(score_mod, "build_scorers", lambda suite: (
-        {"inctrl": InctrlScorer(scorer, (2, 2))}, HEADS))
+        {"inctrl": InctrlScorer(scorer, (2, 2))}))
     return scorer
 
 
@@ -88,7 +95,7 @@ def fake(monkeypatch) -> FakeScorer:
 def fakes(monkeypatch) -> tuple[FakeScorer, FakeCnnScorer]:
     inctrl, cnn = FakeScorer(), FakeCnnScorer()
     monkeypatch.setattr(score_mod, "build_scorers", lambda suite: (
-        {"inctrl": InctrlScorer(inctrl, (2, 2)), "patchcore": cnn}, HEADS))
+        {"inctrl": InctrlScorer(inctrl, (2, 2)), "patchcore": cnn}))
     return inctrl, cnn
 
 
@@ -102,8 +109,8 @@ def _config(**kw) -> ScoreConfig:
 def _query(image_id: str, category: str, value: float):
     """A query whose features are all ``value``: its fake fine score is ``value + shift``."""
     row = mrow(image_id, role="query", category=category, label=int(value) % 2)
-    feats = clip_bundle(ImageFeatures(torch.full((1, LAYERS, PATCHES, WIDTH), value),
-                                      torch.full((1, EMBED), value)))
+    feats = clip_bundle(torch.full((1, LAYERS, PATCHES, WIDTH), value),
+                        torch.full((1, EMBED), value))
     feats.tensors["cnn/x"] = torch.full((1, 2), 2 * value)
     return (row, f"sha-{image_id}"), feats
 
@@ -111,8 +118,8 @@ def _query(image_id: str, category: str, value: float):
 def _payload(category: str, seed: int, k: int = 2) -> ReferencePayload:
     """Reference embeddings all equal to ``seed + 1``: the set's shift is k * EMBED * (seed + 1)."""
     ids = tuple(f"{category}-ref{seed}-{i}" for i in range(k))
-    features = clip_bundle(ImageFeatures(torch.zeros(k, LAYERS, PATCHES, WIDTH),
-                                         torch.full((k, EMBED), float(seed + 1))))
+    features = clip_bundle(torch.zeros(k, LAYERS, PATCHES, WIDTH),
+                           torch.full((k, EMBED), float(seed + 1)))
     features.tensors["cnn/x"] = torch.zeros(k, 2)
     return ReferencePayload(image_ids=ids, selected=k, features=features)
 
@@ -138,7 +145,7 @@ def _score(config, queries, ref_sets, categories=("a", "b", "c"), test_pipeline=
     refs = p | "Refs" >> beam.Create(list(ref_sets.items()))
     prompts = p | "Prompts" >> beam.Create([(c, _prompt(c)) for c in categories])
     out = (p | "Queries" >> beam.Create(queries)
-           | ScoreQueries(config, MODEL_ID, refs, prompts))
+           | ScoreQueries(config, IDENTITY, refs, prompts))
     check(out)
     result = p.run()
     result.wait_until_finish()

@@ -22,15 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model.maps import Smoothing
-from pipeline.model.scorers.base import Features, ScorerOutput
+from pipeline.model.scorers.base import (CATEGORY, Features, Models, Option, ScorerEntry, ScorerOutput,
+                                         positive_int)
 
 #: the Features key this scorer reads: (batch, h, w, channels) patch tokens, not normalised
 PATCHES = "patches"
 #: references' rotated copies, from the extractor's ``extract_references``:
 #: (batch, rotations − 1, h, w, channels)
 ROTATED = "rotated"
-#: the context key of the category a memory is built for (decides ``masking="auto"``)
-CATEGORY = "category"
 #: The official code's default rotations of each reference (0°, 45°, ..., 315°).
 DEFAULT_ROTATIONS = 8
 MASKINGS = ("auto", "on", "off")
@@ -223,3 +222,32 @@ class AnomalyDinoScorer:
         flat = dist.reshape(b, h * w)
         return ScorerOutput(score=top_fraction_mean(flat, self.top_fraction), patch_map=dist,
                             components={"max_patch": flat.amax(dim=1)})
+
+
+class AnomalyDinoEntry(ScorerEntry):
+    """AnomalyDINO on the DINO extractor, with the official code's default rotations and
+    masking."""
+
+    name = AnomalyDinoScorer.name
+    extractor = "dino"
+    min_k = AnomalyDinoScorer.min_k
+    smoothing = AnomalyDinoScorer.smoothing
+    options = (
+        Option("anomalydino_rotations", DEFAULT_ROTATIONS,
+               "anomalydino: each reference also at N angles evenly around the circle "
+               "(default 8, as the official code; 1: no rotation)", type=positive_int,
+               metavar="N"),
+        Option("anomalydino_masking", "auto",
+               "anomalydino: mask query backgrounds (PCA test); auto: the official default's "
+               "categories (MVTec's capsule, hazelnut, pill, screw, toothbrush and all of "
+               "VisA, by name)", choices=MASKINGS),
+    )
+
+    def requirements(self, models: Models) -> Mapping[str, Any]:
+        return {"rotations": models.setting("anomalydino_rotations")}
+
+    def build(self, models: Models) -> AnomalyDinoScorer:
+        return AnomalyDinoScorer(masking=models.setting("anomalydino_masking"))
+
+
+ANOMALYDINO_ENTRY = AnomalyDinoEntry()

@@ -29,14 +29,17 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from pipeline.model.weights import RANDOM_PREFIX, file_sha256, is_random, random_seed, seeded
+from pipeline.model.maps import InputGeometry
+from pipeline.model.scorers.base import ExtractorEntry, Features, Models, Option, name_list
+from pipeline.model.shared import shared
+from pipeline.model.weights import (RANDOM_PREFIX, file_sha256, is_random, random_seed, seeded,
+                                    weights_label)
 
 LOG = logging.getLogger(__name__)
 
@@ -314,6 +317,32 @@ def _choose_nodes(spec: CnnSpec, graph: _Graph) -> tuple[dict[str, str], str | N
     return chosen, deepest
 
 
+@dataclass
+class StagedModel:
+    """A loaded CNN with its graph measured and its stages chosen (``load_staged``)."""
+
+    model: torch.nn.Module
+    weights_label: str
+    mean: tuple
+    std: tuple
+    graph: _Graph
+    chosen: dict[str, str]  # Features key → graph node
+    deepest: str | None  # the node the pooled feature reads, when asked
+
+
+def load_staged(spec: CnnSpec) -> StagedModel:
+    """Load the model, trace its graph and choose the nodes of ``spec``'s stages."""
+    model, label, mean, std = _load_model(spec)
+    try:
+        graph = _probe_graph(model)
+    except CnnLoadError:
+        raise
+    except Exception as exc:
+        raise CnnLoadError(f"could not trace {spec.backbone!r} into a graph: {exc}") from exc
+    chosen, deepest = _choose_nodes(spec, graph)
+    return StagedModel(model, label, mean, std, graph, chosen, deepest)
+
+
 class CnnExtractor:
     """A frozen torchvision CNN returning the maps of chosen strides (and the pooled feature).
 
@@ -327,14 +356,9 @@ class CnnExtractor:
 
         self.spec = spec
         self.device = _resolve_device(spec.device)
-        model, self.weights_label, self.mean, self.std = _load_model(spec)
-        try:
-            graph = _probe_graph(model)
-        except CnnLoadError:
-            raise
-        except Exception as exc:
-            raise CnnLoadError(f"could not trace {spec.backbone!r} into a graph: {exc}") from exc
-        chosen, deepest = _choose_nodes(spec, graph)
+        staged = load_staged(spec)
+        model, graph, chosen, deepest = staged.model, staged.graph, staged.chosen, staged.deepest
+        self.weights_label, self.mean, self.std = staged.weights_label, staged.mean, staged.std
         returns = {node: key for key, node in chosen.items()}
         if deepest is not None and deepest not in returns:
             returns[deepest] = _DEEPEST
@@ -426,14 +450,71 @@ def build_cnn_extractor(name: str = DEFAULT_CNN_BACKBONE, weights: str = DEFAULT
                                 image_size, resize_size, device))
 
 
-_CACHE: dict[CnnSpec, CnnExtractor] = {}
-_LOCK = threading.Lock()
-
-
 def get_cnn_extractor(spec: CnnSpec) -> CnnExtractor:
     """One extractor per spec per process: the model is loaded once and shared."""
-    with _LOCK:
-        extractor = _CACHE.get(spec)
-        if extractor is None:
-            extractor = _CACHE[spec] = CnnExtractor(spec)
-        return extractor
+    return shared("cnn", spec, lambda: CnnExtractor(spec))
+
+
+# --------------------------------------------------------------- the extractor entry
+
+CNN = "cnn"
+
+
+class CnnEntry(ExtractorEntry):
+    """A torchvision CNN for SPADE, PaDiM and PatchCore: one forward returns every stride
+    its readers ask for (``requirements``: ``strides``, ``pooled``), and the pooled feature
+    when references are chosen by their descriptors."""
+
+    name = CNN
+    view = CNN
+    options = (
+        Option("cnn_backbone", DEFAULT_CNN_BACKBONE,
+               "spade/padim/patchcore: torchvision model builder name (default %(default)s; "
+               "each stage is the output of the last block at its stride, so ResNets, "
+               "mobilenet_v2 and efficientnet work)"),
+        Option("cnn_weights", DEFAULT_CNN_WEIGHTS,
+               "torchvision weights name (fetched into $TORCH_HOME), a state-dict file or "
+               "'random[:SEED]' (default %(default)s)"),
+        Option("cnn_stages", (), "comma-separated module or node names of the CNN "
+               "(layer2,layer3; features.6,features.13): each replaces the automatic stage "
+               "at its own stride", type=name_list, metavar="NAMES"),
+    )
+
+    def spec(self, models: Models, needs: Sequence[Mapping[str, Any]]) -> CnnSpec:
+        strides: set[int] = set()
+        pooled = models.descriptors
+        for need in needs:
+            strides.update(need.get("strides", ()))
+            pooled = pooled or bool(need.get("pooled", False))
+        return CnnSpec(models.setting("cnn_backbone"), models.setting("cnn_weights"),
+                       strides=tuple(sorted(strides)), stages=models.setting("cnn_stages"),
+                       pooled=pooled, device=models.device)
+
+    def preprocess(self, spec: CnnSpec) -> Callable[[Any], torch.Tensor]:
+        return cnn_preprocess(spec)
+
+    def identity(self, spec: CnnSpec) -> str:
+        return (f"cnn|{spec.backbone}|{weights_label(spec.weights)}|{spec.strides}"
+                f"|pooled={spec.pooled}|{spec.resize}/{spec.image_size}"
+                + (f"|stages={spec.stages}" if spec.stages else ""))
+
+    def load(self, spec: CnnSpec) -> CnnExtractor:
+        return get_cnn_extractor(spec)
+
+    def geometry(self, spec: CnnSpec, grid: tuple[int, int]) -> InputGeometry:
+        return InputGeometry.center_crop(spec.resize, spec.image_size)
+
+    def descriptor(self, features: Features) -> torch.Tensor:
+        """The pooled deepest map (what the classifier reads), else the spatial mean of the
+        deepest map there is."""
+        if POOLED in features:
+            return features[POOLED]
+        deepest = max((k for k in features if k.startswith("s") and k[1:].isdigit()),
+                      key=lambda k: int(k[1:]))
+        return features[deepest].mean(dim=(2, 3))
+
+    def model_of(self, spec: CnnSpec) -> tuple[str, str]:
+        return spec.backbone, weights_label(spec.weights)
+
+
+CNN_ENTRY = CnnEntry()

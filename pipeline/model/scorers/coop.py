@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.scorers.base import Features, ScorerOutput
+from pipeline.model.scorers.base import Features, Models, Option, ScorerEntry, ScorerOutput
+from pipeline.model.shared import shared
 
 DEFAULT_N_CTX = 16  # the paper's M
 CLASS_NAMES = ("normal", "anomalous")  # class 0, class 1 (the anomaly score)
@@ -204,3 +205,46 @@ def load_coop_scorer(path: str, backbone: Any) -> tuple[Coop, dict[str, Any], st
         text = prompt_features(backbone.model, prompts)
     scale = float(backbone.model.logit_scale.detach().float())
     return Coop(text, scale), meta, digest
+
+
+# --------------------------------------------------------------------------------------------
+# The entry: CoOp reads the run's CLIP image embedding; its context comes from a checkpoint
+# --------------------------------------------------------------------------------------------
+
+COOP = "coop"
+TRAIN_HINT = ("train one with: python -m pipeline train --method coop --manifest AUX.parquet "
+              "--output DIR (it writes DIR/coop.safetensors) on the run's CLIP model")
+
+
+class CoopEntry(ScorerEntry):
+    """CoOp (Zhou et al., IJCV 2022) as the anomaly baseline: learned prompt context,
+    trained once (``train --method coop``); it reads no references, so it scores at any k,
+    k = 0 included."""
+
+    name = COOP
+    extractor = "clip"
+    min_k = 0
+    trainable = True
+    options = (Option("coop_checkpoint", None,
+                      "coop: the trained context vectors (python -m pipeline train --method "
+                      "coop)", metavar="FILE"),)
+
+    def checkpoint(self, models: Models) -> str | None:
+        return models.setting("coop_checkpoint")
+
+    def check(self, models: Models, k: int) -> None:
+        if not self.checkpoint(models):
+            raise ValueError(f"coop needs --coop-checkpoint FILE; {TRAIN_HINT}")
+
+    def build(self, models: Models) -> Coop:
+        from pipeline.model.backbone import get_backbone
+
+        path, clip = models.setting("coop_checkpoint"), models.clip
+        return shared(COOP, (path, clip), lambda: load_coop_scorer(path, get_backbone(clip))[0])
+
+    def identity(self, models: Models, extractor_identity: str, checkpoint_hash: str | None
+                 ) -> str:
+        return f"{self.name}|{extractor_identity}|checkpoint={checkpoint_hash}"
+
+
+COOP_ENTRY = CoopEntry()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -20,7 +20,11 @@ from pipeline.model.backbone import BackboneLoadError
 from pipeline.model.augment import even_angles, rotations
 from pipeline.model.scorers.anomalydino import DEFAULT_ROTATIONS, PATCHES, ROTATED
 from pipeline.model.scorers.cnn import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.model.weights import file_sha256, is_random, random_seed, seeded
+from pipeline.model.maps import InputGeometry
+from pipeline.model.scorers.base import (ExtractorEntry, Features, Models, Option,
+                                         positive_int)
+from pipeline.model.shared import shared
+from pipeline.model.weights import file_sha256, is_random, random_seed, seeded, weights_label
 
 LOG = logging.getLogger(__name__)
 
@@ -231,17 +235,9 @@ class DinoExtractor:
         return feats
 
 
-_CACHE: dict[DinoSpec, DinoExtractor] = {}
-_LOCK = threading.Lock()
-
-
 def get_dino_extractor(spec: DinoSpec) -> DinoExtractor:
     """One extractor per spec per process: the model is loaded once and shared."""
-    with _LOCK:
-        extractor = _CACHE.get(spec)
-        if extractor is None:
-            extractor = _CACHE[spec] = DinoExtractor(spec)
-        return extractor
+    return shared("dino", spec, lambda: DinoExtractor(spec))
 
 
 def dino_view_preprocess(spec: DinoSpec) -> Callable[[Any], torch.Tensor]:
@@ -260,3 +256,64 @@ def dino_view_preprocess(spec: DinoSpec) -> Callable[[Any], torch.Tensor]:
     patch = tuple(int(p) for p in model.patch_embed.patch_size)
     mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
     return dino_preprocess(spec.image_size, spec.keep_aspect, patch, tuple(mean), tuple(std))
+
+
+# --------------------------------------------------------------- the extractor entry
+
+DINO = "dino"
+
+
+class DinoEntry(ExtractorEntry):
+    """A timm DINOv2 ViT for AnomalyDINO; references also at the rotations its readers ask
+    for (``requirements``: ``rotations``)."""
+
+    name = DINO
+    view = DINO
+    options = (
+        Option("vit_backbone", DEFAULT_DINO,
+               "anomalydino: timm DINOv2 model name (default %(default)s)"),
+        Option("vit_weights", TIMM_WEIGHTS,
+               "'timm' (the name's pretrained weights, from the Hugging Face cache), another "
+               "timm tag, a weights file or 'random[:SEED]' (default %(default)s)"),
+        Option("vit_image_size", DEFAULT_IMAGE_SIZE,
+               "anomalydino: square input side in pixels (default %(default)s)",
+               type=positive_int),
+    )
+
+    def spec(self, models: Models, needs: Sequence[Mapping[str, Any]]) -> DinoSpec:
+        rotations = max([int(n.get("rotations", 1)) for n in needs] or [1])
+        return DinoSpec(models.setting("vit_backbone"), models.setting("vit_weights"),
+                        image_size=models.setting("vit_image_size"), device=models.device,
+                        rotations=rotations)
+
+    def preprocess(self, spec: DinoSpec) -> Callable[[Any], torch.Tensor]:
+        return dino_view_preprocess(spec)
+
+    def identity(self, spec: DinoSpec) -> str:
+        return (f"dino|{spec.name}|{weights_label(spec.weights)}|{spec.image_size}"
+                f"|{spec.keep_aspect}"
+                + (f"|rotations={spec.rotations}" if spec.rotations > 1 else ""))
+
+    def load(self, spec: DinoSpec) -> DinoExtractor:
+        return get_dino_extractor(spec)
+
+    def geometry(self, spec: DinoSpec, grid: tuple[int, int]) -> InputGeometry:
+        """Resized to a square, then cropped to a multiple of the patch size, top-left."""
+        size = spec.image_size
+        named = re.search(r"patch(\d+)", spec.name)
+        patch = int(named.group(1)) if named else size // grid[0]
+        crop = size - size % patch
+        return InputGeometry.square(size, crop, crop)
+
+    def descriptor(self, features: Features) -> torch.Tensor:
+        """The mean patch token."""
+        return features[PATCHES].mean(dim=(1, 2))
+
+    def model_of(self, spec: DinoSpec) -> tuple[str, str]:
+        return spec.name, weights_label(spec.weights)
+
+    def augments_references(self, spec: DinoSpec) -> bool:
+        return spec.rotations > 1
+
+
+DINO_ENTRY = DinoEntry()

@@ -34,13 +34,15 @@ instead of O(positions · d²).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.model.maps import gaussian_blur
-from pipeline.model.scorers.base import Features, ScorerOutput, batch_size
-from pipeline.model.scorers.cnn import stage_key
+from pipeline.model.scorers.base import (Features, Models, Option, ScorerEntry, ScorerOutput,
+                                         batch_size)
+from pipeline.model.scorers.cnn import CNN, stage_key
 
 
 def paper_features(backbone: str) -> int:
@@ -241,3 +243,27 @@ class Padim:
         smooth = gaussian_blur(full, self.sigma)
         return ScorerOutput(smooth.flatten(1).amax(1), dist,
                             {"map_max": dist.flatten(1).amax(1)})
+
+
+class PadimEntry(ScorerEntry):
+    """PaDiM on the CNN extractor's layers 1–3, the paper's d for its backbone."""
+
+    name = Padim.name
+    extractor = CNN
+    min_k = Padim.min_k
+    options = (
+        Option("padim_covariance", SAMPLE,
+               "padim: each position's covariance: 'sample' (the paper's, k − 1 normalised, "
+               "+ 0.01·I; default) or 'ledoit-wolf' (shrunk towards its mean variance, + "
+               "0.01·I)", choices=COVARIANCES),
+    )
+
+    def requirements(self, models: Models) -> Mapping[str, Any]:
+        return {"strides": PADIM_STRIDES}
+
+    def build(self, models: Models) -> Padim:
+        return Padim(n_features=paper_features(models.setting("cnn_backbone")),
+                     covariance=models.setting("padim_covariance"))
+
+
+PADIM_ENTRY = PadimEntry()

@@ -34,12 +34,14 @@ the paper's Eq. 7 is not in it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.scorers.base import Features, ScorerOutput, batch_size
-from pipeline.model.scorers.cnn import stage_key
+from pipeline.model.scorers.base import (Features, Models, Option, ScorerEntry, ScorerOutput,
+                                         batch_size, unit_fraction)
+from pipeline.model.scorers.cnn import CNN, stage_key
 from pipeline.model.scorers.knn import DEFAULT_CHUNK, chunked_min_distance
 
 PATCHCORE_STRIDES = (8, 16)
@@ -197,3 +199,31 @@ class PatchCore:
         patch_map = dist.square().view(b, h, w)
         return ScorerOutput(patch_map.flatten(1).amax(1) if b else patch_map.new_zeros(0),
                             patch_map)
+
+
+class PatchCoreEntry(ScorerEntry):
+    """PatchCore on the CNN extractor's strides 8 and 16."""
+
+    name = PatchCore.name
+    extractor = CNN
+    min_k = PatchCore.min_k
+    options = (
+        Option("patchcore_aggregation", MEAN,
+               "patchcore: 3×3 neighbourhood aggregation: 'mean' (the paper's local smoothing "
+               "of each channel; default) or 'official' (the authors' code: each flattened "
+               "C×3×3 patch pooled; the same on WRN-50's layer3, unsmoothed on narrow layers)",
+               choices=AGGREGATIONS),
+        Option("coreset_ratio", None,
+               "patchcore: keep this fraction of the reference patches (greedy coreset; "
+               "default: all, as suits few shots)", type=unit_fraction),
+    )
+
+    def requirements(self, models: Models) -> Mapping[str, Any]:
+        return {"strides": PATCHCORE_STRIDES}
+
+    def build(self, models: Models) -> PatchCore:
+        return PatchCore(coreset_ratio=models.setting("coreset_ratio"),
+                         aggregation=models.setting("patchcore_aggregation"))
+
+
+PATCHCORE_ENTRY = PatchCoreEntry()

@@ -4,9 +4,10 @@ feature space (pure torch).
 ``random`` is the seeded hash draw (``pipeline.core.sampling``); ``representative`` is
 k-medoids on the cosine distance of one descriptor per image:
 
-- the descriptor of an extractor's Features (``descriptors``): CLIP's image embedding
-  (InCTRL and WinCLIP), the CNN's pooled deepest map (SPADE, PaDiM, PatchCore share it),
-  DINO's mean patch token (AnomalyDINO); L2-normalised;
+- the descriptor of an extractor's Features (``descriptors``, its entry's ``descriptor``):
+  CLIP's image embedding (InCTRL and WinCLIP), the CNN's pooled deepest map (SPADE, PaDiM
+  and PatchCore share it; the run always extracts it when it selects references), DINO's
+  mean patch token (AnomalyDINO); L2-normalised;
 - k-medoids (``k_medoids``): the k pool images minimising the sum, over the pool, of each
   image's distance to its nearest chosen one. Greedy BUILD (the first medoid is the most
   central image, each next one the largest drop in that sum) then SWAP (the best
@@ -18,8 +19,7 @@ k-medoids on the cosine distance of one descriptor per image:
 Why k-medoids and not greedy k-center (farthest-first): k-center covers the pool's worst
 case, so it picks outliers first (a slightly odd normal image becomes a reference and hides
 similar defects); k-medoids minimises the average distance, so it picks typical images and
-still gives a sizeable far cluster its own reference. ``k_center`` is kept for the
-measurements that compare the two (bench/references.py).
+still gives a sizeable far cluster its own reference (bench/references.py compares the two).
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.model.scorers.registry import extractor_entry
 
 RANDOM, REPRESENTATIVE = "random", "representative"
 SELECTIONS = (RANDOM, REPRESENTATIVE)
@@ -37,26 +39,10 @@ _TIE = 1e-6
 
 
 def descriptors(extractor: str, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """One L2-normalised descriptor per image, (n, d), from an extractor's Features.
-
-    clip: ``embeds``; windows: ``image``; cnn: ``pooled``, else the spatial mean of its
-    deepest map (``s<stride>``, largest stride); dino: the mean of ``patches`` (n, h, w, C).
-    """
-    if extractor == "clip":
-        x = features["embeds"]
-    elif extractor == "windows":
-        x = features["image"]
-    elif extractor == "cnn":
-        if "pooled" in features:
-            x = features["pooled"]
-        else:
-            deepest = max((k for k in features if k.startswith("s") and k[1:].isdigit()),
-                          key=lambda k: int(k[1:]))
-            x = features[deepest].mean(dim=(2, 3))
-    elif extractor == "dino":
-        x = features["patches"].mean(dim=(1, 2))
-    else:
-        raise ValueError(f"no descriptor for extractor {extractor!r}")
+    """One L2-normalised descriptor per image, (n, d), from an extractor's Features (its
+    entry's ``descriptor``: CLIP's image embedding, the CNN's pooled deepest map, DINO's
+    mean patch token, ...)."""
+    x = extractor_entry(extractor).descriptor(features)
     return F.normalize(x.float().flatten(1), dim=-1)
 
 
@@ -66,7 +52,7 @@ def cosine_distances(x: torch.Tensor) -> torch.Tensor:
     return d.fill_diagonal_(0.0)
 
 
-def _first_min(values: torch.Tensor) -> int:
+def first_min(values: torch.Tensor) -> int:
     """Index of the smallest value; values within ``_TIE`` (relative) of it are ties, which
     go to the lowest index."""
     best = values.min()
@@ -82,12 +68,12 @@ def k_medoids(dist: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(n)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    medoids = [_first_min(dist.sum(dim=1))]
+    medoids = [first_min(dist.sum(dim=1))]
     nearest = dist[medoids[0]].clone()  # (n,) distance of each image to its nearest medoid
     while len(medoids) < k:
         cost = torch.minimum(nearest.unsqueeze(0), dist).sum(dim=1)  # (n,) adding each one
         cost[medoids] = float("inf")
-        c = _first_min(cost)
+        c = first_min(cost)
         medoids.append(c)
         nearest = torch.minimum(nearest, dist[c])
     current = nearest.sum()
@@ -100,7 +86,7 @@ def k_medoids(dist: torch.Tensor, k: int) -> torch.Tensor:
                 (n,), float("inf"))
             cost = torch.minimum(rest.unsqueeze(0), dist).sum(dim=1)  # (n,) swapping in each
             cost[chosen] = float("inf")
-            c = _first_min(cost)
+            c = first_min(cost)
             # better by more than a tie: no swaps between equals, the same on any runner
             if cost[c] < best[0] - _TIE * max(1.0, float(best[0])):
                 best = (cost[c], slot, c)
@@ -109,22 +95,6 @@ def k_medoids(dist: torch.Tensor, k: int) -> torch.Tensor:
         medoids[best[1]] = best[2]
         current = best[0]
     return torch.tensor(medoids)
-
-
-def k_center(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy k-center (farthest-first) from the most central image, for comparison."""
-    n = dist.shape[0]
-    if k >= n:
-        return torch.arange(n)
-    centres = [_first_min(dist.sum(dim=1))]
-    nearest = dist[centres[0]].clone()
-    while len(centres) < k:
-        far = -nearest
-        far[centres] = float("inf")
-        c = _first_min(far)
-        centres.append(c)
-        nearest = torch.minimum(nearest, dist[c])
-    return torch.tensor(centres)
 
 
 def choose_representative(extractor: str, features: Mapping[str, torch.Tensor],

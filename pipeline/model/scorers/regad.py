@@ -58,18 +58,21 @@ from __future__ import annotations
 
 import math
 import operator
+import posixpath
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.scorers.base import Features, ScorerOutput, batch_size
-from pipeline.model.scorers.cnn import (CnnLoadError, CnnSpec, _choose_nodes, _load_model,
-                                        _module_name, _probe_graph, _resolve_device, _transform,
-                                        stage_key)
+from pipeline.model.maps import InputGeometry
+from pipeline.model.scorers.base import (ExtractorEntry, Features, Models, Option, ScorerEntry,
+                                         ScorerOutput, batch_size)
+from pipeline.model.scorers.cnn import (CnnLoadError, CnnSpec, _module_name, _resolve_device,
+                                        _transform, load_staged, stage_key)
 from pipeline.model.scorers.padim import Padim, PadimMemory
+from pipeline.model.shared import shared
 from pipeline.model.weights import seeded
 
 DEFAULT_REGAD_BACKBONE = "resnet18"  # the paper's
@@ -294,15 +297,9 @@ class RegadModel(nn.Module):
 
         super().__init__()
         self.spec = spec
-        cnn = spec.cnn_spec()
-        model, self.weights_label, self.mean, self.std = _load_model(cnn)
-        try:
-            graph = _probe_graph(model)
-        except CnnLoadError:
-            raise
-        except Exception as exc:
-            raise CnnLoadError(f"could not trace {spec.backbone!r} into a graph: {exc}") from exc
-        chosen, _ = _choose_nodes(cnn, graph)
+        staged = load_staged(spec.cnn_spec())
+        model, graph, chosen = staged.model, staged.graph, staged.chosen
+        self.weights_label, self.mean, self.std = staged.weights_label, staged.mean, staged.std
         keys = [stage_key(s) for s in spec.strides]
         net = create_feature_extractor(model, return_nodes={chosen[k]: k for k in keys})
         net.eval()
@@ -413,6 +410,11 @@ def augment_references(pixels: torch.Tensor, mean: Sequence[float],
 # --------------------------------------------------------------------------------------------
 
 
+def views_key(key: str) -> str:
+    """The Features key of the augmented views of the map ``key`` (``s8`` → ``views_s8``)."""
+    return f"views_{key}"
+
+
 class RegadExtractor:
     """Registered stage maps of a (trained) ``RegadModel``, frozen, for scoring.
 
@@ -447,11 +449,20 @@ class RegadExtractor:
         return augment_references(pixels.to(self.device, torch.float32), self.mean, self.std)
 
     def extract_references(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features of every augmented view of the k references, in batches."""
-        views = self.reference_views(pixels)
+        """The references' own maps and, under ``views_key(key)``, those of every augmented
+        view of each: (B, VIEWS, C, h, w), so that a batch of references stays a batch (the
+        job splits and stacks features image by image)."""
+        b = pixels.shape[0]
+        views = self.reference_views(pixels)  # (VIEWS·B, 3, H, W), view-major
         parts = [self.extract(views[i:i + self.batch_size])
                  for i in range(0, views.shape[0], self.batch_size)]
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        if not parts:
+            return {}
+        out = self.extract(pixels)
+        for key in parts[0]:
+            flat = torch.cat([p[key] for p in parts])
+            out[views_key(key)] = flat.view(VIEWS, b, *flat.shape[1:]).transpose(0, 1)
+        return out
 
 
 def sample_gaussian(samples: torch.Tensor, epsilon: float = EPSILON
@@ -506,6 +517,10 @@ class Regad:
         return self._padim.embed(features)
 
     def build_memory(self, references: Features, context=None) -> PadimMemory:
+        views = {k: references[views_key(k)] for k in (stage_key(s) for s in self.strides)
+                 if views_key(k) in references}
+        if views:  # the job's per-image layout: (k, VIEWS, C, h, w) → (k·VIEWS, C, h, w)
+            references = {k: v.flatten(0, 1) for k, v in views.items()}
         n = batch_size(references)
         if n < 2:
             raise ValueError(f"{self.name} needs the augmented views of at least 1 reference "
@@ -593,3 +608,107 @@ def load_regad_scorer(path: str, device: str = "cpu"
     scorer = Regad(tuple(meta["strides"]), float(meta.get("epsilon", EPSILON)),
                    float(meta.get("sigma", SIGMA)))
     return extractor, scorer, meta, digest
+
+
+# --------------------------------------------------------------------------------------------
+# The entries: RegAD is its own extractor (its trained network) and a scorer on it
+# --------------------------------------------------------------------------------------------
+
+REGAD = "regad"
+TRAIN_HINT = ("train one with: python -m pipeline train --method regad --manifest AUX.parquet "
+              "--output DIR (it writes DIR/regad.safetensors)")
+
+
+@dataclass(frozen=True)
+class RegadRun:
+    """A RegAD checkpoint on a device: the extractor's spec."""
+
+    checkpoint: str
+    device: str = "cpu"
+
+    def described(self) -> tuple[dict[str, Any], str]:
+        from pipeline.model.scorers.saved import describe_trained
+
+        return describe_trained(self.checkpoint, REGAD_FORMAT, _WHAT)
+
+
+def _loaded(run: RegadRun) -> tuple[RegadExtractor, Regad, dict[str, Any], str]:
+    return shared(REGAD, run, lambda: load_regad_scorer(run.checkpoint, run.device))
+
+
+class RegadExtractorEntry(ExtractorEntry):
+    """The registered maps of a trained RegAD network (``--regad-checkpoint``); references
+    come with their 22 official augmentations."""
+
+    name = REGAD
+    view = REGAD
+
+    def spec(self, models: Models, needs: Sequence[Mapping[str, Any]]) -> RegadRun:
+        return RegadRun(models.setting("regad_checkpoint"), models.device)
+
+    def _cnn(self, run: RegadRun) -> CnnSpec:
+        meta, _ = run.described()
+        return RegadSpec(meta["backbone"], "random:0", tuple(meta["strides"]),
+                         int(meta["image_size"])).cnn_spec()
+
+    def preprocess(self, spec: RegadRun) -> Callable[[Any], torch.Tensor]:
+        meta, _ = spec.described()
+        return _transform(self._cnn(spec), tuple(meta["mean"]), tuple(meta["std"]))
+
+    def identity(self, spec: RegadRun) -> str:
+        meta, digest = spec.described()
+        stages = ",".join(f"{k}={v}" for k, v in sorted(meta["stage_modules"].items()))
+        return (f"regad|{meta['backbone']}@{meta['init_weights']}[{stages}]"
+                f"@{meta['image_size']}|checkpoint={digest}")
+
+    def load(self, spec: RegadRun) -> RegadExtractor:
+        return _loaded(spec)[0]
+
+    def geometry(self, spec: RegadRun, grid: tuple[int, int]) -> InputGeometry:
+        cnn = self._cnn(spec)
+        return InputGeometry.center_crop(cnn.resize, cnn.image_size)
+
+    def descriptor(self, features: Features) -> torch.Tensor:
+        """The spatial mean of the deepest registered map."""
+        deepest = max((k for k in features if k.startswith("s") and k[1:].isdigit()),
+                      key=lambda k: int(k[1:]))
+        return features[deepest].mean(dim=(2, 3))
+
+    def model_of(self, spec: RegadRun) -> tuple[str, str]:
+        meta, digest = spec.described()
+        return meta["backbone"], f"{posixpath.basename(spec.checkpoint)}#sha256={digest[:12]}"
+
+    def augments_references(self, spec: RegadRun) -> bool:
+        return True
+
+
+class RegadEntry(ScorerEntry):
+    """RegAD (Huang et al., ECCV 2022): trained once on auxiliary data (``train --method
+    regad``), a Gaussian per position of the k references' augmented registered maps."""
+
+    name = REGAD
+    extractor = REGAD
+    min_k = Regad.min_k
+    trainable = True
+    options = (Option("regad_checkpoint", None,
+                      "regad: the trained network (python -m pipeline train --method regad)",
+                      metavar="FILE"),)
+
+    def checkpoint(self, models: Models) -> str | None:
+        return models.setting("regad_checkpoint")
+
+    def check(self, models: Models, k: int) -> None:
+        if not self.checkpoint(models):
+            raise ValueError(f"regad needs --regad-checkpoint FILE; {TRAIN_HINT}")
+
+    def build(self, models: Models) -> Regad:
+        run = RegadRun(models.setting("regad_checkpoint"), models.device)
+        return _loaded(run)[1]
+
+    def identity(self, models: Models, extractor_identity: str, checkpoint_hash: str | None
+                 ) -> str:
+        return f"{self.name}|{extractor_identity}"  # the extractor's names the checkpoint
+
+
+REGAD_EXTRACTOR_ENTRY = RegadExtractorEntry()
+REGAD_ENTRY = RegadEntry()

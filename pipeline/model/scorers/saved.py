@@ -4,6 +4,7 @@ of another format, a pickle, a truncated or otherwise unreadable file is one
 ``TrainedScorerError`` that says which file and why."""
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -42,9 +43,6 @@ def load_trained(path: str, fmt: str, what: str
             data = f.read()
     except FileNotFoundError as exc:
         raise TrainedScorerError(f"{what} not found: {path}") from exc
-    if data[:1] == b"\x80" or data[:2] == b"PK":
-        raise TrainedScorerError(f"{path} is a pickle (torch.save) file; a {what} is only "
-                                 "read from the safetensors file the train command writes")
     try:
         header_len = int.from_bytes(data[:8], "little")
         if len(data) < 8 or not 0 < header_len <= len(data) - 8:
@@ -53,6 +51,11 @@ def load_trained(path: str, fmt: str, what: str
         meta = json.loads(header["__metadata__"][_METADATA_KEY])
         tensors = st_load(data)
     except Exception as exc:  # json, safetensors and KeyError: one message
+        # Only once it is not a safetensors file: a header length may start with these bytes.
+        if data[:1] == b"\x80" or data[:2] == b"PK":
+            raise TrainedScorerError(
+                f"{path} is a pickle (torch.save) file; a {what} is only read from the "
+                "safetensors file the train command writes") from exc
         raise TrainedScorerError(f"{path} is not a valid {what} (a safetensors file with "
                                  f"scorer metadata): {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != fmt:
@@ -66,3 +69,21 @@ def require(meta: dict[str, Any], keys: tuple[str, ...], path: str, what: str) -
     missing = [k for k in keys if k not in meta]
     if missing:
         raise TrainedScorerError(f"{path}: the {what}'s metadata lacks {missing}")
+
+
+@functools.lru_cache(maxsize=16)
+def _described(path: str, size: int, mtime: float, fmt: str, what: str
+               ) -> tuple[dict[str, Any], str]:
+    _, meta, digest = load_trained(path, fmt, what)
+    return meta, digest
+
+
+def describe_trained(path: str, fmt: str, what: str) -> tuple[dict[str, Any], str]:
+    """(metadata, content hash) of a trained file, read once per process while the file is
+    unchanged (decoding workers and the launcher need its input size, not its model)."""
+    try:
+        info = fsspec.core.url_to_fs(path)[0].info(path)
+    except FileNotFoundError as exc:
+        raise TrainedScorerError(f"{what} not found: {path}") from exc
+    return _described(path, int(info.get("size") or 0), float(info.get("mtime") or 0), fmt,
+                      what)

@@ -16,12 +16,14 @@ but its image score is the mean over the other k − 1 distances and the zero, n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.scorers.base import Features, ScorerOutput, batch_size
-from pipeline.model.scorers.cnn import POOLED, stage_key
+from pipeline.model.scorers.base import (Features, Models, ScorerEntry, ScorerOutput,
+                                         batch_size)
+from pipeline.model.scorers.cnn import CNN, POOLED, stage_key
 from pipeline.model.scorers.knn import DEFAULT_CHUNK, chunked_knn, grouped_min_distance
 
 SPADE_STRIDES = (4, 8, 16)
@@ -100,3 +102,20 @@ class Spade:
         patch_map = torch.stack(level_maps).mean(dim=0)
         return ScorerOutput(knn_dist.mean(dim=1), patch_map,
                             {"map_max": patch_map.flatten(1).amax(1)})
+
+
+class SpadeEntry(ScorerEntry):
+    """SPADE on the CNN extractor: layers 1–3 and the pooled feature."""
+
+    name = Spade.name
+    extractor = CNN
+    min_k = Spade.min_k
+
+    def requirements(self, models: Models) -> Mapping[str, Any]:
+        return {"strides": SPADE_STRIDES, "pooled": True}
+
+    def build(self, models: Models) -> Spade:
+        return Spade()
+
+
+SPADE_ENTRY = SpadeEntry()

@@ -1,68 +1,33 @@
 """The scorers one run compares, the extractors they read, and one seam the job drives.
 
-A run names its scorers (``inctrl,spade,padim,patchcore,winclip,anomalydino``). Each reads
-one extractor, and each extractor one *view* of the image (its own preprocessing):
+A run names its scorers (``--scorer inctrl,patchcore``); each reads one extractor, and each
+extractor one *view* of the image (its own preprocessing). Everything per scorer and per
+extractor comes from their entries (``registry``), so this module knows no scorer by name.
 
-    scorer        extractor   view   model
-    inctrl        clip        clip   open_clip CLIP (tokens of a few blocks, embedding)
-    winclip       windows     clip   the same CLIP model, run on multi-scale windows
-    spade         cnn         cnn    a torchvision CNN (maps by stride, pooled feature)
-    padim         cnn         cnn      "   one forward for the three CNN scorers
-    patchcore     cnn         cnn      "
-    anomalydino   dino        dino   a timm DINOv2 ViT (patch tokens)
-
-So an image is decoded once, preprocessed once per view, run once per extractor; scorers
+An image is decoded once, preprocessed once per view and run once per extractor; scorers
 sharing an extractor read the same forward. The features of one image travel as one
 ``TensorBundle`` with keys ``<extractor>/<feature>`` (``cnn/s8``, ``clip/tokens``).
 
-``SuiteSpec`` is the plain, hashable description; ``FeatureSuite`` the loaded extractors
-(once per worker process); ``build_scorers`` the scorers behind ``base.Scorer``, InCTRL
-included through ``InctrlScorer``.
+``SuiteSpec`` is the plain, hashable description (it is what entries read as ``Models``);
+``FeatureSuite`` the loaded extractors (once per worker process); ``build_scorers`` the
+scorers.
 """
 from __future__ import annotations
 
-import functools
-import os
-import re
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
+import fsspec
 import torch
 
-from pipeline.model.backbone import BackboneSpec, ImageFeatures, describe, get_backbone
-from pipeline.model.inctrl import InCTRLScorer, ReferenceSet
-from pipeline.model.loading import get_scorer
-from pipeline.model.maps import DEFAULT_SMOOTHING, InputGeometry, Smoothing
-from pipeline.model.weights import file_sha256
-from pipeline.model.residual import text_prior
-from pipeline.model.scorers.anomalydino import CATEGORY, DEFAULT_ROTATIONS, AnomalyDinoScorer
-from pipeline.model.scorers.base import Features, ScorerOutput
-from pipeline.model.scorers.cnn import (DEFAULT_CNN_BACKBONE, DEFAULT_CNN_WEIGHTS, CnnSpec,
-                                        cnn_preprocess, get_cnn_extractor, required_features)
-from pipeline.model.scorers.dino import (DEFAULT_DINO,
-                                         DEFAULT_IMAGE_SIZE as DEFAULT_VIT_IMAGE_SIZE,
-                                         TIMM_WEIGHTS, DinoSpec, dino_view_preprocess,
-                                         get_dino_extractor)
-from pipeline.model.scorers.padim import SAMPLE, Padim, paper_features
-from pipeline.model.scorers.patchcore import MEAN, PatchCore
-from pipeline.model.scorers.spade import Spade
-from pipeline.model.scorers.winclip import (DEFAULT_SCALES, TEXT, WinClipExtractor, WinClipScorer,
-                                            WindowLayout, as_scale)
+from pipeline.model.backbone import BackboneSpec
+from pipeline.model.checkpoint import CheckpointError, file_hash
+from pipeline.model.maps import InputGeometry, Smoothing
+from pipeline.model.scorers.base import Features, ScorerEntry
+from pipeline.model.scorers.registry import (DEFAULT_SCORERS, extractor_entry, option,
+                                             scorer_entry, scorer_names)
+from pipeline.model.shared import shared
 
-INCTRL, SPADE, PADIM, PATCHCORE, WINCLIP, ANOMALYDINO = (
-    "inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino")
-#: Every scorer, in the order tables show them.
-SCORERS: tuple[str, ...] = (INCTRL, SPADE, PADIM, PATCHCORE, WINCLIP, ANOMALYDINO)
-DEFAULT_SCORERS: tuple[str, ...] = (INCTRL,)
-
-CLIP, WINDOWS, CNN, DINO = "clip", "windows", "cnn", "dino"
-EXTRACTOR_OF = {INCTRL: CLIP, WINCLIP: WINDOWS, SPADE: CNN, PADIM: CNN, PATCHCORE: CNN,
-                ANOMALYDINO: DINO}
-VIEW_OF = {CLIP: CLIP, WINDOWS: CLIP, CNN: CNN, DINO: DINO}
-#: The smallest k each scorer works with: 0 means it can score zero-shot.
-MIN_K = {INCTRL: 0, WINCLIP: 0, SPADE: 1, PADIM: 1, PATCHCORE: 1, ANOMALYDINO: 1}
-_CNN_SCORERS = (SPADE, PADIM, PATCHCORE)
 _SEP = "/"
 
 
@@ -71,29 +36,33 @@ def parse_scorers(text: str | Sequence[str]) -> tuple[str, ...]:
     each once, in the order given. Raises ValueError naming the choices."""
     names = text.split(",") if isinstance(text, str) else list(text)
     out: list[str] = []
-    for name in (n.strip().lower() for n in names):
+    for raw in names:
+        name = str(raw).strip().lower()
         if not name:
             continue
-        if name not in SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+        scorer_entry(name)  # unknown: ValueError naming the choices
         if name not in out:
             out.append(name)
     if not out:
-        raise ValueError(f"name at least one scorer ({', '.join(SCORERS)})")
+        raise ValueError(f"name at least one scorer ({', '.join(scorer_names())})")
     return tuple(out)
+
+
+def zero_shot_scorers() -> tuple[str, ...]:
+    return tuple(s for s in scorer_names() if scorer_entry(s).min_k == 0)
 
 
 def check_k(scorers: Iterable[str], k: int) -> None:
     """Refuse, in one message, the scorers that cannot run with ``k`` references."""
-    short = [s for s in scorers if MIN_K[s] > k]
+    short = [s for s in scorers if scorer_entry(s).min_k > k]
     if not short:
         return
-    zero_shot = [s for s in SCORERS if MIN_K[s] == 0]
+    need = max(scorer_entry(s).min_k for s in short)
     raise ValueError(
         f"{', '.join(short)} cannot score with k={k}: "
-        f"{'it needs' if len(short) == 1 else 'they need'} at least "
-        f"{max(MIN_K[s] for s in short)} normal reference image(s) per group. "
-        f"Zero-shot (k=0) scorers: {', '.join(zero_shot)}.")
+        f"{'it needs' if len(short) == 1 else 'they need'} at least {need} normal "
+        f"reference image(s) per group. Zero-shot (k=0) scorers: "
+        f"{', '.join(zero_shot_scorers())}.")
 
 
 # --------------------------------------------------------------- features as one bundle
@@ -143,139 +112,191 @@ class TensorBundle:
                 for i in range(len(self))]
 
 
-def clip_bundle(features: ImageFeatures) -> TensorBundle:
-    """InCTRL's ImageFeatures as the ``clip`` part of a bundle."""
-    return TensorBundle.join({CLIP: {"tokens": features.tokens, "embeds": features.embeds}})
-
-
-def clip_features(bundle: TensorBundle) -> ImageFeatures:
-    part = bundle.part(CLIP)
-    return ImageFeatures(part["tokens"], part["embeds"])
-
-
 # --------------------------------------------------------------- the plain description
+
+
+def _settings(values: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """Known setting names with their values, sorted by name (a hashable, canonical form);
+    a value equal to the setting's default is left out."""
+    pairs = dict(values.items() if isinstance(values, Mapping) else values)
+    out = []
+    for name, value in sorted(pairs.items()):
+        default = option(name).default  # unknown: KeyError naming it
+        if isinstance(value, list):
+            value = tuple(value)
+        if value != default:
+            out.append((name, value))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class SuiteSpec:
-    """Which scorers run, on which backbones and weights. Hashable (keys worker caches).
+    """Which scorers run, on which models: the ``Models`` every entry reads. Hashable (keys
+    worker caches).
 
-    ``clip``/``checkpoint``: InCTRL's and WinCLIP's CLIP model and InCTRL's heads.
-    ``cnn_backbone``/``cnn_weights``: a torchvision classification model and its weights
-    (a torchvision weights name, a state-dict file or ``random[:SEED]``), for SPADE, PaDiM
-    and PatchCore. ``vit_backbone``/``vit_weights``: AnomalyDINO's timm DINOv2 and its
-    weights (``timm``, a tag, a file or ``random[:SEED]``), run on ``vit_image_size``
-    square inputs (the paper's 448). ``coreset_ratio``: PatchCore's
-    greedy coreset (None keeps every reference patch, the few-shot default).
+    ``clip``/``checkpoint``: the run's CLIP model (InCTRL's, WinCLIP's) and InCTRL's heads.
+    ``settings``: the extractors' and scorers' own settings (``registry.options()``), by
+    name; unnamed ones take their defaults. ``descriptors``: the extractors also return
+    what representative reference selection compares (the CNN's pooled feature).
     """
 
     scorers: tuple[str, ...] = DEFAULT_SCORERS
     clip: BackboneSpec = field(default_factory=BackboneSpec)
     checkpoint: str | None = None
-    cnn_backbone: str = DEFAULT_CNN_BACKBONE
-    cnn_weights: str = DEFAULT_CNN_WEIGHTS
-    vit_backbone: str = DEFAULT_DINO
-    vit_weights: str = TIMM_WEIGHTS
-    vit_image_size: int = DEFAULT_VIT_IMAGE_SIZE
-    coreset_ratio: float | None = None
-    winclip_scales: tuple[tuple[int, int], ...] = DEFAULT_SCALES
-    cnn_stages: tuple[str, ...] = ()
-    padim_covariance: str = SAMPLE
-    anomalydino_rotations: int = DEFAULT_ROTATIONS
-    anomalydino_masking: str = "auto"
-    patchcore_aggregation: str = MEAN
+    settings: tuple[tuple[str, Any], ...] = ()
+    descriptors: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scorers", parse_scorers(self.scorers))
-        object.__setattr__(self, "winclip_scales",
-                           tuple(as_scale(s) for s in self.winclip_scales))
-        if self.coreset_ratio is not None and not 0 < self.coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        try:
+            object.__setattr__(self, "settings", _settings(self.settings))
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
 
-    @property
-    def extractors(self) -> tuple[str, ...]:
-        """The extractors the scorers read, each once, in the scorers' order."""
-        return tuple(dict.fromkeys(EXTRACTOR_OF[s] for s in self.scorers))
+    @classmethod
+    def of(cls, scorers: str | Sequence[str] = DEFAULT_SCORERS, clip: BackboneSpec | None = None,
+           checkpoint: str | None = None, descriptors: bool = False, **settings: Any
+           ) -> "SuiteSpec":
+        """``SuiteSpec.of(("patchcore",), cnn_backbone="mobilenet_v2")``."""
+        return cls(scorers, clip or BackboneSpec(), checkpoint, tuple(settings.items()),
+                   descriptors)
 
-    @property
-    def views(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(VIEW_OF[e] for e in self.extractors))
+    def setting(self, name: str) -> Any:
+        """A setting's value: as given, else its default."""
+        for key, value in self.settings:
+            if key == name:
+                return value
+        return option(name).default
+
+    def with_settings(self, **values: Any) -> "SuiteSpec":
+        return replace(self, settings=(*self.settings, *values.items()))
 
     @property
     def device(self) -> str:
         return self.clip.device
 
-    def cnn_spec(self) -> CnnSpec:
-        """The CNN extractor that serves every CNN scorer of the run with one forward."""
-        strides, pooled = required_features(_cnn_scorer(s, self) for s in self.scorers
-                                            if s in _CNN_SCORERS)
-        return CnnSpec(self.cnn_backbone, self.cnn_weights, strides=strides,
-                       stages=self.cnn_stages, pooled=pooled, device=self.clip.device)
+    def entry(self, scorer: str) -> ScorerEntry:
+        return scorer_entry(scorer)
 
-    def dino_spec(self) -> DinoSpec:
-        return DinoSpec(self.vit_backbone, self.vit_weights, image_size=self.vit_image_size,
-                        device=self.clip.device, rotations=self.anomalydino_rotations)
+    @property
+    def extractors(self) -> tuple[str, ...]:
+        """The extractors the scorers read, each once, in the scorers' order."""
+        return tuple(dict.fromkeys(scorer_entry(s).extractor for s in self.scorers))
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(extractor_entry(e).view for e in self.extractors))
+
+    @property
+    def needs_text(self) -> bool:
+        """Whether any scorer reads the categories' prompt embeddings."""
+        return any(scorer_entry(s).needs_text for s in self.scorers)
+
+    @property
+    def uses_clip(self) -> bool:
+        """Whether the run loads its CLIP model (an extractor runs it, or prompts are
+        encoded with it)."""
+        return self.needs_text or any(extractor_entry(e).clip_based for e in self.extractors)
+
+    def readers(self, extractor: str) -> tuple[str, ...]:
+        return tuple(s for s in self.scorers if scorer_entry(s).extractor == extractor)
+
+    def extractor_spec(self, extractor: str, readers: Sequence[str] | None = None) -> Hashable:
+        """The extractor's spec serving ``readers`` (default: every scorer of the run that
+        reads it, so one forward serves them all)."""
+        names = self.readers(extractor) if readers is None else readers
+        return extractor_entry(extractor).spec(
+            self, [scorer_entry(s).requirements(self) for s in names])
+
+    def extractor_identity(self, extractor: str) -> str:
+        """What an extractor's features in this run depend on (keys caches and choices)."""
+        return extractor_entry(extractor).identity(self.extractor_spec(extractor))
+
+    def _own_spec(self, scorer: str) -> Hashable:
+        """The spec of the scorer's extractor as the scorer alone needs it: what its rows
+        name, whatever else runs beside it."""
+        return self.extractor_spec(scorer_entry(scorer).extractor, (scorer,))
 
     def input_geometry(self, scorer: str, grid: tuple[int, int]) -> InputGeometry:
-        """How the scorer's view turns an image into the model input its patch map (on a
-        ``grid``) covers: CLIP's and the CNN's resize the shorter side and center-crop;
-        DINO's resize to a square and crop to a multiple of the patch size, top-left."""
-        ext = EXTRACTOR_OF[scorer]
-        if ext == CNN:
-            cnn = self.cnn_spec()
-            return InputGeometry.center_crop(cnn.resize, cnn.image_size)
-        if ext == DINO:
-            size = self.vit_image_size
-            named = re.search(r"patch(\d+)", self.vit_backbone)
-            patch = int(named.group(1)) if named else size // grid[0]
-            crop = size - size % patch
-            return InputGeometry.square(size, crop, crop)
-        side = describe(self.clip).geometry.image_size
-        return InputGeometry.center_crop(side[0], side)
-
-    def extractor_identity(self, ext: str) -> str:
-        """What an extractor's features depend on, without loading it (keys cached choices)."""
-        if ext in (CLIP, WINDOWS):
-            c = self.clip
-            return f"{ext}|{c.backbone_id}|blocks={c.blocks}|{c.precision}"
-        if ext == CNN:
-            c = self.cnn_spec()
-            return (f"cnn|{c.backbone}|{_weights_label(c.weights)}|{c.strides}|pooled={c.pooled}"
-                    f"|{c.resize}/{c.image_size}" + (f"|stages={c.stages}" if c.stages else ""))
-        d = self.dino_spec()
-        return (f"dino|{d.name}|{_weights_label(d.weights)}|{d.image_size}|{d.keep_aspect}"
-                + (f"|rotations={d.rotations}" if d.rotations > 1 else ""))
+        """How the scorer's view turns an image into the input its patch map covers."""
+        ext = scorer_entry(scorer).extractor
+        return extractor_entry(ext).geometry(self.extractor_spec(ext), grid)
 
     def smoothing(self, scorer: str) -> Smoothing:
-        """How the scorer's anomaly maps are smoothed (its class says; default σ = 4 px)."""
-        return getattr(_SCORER_CLASSES[scorer], "smoothing", DEFAULT_SMOOTHING)
+        return scorer_entry(scorer).smoothing
 
     def backbone_of(self, scorer: str) -> tuple[str, str]:
-        """(model name, weights) a scorer's features come from, for its output rows: a
-        weights file is named by its file name and checksum (not its host's path)."""
-        ext = EXTRACTOR_OF[scorer]
-        if ext == CNN:
-            return self.cnn_backbone, _weights_label(self.cnn_weights)
-        if ext == DINO:
-            return self.vit_backbone, _weights_label(self.vit_weights)
-        return self.clip.name, self.clip.weights_id
+        """(model name, weights) the scorer's features come from, for its output rows."""
+        return extractor_entry(scorer_entry(scorer).extractor).model_of(self._own_spec(scorer))
+
+    def components(self) -> tuple[str, ...]:
+        """The run's scorers' output components, each once."""
+        return tuple(dict.fromkeys(c for s in self.scorers for c in scorer_entry(s).components))
+
+    def check(self, k: int) -> None:
+        """Refuse, in one message, what cannot run with ``k`` references or these settings."""
+        check_k(self.scorers, k)
+        for s in self.scorers:
+            scorer_entry(s).check(self, k)
+
+    def checkpoint_hashes(self) -> dict[str, str | None]:
+        """Each scorer's checkpoint's content hash (None without one). Reads the files: a
+        missing one fails here, before any worker starts."""
+        out: dict[str, str | None] = {}
+        for s in self.scorers:
+            path = scorer_entry(s).checkpoint(self)
+            if not path:
+                out[s] = None
+                continue
+            try:
+                with fsspec.open(path, "rb") as f:
+                    out[s] = file_hash(f.read())
+            except FileNotFoundError as exc:
+                raise CheckpointError(f"{s}: checkpoint not found: {path}") from exc
+        return out
+
+    def model_ids(self, hashes: Mapping[str, str | None] | None = None) -> dict[str, str]:
+        """What produced each scorer's rows (``ScorerEntry.identity``), computed once per
+        run without loading any model."""
+        hashes = self.checkpoint_hashes() if hashes is None else hashes
+        out = {}
+        for s in self.scorers:
+            entry = scorer_entry(s)
+            ext = extractor_entry(entry.extractor).identity(self._own_spec(s))
+            out[s] = entry.identity(self, ext, hashes.get(s))
+        return out
+
+    def identity(self) -> "RunIdentity":
+        """Every scorer's model id and checkpoint hash, computed once per run (reads the
+        checkpoint files, loads no model)."""
+        hashes = self.checkpoint_hashes()
+        return RunIdentity(tuple(self.model_ids(hashes).items()), tuple(hashes.items()))
+
+    def modes(self, k: int) -> dict[str, str]:
+        return {s: scorer_entry(s).mode(self, k) for s in self.scorers}
 
 
-@functools.lru_cache(maxsize=16)
-def _weights_label(weights: str) -> str:
-    """A weights flag as rows record it: a file as ``name#sha256=<12 hex>``, else as given."""
-    if os.path.isfile(weights):
-        return f"{os.path.basename(weights)}#sha256={file_sha256(weights)[:12]}"
-    return weights
+@dataclass(frozen=True)
+class RunIdentity:
+    """What produced each scorer's rows (its ``model_id``) and the content hash of the
+    checkpoint it read (None without one); pairs by scorer, in the run's order."""
 
+    model_ids: tuple[tuple[str, str], ...]
+    checkpoints: tuple[tuple[str, str | None], ...]
 
-def _cnn_scorer(name: str, spec: SuiteSpec) -> Any:
-    if name == SPADE:
-        return Spade()
-    if name == PADIM:
-        return Padim(n_features=paper_features(spec.cnn_backbone),
-                     covariance=spec.padim_covariance)
-    return PatchCore(coreset_ratio=spec.coreset_ratio, aggregation=spec.patchcore_aggregation)
+    def model_id(self, scorer: str) -> str:
+        return dict(self.model_ids)[scorer]
+
+    def by_scorer(self) -> dict[str, str]:
+        return dict(self.model_ids)
+
+    def checkpoint_label(self, scorer: str) -> str | None:
+        """The rows' ``heads_hash``: the checkpoint's hash; ``none`` for a scorer that can
+        read one and runs without; null for scorers that never read one."""
+        digest = dict(self.checkpoints)[scorer]
+        if digest:
+            return digest
+        return "none" if scorer_entry(scorer).trainable else None
 
 
 # --------------------------------------------------------------- preprocessing, per view
@@ -301,29 +322,14 @@ class ViewPreprocess:
 def suite_preprocess(spec: SuiteSpec) -> ViewPreprocess:
     """The views' transforms, known without loading a model (decoding workers hold none)."""
     transforms: dict[str, Callable] = {}
-    for view in spec.views:
-        if view == CLIP:
-            transforms[view] = describe(spec.clip).preprocess
-        elif view == CNN:
-            transforms[view] = cnn_preprocess(spec.cnn_spec())
-        else:
-            transforms[view] = dino_view_preprocess(spec.dino_spec())
+    for ext in spec.extractors:
+        entry = extractor_entry(ext)
+        if entry.view not in transforms:
+            transforms[entry.view] = entry.preprocess(spec.extractor_spec(ext))
     return ViewPreprocess(transforms)
 
 
 # --------------------------------------------------------------- the loaded extractors
-
-
-class _ClipExtractor:
-    """InCTRL's features: ``tokens`` (B, layers, patches, width), ``embeds`` (B, embed_dim)."""
-
-    def __init__(self, spec: BackboneSpec) -> None:
-        self.backbone = get_backbone(spec)
-        self.identity = spec.backbone_id
-
-    def extract(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone.encode_images(pixels)
-        return {"tokens": feats.tokens, "embeds": feats.embeds}
 
 
 class FeatureSuite:
@@ -331,17 +337,9 @@ class FeatureSuite:
 
     def __init__(self, spec: SuiteSpec) -> None:
         self.spec = spec
-        self.extractors: dict[str, Any] = {}
-        for ext in spec.extractors:
-            if ext == CLIP:
-                self.extractors[ext] = _ClipExtractor(spec.clip)
-            elif ext == WINDOWS:
-                self.extractors[ext] = WinClipExtractor(get_backbone(spec.clip),
-                                                        spec.winclip_scales)
-            elif ext == CNN:
-                self.extractors[ext] = get_cnn_extractor(spec.cnn_spec())
-            else:
-                self.extractors[ext] = get_dino_extractor(spec.dino_spec())
+        self.extractors: dict[str, Any] = {
+            ext: extractor_entry(ext).load(spec.extractor_spec(ext)) for ext in spec.extractors}
+        self._views = {ext: extractor_entry(ext).view for ext in spec.extractors}
         self.device = torch.device(spec.device)
 
     def extract(self, views: Mapping[str, torch.Tensor], references: bool = False) -> TensorBundle:
@@ -354,100 +352,22 @@ class FeatureSuite:
                 return model.extract_references(pixels)
             return model.extract(pixels)
 
-        out = TensorBundle.join({
-            ext: run(model, views[VIEW_OF[ext]]) for ext, model in self.extractors.items()})
+        out = TensorBundle.join({ext: run(model, views[self._views[ext]])
+                                 for ext, model in self.extractors.items()})
         if IMAGE_SIZE in views:
             out.tensors[IMAGE_SIZE] = views[IMAGE_SIZE].to(self.device)
         return out
 
 
-_SUITES: dict[SuiteSpec, FeatureSuite] = {}
-_LOCK = threading.Lock()
-
-
 def get_feature_suite(spec: SuiteSpec) -> FeatureSuite:
     """One FeatureSuite per spec per process (its models are themselves shared per process)."""
-    with _LOCK:
-        suite = _SUITES.get(spec)
-        if suite is None:
-            suite = _SUITES[spec] = FeatureSuite(spec)
-        return suite
+    return shared("suite", spec, lambda: FeatureSuite(spec))
 
 
 # --------------------------------------------------------------- the scorers
 
 
-@dataclass
-class InctrlMemory:
-    """A group's InCTRL state: its prepared references (None at k = 0) and text features."""
-
-    refs: ReferenceSet | None
-    text: torch.Tensor  # (2, embed_dim)
-
-
-#: InCTRL's components, as the scores table names them (without ``_score``).
-INCTRL_COMPONENTS = ("fine", "holistic", "image_residual", "text_prior")
-
-
-class InctrlScorer:
-    """InCTRL behind the scorer seam. With k ≥ 1 exactly ``InCTRLScorer``'s forward (the
-    final score with heads, the fine patch residual without); with k = 0 the text prior
-    alone (zero-shot), which has no patch map."""
-
-    name = INCTRL
-    min_k = 0
-
-    def __init__(self, model: InCTRLScorer, grid: tuple[int, int]) -> None:
-        self.model = model
-        self.grid = grid
-
-    @property
-    def has_heads(self) -> bool:
-        return self.model.has_heads
-
-    def build_memory(self, references: Features,
-                     context: Mapping[str, Any] | None = None) -> InctrlMemory:
-        if not context or TEXT not in context:
-            raise ValueError(f"inctrl needs the category's prompt embeddings as "
-                             f"context[{TEXT!r}]")
-        refs = None
-        if references and references["tokens"].shape[0] > 0:
-            refs = self.model.prepare_references(
-                ImageFeatures(references["tokens"], references["embeds"]))
-        return InctrlMemory(refs, context[TEXT])
-
-    def score(self, queries: Features, memory: InctrlMemory) -> ScorerOutput:
-        feats = ImageFeatures(queries["tokens"], queries["embeds"])
-        if memory.refs is None:
-            prior = text_prior(feats.embeds, memory.text)
-            nan = torch.full_like(prior, float("nan"))
-            return ScorerOutput(score=prior, patch_map=None, components={
-                "fine": nan, "holistic": nan, "image_residual": nan, "text_prior": prior})
-        comps = self.model(feats, memory.refs, memory.text)
-        return ScorerOutput(
-            score=comps.final, patch_map=comps.patch_map.view(-1, *self.grid),
-            components={name: getattr(comps, name) for name in INCTRL_COMPONENTS})
-
-
-_SCORER_CLASSES = {INCTRL: InctrlScorer, SPADE: Spade, PADIM: Padim, PATCHCORE: PatchCore,
-                   WINCLIP: WinClipScorer, ANOMALYDINO: AnomalyDinoScorer}
-
-
-def build_scorers(spec: SuiteSpec) -> tuple[dict[str, Any], str]:
-    """The run's scorers by name, on the job's device, and InCTRL's heads hash (the empty
-    string when InCTRL is not among them). Cheap, except InCTRL's heads (loaded once per
-    process by ``get_scorer``)."""
-    scorers: dict[str, Any] = {}
-    heads = ""
-    for name in spec.scorers:
-        if name == INCTRL:
-            model, heads = get_scorer(spec.clip, spec.checkpoint)
-            scorers[name] = InctrlScorer(model, describe(spec.clip).geometry.grid)
-        elif name == WINCLIP:
-            grid = describe(spec.clip).geometry.grid
-            scorers[name] = WinClipScorer(WindowLayout(grid, spec.winclip_scales))
-        elif name == ANOMALYDINO:
-            scorers[name] = AnomalyDinoScorer(masking=spec.anomalydino_masking)
-        else:
-            scorers[name] = _cnn_scorer(name, spec)
-    return scorers, heads
+def build_scorers(spec: SuiteSpec) -> dict[str, Any]:
+    """The run's scorers by name, on the job's device (each entry's ``build``; models they
+    load are shared per process)."""
+    return {name: scorer_entry(name).build(spec) for name in spec.scorers}

@@ -27,28 +27,27 @@ row 0 normal, row 1 anomalous.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.scorers.anomalydino import DEFAULT_CHUNK, nearest_cosine_distance
-from pipeline.model.maps import Smoothing
-from pipeline.model.scorers.base import Features, ScorerOutput
+from pipeline.model.backbone import BackboneSpec, ClipBackbone, describe, get_backbone
 from pipeline.model.inctrl import encode_prompt_pair
+from pipeline.model.maps import InputGeometry, Smoothing
 from pipeline.model.prompts import state_prompts
-
-if TYPE_CHECKING:
-    from pipeline.model.backbone import ClipBackbone
+from pipeline.model.scorers.anomalydino import DEFAULT_CHUNK, nearest_cosine_distance
+from pipeline.model.scorers.base import (TEXT, ExtractorEntry, Features, Models, Option,
+                                         ScorerEntry, ScorerOutput)
+from pipeline.model.shared import shared
 
 #: Features keys: (B, embed_dim) whole-image embedding and (B, patches, width) patch tokens,
 #: both L2-normalised; windows under ``window_key(scale)``: (B, windows, embed_dim)
 IMAGE = "image"
 PATCHES = "patches"
-#: the context key of the (2, embed_dim) normal / anomalous text embeddings
-TEXT = "text"
 #: window sizes in patches: WinCLIP's small and mid scales
 DEFAULT_SCALES: tuple[tuple[int, int], ...] = ((2, 2), (3, 3))
 #: τ of the language-guided softmax (CLIP's initial temperature, as anomalib uses)
@@ -289,7 +288,7 @@ class WinClipScorer:
 
 
 @torch.no_grad()
-def winclip_text_features(backbone: "ClipBackbone", category: str) -> torch.Tensor:
+def winclip_text_features(backbone: ClipBackbone, category: str) -> torch.Tensor:
     """WinCLIP's class embeddings of a category, (2, embed_dim) [normal, anomalous],
     L2-normalised, on the backbone's device. Compute once per category.
 
@@ -308,7 +307,7 @@ class WinClipExtractor:
       window_key(s): (B, windows_s, embed_dim) for each scale s of ``self.layout``
     """
 
-    def __init__(self, backbone: "ClipBackbone",
+    def __init__(self, backbone: ClipBackbone,
                  scales: Sequence[int | Sequence[int]] = DEFAULT_SCALES,
                  window_batch: int = 4096) -> None:
         """``scales``: window sizes in patches; ``window_batch``: sequences per ViT call."""
@@ -368,3 +367,90 @@ class WinClipExtractor:
                 out[window_key(scale)] = F.normalize(
                     self._window_embeds(tokens, idx).float(), dim=-1)
         return out
+
+
+# ------------------------------------------------------------------ the entries
+
+WINDOWS = "windows"
+
+
+def scale_list(text: str) -> tuple[Scale, ...]:
+    """``--winclip-scales 2,3`` or ``2x2,3x3``: window sizes in patches, each once."""
+    out: list[Scale] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            h, _, w = part.lower().partition("x")
+            scale = as_scale((int(h), int(w)) if w else int(h))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"expected window sizes such as 2,3 or 2x2,3x3, got {text!r}") from exc
+        if min(scale) < 1:
+            raise argparse.ArgumentTypeError(f"window sizes must be positive, got {text!r}")
+        if scale not in out:
+            out.append(scale)
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one window size")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class WindowsSpec:
+    """The CLIP model and the window scales: hashable, keys the loaded extractor."""
+
+    clip: BackboneSpec
+    scales: tuple[Scale, ...] = DEFAULT_SCALES
+
+
+class WindowsEntry(ExtractorEntry):
+    """WinCLIP's windows on the run's CLIP model (its view is CLIP's)."""
+
+    name = WINDOWS
+    view = "clip"
+    clip_based = True
+    options = (Option("winclip_scales", DEFAULT_SCALES,
+                      "winclip: window sizes in patches (default 2x2,3x3: the small and mid "
+                      "scales for a 15x15 grid)", type=scale_list, metavar="SIZES"),)
+
+    def spec(self, models: Models, needs: Sequence[Mapping[str, Any]]) -> WindowsSpec:
+        return WindowsSpec(models.clip, tuple(models.setting("winclip_scales")))
+
+    def preprocess(self, spec: WindowsSpec) -> Callable[[Any], torch.Tensor]:
+        return describe(spec.clip).preprocess
+
+    def identity(self, spec: WindowsSpec) -> str:
+        names = ",".join(f"{h}x{w}" for h, w in spec.scales)
+        return f"windows|{spec.clip.feature_id}|scales={names}"
+
+    def load(self, spec: WindowsSpec) -> "WinClipExtractor":
+        return shared(WINDOWS, spec, lambda: WinClipExtractor(get_backbone(spec.clip),
+                                                              spec.scales))
+
+    def geometry(self, spec: WindowsSpec, grid: tuple[int, int]) -> InputGeometry:
+        side = describe(spec.clip).geometry.image_size
+        return InputGeometry.center_crop(side[0], side)
+
+    def descriptor(self, features: Features) -> torch.Tensor:
+        """The whole-image embedding."""
+        return features[IMAGE]
+
+    def model_of(self, spec: WindowsSpec) -> tuple[str, str]:
+        return spec.clip.name, spec.clip.weights_id
+
+
+class WinClipEntry(ScorerEntry):
+    """WinCLIP (k = 0) and WinCLIP+ (k ≥ 1) on the windows extractor, with the category's
+    prompt pair."""
+
+    name = WinClipScorer.name
+    extractor = WINDOWS
+    min_k = WinClipScorer.min_k
+    needs_text = True
+    smoothing = WinClipScorer.smoothing
+
+    def build(self, models: Models) -> WinClipScorer:
+        grid = describe(models.clip).geometry.grid
+        return WinClipScorer(WindowLayout(grid, tuple(models.setting("winclip_scales"))))
+
+
+WINDOWS_ENTRY = WindowsEntry()
+WINCLIP_ENTRY = WinClipEntry()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.model.scorers.references import (choose_representative, cosine_distances,
-                                               descriptors, k_center, k_medoids)
+                                               descriptors, k_medoids)
 
 
 def _cost(dist: torch.Tensor, medoids) -> float:
@@ -50,17 +50,6 @@ def test_a_far_cluster_gets_its_own_reference():
     x = torch.nn.functional.normalize(torch.cat([near, far]).double(), dim=-1)
     chosen = k_medoids(cosine_distances(x), 2).tolist()
     assert any(i >= 10 for i in chosen) and any(i < 10 for i in chosen)
-
-
-def test_k_center_picks_the_outlier_that_k_medoids_leaves_out():
-    # a spread-out main cluster (splitting it saves much) and one odd image
-    g = torch.Generator().manual_seed(2)
-    main = torch.tensor([1.0, 0, 0, 0]) + 0.3 * torch.randn(30, 4, generator=g)
-    odd = torch.tensor([[0.3, 1.0, 0.0, 0.0]])
-    x = torch.nn.functional.normalize(torch.cat([main, odd]).double(), dim=-1)
-    dist = cosine_distances(x)
-    assert 30 in k_center(dist, 2).tolist()
-    assert 30 not in k_medoids(dist, 2).tolist()
 
 
 def test_k_at_least_the_pool_gives_the_whole_pool_in_order():
