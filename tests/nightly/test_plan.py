@@ -80,12 +80,12 @@ def test_one_image_queried_in_two_datasets_is_planned_per_dataset():
 def test_rows_decided_at_another_false_alarm_rate_or_none_are_scored_again():
     existing = rows(("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)).assign(
         false_alarm_rate=[0.05, 0.05, 0.01, 0.01, None, None])
-    p = plan_night([(DS, q) for q in "abc"], existing, model=MODEL, k=4, seeds=(0, 1),
-                   false_alarm_rate=0.05)
+    p = plan_night([(DS, q) for q in "abc"], existing, model_ids={"inctrl": MODEL}, k=4,
+                   seeds=(0, 1), false_alarm_rate=0.05)
     assert p.skip == {(DS, "a")} and p.carry.tolist() == [True, True] + [False] * 4
     # Rows written before decisions existed have no such column: none counts.
-    old = plan_night([(DS, "a")], rows(("a", 0), ("a", 1)), model=MODEL, k=4, seeds=(0, 1),
-                     false_alarm_rate=0.05)
+    old = plan_night([(DS, "a")], rows(("a", 0), ("a", 1)), model_ids={"inctrl": MODEL}, k=4,
+                     seeds=(0, 1), false_alarm_rate=0.05)
     assert old.skip == frozenset() and old.dropped_rows == 2
 
 
