@@ -10,6 +10,7 @@ real-weights test's harder setting. Everything comes from scikit-image's bundled
 download) and seeded generators, so a seed gives the same files anywhere.
 
     <root>/real_photos/<category>/train/good/NNN.png                normal references
+    <root>/real_photos/<category>/validation/good/NNN.png           normal calibration images
     <root>/real_photos/<category>/test/good/NNN.png                 normal queries
     <root>/real_photos/<category>/test/<kind>/NNN.png               anomalous queries
     <root>/real_photos/<category>/ground_truth/<kind>/NNN_mask.png  their defect masks
@@ -40,8 +41,9 @@ LINE = ProductLine(size=224, paste=0.14, noise=0.04, blur=1.5, brightness=0.15, 
 
 @dataclass(frozen=True)
 class PhotoSet:
-    """How many images each category has (``n_test_anomalous`` per defect kind), the defect
-    kinds, the images' side in pixels, and the generator seed."""
+    """How many images each category has (``n_test_anomalous`` per defect kind;
+    ``n_calibration`` normal images held out for calibrating decisions), the defect kinds,
+    the images' side in pixels, and the generator seed."""
 
     categories: tuple[str, ...] = tuple(PRODUCTS)
     n_train: int = 8
@@ -50,6 +52,7 @@ class PhotoSet:
     size: int = 224
     seed: int = 0
     defects: tuple[str, ...] = DEFECT_KINDS
+    n_calibration: int = 0
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.categories if c not in PRODUCTS]
@@ -62,6 +65,8 @@ class PhotoSet:
                              f" got {list(self.defects)}")
         if min(self.n_train, self.n_test_good, self.n_test_anomalous) < 1:
             raise ValueError("every split needs at least one image")
+        if self.n_calibration < 0:
+            raise ValueError(f"n_calibration must be 0 or more, got {self.n_calibration}")
 
     def line(self, category: str) -> ProductLine:
         product = PRODUCTS[category]
@@ -84,6 +89,9 @@ def write_photo_images(root: str, photo_set: PhotoSet = PhotoSet()) -> list[tupl
             for _ in range(photo_set.n_test_anomalous):
                 image, box = line.defective(rng, kind)
                 images.append((f"test/{kind}", image, box))
+        # Drawn last: a set with calibration images has the same other images as one without.
+        images += [("validation/good", line.normal(rng), None)
+                   for _ in range(photo_set.n_calibration)]
         counts: dict[str, int] = {}
         for split, image, box in images:
             index = counts[split] = counts.get(split, -1) + 1

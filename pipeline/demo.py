@@ -10,6 +10,7 @@ from typing import Sequence
 import fsspec
 import pandas as pd
 
+from pipeline.core.calibration import min_calibration_size
 from pipeline.core.config import ScoreConfig
 from pipeline.core.demo_data import generate_demo
 from pipeline.core.layout import summary_dir
@@ -59,7 +60,8 @@ def demo_backbone(spec: BackboneSpec) -> BackboneSpec:
 
 #: The console table's metrics: (comparison column stem, header).
 CONSOLE_METRICS = (("auroc", "AUROC"), ("auprc", "AUPRC"), ("pixel_auroc", "pixel AUROC"),
-                   ("aupro", "AUPRO"))
+                   ("aupro", "AUPRO"), ("realized_false_alarm_rate", "false alarms"),
+                   ("recall_at_decision", "recall"))
 
 
 def _cell(mean: float, std: float) -> str:
@@ -87,11 +89,16 @@ def console_table(comparison: pd.DataFrame, scorers: Sequence[str]) -> str:
 
 
 def run_demo(paths: DemoPaths, config: ScoreConfig, beam_args: Sequence[str] = ()) -> str:
-    """Generate the demo set into ``paths.data``, write its manifest to ``config.manifest``
-    and score it into ``config.output``; returns the comparison of the run's scorers
-    (per dataset, the paper's view) as one Markdown table; the per-category summary and the
-    per-metric comparison are beside it in the summary folder."""
-    roots = generate_demo(paths.data, seed=0)
+    """Generate the demo set into ``paths.data`` (with the calibration images its
+    false-alarm rate needs), write its manifest to ``config.manifest`` and score it into
+    ``config.output``; returns the comparison of the run's scorers (per dataset, the
+    paper's view, with the false-alarm rate and recall at the decision) as one Markdown
+    table; the per-category summary and the per-metric comparison are beside it in the
+    summary folder."""
+    # Enough normal calibration images per category that every query gets a decision at the
+    # run's false-alarm rate (n + 1 >= 1/alpha), whatever the references leave over.
+    roots = generate_demo(paths.data, seed=0,
+                          n_calibration=min_calibration_size(config.false_alarm_rate))
     write_manifest(make_manifest(roots), config.manifest)
     run_score(config, beam_args)
     with fsspec.open(f"{summary_dir(config.output, config.run_date)}/comparison.parquet",

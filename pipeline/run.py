@@ -1,5 +1,5 @@
 """The scoring job: read manifest → prepare references → load images → extract features →
-score queries → write outputs."""
+score queries → decide → write outputs."""
 from __future__ import annotations
 
 import logging
@@ -23,6 +23,7 @@ from pipeline.core.schemas import ERRORS
 from pipeline.core.selection import ALL_ROWS, RowSelection
 from pipeline.model.scorers.suite import RunIdentity
 from pipeline.runner import DIRECT_RUNNERS, counter, run_pipeline, runner_name
+from transforms.decisions import DecideAnomalies, SelectCalibration, from_pool
 from transforms.features import ExtractSuiteFeatures
 from transforms.images import LoadImages
 from transforms.manifest import ReadManifest, SelectQueries
@@ -53,6 +54,10 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdenti
     queries = manifest["rows"] | "SelectQueries" >> SelectQueries(selection.is_query)
     references = manifest["rows"] | "PrepareReferences" >> PrepareReferences(
         config, selection.is_candidate)
+    # Normal images that calibrate the decisions travel with the queries, marked, and are
+    # scored against the same references (transforms.decisions).
+    calibration = manifest["rows"] | "SelectCalibration" >> SelectCalibration(
+        config, selection, queries, references["sets"])
     # Prompt embeddings only for scorers that read text: a run without them loads no CLIP.
     prompts = (queries | "EncodePrompts" >> EncodePrompts(
         config.backbone, config.semantic_classes, config.feature_cache,
@@ -61,18 +66,22 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdenti
     # Queries reach the fused decode → backbone → scoring stage in per-group chunks of a few
     # batches, so each batch is scored against one group's prepared references.
     # One decode per image, one forward per extractor the scorers read (suite.extractors).
-    images = queries | "LoadQueryImages" >> LoadImages(
-        config.suite, config.limits, decode_threads=config.decode_thread_count,
-        prefetch=config.batch_size, group_chunk=config.query_chunk)
+    images = ((queries, calibration["rows"]) | "WithCalibration" >> beam.Flatten()
+              | "LoadQueryImages" >> LoadImages(
+                  config.suite, config.limits, decode_threads=config.decode_thread_count,
+                  prefetch=config.batch_size, group_chunk=config.query_chunk))
     features = images["images"] | "ExtractQueryFeatures" >> ExtractSuiteFeatures(
         config.suite, config.batch_size, config.share_model_across_processes,
         on_device=config.features_on_device)
     scored = features | "ScoreQueries" >> ScoreQueries(
         config, identity, references["sets"], prompts)
+    decided = scored["scores"] | "DecideAnomalies" >> DecideAnomalies(config)
+    # A reference candidate that cannot be read is PrepareReferences' to report.
+    image_errors = images[ERRORS] | "NotPoolErrors" >> beam.Filter(lambda e: not from_pool(e))
     return (
-        {"scores": scored["scores"], "score_errors": scored[ERRORS], "queries": queries,
+        {"scores": decided, "score_errors": scored[ERRORS], "queries": queries,
          "manifest_errors": manifest[ERRORS], "reference_errors": references[ERRORS],
-         "image_errors": images[ERRORS]}
+         "image_errors": image_errors, "calibration_errors": calibration[ERRORS]}
         | "WriteOutputs" >> WriteOutputs(config, model_ids=identity.by_scorer(),
                                          manifest_schema=manifest_schema,
                                          carried_scores=selection.carried_scores, plan=plan,

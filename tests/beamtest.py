@@ -57,3 +57,23 @@ def mrow(image_id: str, *, role: str = "reference", category: str = "cat", datas
         image_uri=uri or f"/data/{dataset}/{category}/{image_id}.png", dataset=dataset,
         category=category, role=role, label=label, image_id=image_id, defect_type=None,
         capture_date=None, extra=extra)
+
+
+def pool_calibration(manifest: pd.DataFrame, seeds, k: int) -> set[tuple[str, str]]:
+    """(dataset, image_id) of the reference candidates the random draw leaves to calibrate
+    some seed: every normal candidate that not every seed draws (what SelectCalibration
+    loads beside the queries; k = 0 leaves them all)."""
+    from pipeline.core.manifest import normalize_row
+    from pipeline.core.sampling import draw_references
+
+    groups: dict = {}
+    for raw in manifest[manifest["role"] == "reference"].to_dict("records"):
+        row = normalize_row(raw)
+        if row.label != 1:
+            groups.setdefault((row.dataset, row.category), []).append(row)
+    left = set()
+    for members in groups.values():
+        every = set.intersection(*({r.image_id for r in draw_references(members, s, k)}
+                                   for s in seeds))
+        left |= {(r.dataset, r.image_id) for r in members if r.image_id not in every}
+    return left

@@ -8,6 +8,7 @@ checked, only that every stage ran and that the job's counters add up.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -102,6 +103,14 @@ def test_photo_set_is_an_mvtec_tree_with_its_manifest(tmp_path):
                     defects=("rotated",))
     one = write_photo_manifest(str(tmp_path / "c"), str(tmp_path / "c.parquet"), only)
     assert set(one["defect_type"].dropna()) == {"rotated"}
+    # Calibration images come on top; every other image stays as it was.
+    calibrated = replace(photos, n_calibration=3)
+    more = write_photo_manifest(str(tmp_path / "d"), str(tmp_path / "d.parquet"), calibrated)
+    held = more[more["role"] == "calibration"]
+    assert held.groupby("category").size().to_dict() == {"cat": 3, "brick": 3}
+    assert (held["label"] == 0).all()
+    rest = sorted(more.loc[more["role"] != "calibration", "image_uri"])
+    assert [open(p, "rb").read() for p in rest] == [open(p, "rb").read() for p in first]
 
 
 def test_structural_defects_change_only_their_region():
@@ -194,6 +203,35 @@ def test_quality_bench_runs_the_job_and_tabulates(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "inctrl † | patchcore † |" in printed and quality.RANDOM_NOTE in printed
     assert "image AUROC per defect type" in printed and "patch_knn" not in printed
+
+
+def test_decisions_bench_counts_every_decision(tmp_path, capsys):
+    from bench import decisions
+
+    out = tmp_path / "d.json"
+    rc = decisions.main(["--settings", "0.25:3,0.5:1", "--scorer", "patchcore", "--k", "1",
+                         "--seeds", "0,1", "--cnn-weights", "random:0",
+                         "--photo-categories", "cat", "--photo-train", "2",
+                         "--photo-test-good", "3", "--photo-test-anomalous", "1",
+                         "--photo-size", "48", "--batch-size", "4", "--workdir",
+                         str(tmp_path / "work"), "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [(s["alpha"], s["calibration"]) for s in res["settings"]] == [(0.25, 3), (0.5, 1)]
+    for setting in res["settings"]:
+        rows = {r["kind"]: r for r in setting["decisions"]}
+        normal = rows["normal"]
+        # 3 normal queries × 2 seeds, all decided (3 + 1 pool image, or 1 + 1, reach alpha).
+        assert normal["decided"] == 6 and 0 <= normal["flagged"] <= 6
+        assert normal["ci_low"] <= normal["rate"] <= normal["ci_high"]
+        assert normal["calibration_n"] == f"{setting['calibration'] + 1}–" \
+                                          f"{setting['calibration'] + 1}"
+        assert rows["all anomalies"]["decided"] == 5 * 2  # one per defect kind, two seeds
+        assert {k for k in rows} == {"normal", "all anomalies", "pasted", "rotated",
+                                     "displaced", "scaled", "missing"}
+    printed = capsys.readouterr().out
+    assert "α = 0.25, 3 calibration images per category" in printed
+    assert "| patchcore |" in printed and "Recall at the decision" in printed
 
 
 def test_scorer_cost_bench_times_every_step(tmp_path, capsys):

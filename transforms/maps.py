@@ -13,6 +13,12 @@ crop to the image's own size (``pipeline.model.maps``). Then:
   Each bundle attempt that succeeds reports itself (an ``ATTEMPT`` element on ``files``),
   and the run's commit names the successful attempts' folders: no map is ever moved, and
   a retried bundle's first attempt is garbage that no record names.
+- a query the decision flagged anomalous (``is_anomalous``, DecideAnomalies) with a pixel
+  threshold (``pixel_decision_threshold``: from its group's calibration maps) gets its
+  defect mask, the pixels strictly above the threshold: ``defect_area_fraction`` and
+  ``defect_regions`` (8-connected) on the row, and with ``write`` a binary PNG
+  (``<stem>.mask.png``, 255 on defect pixels) in the same attempt folder
+  (``defect_mask_uri``).
 - with ``pixel``: the map and the mask (``mask_uri``; none for a normal image: all its
   pixels are normal), at most ``PIXEL_SIDE`` pixels on the long side, become mergeable
   pixel histograms per (dataset, category, scorer, k, seed) (``pipeline.core.pixel_metrics``);
@@ -35,15 +41,17 @@ import torch.nn.functional as F
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
+from PIL import Image
 
 from pipeline.core.anomaly_images import encode_map_png, encode_png, overlay
+from pipeline.core.calibration import defect_mask, defect_regions
 from pipeline.core.config import ScoreConfig
 from pipeline.core.images import ImageLoadError, decode_image, read_bytes
 from pipeline.core.commit import CommitPlan
 from pipeline.core.layout import MAPS, output_fs
 from pipeline.core.manifest import RowError
-from pipeline.core.pixel_metrics import (MaskError, PixelStats, aupro, merge_stats, pixel_auroc,
-                                         pixel_stats, read_mask)
+from pipeline.core.pixel_metrics import (MaskError, PixelStats, aupro, merge_stats, pixel_aupr,
+                                         pixel_auroc, pixel_f1_max, pixel_stats, read_mask)
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.maps import anomaly_map
 from transforms.errors import error_records
@@ -69,6 +77,22 @@ def map_file_stem(record: dict) -> str:
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(record["image_id"]))[-48:]
     return f"{readable}.{record['seed']}.{record['scorer']}.{digest}"
+
+
+def record_anomaly_map(suite, record: dict) -> torch.Tensor | None:
+    """Pop a score record's internal patch-map keys and return its anomaly map of the image,
+    (H, W) at the image's own size, or None when the record has no map (a scorer without
+    one, or a run that computes no maps)."""
+    patch_map = record.pop(PATCH_MAP_KEY, None)
+    size = record.pop(SIZE_KEY, None)
+    grid = record.pop(GRID_KEY, None)
+    if patch_map is None or size is None:
+        return None
+    pm = torch.as_tensor(np.asarray(patch_map, dtype=np.float32)).view(*grid)
+    geometry = suite.input_geometry(record["scorer"], tuple(grid))
+    smooth = suite.smoothing(record["scorer"])
+    amap = anomaly_map(pm, geometry, tuple(size), smooth.sigma, smooth.on_original)
+    return amap[0] if amap.dim() == 3 else amap
 
 
 def _resize_long_side(amap: torch.Tensor, mask: np.ndarray | None,
@@ -97,6 +121,7 @@ class _MapsFn(beam.DoFn):
         self._written = Metrics.counter(METRICS_NAMESPACE, "anomaly_maps_written")
         self._masks = Metrics.counter(METRICS_NAMESPACE, "masks_read")
         self._mask_errors = Metrics.counter(METRICS_NAMESPACE, "mask_errors")
+        self._masks_written = Metrics.counter(METRICS_NAMESPACE, "defect_masks_written")
 
     def setup(self) -> None:
         self._suite = self._config.suite
@@ -169,16 +194,31 @@ class _MapsFn(beam.DoFn):
         record.update(anomaly_map_uri=uris["map"], overlay_uri=uris["overlay"], map_min=lo,
                       map_max=hi)
 
+    def _defects(self, record: dict, amap: torch.Tensor) -> None:
+        """A query flagged anomalous, with a pixel threshold: its defect mask (the pixels
+        strictly above the threshold), measured, and with ``write`` stored as a binary PNG
+        beside its map."""
+        threshold = record.get("pixel_decision_threshold")
+        if not record.get("is_anomalous") or threshold is None:
+            return
+        mask = defect_mask(amap.numpy(), threshold)
+        record.update(defect_area_fraction=float(mask.mean()), defect_regions=defect_regions(mask))
+        if not self._write:
+            return
+        rel = (f"{self._plan.folder(MAPS, record['dataset'], self._attempt)}/"
+               f"{map_file_stem(record)}.mask.png")
+        path = f"{self._root}/{rel}"
+        self._fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with self._fs.open(path, "wb") as f:  # a new name: the folder is this attempt's
+            f.write(encode_png(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))))
+        self._datasets[record["dataset"]] = None
+        self._masks_written.inc()
+        record["defect_mask_uri"] = f"{self._plan.output.rstrip('/')}/{rel}"
+
     def process(self, record: dict) -> Iterable:
-        patch_map = record.pop(PATCH_MAP_KEY, None)
-        size = record.pop(SIZE_KEY, None)
-        grid = record.pop(GRID_KEY, None)
-        if patch_map is not None and size is not None:
-            pm = torch.as_tensor(np.asarray(patch_map, dtype=np.float32)).view(*grid)
-            geometry = self._suite.input_geometry(record["scorer"], tuple(grid))
-            smooth = self._suite.smoothing(record["scorer"])
-            amap = anomaly_map(pm, geometry, tuple(size), smooth.sigma, smooth.on_original)
-            amap = amap[0] if amap.dim() == 3 else amap
+        amap = record_anomaly_map(self._suite, record)
+        if amap is not None:
+            self._defects(record, amap)
             if self._pixel:
                 yield from self._pixel_stats(record, amap)
             if self._write:
@@ -209,6 +249,7 @@ def _pixel_row(element) -> dict:
     (dataset, category, scorer, k, seed), stats = element
     return {"dataset": dataset, "category": category, "scorer": scorer, "k": k, "seed": seed,
             "pixel_auroc": pixel_auroc(stats), "aupro": aupro(stats),
+            "pixel_aupr": pixel_aupr(stats), "pixel_f1_max": pixel_f1_max(stats),
             "pixel_images": stats.images}
 
 

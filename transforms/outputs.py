@@ -18,7 +18,7 @@ from transforms.summary import SummarizeMetrics
 from transforms.write import REPORT, CommitStaged, StageFiles
 
 #: Keys of WriteOutputs' input whose elements are RowErrors (not yet error records).
-ROW_ERRORS = ("manifest_errors", "reference_errors", "image_errors")
+ROW_ERRORS = ("manifest_errors", "reference_errors", "image_errors", "calibration_errors")
 #: The stage of error rows for rows whose dataset name cannot be stored as a folder.
 WRITE_STAGE = "write"
 
@@ -99,7 +99,7 @@ class WriteOutputs(beam.PTransform):
                        | "CarriedScorer" >> beam.Map(_with_scorer))
             scores = (scores, carried) | "WithCarriedScores" >> beam.Flatten()
         row_errors = (
-            [outputs[key] for key in ROW_ERRORS]
+            [outputs[key] for key in ROW_ERRORS if key in outputs]
             | "MergeRowErrors" >> beam.Flatten()
             | "ErrorRecords" >> beam.FlatMap(error_records, cfg.seeds, model_ids, cfg.run_id))
         errors = ((row_errors, outputs["score_errors"])
@@ -131,6 +131,7 @@ class WriteOutputs(beam.PTransform):
                        "k": cfg.k, "seeds": list(cfg.seeds), "scorers": list(cfg.scorers),
                        "reference_selection": cfg.reference_selection,
                        "reference_pool_limit": cfg.reference_pool_limit,
+                       "false_alarm_rate": cfg.false_alarm_rate,
                        "precision": cfg.backbone.precision},
                 pixel=pixel)
             | "SummaryFiles" >> beam.FlatMap(_summary_files, cfg.output))

@@ -147,21 +147,22 @@ class _ScoreFn(beam.DoFn):
             text = self._texts.get(category)
             if text is None and category in prompts:  # only when a scorer reads text
                 text = self._texts[category] = prompts[category].to(self._device)
+            queries = [r for r in rows if r.role == "query"]  # not the calibration images
             for seed in cfg.seeds:
                 payload = _NO_REFERENCES if cfg.k == 0 else ref_sets.get(
                     (dataset, category, seed))
                 if payload is None:
-                    yield from self._no_references(rows, dataset, category, seed)
+                    yield from self._no_references(queries, dataset, category, seed)
                     continue
                 for name, scorer in self._scorers.items():
                     memory = self._memory((dataset, category, seed), name, payload, text)
                     with torch.no_grad():
                         out = scorer.score(feats.part(self._extractor[name]), memory)
-                    self._scored.inc(len(rows))
+                    self._scored.inc(len(queries))
                     yield from score_records(
                         rows, out, scorer=name, seed=seed, payload=payload, config=cfg,
                         identity=self._identity, sizes=sizes)
-            console.advance(len(rows))  # a local run's progress line, if it has one
+            console.advance(len(queries))  # a local run's progress line, if it has one
 
 
 class ScoreQueries(beam.PTransform):

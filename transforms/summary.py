@@ -8,6 +8,8 @@ from typing import Iterable
 import apache_beam as beam
 import pandas as pd
 
+from pipeline.core.decision_metrics import (DECISION_INPUTS, add_decision_metrics,
+                                            short_calibration, summarize_decisions)
 from pipeline.core.metrics import (add_pixel_metrics, comparison_table, ordered_scorers,
                                    summarize_pixel_metrics, summarize_scores, summary_to_markdown,
                                    write_comparison, write_summary)
@@ -15,7 +17,7 @@ from pipeline.core.metrics import (add_pixel_metrics, comparison_table, ordered_
 LOG = logging.getLogger(__name__)
 
 _KEEP = ("dataset", "scorer", "category", "k", "seed", "label", "final_score", "fine_score",
-         "image_residual_score", "text_prior_score")
+         "image_residual_score", "text_prior_score", *DECISION_INPUTS)
 
 
 def _compact(record: dict) -> tuple[str, tuple]:
@@ -26,7 +28,7 @@ def _summarize_dataset(element) -> pd.DataFrame:
     _, rows = element
     frame = pd.DataFrame(list(rows), columns=list(_KEEP))
     frame["label"] = frame["label"].astype("Int64")
-    return summarize_scores(frame)
+    return add_decision_metrics(summarize_scores(frame), summarize_decisions(frame))
 
 
 class _WriteFn(beam.DoFn):
@@ -36,18 +38,35 @@ class _WriteFn(beam.DoFn):
 
     def process(self, frames: list, pixel: list = ()) -> Iterable:
         frames = [f for f in frames if len(f)]
-        summary = pd.concat(frames, ignore_index=True) if frames else summarize_scores(
-            pd.DataFrame(columns=list(_KEEP)))
+        summary = pd.concat(frames, ignore_index=True) if frames else _summarize_dataset(
+            (None, []))
         if pixel:
             summary = add_pixel_metrics(summary, summarize_pixel_metrics(pd.DataFrame(pixel)))
         summary = summary.sort_values(["dataset", "level", "scorer", "category", "k"],
                                       kind="stable", key=_sort_key).reset_index(drop=True)
+        _warn_short_calibration(summary)
         paths = write_summary(summary, self._out_dir, extra=self._extra)
         LOG.info("Summary written to %s", self._out_dir)
         LOG.debug("Summary:\n%s", summary_to_markdown(summary))
         comparison = write_comparison(comparison_table(summary), self._out_dir, extra=self._extra)
         paths.update({f"comparison_{kind}": path for kind, path in comparison.items()})
         yield paths
+
+
+def _warn_short_calibration(summary: pd.DataFrame) -> None:
+    """One warning naming every group whose calibration set is too small for a decision,
+    and how many normal images it would need (the summary's ``decision_note`` says it per
+    row)."""
+    short = short_calibration(summary)
+    if not short:
+        return
+    alpha = float(summary["false_alarm_rate"].dropna().iloc[0])
+    need = short[0][3]
+    groups = "; ".join(f"{d}/{c} has {n}, needs {need - n} more" for d, c, n, need in short)
+    LOG.warning(
+        "No decisions at false-alarm rate %g for %d group(s): a group needs at least %d "
+        "normal calibration images (n + 1 >= 1/alpha; role=calibration rows, or with the "
+        "random draw its reference candidates beyond k): %s", alpha, len(short), need, groups)
 
 
 def _sort_key(col: pd.Series) -> pd.Series:

@@ -60,7 +60,8 @@ PIPELINE_OPTIONS = {
     "seeds": "0,1,2",
     "backbone": "ViT-B-16-plus-240",
     "pretrained": "laion400m_e32",
-    "alert-threshold": "0.5",
+    # Each query's decision keeps this false-alarm rate; drift follows each line's anomaly rate.
+    "false-alarm-rate": "0.05",
     "fail-on-drift": True,
 }
 

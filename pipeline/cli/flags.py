@@ -12,7 +12,8 @@ import difflib
 import math
 from typing import Sequence
 
-from pipeline.core.config import DEFAULT_BATCH_SIZE, DEFAULT_K, ScoreConfig
+from pipeline.core.config import (DEFAULT_BATCH_SIZE, DEFAULT_FALSE_ALARM_RATE, DEFAULT_K,
+                                  ScoreConfig)
 from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, BackboneSpec
 from pipeline.model.loading import backbone_for_heads
 from pipeline.model.scorers import registry
@@ -99,6 +100,13 @@ def scorer_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def open_unit_fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a rate in (0, 1), got {text}")
+    return value
+
+
 def name_set(text: str) -> frozenset[str]:
     """Comma-separated names, e.g. ``--semantic-classes airplane,bird``."""
     return frozenset(c.strip() for c in text.split(",") if c.strip())
@@ -183,6 +191,11 @@ def add_scoring_flags(parser: argparse.ArgumentParser, *, seeds: tuple[int, ...]
     g.add_argument("--write-anomaly-maps", action="store_true",
                    help="write each query's anomaly map (16-bit PNG at the image's size) and "
                         "an overlay under OUT/maps/, their URIs in the scores rows")
+    g.add_argument("--false-alarm-rate", type=open_unit_fraction,
+                   default=DEFAULT_FALSE_ALARM_RATE, metavar="ALPHA",
+                   help="each query's decision keeps this false-alarm rate on normal images, "
+                        "calibrated on normal images that are not references (default "
+                        "%(default)s; needs n + 1 >= 1/ALPHA calibration images per group)")
 
 
 def add_comparison_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -281,6 +294,7 @@ def score_config_from_args(args: argparse.Namespace, **overrides) -> ScoreConfig
         write_anomaly_maps=args.write_anomaly_maps,
         reference_selection=args.reference_selection,
         reference_pool_limit=args.reference_pool_limit,
+        false_alarm_rate=args.false_alarm_rate,
         feature_cache=args.feature_cache,
         share_model_across_processes=args.share_model_across_processes,
         decode_threads=args.decode_threads,

@@ -11,8 +11,8 @@ from pipeline.cli.flags import (add_score_flags, finite_float, iso_date, parse_w
 from pipeline.core.config import ScoreConfig
 from pipeline.core.layout import FEATURE_CACHE_DIR, feature_cache_dir
 from pipeline.core.preflight import check_writable
-from pipeline.nightly.job import (DATE_COLUMN, DEFAULT_ALERT_THRESHOLD, DEFAULT_DRIFT_TOLERANCE,
-                                  EXIT_DRIFT, NightlyOptions, run_nightly)
+from pipeline.nightly.job import (DATE_COLUMN, DEFAULT_DRIFT_TOLERANCE, EXIT_DRIFT,
+                                  NightlyOptions, run_nightly)
 
 LOG = logging.getLogger(__name__)
 
@@ -36,12 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-feature-cache", action="store_true",
                    help="do not cache reference features "
                         f"(default cache: OUTPUT/{FEATURE_CACHE_DIR})")
-    g.add_argument("--alert-threshold", type=finite_float, default=DEFAULT_ALERT_THRESHOLD,
-                   help="final_score at or above which a query counts as anomalous in the drift "
-                        "report (default %(default)s)")
+    g.add_argument("--alert-threshold", type=finite_float, default=None,
+                   help="deprecated: alerts count the calibrated decisions (--false-alarm-rate) "
+                        "per line; a threshold only adds the count of final_score at or above "
+                        "it to the drift report")
     g.add_argument("--drift-tolerance", type=finite_float, default=DEFAULT_DRIFT_TOLERANCE,
-                   help="largest change of a quantile or of the above-threshold fraction that "
-                        "is not an alert (default %(default)s)")
+                   help="largest change of a line's anomaly rate (or of a score quantile) "
+                        "that is not an alert (default %(default)s)")
     g.add_argument("--fail-on-drift", action="store_true",
                    help=f"exit with code {EXIT_DRIFT} when a dataset drifts")
     return parser
@@ -63,6 +64,11 @@ def parse_nightly_args(argv: Sequence[str] | None
     output = args.output.rstrip("/")
     cache = None if args.no_feature_cache else (args.feature_cache or feature_cache_dir(output))
     config = score_config_from_args(args, run_date=date, feature_cache=cache)
+    if args.alert_threshold is not None:
+        LOG.warning("--alert-threshold is deprecated: alerts now count each line's calibrated "
+                    "decisions (is_anomalous at --false-alarm-rate %g) and drift follows its "
+                    "anomaly rate; the threshold only adds the count of raw scores at or above "
+                    "%g to the drift report", config.false_alarm_rate, args.alert_threshold)
     options = NightlyOptions(force=args.force, alert_threshold=args.alert_threshold,
                              drift_tolerance=args.drift_tolerance,
                              fail_on_drift=args.fail_on_drift, lock_wait_s=args.lock_wait)

@@ -128,6 +128,35 @@ def overlay(image: Image.Image, amap: np.ndarray, lo: float, hi: float, alpha: f
     return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
 
 
+def outline_mask(image: Image.Image, mask: np.ndarray,
+                 colour: tuple[int, int, int] = (255, 255, 255), width: int = 2) -> Image.Image:
+    """The RGB image with the boundary of a binary defect mask drawn in ``colour``.
+
+    mask: (h, w) bool (any nonzero pixel is a defect), resized to the image's size by
+    nearest neighbour when it differs (a full-size mask on a thumbnail). The boundary is
+    the mask's pixels within ``width`` pixels of a pixel outside it (or of the border).
+    returns: a new RGB image of the image's size.
+    """
+    m = np.asarray(mask)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"mask must be a non-empty (height, width) array, got shape {m.shape}")
+    if width < 1:
+        raise ValueError(f"width must be at least 1, got {width}")
+    base = np.asarray(image.convert("RGB")).copy()
+    h, w = base.shape[:2]
+    if m.shape != (h, w):
+        m = np.asarray(Image.fromarray((m != 0).astype(np.uint8) * 255).resize(
+            (w, h), Image.Resampling.NEAREST)) > 0
+    inside = m != 0
+    inner = inside.copy()
+    for _ in range(width):  # erode by one pixel (4-neighbourhood), the border counts as outside
+        padded = np.pad(inner, 1, constant_values=False)
+        inner = (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1]
+                 & padded[1:-1, :-2] & padded[1:-1, 2:])
+    base[inside & ~inner] = colour
+    return Image.fromarray(base)
+
+
 def encode_png(image: Image.Image) -> bytes:
     """The image as PNG bytes (lossless, any mode PNG can hold)."""
     buf = io.BytesIO()

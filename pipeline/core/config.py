@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping
 
+from pipeline.core.calibration import DEFAULT_FALSE_ALARM_RATE, check_alpha
 from pipeline.core.images import ImageLimits
 from pipeline.model.backbone import BackboneSpec
 from pipeline.model.prompts import DEFAULT_SEMANTIC_CLASSES
@@ -73,8 +74,11 @@ class ScoreConfig:
     # candidate, or a seeded sample of reference_pool_limit).
     reference_selection: str = RANDOM
     reference_pool_limit: int | None = None
+    # The stated false-alarm rate alpha of each query's calibrated decision.
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
 
     def __post_init__(self) -> None:
+        check_alpha(self.false_alarm_rate)
         if self.decode_threads < 0:
             raise ValueError(f"decode_threads must be 0 (auto) or more, got {self.decode_threads}")
         if self.k < 0:

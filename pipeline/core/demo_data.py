@@ -326,21 +326,28 @@ def generate_demo(
     n_train: int = 6,
     n_test_good: int = 4,
     n_test_defect_per_type: int = 2,
+    n_calibration: int = 0,
 ) -> list[tuple[str, str]]:
     """Write the demo datasets under local folder ``root`` in MVTec layout.
 
     Layout: ``<root>/<dataset>/<category>/{train/good, test/good,
     test/<defect_type>}/NNN.png``, and for each defect image its ground-truth
     mask ``<category>/ground_truth/<defect_type>/NNN_mask.png`` (same size,
-    255 on every pixel the defect painted, 0 elsewhere). Same arguments →
-    byte-identical files. Existing files with other names are left alone, so
-    use a fresh folder.
+    255 on every pixel the defect painted, 0 elsewhere). With ``n_calibration``,
+    that many more normal images per category in ``validation/good`` (MVTec LOCO
+    AD's place for them, which ``make_manifest`` reads as role ``calibration``):
+    the normal images the decisions are calibrated on (at least
+    ``pipeline.core.calibration.min_calibration_size(alpha)``, 19 for alpha 0.05). Same
+    arguments → byte-identical files. Existing files with other names are left alone,
+    so use a fresh folder.
 
     Returns:
         ``(dataset_root, dataset_name)`` pairs, ready for ``make_manifest``.
     """
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32, got {image_size}")
+    if n_calibration < 0:
+        raise ValueError(f"n_calibration must be 0 or more, got {n_calibration}")
     pairs = []
     total = 0
     for dataset, categories in DATASETS.items():
@@ -350,6 +357,7 @@ def generate_demo(
             jobs: list[tuple[str, str | None, int]] = [
                 ("train/good", None, i) for i in range(n_train)
             ]
+            jobs += [("validation/good", None, i) for i in range(n_calibration)]
             jobs += [("test/good", None, i) for i in range(n_test_good)]
             jobs += [
                 (f"test/{defect}", defect, i)
@@ -366,6 +374,7 @@ def generate_demo(
                 _save(image, os.path.join(base, split, f"{index:03d}.png"), spec.grayscale)
             total += len(jobs)
         pairs.append((dataset_root, dataset))
-    LOG.info("wrote %d demo images (and a mask per defect image) in %d datasets under %s",
-             total, len(pairs), root)
+    LOG.info("wrote %d demo images (%d of them for calibration; and a mask per defect image) "
+             "in %d datasets under %s", total,
+             n_calibration * sum(len(c) for c in DATASETS.values()), len(pairs), root)
     return pairs

@@ -8,10 +8,11 @@ paths and ``gs://`` both work.
 Aggregation over seeds (documented once, used everywhere): a metric is first
 computed per seed on that seed's labelled rows, then reported as the mean and
 the *population* standard deviation (``ddof=0``) over seeds. A single seed
-therefore has std 0.0, not NaN. Pixel metrics (pixel AUROC, AUPRO; computed by
-:mod:`pipeline.core.pixel_metrics` per category and seed) are aggregated the same
-way by :func:`summarize_pixel_metrics` and joined onto the summary by
-:func:`add_pixel_metrics`.
+therefore has std 0.0, not NaN. Pixel metrics (pixel AUROC, AUPRO, pixel AUPR,
+pixel F1-max; computed by :mod:`pipeline.core.pixel_metrics` per category and seed)
+are aggregated the same way by :func:`summarize_pixel_metrics` and joined onto the
+summary by :func:`add_pixel_metrics`; the calibrated decisions' rates
+(:mod:`pipeline.core.decision_metrics`) by ``add_decision_metrics``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from pipeline.core.decision_metrics import DECISION_RATES
 from pipeline.core.reports import write_report
 from pipeline.model.scorers.inctrl import INCTRL
 from pipeline.model.scorers.registry import scorer_names
@@ -40,12 +42,18 @@ DEFAULT_SCORER = INCTRL
 #: The summary metrics the comparison reports, each as mean and std over seeds.
 COMPARISON_METRICS: tuple[str, ...] = ("auroc", "auprc")
 #: Pixel-level metrics, per (dataset, scorer, category, k, seed) from the anomaly maps.
-PIXEL_METRICS: tuple[str, ...] = ("pixel_auroc", "aupro")
+PIXEL_METRICS: tuple[str, ...] = ("pixel_auroc", "aupro", "pixel_aupr", "pixel_f1_max")
+#: The decisions' rates the comparison reports where labels exist (realized false-alarm
+#: rate on normal queries, recall on anomalous ones, at the run's stated rate).
+COMPARISON_DECISIONS: tuple[str, ...] = DECISION_RATES[:2]
 #: What :func:`add_pixel_metrics` appends to a summary.
 PIXEL_COLUMNS: tuple[str, ...] = (
     "pixel_images", *(f"{m}_{stat}" for m in PIXEL_METRICS for stat in ("mean", "std")))
 #: Section titles of the Markdown comparison.
-_TITLES = {"auroc": "AUROC", "auprc": "AUPRC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO"}
+_TITLES = {"auroc": "AUROC", "auprc": "AUPRC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO",
+           "pixel_aupr": "Pixel AUPR", "pixel_f1_max": "Pixel F1-max",
+           "realized_false_alarm_rate": "False-alarm rate at the decision",
+           "recall_at_decision": "Recall at the decision"}
 MEAN_CATEGORY = "*mean*"
 POOLED_CATEGORY = "*pooled*"
 #: What an empty summary says (the run had no query with a score).
@@ -53,7 +61,8 @@ NO_QUERIES = ("No queries were scored in this run: the manifest (or the date) ha
               "all failed (see the errors table).")
 
 _REQUIRED = ("dataset", "category", "k", "seed", "label")
-_PIXEL_REQUIRED = ("dataset", "scorer", "category", "k", "seed", *PIXEL_METRICS, "pixel_images")
+_PIXEL_REQUIRED = ("dataset", "scorer", "category", "k", "seed", "pixel_auroc", "aupro",
+                   "pixel_images")
 _JOIN_KEYS = ["level", "dataset", "scorer", "category", "k"]
 _SUMMARY_COLUMNS: tuple[str, ...] = (
     "level",
@@ -260,8 +269,8 @@ def summarize_pixel_metrics(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Aggregate per-seed pixel metrics into the summary's ``category`` and ``dataset_mean`` levels.
 
     ``per_seed`` has one row per (dataset, scorer, category, k, seed) with
-    ``pixel_auroc``, ``aupro`` (NaN where undefined, e.g. a category without masks)
-    and ``pixel_images`` (how many maps entered that seed's statistics). Levels, as in
+    ``pixel_auroc``, ``aupro``, ``pixel_aupr``, ``pixel_f1_max`` (NaN where undefined,
+    e.g. a category without masks; the last two NaN when absent) and ``pixel_images`` (how many maps entered that seed's statistics). Levels, as in
     :func:`summarize_scores`:
 
     * ``category``: mean / population std (ddof=0) over seeds; ``pixel_images`` is
@@ -275,8 +284,7 @@ def summarize_pixel_metrics(per_seed: pd.DataFrame) -> pd.DataFrame:
     so pooled summary rows get NaN pixel metrics from :func:`add_pixel_metrics`.
 
     Returns:
-        Columns ``level, dataset, scorer, category, k, pixel_images,
-        pixel_auroc_mean, pixel_auroc_std, aupro_mean, aupro_std``.
+        Columns ``level, dataset, scorer, category, k`` and :data:`PIXEL_COLUMNS`.
 
     Raises:
         ValueError: a column is missing, or a (dataset, scorer, category, k, seed)
@@ -294,6 +302,8 @@ def summarize_pixel_metrics(per_seed: pd.DataFrame) -> pd.DataFrame:
         first = per_seed.loc[repeated, [*cat_keys, "seed"]].iloc[0].tolist()
         raise ValueError(f"pixel metrics given twice for (dataset, scorer, category, k, seed) "
                          f"{tuple(first)}")
+    # Rows of runs before pixel AUPR and F1-max existed lack them: NaN.
+    per_seed = per_seed.assign(**{m: np.nan for m in PIXEL_METRICS if m not in per_seed.columns})
     per_seed = per_seed.astype({m: "float64" for m in PIXEL_METRICS})
 
     images = per_seed.groupby(cat_keys, sort=True, dropna=False)["pixel_images"]
@@ -375,17 +385,24 @@ def summary_to_markdown(summary: pd.DataFrame) -> str:
 
     Groups with no labelled rows show their score distribution
     (``p50=… p90=… max=…``) in the AUROC cell instead of metrics, since there
-    is nothing to evaluate against. Pixel AUROC and AUPRO columns (from
-    :func:`add_pixel_metrics`) appear only when some row has one. An empty
+    is nothing to evaluate against. Pixel columns (from :func:`add_pixel_metrics`)
+    appear only when some row has one; the decisions' columns (calibration size,
+    false-alarm rate and recall at the decision, anomaly rate) when the summary has
+    them, with the rows' notes (why a group has no decision) listed below. An empty
     table says so in words.
     """
     if summary.empty:
         return NO_QUERIES + "\n"
-    pixel = _has_pixel_metrics(summary, [f"{m}_mean" for m in PIXEL_METRICS])
-    pixel_metrics = PIXEL_METRICS if pixel else ()
+    pixel_metrics = tuple(m for m in PIXEL_METRICS if _has_pixel_metrics(summary, [f"{m}_mean"]))
+    decisions = "calibration_size" in summary.columns and "anomaly_rate_mean" in summary.columns
     header = ["dataset", "scorer", "category", "k", "queries", "anomalous", "AUROC", "AUPRC", "F1-max",
               *(_TITLES[m] for m in pixel_metrics)]
+    if decisions:
+        alpha = summary["false_alarm_rate"].dropna()
+        stated = f" (α = {float(alpha.iloc[0]):g})" if len(alpha) else ""
+        header += ["calibration n", f"false alarms{stated}", "recall", "anomaly rate"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    notes = []
     for row in summary.itertuples(index=False):
         unlabelled = row.anomalous_count + row.normal_count == 0
         if unlabelled:
@@ -400,9 +417,19 @@ def summary_to_markdown(summary: pd.DataFrame) -> str:
             anomalous = str(row.anomalous_count)
         metric_cells += [_fmt_mean_std(getattr(row, f"{m}_mean"), getattr(row, f"{m}_std"))
                          for m in pixel_metrics]
+        if decisions:
+            n = row.calibration_size
+            metric_cells += [("n/a" if pd.isna(n) else str(int(n))),
+                             *(_fmt_mean_std(getattr(row, f"{m}_mean"), getattr(row, f"{m}_std"))
+                               for m in DECISION_RATES)]
+            note = getattr(row, "decision_note", None)
+            if note and row.level == "category":
+                notes.append(f"- {row.dataset} / {row.category} ({row.scorer}): {note}")
         scorer = getattr(row, "scorer", DEFAULT_SCORER)  # summaries written before the column
         cells = [row.dataset, scorer, row.category, row.k, row.query_count, anomalous, *metric_cells]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    if notes:
+        lines += ["", "Rows without a decision:", "", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -432,21 +459,22 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
     over categories, then mean / population std over seeds, as the InCTRL paper
     reports). Columns are ``dataset``, ``k`` and, per scorer in
     :func:`ordered_scorers` order, ``<scorer>_auroc_mean``, ``<scorer>_auroc_std``,
-    ``<scorer>_auprc_mean``, ``<scorer>_auprc_std`` and, when the summary has pixel
-    metrics (:func:`add_pixel_metrics`), ``<scorer>_pixel_auroc_mean``,
-    ``<scorer>_pixel_auroc_std``, ``<scorer>_aupro_mean``, ``<scorer>_aupro_std``;
-    NaN where a scorer did not score a dataset. A summary without a ``scorer`` column is
-    :data:`DEFAULT_SCORER`'s. No dataset rows give an empty frame with columns
-    ``dataset`` and ``k``.
+    ``<scorer>_auprc_mean``, ``<scorer>_auprc_std``; then, for each pixel metric the
+    summary has (:func:`add_pixel_metrics`: ``pixel_auroc``, ``aupro``, ``pixel_aupr``,
+    ``pixel_f1_max``) and, when it has the decisions' rates, for
+    ``realized_false_alarm_rate`` and ``recall_at_decision``,
+    ``<scorer>_<metric>_mean`` and ``_std``; NaN where a scorer did not score a dataset.
+    A summary without a ``scorer`` column is :data:`DEFAULT_SCORER`'s. No dataset rows
+    give an empty frame with columns ``dataset`` and ``k``.
     """
     if summary.empty:
         return pd.DataFrame(columns=["dataset", "k"])
     means = _with_scorer(summary[summary["level"] == "dataset_mean"])
     if means.empty:
         return pd.DataFrame(columns=["dataset", "k"])
-    metrics = COMPARISON_METRICS
-    if all(f"{m}_{stat}" in means.columns for m in PIXEL_METRICS for stat in ("mean", "std")):
-        metrics = (*COMPARISON_METRICS, *PIXEL_METRICS)
+    optional = (*PIXEL_METRICS, *COMPARISON_DECISIONS)
+    metrics = COMPARISON_METRICS + tuple(
+        m for m in optional if all(f"{m}_{stat}" in means.columns for stat in ("mean", "std")))
     values = [f"{m}_{stat}" for m in metrics for stat in ("mean", "std")]
     # unstack raises on a repeated (dataset, k, scorer): one summary row each, or the input is wrong.
     wide = means.set_index(["dataset", "k", "scorer"])[values].unstack("scorer")
@@ -474,16 +502,16 @@ def comparison_to_markdown(table: pd.DataFrame) -> str:
     """Render a :func:`comparison_table` as Markdown: one table per metric.
 
     Each table has a row per (dataset, k) and a column per scorer with
-    ``mean ± std`` over seeds (``n/a`` where the scorer has no value). Pixel
-    AUROC and AUPRO get a table each when the comparison has a value of them. An
-    empty table says so in words.
+    ``mean ± std`` over seeds (``n/a`` where the scorer has no value). Each pixel
+    metric and each decision rate gets a table when the comparison has a value of
+    it. An empty table says so in words.
     """
     if table.empty:
         return NO_QUERIES + "\n"
     scorers = _table_scorers(table)
     header = ["dataset", "k", *scorers]
     metrics = [*COMPARISON_METRICS]
-    metrics += [m for m in PIXEL_METRICS
+    metrics += [m for m in (*PIXEL_METRICS, *COMPARISON_DECISIONS)
                 if _has_pixel_metrics(table, [f"{s}_{m}_{stat}" for s in scorers
                                               for stat in ("mean", "std")])]
     sections = []

@@ -42,12 +42,23 @@ _SCORE_FIELDS = [
     pa.field("heads_hash", pa.string()),
     pa.field("run_id", pa.string()),
 ]
+#: Each query's decision, calibrated on normal images at the stated false-alarm rate
+#: (``pipeline.core.calibration``), and with anomaly maps its defect mask's measures.
+DECISION_FIELDS = [pa.field("false_alarm_rate", pa.float64()),
+                   pa.field("anomaly_p_value", pa.float64()),
+                   pa.field("is_anomalous", pa.bool_()),
+                   pa.field("calibration_size", pa.int64()),
+                   pa.field("decision_threshold", pa.float64()),
+                   pa.field("pixel_decision_threshold", pa.float64()),
+                   pa.field("defect_area_fraction", pa.float64()),
+                   pa.field("defect_regions", pa.int64())]
 #: Where a query's anomaly map went (``--write-anomaly-maps``): a 16-bit PNG of the map at
 #: the image's own size, normalised to [map_min, map_max], and an overlay PNG for people.
 ANOMALY_MAP_FIELDS = [pa.field("anomaly_map_uri", pa.string()),
                       pa.field("overlay_uri", pa.string()),
                       pa.field("map_min", pa.float64()),
-                      pa.field("map_max", pa.float64())]
+                      pa.field("map_max", pa.float64()),
+                      pa.field("defect_mask_uri", pa.string())]
 #: A scorer's patch map, row-major on its own feature grid (height × width values).
 PATCH_MAP_FIELDS = [pa.field("patch_map", pa.list_(pa.float32())),
                     pa.field("patch_map_height", pa.int64()),
@@ -72,13 +83,14 @@ _MANIFEST_COLUMNS = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
 def passthrough_fields(manifest_schema: pa.Schema) -> list[pa.Field]:
     """Manifest columns that are not ours travel to the scores table with their own types."""
     taken = ({f.name for f in _SCORE_FIELDS} | {"dataset", "run_date", "role"}
+             | {f.name for f in DECISION_FIELDS}
              | {f.name for f in PATCH_MAP_FIELDS} | {f.name for f in ANOMALY_MAP_FIELDS})
     return [f for f in manifest_schema if f.name not in _MANIFEST_COLUMNS and f.name not in taken]
 
 
 def scores_schema(manifest_schema: pa.Schema | None, patch_map: bool,
                   anomaly_maps: bool = False) -> pa.Schema:
-    fields = list(_SCORE_FIELDS)
+    fields = list(_SCORE_FIELDS) + list(DECISION_FIELDS)
     if patch_map:
         fields.extend(PATCH_MAP_FIELDS)
     if anomaly_maps:

@@ -8,13 +8,14 @@ from pipeline.core.manifest import ManifestRow
 
 @dataclass(frozen=True)
 class RowSelection:
-    """The queries a run scores, the reference candidates it may draw from, and the earlier
-    score rows it keeps.
+    """The queries a run scores, the reference candidates it may draw from, the calibration
+    images it may use, and the earlier score rows it keeps.
 
     The default selects everything and keeps nothing (the ``score`` job). The nightly job
     narrows the queries to one capture date minus those already scored (``skip``: (dataset,
     image_id) pairs, since one image may be a query of several datasets), the
-    references to those captured on or before that date (or undated), and carries the kept
+    references and calibration images to those captured on or before that date (or
+    undated), and carries the kept
     rows of the date's earlier run from a Parquet file (``carried_scores``).
     """
 
@@ -30,6 +31,14 @@ class RowSelection:
         if self.query_date is not None and row.capture_date != self.query_date:
             return False
         return (row.dataset, row.image_id) not in self.skip
+
+    def is_calibration(self, row: ManifestRow) -> bool:
+        """A ``calibration`` row this run may calibrate with: undated or captured on or
+        before ``references_until``, as references."""
+        if row.role != "calibration":
+            return False
+        return (self.references_until is None or row.capture_date is None
+                or row.capture_date <= self.references_until)
 
     def is_candidate(self, row: ManifestRow) -> bool:
         """A row the reference draw may see (every non-reference row passes through)."""

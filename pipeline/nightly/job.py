@@ -13,9 +13,9 @@ Rules, in the order they apply:
   without a ``capture_date``: tonight that is every current reference, and a backfill of an
   old date does not use references that arrived later.
 * **Incremental**: a query whose rows for every requested seed are already in the date's
-  partition with the same ``model_id`` and ``k`` is not scored again; its rows are carried
-  into the new partition (with their anomaly maps, kept where they are and said so in the
-  record). ``--force`` rescores every query of the date. Rows of other models, other ``k``,
+  partition with the same ``model_id``, ``k`` and ``false_alarm_rate`` is not scored
+  again; its rows are carried into the new partition (with their anomaly maps, kept where
+  they are and said so in the record, and with the decisions of the run that scored them). ``--force`` rescores every query of the date. Rows of other models, other ``k``,
   seeds not asked for or queries no longer in the manifest are dropped, and so is every
   table's partition of a dataset no longer in the manifest: a night that scores stands for
   the whole date.
@@ -26,10 +26,14 @@ Rules, in the order they apply:
   failed or killed run leaves the previous result, every table of it, in force.
 * **Reference features** are cached in ``OUT/_feature_cache`` (``--feature-cache``), keyed by
   image content hash and backbone identity: unchanged references are not extracted again.
-* **Drift**: per dataset, the score quantiles (p50, p90, p99) and the count of scores at or
-  above ``--alert-threshold`` (tonight's: the scores this night commits) against the latest
-  earlier date with scores, committed with the night and published beside the summary as
-  ``drift.{parquet,json,md}``; ``--fail-on-drift`` turns an alert into exit code 3.
+* **Drift**: per dataset (line), the count and share of queries the calibrated decisions
+  flagged anomalous (``is_anomalous``, at ``--false-alarm-rate``) and the score quantiles
+  (p50, p90, p99) of tonight's committed rows of the run's first scorer, against the latest
+  earlier date with scores; a line drifts when its anomaly rate (or a quantile) moved by
+  more than ``--drift-tolerance``. Committed with the night and published beside the
+  summary as ``drift.{parquet,json,md}``; ``--fail-on-drift`` turns an alert into exit
+  code 3. The deprecated ``--alert-threshold`` adds the old count of raw scores at or above
+  it.
 
 The plan is :mod:`pipeline.nightly.plan`, the drift statistics :mod:`pipeline.nightly.drift`
 and the partitions of earlier runs are read through :mod:`pipeline.core.layout`; this module
@@ -68,20 +72,23 @@ from pipeline.runner import counter, runner_name
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_ALERT_THRESHOLD = 0.5
 DEFAULT_DRIFT_TOLERANCE = 0.1
 EXIT_DRIFT = 3
 
-__all__ = ["DATE_COLUMN", "DEFAULT_ALERT_THRESHOLD", "DEFAULT_DRIFT_TOLERANCE", "EXIT_DRIFT",
-           "NightlyOptions", "NightlyReport", "run_nightly"]
+__all__ = ["DATE_COLUMN", "DEFAULT_DRIFT_TOLERANCE", "EXIT_DRIFT", "NightlyOptions",
+           "NightlyReport", "run_nightly"]
 
 
 @dataclass(frozen=True)
 class NightlyOptions:
-    """What the nightly run adds to the scoring job's configuration."""
+    """What the nightly run adds to the scoring job's configuration.
+
+    ``alert_threshold`` is deprecated: alerts count the calibrated decisions; a threshold
+    only adds the count of raw scores at or above it to the drift report.
+    """
 
     force: bool = False
-    alert_threshold: float = DEFAULT_ALERT_THRESHOLD
+    alert_threshold: float | None = None
     drift_tolerance: float = DEFAULT_DRIFT_TOLERANCE
     fail_on_drift: bool = False
     #: Seconds to wait for another run of the same date to finish (0: refuse at once).
@@ -132,7 +139,8 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
         record = current_record(config.output, date)
         existing = read_partition(config.output, date)
         plan = plan_night(list(queries), _keys(existing), model_ids=model_ids, k=config.k,
-                          seeds=config.seeds, force=options.force)
+                          seeds=config.seeds, force=options.force,
+                          false_alarm_rate=config.false_alarm_rate)
         gone = _datasets_in_force(record) - {d for d, _ in queries} - {None}
         report.queries_on_date, report.already_scored = plan.queries, len(plan.skip)
         report.scored_queries, report.carried_rows = plan.to_score, plan.carried_rows
@@ -179,7 +187,7 @@ def run_nightly(config: ScoreConfig, beam_args: Sequence[str],
 
 def _keys(existing: pa.Table | None) -> pd.DataFrame:
     """The plan's view of the date's existing rows."""
-    columns = ["dataset", "image_id", "seed", "model_id", "k", "scorer"]
+    columns = ["dataset", "image_id", "seed", "model_id", "k", "scorer", "false_alarm_rate"]
     if existing is None:
         return pd.DataFrame(columns=columns)
     return existing.select([c for c in columns if c in existing.column_names]).to_pandas()
@@ -270,22 +278,29 @@ def _record_metrics(report: NightlyReport, result: PipelineResult, *, cached: bo
              report.reference_cache_hits)
 
 
+#: The columns drift reads of the scores (``dataset`` comes from the partitions).
+DRIFT_COLUMNS = ["final_score", "scorer", "is_anomalous"]
+
+
 def _primary(table: pa.Table | None, scorer: str) -> pd.DataFrame | None:
-    """The ``final_score`` and ``dataset`` of one scorer's rows (rows written before the
-    scorer column existed are InCTRL's): scorers' scores are not on one scale, so drift is
-    followed for the run's first scorer."""
+    """The ``final_score``, ``is_anomalous`` and ``dataset`` of one scorer's rows (rows
+    written before the scorer column existed are InCTRL's; before decisions, undecided):
+    drift is followed for the run's first scorer."""
     if table is None:
         return None
     frame = table.to_pandas()
+    if "is_anomalous" not in frame.columns:
+        frame["is_anomalous"] = None
     written = frame["scorer"].fillna(LEGACY_SCORER)
-    return frame.loc[written == scorer, ["final_score", "dataset"]].reset_index(drop=True)
+    return frame.loc[written == scorer, ["final_score", "is_anomalous", "dataset"]].reset_index(
+        drop=True)
 
 
 def _scores_frame(output: str, date: str | None, scorer: str) -> pd.DataFrame | None:
-    """A date's committed ``final_score`` and ``dataset`` columns of ``scorer``, or None."""
+    """A date's committed drift columns of ``scorer``, or None."""
     if date is None:
         return None
-    return _primary(read_partition(output, date, columns=["final_score", "scorer"]), scorer)
+    return _primary(read_partition(output, date, columns=DRIFT_COLUMNS), scorer)
 
 
 def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyReport,
@@ -295,8 +310,7 @@ def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyR
     date = config.run_date
     tonight = [(d, f) for d, f in preview(lease, staged, SCORES) if f.endswith(".parquet")]
     scorer = config.scorers[0]
-    table = _primary(read_files(config.output, tonight, columns=["final_score", "scorer"]),
-                     scorer)
+    table = _primary(read_files(config.output, tonight, columns=DRIFT_COLUMNS), scorer)
     if table is None:
         LOG.warning("No scores for %s: no drift report", date)
         return Staged()
@@ -311,6 +325,7 @@ def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyR
         drift, lease.staging_url("reports"), date=date, previous=before,
         extra={"run_date": date, "previous_date": before, "run_id": config.run_id,
                "model_id": report.model_ids[scorer], "scorer": scorer,
+               "false_alarm_rate": config.false_alarm_rate,
                "threshold": options.alert_threshold,
                "tolerance": options.drift_tolerance})
     published = summary_dir(config.output, date)
@@ -319,7 +334,7 @@ def _report_drift(config: ScoreConfig, options: NightlyOptions, report: NightlyR
     LOG.info("Drift %s vs %s:\n%s", date, before or "no previous night",
              drift_markdown(drift, date, before))
     for dataset in report.alerts:
-        LOG.warning("Score drift in dataset %r between %s and %s (tolerance %.3f)",
-                    dataset, before, date, options.drift_tolerance)
+        LOG.warning("Drift in dataset %r between %s and %s (anomaly rate or score quantiles "
+                    "moved by more than %.3f)", dataset, before, date, options.drift_tolerance)
     return Staged(reports=tuple((DRIFT_TABLE, relative(config.output, path))
                                 for path in written.values()))

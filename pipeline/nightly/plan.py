@@ -57,15 +57,17 @@ LEGACY_SCORER = INCTRL
 
 def plan_night(date_queries: Iterable[tuple[str, str]], existing: pd.DataFrame, *,
                model_ids: Mapping[str, str], k: int, seeds: Sequence[int],
-               force: bool = False) -> NightPlan:
+               force: bool = False, false_alarm_rate: float | None = None) -> NightPlan:
     """Which of the date's queries ((dataset, image_id) pairs) are done, and which existing
     rows carry over.
 
     ``existing`` holds the date's current rows with at least ``dataset``, ``image_id``,
     ``seed``, ``model_id`` and ``k`` (and ``scorer``; rows without one are InCTRL's, written
     before the column existed). ``model_ids`` maps each scorer of the run to the model id
-    its rows must show (``SuiteSpec.model_ids``). A query is done when it has a row for
-    every (seed, scorer) with that scorer's model id and this ``k``; only the done queries'
+    its rows must show (``SuiteSpec.model_ids``). With ``false_alarm_rate``, a row counts
+    only when it was decided at that rate (rows written before decisions existed, or at
+    another rate, are scored again). A query is done when it has a row for every (seed,
+    scorer) with that scorer's model id and this ``k``; only the done queries'
     rows for those are kept (one per (dataset, image_id, seed, scorer)). The same image may
     be a query of several datasets: each is planned on its own. ``force`` keeps nothing
     and rescores everything.
@@ -86,6 +88,10 @@ def plan_night(date_queries: Iterable[tuple[str, str]], existing: pd.DataFrame, 
         & (existing["model_id"] == expected).to_numpy()
         & (existing["k"] == k).to_numpy()
     )
+    if false_alarm_rate is not None:
+        rate = (existing["false_alarm_rate"] if "false_alarm_rate" in existing.columns
+                else pd.Series(np.nan, index=existing.index))
+        match &= (pd.to_numeric(rate, errors="coerce") == false_alarm_rate).to_numpy(dtype=bool)
     frame = existing.assign(scorer=scorer)
     rows = np.flatnonzero(match)
     unique = rows[~frame.iloc[rows].duplicated(

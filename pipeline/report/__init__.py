@@ -5,7 +5,7 @@ thumbnails it shows, and returns the page's URL. The page has the run's identity
 ids, models, scorers, k, seeds), per dataset the metrics per scorer, ROC and precision-recall
 curves, score histograms by label and a gallery of the most anomalous queries beside their
 references, the errors by stage and, for nightly outputs, the drift against the previous night
-and the score quantiles and alert rate of the last nights.
+and the score quantiles and anomaly rate of the last nights.
 
 Modules: ``inputs`` (reading the committed files), ``curves`` (the numbers behind the plots),
 ``svg`` (the plots), ``thumbnails`` (image copies), ``sections`` (the page's parts),

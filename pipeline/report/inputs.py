@@ -30,7 +30,9 @@ SUMMARY_FILE, COMPARISON_FILE = "summary.parquet", "comparison.parquet"
 SCORE_COLUMNS = ("dataset", "category", "image_id", "image_uri", "label", "defect_type", "seed",
                  "scorer", "k", "k_used", "reference_ids", "reference_uris", "final_score",
                  "scoring_mode", "model_id", "backbone", "pretrained", "run_id", "overlay_uri",
-                 "anomaly_map_uri")
+                 "anomaly_map_uri", "anomaly_p_value", "is_anomalous", "calibration_size",
+                 "decision_threshold", "false_alarm_rate", "defect_mask_uri",
+                 "defect_area_fraction", "defect_regions")
 DRIFT_FILE, DRIFT_JSON, NIGHTLY_FILE = "drift.parquet", "drift.json", "nightly.json"
 
 

@@ -33,9 +33,20 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("f1_max", "F1-max", True),
     ("pixel_auroc", "Pixel AUROC", False),
     ("aupro", "AUPRO", False),
+    ("pixel_aupr", "Pixel AUPR", False),
+    ("pixel_f1_max", "Pixel F1-max", False),
+    ("realized_false_alarm_rate", "False alarms at the decision", False),
+    ("recall_at_decision", "Recall at the decision", False),
 )
 #: The metrics the overview compares across scorers (the comparison file's).
-COMPARED = ("auroc", "auprc", "pixel_auroc", "aupro")
+COMPARED = ("auroc", "auprc", "pixel_auroc", "aupro", "realized_false_alarm_rate",
+            "recall_at_decision")
+#: The decisions table's columns of the summary's category rows: (column, heading).
+DECISION_CELLS: tuple[tuple[str, str], ...] = (
+    ("calibration_size", "calibration n"), ("decision_threshold", "score threshold"),
+    ("pixel_decision_threshold", "pixel threshold"), ("decision_tp", "TP"),
+    ("decision_fp", "FP"), ("decision_tn", "TN"), ("decision_fn", "FN"),
+    ("undecided_count", "undecided"), ("anomaly_rate", "anomaly rate"))
 LABEL_COLOURS = {NORMAL: "#1f77b4", ANOMALOUS: "#d62728", None: "#7f7f7f"}
 REASON_CHARS = 300
 #: Level names of the summary's rows.
@@ -154,6 +165,25 @@ class GalleryItem:
     image_uri: str | None
     overlay_uri: str | None
     references: tuple[tuple[Any, str | None], ...]  # (reference id, its image URI or None)
+    p_value: Any = None
+    flagged: Any = None                 # is_anomalous: True, False or None (no decision)
+    mask_uri: str | None = None         # the defect mask of a flagged query
+    defect_area: Any = None
+    defect_regions: Any = None
+
+    @property
+    def outline(self) -> str | None:
+        """The mask to outline on the shown image: a flagged query's, on its overlay."""
+        return self.mask_uri if self.overlay_uri and self.mask_uri else None
+
+    @property
+    def decision(self) -> str:
+        """The query's decision in words: ``flagged (p = 0.048)``, ``not flagged (p = …)``
+        or ``no decision``."""
+        if _is_missing(self.flagged):
+            return "no decision"
+        words = "flagged" if bool(self.flagged) else "not flagged"
+        return f"{words} (p = {format_score(self.p_value)})"
 
     @property
     def shown_uri(self) -> str | None:
@@ -184,19 +214,30 @@ def gallery_items(view: DatasetView, top_n: int) -> list[GalleryItem]:
         refs = tuple((ids[i] if i < len(ids) else None,
                       uris[i] if i < len(uris) and not _is_missing(uris[i]) else None)
                      for i in range(max(len(ids), len(uris))))
-        overlay = row.get("overlay_uri")
-        image = row.get("image_uri")
         items.append(GalleryItem(
             row.get("image_id"), row.get("category"), row.get("label"), row.get("defect_type"),
-            row.get("final_score"), None if _is_missing(image) or not image else str(image),
-            None if _is_missing(overlay) or not overlay else str(overlay), refs))
+            row.get("final_score"), _uri(row.get("image_uri")), _uri(row.get("overlay_uri")),
+            refs, p_value=row.get("anomaly_p_value"), flagged=row.get("is_anomalous"),
+            mask_uri=_uri(row.get("defect_mask_uri")),
+            defect_area=row.get("defect_area_fraction"),
+            defect_regions=row.get("defect_regions")))
     return items
+
+
+def _uri(value: Any) -> str | None:
+    return None if _is_missing(value) or not value else str(value)
 
 
 def image_uris(inputs: RunInputs, top_n: int) -> list[str]:
     """Every image the report shows (to copy before rendering)."""
     return [u for d in inputs.datasets for item in gallery_items(dataset_view(inputs, d), top_n)
             for u in item.uris()]
+
+
+def mask_outlines(inputs: RunInputs, top_n: int) -> dict[str, str]:
+    """Shown image URI → the defect mask outlined on its thumbnail (flagged queries)."""
+    return {item.shown_uri: item.outline for d in inputs.datasets
+            for item in gallery_items(dataset_view(inputs, d), top_n) if item.outline}
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +258,8 @@ def header(inputs: RunInputs, generated_at: str) -> str:
              ("Seeds", ", ".join(map(str, seeds)) or MISSING)]
     if extra.get("precision"):
         facts.append(("Precision", extra["precision"]))
+    if extra.get("false_alarm_rate") is not None:
+        facts.append(("Stated false-alarm rate of the decisions", extra["false_alarm_rate"]))
     facts.append(("Report generated", generated_at))
     items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts)
     parts = [f"<header><h1>Anomaly scoring report, {esc(inputs.run_date)}</h1>"
@@ -460,6 +503,10 @@ def gallery_section(view: DatasetView, top_n: int, thumbs: Mapping[str, Thumbnai
                    f" · {item.category if not _is_missing(item.category) else MISSING}")
         if not _is_missing(item.defect_type):
             caption += f" · {item.defect_type}"
+        caption += f" · {item.decision}"
+        if item.outline:
+            caption += (f" · outlined defect: {format_percent(item.defect_area)} of the image, "
+                        f"{_plain(item.defect_regions)} region(s)")
         kind = "overlay" if item.overlay_uri else "image"
         picture = _picture(thumbs.get(item.shown_uri) if item.shown_uri else None,
                            f"{kind} of query {item.image_id}", "query")
@@ -480,9 +527,64 @@ def gallery_section(view: DatasetView, top_n: int, thumbs: Mapping[str, Thumbnai
     if any(item.overlay_uri for item in items):
         parts.append(note("Overlays blend the anomaly map into the image, normalised per "
                           "image: they show where, the score says how much."))
+    if any(item.outline for item in items):
+        parts.append(note("A white outline marks a flagged query's defect mask: the pixels "
+                          "above its group's pixel threshold, calibrated on normal images."))
     if not has_refs:
         parts.append(note("The scores table has no reference_uris column (or no value in it): "
                           "reference thumbnails are left out."))
+    return "".join(parts)
+
+
+def _decision_cell(row: Mapping[str, Any], column: str) -> str:
+    """One decisions-table cell: thresholds and the anomaly rate as mean ± std over seeds,
+    counts as they are."""
+    if column in ("decision_threshold", "pixel_decision_threshold"):
+        mean, std = row.get(f"{column}_mean"), row.get(f"{column}_std")
+        text = MISSING if _is_missing(mean) else (
+            format_score(mean) if _is_missing(std) else
+            f"{format_score(mean)} ± {format_score(std)}")
+    elif column == "anomaly_rate":
+        text = format_metric(row.get("anomaly_rate_mean"), row.get("anomaly_rate_std"))
+    else:
+        value = row.get(column)
+        text = MISSING if _is_missing(value) else str(_plain(value))
+    return td(text, cls="decision", data_dataset=row.get("dataset"),
+              data_scorer=row.get("scorer"), data_category=row.get("category"),
+              data_k=row.get("k"), data_column=column)
+
+
+def decisions_section(inputs: RunInputs, view: DatasetView) -> str:
+    """Per scorer and category: the calibrated decision's threshold, calibration size,
+    confusion counts (summed over seeds) and anomaly rate, and why a group has none."""
+    parts = ["<h3>Decisions</h3>"]
+    summary = inputs.summary
+    if summary is None or "calibration_size" not in summary.columns:
+        return "".join(parts) + note("The summary has no decisions (written before them).")
+    rows = summary[(summary["dataset"].astype(str) == view.name)
+                   & (summary["level"] == CATEGORY_LEVEL)]
+    if rows.empty:
+        return "".join(parts) + note("The summary has no category rows for this dataset.")
+    rows = _ordered(rows, inputs.scorers)
+    body = [[td(r.get("scorer")), td(r.get("category")), td(r.get("k"))]
+            + [_decision_cell(r, c) for c, _ in DECISION_CELLS]
+            for r in rows.to_dict("records")]
+    parts.append(table(["scorer", "category", "k", *(h for _, h in DECISION_CELLS)], body,
+                       "decisions"))
+    alpha = _unique(rows, "false_alarm_rate")
+    n_seeds = _unique(rows, "n_seeds")
+    parts.append(note(
+        f"A query is flagged when its conformal p-value against its group's normal "
+        f"calibration images is at most the stated false-alarm rate "
+        f"{', '.join(map(str, alpha)) or MISSING} (equivalently, its score is strictly above "
+        f"the score threshold); that rate holds marginally for normal queries exchangeable "
+        f"with the calibration images. Thresholds: mean ± std over "
+        f"{', '.join(map(str, n_seeds)) or MISSING} seed(s); counts summed over seeds."))
+    notes = [f"{r.get('scorer')} / {r.get('category')}: {r.get('decision_note')}"
+             for r in rows.to_dict("records") if not _is_missing(r.get("decision_note"))]
+    if notes:
+        parts.append('<ul class="decision-notes">' + "".join(
+            f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
     return "".join(parts)
 
 
@@ -509,6 +611,7 @@ def dataset_section(inputs: RunInputs, view: DatasetView, index: int, top_n: int
             parts.append(curves_section(view))
         else:
             parts.append(quantiles_section(inputs, view))
+        parts.append(decisions_section(inputs, view))
         parts.append(histograms_section(view))
         parts.append(gallery_section(view, top_n, thumbs))
     parts.append(history)
@@ -581,19 +684,33 @@ def drift_section(inputs: RunInputs) -> str:
             status = str(r.get("status", MISSING))
             rows.append([td(r.get("dataset")),
                          td(status, cls=f"status {status}", data_dataset=r.get("dataset"))]
+                        + [td(format_percent(_alert_rate(r, n))) for n in ("today", "previous")]
                         + [td(format_score(r.get(f"{n}_{q}"))) for n in ("today", "previous")
-                           for q in ("p50", "p90", "p99")]
-                        + [td(format_percent(r.get("today_above_fraction"))),
-                           td(format_percent(r.get("previous_above_fraction")))])
-        parts.append(table(["dataset", "status", "p50", "p90", "p99", "prev p50", "prev p90",
-                            "prev p99", "above", "prev above"], rows, "drift"))
-        threshold = drift["threshold"].iloc[0] if "threshold" in drift.columns else None
+                           for q in ("p50", "p90", "p99")])
+        decided = "today_anomaly_rate" in drift.columns
+        parts.append(table(["dataset", "status", "anomaly rate" if decided else "above",
+                            "prev anomaly rate" if decided else "prev above", "p50", "p90",
+                            "p99", "prev p50", "prev p90", "prev p99"], rows, "drift"))
+        if decided:
+            what = (f"the anomaly rate is the share of decided queries flagged at false-alarm "
+                    f"rate {format_score(extra.get('false_alarm_rate'))}")
+        else:
+            threshold = drift["threshold"].iloc[0] if "threshold" in drift.columns else None
+            what = f"'above' is the share of scores at or above {format_score(threshold)}"
         parts.append(note(
             f"Scorer {extra.get('scorer', MISSING)}; previous night "
-            f"{extra.get('previous_date') or 'none'}; 'above' is the share of scores at or "
-            f"above {format_score(threshold)}; tolerance {format_score(extra.get('tolerance'))}."))
+            f"{extra.get('previous_date') or 'none'}; {what}; tolerance "
+            f"{format_score(extra.get('tolerance'))}."))
     parts.append("</section>")
     return "".join(parts)
+
+
+def _alert_rate(row: Mapping[str, Any], night: str) -> Any:
+    """A drift row's anomaly rate of ``night`` (today / previous); drift files written
+    before decisions have the share of scores above a fixed threshold instead."""
+    if f"{night}_anomaly_rate" in row:
+        return row.get(f"{night}_anomaly_rate")
+    return row.get(f"{night}_above_fraction")
 
 
 def _night_rows(night: Night, table_name: str, dataset: str) -> pd.DataFrame | None:
@@ -608,8 +725,10 @@ QUANTILES = ("score_p50", "score_p90", "score_p99")
 
 @dataclass(frozen=True)
 class History:
-    """One dataset's nights: per night its pooled score quantiles (the summary's), its share
-    of scores at or above the alert threshold (the drift file's) and whether it alerted."""
+    """One dataset's nights: per night its pooled score quantiles (the summary's), its
+    anomaly rate (the drift file's: the share of decided queries flagged; for drift files
+    written before decisions, the share of scores at or above the alert threshold) and
+    whether it alerted."""
 
     dates: tuple[str, ...]
     scorer: str | None
@@ -644,7 +763,9 @@ def history_series(inputs: RunInputs, dataset: str) -> History:
         for q in QUANTILES:
             quantiles[q].append(_first(pooled, q))
         drift = _night_rows(night, "drift", dataset)
-        rate.append(_first(drift, "today_above_fraction"))
+        rate.append(_first(drift, "today_anomaly_rate" if drift is not None
+                           and "today_anomaly_rate" in drift.columns
+                           else "today_above_fraction"))
         if drift is not None and "status" in drift.columns and (drift["status"] == DRIFT).any():
             alerts.append(x)
     return History(tuple(n.date for n in inputs.history), scorer,
@@ -652,7 +773,7 @@ def history_series(inputs: RunInputs, dataset: str) -> History:
 
 
 def history_section(inputs: RunInputs, dataset: str) -> str:
-    """The dataset's score quantiles and alert rate over the last nights, alerts marked."""
+    """The dataset's score quantiles and anomaly rate over the last nights, alerts marked."""
     if not is_nightly(inputs):
         return ""
     history = history_series(inputs, dataset)
@@ -674,17 +795,18 @@ def history_section(inputs: RunInputs, dataset: str) -> str:
         x_ticks=ticks, alerts=history.alerts))
     if finite_rate:
         parts.append(svg.line_chart(
-            [svg.Series("share above threshold", xs, history.rate, svg.colour(4), markers=True)],
-            title=f"Alert rate, {dataset}", x_label="night",
-            y_label="share of scores ≥ threshold", x_range=x_range,
+            [svg.Series("anomaly rate", xs, history.rate, svg.colour(4), markers=True)],
+            title=f"Anomaly rate, {dataset}", x_label="night",
+            y_label="share of queries flagged", x_range=x_range,
             y_range=(0.0, (max(finite_rate) * 1.1) or 1.0), x_ticks=ticks,
             alerts=history.alerts))
     parts.append("</div>")
     if not finite_rate:
-        parts.append(note("No night has a drift file for this dataset: no alert rate."))
+        parts.append(note("No night has a drift file for this dataset: no anomaly rate."))
     alerted = ", ".join(history.dates[x] for x in history.alerts) or "none"
-    parts.append(note(f"Pooled quantiles from each night's summary; alert rate from each "
-                      f"night's drift file. Nights with a drift alert: {alerted}."))
+    parts.append(note(f"Pooled quantiles from each night's summary; anomaly rate (the share "
+                      f"of decided queries flagged) from each night's drift file. Nights "
+                      f"with a drift alert: {alerted}."))
     return "".join(parts)
 
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from pipeline.core.anomaly_images import (
-    colormap, decode_map_png, encode_jpeg, encode_map_png, encode_png, overlay, thumbnail)
+    colormap, decode_map_png, encode_jpeg, encode_map_png, encode_png, outline_mask, overlay,
+    thumbnail)
 
 STEP = 1 / 65535
 
@@ -195,3 +196,29 @@ def test_thumbnail_fits_keeps_aspect_and_never_enlarges():
     assert thumbnail(Image.new("RGB", (40, 20))).size == (40, 20)
     with pytest.raises(ValueError):
         thumbnail(big, 0)
+
+
+def test_outline_marks_the_masks_boundary_only():
+    image = Image.new("RGB", (12, 10), (10, 20, 30))
+    mask = np.zeros((10, 12), bool)
+    mask[2:8, 3:9] = True  # a 6 x 6 square
+    out = np.asarray(outline_mask(image, mask, colour=(255, 0, 0), width=1))
+    red = (out == (255, 0, 0)).all(axis=-1)
+    ring = mask.copy()
+    ring[3:7, 4:8] = False  # the square less its interior
+    np.testing.assert_array_equal(red, ring)
+    assert (out[~ring] == (10, 20, 30)).all()
+    # Width 2 takes the next ring in too; a half-size mask is scaled up by nearest neighbour.
+    thick = (np.asarray(outline_mask(image, mask, width=2)) == 255).all(axis=-1)
+    assert thick.sum() == 20 + 12
+    small = np.zeros((5, 6), bool)
+    small[1:4, 1:5] = True
+    scaled = (np.asarray(outline_mask(image, small, width=1)) == 255).all(axis=-1)
+    big = np.asarray(Image.fromarray(small.astype(np.uint8) * 255).resize(
+        (12, 10), Image.Resampling.NEAREST)) > 0
+    assert scaled.sum() > 0 and not (scaled & ~big).any()
+    # A mask touching the border is outlined along the border.
+    edge = (np.asarray(outline_mask(image, np.ones((10, 12), bool), width=1)) == 255).all(-1)
+    assert edge.sum() == 2 * 12 + 2 * 8
+    with pytest.raises(ValueError):
+        outline_mask(image, np.zeros(5, bool))

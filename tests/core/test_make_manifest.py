@@ -34,6 +34,18 @@ def test_make_manifest_roles_labels_and_defects(mvtec_tree):
     assert all(os.path.isabs(u) for u in df["image_uri"])
 
 
+def test_an_mvtec_tree_with_validation_good_has_calibration_rows(mvtec_tree):
+    # MVTec LOCO AD's and MVTec AD 2's place for held-out normal images (the demo's too).
+    touch(os.path.join(mvtec_tree, "bottle/validation/good/000.png"))
+    touch(os.path.join(mvtec_tree, "bottle/validation/good/001.png"))
+    df = mm.make_manifest([(mvtec_tree, None)])
+    held = df[df["role"] == "calibration"]
+    assert sorted(os.path.relpath(u, mvtec_tree) for u in held["image_uri"]) == [
+        "bottle/validation/good/000.png", "bottle/validation/good/001.png"]
+    assert (held["label"] == 0).all() and set(held["category"]) == {"bottle"}
+    assert df["role"].value_counts().to_dict() == {"query": 5, "reference": 3, "calibration": 2}
+
+
 def test_make_manifest_is_sorted_and_deterministic(mvtec_tree, tmp_path):
     other = tmp_path / "visa"
     touch(str(other / "pcb1/train/good/000.JPG"))

@@ -419,9 +419,11 @@ def make_pixel_per_seed(scorer: str = "inctrl") -> pd.DataFrame:
                                      ("cable", CABLE_PIXEL, CABLE_PRO)):
             rows.append({"dataset": "mvtec", "scorer": scorer, "category": category, "k": 2,
                          "seed": seed, "pixel_auroc": auroc[seed], "aupro": pro[seed],
+                         "pixel_aupr": auroc[seed] / 2, "pixel_f1_max": pro[seed] / 3,
                          "pixel_images": 5 if category == "bottle" else 4})
             rows.append({"dataset": "field", "scorer": scorer, "category": category, "k": 2,
                          "seed": seed, "pixel_auroc": math.nan, "aupro": math.nan,
+                         "pixel_aupr": math.nan, "pixel_f1_max": math.nan,
                          "pixel_images": 4})
     return pd.DataFrame(rows)
 
@@ -507,14 +509,14 @@ def test_markdown_shows_pixel_columns_only_when_there_are_values(summary, pixel_
     md = summary_to_markdown(with_pixels)
     lines = md.strip().splitlines()
     assert lines[0] == ("| dataset | scorer | category | k | queries | anomalous | AUROC | AUPRC | "
-                        "F1-max | Pixel AUROC | AUPRO |")
+                        "F1-max | Pixel AUROC | AUPRO | Pixel AUPR | Pixel F1-max |")
     bottle = next(line for line in lines if line.startswith("| mvtec | inctrl | bottle |"))
     cells = [c.strip() for c in bottle.strip("|").split("|")]
     row = _row(pixel_summary, "mvtec", "category", "bottle")
-    assert cells[-2:] == [f"{row['pixel_auroc_mean']:.3f} ± {row['pixel_auroc_std']:.3f}",
-                          f"{row['aupro_mean']:.3f} ± {row['aupro_std']:.3f}"]
+    assert cells[-4:] == [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}"
+                          for m in ("pixel_auroc", "aupro", "pixel_aupr", "pixel_f1_max")]
     pooled = next(line for line in lines if line.startswith("| mvtec | inctrl | *pooled* |"))
-    assert pooled.endswith("| n/a | n/a |")
+    assert pooled.endswith("| n/a | n/a | n/a | n/a |")
     no_values = add_pixel_metrics(summary, pixel_summary.assign(scorer="spade"))
     assert summary_to_markdown(no_values) == summary_to_markdown(summary)
 
@@ -526,17 +528,23 @@ def test_comparison_gains_pixel_columns_and_tables(scores, pixel_summary) -> Non
                                                                .assign(aupro=math.nan))])
     table = comparison_table(add_pixel_metrics(summary, pixels))
     per_scorer = ["auroc_mean", "auroc_std", "auprc_mean", "auprc_std", "pixel_auroc_mean",
-                  "pixel_auroc_std", "aupro_mean", "aupro_std"]
+                  "pixel_auroc_std", "aupro_mean", "aupro_std", "pixel_aupr_mean",
+                  "pixel_aupr_std", "pixel_f1_max_mean", "pixel_f1_max_std"]
     assert list(table.columns) == ["dataset", "k", *(f"{s}_{c}" for s in ("inctrl", "spade")
                                                      for c in per_scorer)]
     mvtec = table[table["dataset"] == "mvtec"].iloc[0]
     assert mvtec["inctrl_pixel_auroc_mean"] == pytest.approx(((BOTTLE_PIXEL + CABLE_PIXEL) / 2).mean())
     assert mvtec["inctrl_aupro_std"] == pytest.approx(((BOTTLE_PRO + CABLE_PRO) / 2).std(ddof=0))
     assert math.isnan(mvtec["spade_aupro_mean"])
+    assert mvtec["inctrl_pixel_aupr_mean"] == pytest.approx(
+        ((BOTTLE_PIXEL + CABLE_PIXEL) / 4).mean())
+    assert mvtec["inctrl_pixel_f1_max_std"] == pytest.approx(
+        ((BOTTLE_PRO + CABLE_PRO) / 6).std(ddof=0))
 
     md = comparison_to_markdown(table)
     assert "| dataset | k | inctrl | spade |" in md  # no "inctrl_pixel" scorer
     assert "## Pixel AUROC (mean over categories" in md and "## AUPRO (mean over categories" in md
+    assert "## Pixel AUPR (mean over categories" in md and "## Pixel F1-max (mean" in md
     aupro = md.split("## AUPRO")[1]
     expected = ((BOTTLE_PRO + CABLE_PRO) / 2)
     assert f"| mvtec | 2 | {expected.mean():.3f} ± {expected.std():.3f} | n/a |" in aupro

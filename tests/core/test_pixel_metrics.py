@@ -10,7 +10,7 @@ import fsspec
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from pipeline.core import pixel_metrics as pm
 
@@ -218,6 +218,49 @@ def test_metrics_are_nan_without_a_class() -> None:
     for stats in (no_masks, all_defect, pm.PixelStats.empty()):
         assert math.isnan(pm.pixel_auroc(stats))
         assert math.isnan(pm.aupro(stats))
+
+
+# ---------------------------------------------------------------- pixel AUPR and F1-max
+
+
+def _pixels(maps, masks):
+    labels = np.concatenate([(m if m is not None else np.zeros(a.shape, bool)).ravel()
+                             for a, m in zip(maps, masks)])
+    values = np.concatenate([pm.quantize(a).ravel() for a in maps])
+    return labels, values
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("ties", [False, True])
+def test_pixel_aupr_and_f1_max_equal_sklearn_on_the_quantised_pixels(seed: int,
+                                                                     ties: bool) -> None:
+    maps, masks = random_case(seed, ties=ties)
+    labels, values = _pixels(maps, masks)
+    stats = stats_of(maps, masks)
+    assert pm.pixel_aupr(stats) == pytest.approx(average_precision_score(labels, values),
+                                                 rel=0, abs=1e-12)
+    precision, recall, _ = precision_recall_curve(labels, values)
+    p, r = precision[:-1], recall[:-1]
+    f1 = np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1), 0)
+    assert pm.pixel_f1_max(stats) == pytest.approx(f1.max(), rel=0, abs=1e-12)
+
+
+def test_pixel_aupr_and_f1_max_by_hand() -> None:
+    # Anomalous 2, 1; normal 1, 0. Thresholds 2: P 1, R 1/2; 1: P 2/3, R 1; 0: P 1/2, R 1.
+    stats = pm.pixel_stats(np.array([[2.0, 1.0, 1.0, 0.0]]), np.array([[1, 1, 0, 0]], bool))
+    assert pm.pixel_aupr(stats) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    # F1 at 2: 2·1·0.5/1.5 = 2/3; at 1: 2·(2/3)·1/(5/3) = 0.8.
+    assert pm.pixel_f1_max(stats) == pytest.approx(0.8)
+
+
+def test_pixel_aupr_and_f1_max_of_perfect_maps_and_without_a_class() -> None:
+    _, masks = random_case(5)
+    perfect = [np.where(m, 1.0, 0.0) if m is not None else np.zeros((24, 24)) for m in masks]
+    assert pm.pixel_aupr(stats_of(perfect, masks)) == 1.0
+    assert pm.pixel_f1_max(stats_of(perfect, masks)) == 1.0
+    no_masks = pm.pixel_stats(np.random.default_rng(0).normal(size=(4, 4)), None)
+    for stats in (no_masks, pm.PixelStats.empty()):
+        assert math.isnan(pm.pixel_aupr(stats)) and math.isnan(pm.pixel_f1_max(stats))
 
 
 # ---------------------------------------------------------------- AUPRO

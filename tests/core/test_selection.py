@@ -48,3 +48,12 @@ def test_selection_travels_to_workers():
     night = RowSelection("2024-01-02", frozenset({"a"}), "2024-01-02", "out/carried.parquet")
     assert pickle.loads(pickle.dumps(night)) == night
     assert pickle.loads(pickle.dumps(night.is_query))(mrow("b", "query", "2024-01-02"))
+
+
+def test_calibration_images_are_undated_or_captured_by_the_date():
+    night = RowSelection(references_until="2024-01-02")
+    assert night.is_calibration(mrow("c", "calibration", "2024-01-02"))
+    assert night.is_calibration(mrow("c", "calibration", None))
+    assert not night.is_calibration(mrow("c", "calibration", "2024-01-03"))
+    assert not night.is_calibration(mrow("c", "reference", "2024-01-01"))
+    assert ALL_ROWS.is_calibration(mrow("c", "calibration", "2099-01-01"))

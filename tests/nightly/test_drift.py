@@ -97,3 +97,45 @@ def test_write_drift_writes_the_three_files(tmp_path):
     assert record["previous_p50"] is None and record["previous_count"] is None
     with open(paths["markdown"]) as f:
         assert f.read() == drift_markdown(report, "2024-01-02", None)
+
+
+def _decided(values: dict[str, list]) -> pd.DataFrame:
+    """Rows of (score, is_anomalous) per dataset; None is a row without a decision."""
+    return pd.DataFrame([{"dataset": d, "final_score": s, "is_anomalous": f}
+                         for d, rows in values.items() for s, f in rows])
+
+
+def test_alerts_count_decisions_per_line_not_scores_above_one_number() -> None:
+    # Line "a" flags 2 of 4 decided rows (a fifth has no decision), line "b" none: raw
+    # scores of "b" are far higher, on a scale of their own.
+    today = _decided({"a": [(0.1, True), (0.2, True), (0.3, False), (0.4, False), (0.5, None)],
+                      "b": [(50.0, False), (60.0, False)]})
+    report = drift_report(today, None).set_index("dataset")
+    a, b = report.loc["a"], report.loc["b"]
+    assert (a["today_count"], a["today_decided_count"], a["today_flagged_count"]) == (5, 4, 2)
+    assert a["today_anomaly_rate"] == pytest.approx(0.5)
+    assert (b["today_flagged_count"], b["today_anomaly_rate"]) == (0, 0.0)
+    # Without the deprecated threshold there is no raw-score count.
+    assert report["threshold"].isna().all() and report["today_above_count"].isna().all()
+    assert "above" not in drift_markdown(drift_status(report.reset_index(), 0.1), "d", None)
+
+
+def test_a_line_drifts_when_its_anomaly_rate_moves():
+    # The same scores both nights; only the decisions changed (a recalibrated line, or parts
+    # flagged that the calibration now calls abnormal).
+    scores = [0.1, 0.2, 0.3, 0.4]
+    before = _decided({"a": list(zip(scores, [False, False, False, False])),
+                       "b": list(zip(scores, [True, False, False, False]))})
+    today = _decided({"a": list(zip(scores, [True, True, False, False])),
+                      "b": list(zip(scores, [False, True, False, False]))})
+    report = drift_status(drift_report(today, before), tolerance=0.1).set_index("dataset")
+    assert report.loc["a", "status"] == DRIFT and report.loc["b", "status"] == OK
+    assert report.loc["a", "diff_anomaly_rate"] == pytest.approx(0.5)
+    text = drift_markdown(report.reset_index(), "2024-01-03", "2024-01-02")
+    assert "| a | drift | 4 | 2 | 50.000 |" in text
+
+
+def test_rows_without_decisions_have_no_anomaly_rate():
+    report = drift_report(_night({"a": [0.1, 0.9]}), None)
+    row = report.iloc[0]
+    assert row["today_decided_count"] == 0 and pd.isna(row["today_anomaly_rate"])

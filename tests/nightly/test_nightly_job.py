@@ -168,14 +168,18 @@ def test_the_command_line_night_and_its_drift_report(history):
         "report": "nightly.json", "parquet": "drift.parquet", "json": "drift.json",
         "markdown": "drift.md"}
     drift = json.loads(step.files[summary + "drift.json"])
-    assert drift["extra"]["previous_date"] == D1 and drift["extra"]["threshold"] == 0.5
+    assert drift["extra"]["previous_date"] == D1 and drift["extra"]["threshold"] is None
+    assert drift["extra"]["false_alarm_rate"] == 0.05
     records = {r["dataset"]: r for r in drift["records"]}
     assert set(records) == {"industrial_objects", "industrial_textures", "medical_scans"}
     today, before = scores(step.files, D2), history["steps"]["night1"]
     for dataset, r in records.items():
-        assert r["today_count"] == int((today["dataset"] == dataset).sum())
-        assert r["today_above_count"] == int(((today["dataset"] == dataset)
-                                              & (today["final_score"] >= 0.5)).sum())
+        mine = today[today["dataset"] == dataset]
+        assert r["today_count"] == len(mine)
+        # Alerts count decisions (none here: no calibration image), not raw scores.
+        assert r["today_decided_count"] == int(mine["is_anomalous"].notna().sum())
+        assert r["today_flagged_count"] == int((mine["is_anomalous"] == True).sum())  # noqa: E712
+        assert r["today_above_count"] is None
         assert r["status"] in ("ok", "drift")
     assert "| dataset | status |" in step.files[summary + "drift.md"].decode()
     # The first night had nothing to compare with.

@@ -77,6 +77,18 @@ def test_one_image_queried_in_two_datasets_is_planned_per_dataset():
     assert p.carry.tolist() == [True, True]
 
 
+def test_rows_decided_at_another_false_alarm_rate_or_none_are_scored_again():
+    existing = rows(("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)).assign(
+        false_alarm_rate=[0.05, 0.05, 0.01, 0.01, None, None])
+    p = plan_night([(DS, q) for q in "abc"], existing, model_ids={"inctrl": MODEL}, k=4,
+                   seeds=(0, 1), false_alarm_rate=0.05)
+    assert p.skip == {(DS, "a")} and p.carry.tolist() == [True, True] + [False] * 4
+    # Rows written before decisions existed have no such column: none counts.
+    old = plan_night([(DS, "a")], rows(("a", 0), ("a", 1)), model_ids={"inctrl": MODEL}, k=4,
+                     seeds=(0, 1), false_alarm_rate=0.05)
+    assert old.skip == frozenset() and old.dropped_rows == 2
+
+
 def test_force_rescores_and_carries_nothing():
     p = plan(["a"], rows(("a", 0), ("a", 1)), force=True)
     assert p.skip == frozenset() and p.carried_rows == 0 and p.to_score == 1
@@ -93,6 +105,19 @@ def test_flags_give_the_date_partition_and_default_cache():
     assert config.feature_cache == f"out/{FEATURE_CACHE_DIR}"
     assert options.force and options.alert_threshold == 0.7 and not options.fail_on_drift
     assert beam_args == ["--runner=DirectRunner"]
+    assert config.false_alarm_rate == 0.05
+
+
+def test_alert_threshold_is_deprecated_with_a_warning(caplog):
+    base = ["--manifest", "m", "--output", "o", "--date", "2024-01-02"]
+    with caplog.at_level("WARNING"):
+        config, options, _ = parse_nightly_args(base + ["--false-alarm-rate", "0.01"])
+    assert options.alert_threshold is None and config.false_alarm_rate == 0.01
+    assert "deprecated" not in caplog.text
+    with caplog.at_level("WARNING"):
+        _, options, _ = parse_nightly_args(base + ["--alert-threshold", "0.7"])
+    assert options.alert_threshold == 0.7
+    assert "--alert-threshold is deprecated" in caplog.text and "anomaly rate" in caplog.text
 
 
 def test_date_defaults_to_yesterday_utc():
@@ -112,6 +137,8 @@ def test_cache_can_be_moved_or_turned_off():
     ["--date", "2024-01-02", "--run-date", "2024-01-03"],
     ["--date", "2024-01-02", "--feature-cache", "c", "--no-feature-cache"],
     ["--date", "2024-01-02", "--alert-threshold", "nan"],
+    ["--date", "2024-01-02", "--false-alarm-rate", "0"],
+    ["--date", "2024-01-02", "--false-alarm-rate", "1"],
 ])
 def test_bad_flags_are_refused(bad):
     with pytest.raises(SystemExit):

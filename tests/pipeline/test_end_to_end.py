@@ -23,7 +23,7 @@ from pipeline.core.sampling import draw_references
 from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
 from pipeline.model.backbone import tiny_spec
 from pipeline.run import run_score
-from tests.beamtest import Run, counter, read_table
+from tests.beamtest import Run, counter, pool_calibration, read_table
 from transforms.write import SUCCESS_MARKER
 
 K = 2
@@ -232,10 +232,13 @@ def test_metrics_counters(run):
     for r in refs:
         groups.setdefault((r.dataset, r.category), []).append(r)
     drawn = {r.image_id for g in groups.values() for s in SEEDS for r in draw_references(g, s, K)}
-    assert len(drawn) < len(refs)  # only the drawn references are loaded
+    assert len(drawn) < len(refs)  # only the drawn references are loaded as references ...
+    # ... and the candidates not every seed drew, beside the queries, to calibrate decisions.
+    calibration = pool_calibration(run.manifest, SEEDS, K)
     result = run.result
     assert counter(result, "manifest_rows_read") == len(run.manifest)
-    assert counter(result, "images_loaded") == len(queries) + len(drawn)
+    assert counter(result, "images_loaded") == len(queries) + len(drawn) + len(calibration)
+    assert counter(result, "calibration_images_selected") == len(calibration)
     assert counter(result, "queries_scored") == len(queries) * len(SEEDS)
     assert counter(result, "scores_rows_written") == len(run.scores)
     for failure in ("manifest_rows_rejected", "manifest_rows_duplicate", "images_failed",

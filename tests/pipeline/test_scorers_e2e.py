@@ -24,7 +24,7 @@ from pipeline.model.backbone import tiny_spec
 from pipeline.model.scorers import registry
 from pipeline.run import run_score
 from pipeline.runner import counter
-from tests.beamtest import Run, read_table
+from tests.beamtest import Run, pool_calibration, read_table
 
 
 def scorer_names() -> tuple[str, ...]:
@@ -86,8 +86,12 @@ def test_every_query_has_one_row_per_seed_and_scorer(six):
     # one decode and one forward per extractor per image, whatever the number of scorers
     references = {(d, r) for d, ids in zip(six.scores.dataset, six.scores.reference_ids)
                   for r in ids}
-    assert counter(six.result, "images_loaded") == len(queries) + len(references)
-    assert counter(six.result, "num_inferences", "ExtractQueryFeatures") == len(queries)
+    # Beside the queries ride the reference candidates not every seed drew (calibration).
+    calibration = pool_calibration(six.manifest, SEEDS, K)
+    assert counter(six.result, "images_loaded") == (len(queries) + len(references)
+                                                    + len(calibration))
+    assert counter(six.result, "num_inferences", "ExtractQueryFeatures") == (
+        len(queries) + len(calibration))
     assert counter(six.result, "num_inferences", "ExtractReferenceFeatures") == len(references)
 
 

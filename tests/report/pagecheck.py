@@ -11,9 +11,17 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from pipeline.report import format_metric
+from pipeline.report.formatting import format_score
 
 #: Summary metrics the page shows when the summary has them.
-METRICS = ("auroc", "auprc", "f1_max", "pixel_auroc", "aupro")
+METRICS = ("auroc", "auprc", "f1_max", "pixel_auroc", "aupro", "pixel_aupr", "pixel_f1_max",
+           "realized_false_alarm_rate", "recall_at_decision")
+#: Those shown only where some summary row of the dataset has a value.
+OPTIONAL = {"pixel_auroc", "aupro", "pixel_aupr", "pixel_f1_max", "realized_false_alarm_rate",
+            "recall_at_decision"}
+#: The metrics the overview shows (the comparison's), the optional ones where it has values.
+COMPARED = ("auroc", "auprc", "pixel_auroc", "aupro", "realized_false_alarm_rate",
+            "recall_at_decision")
 
 
 @dataclass
@@ -43,6 +51,18 @@ class Page:
         """The data cells of CSS class ``cls`` (of one dataset section, or anywhere)."""
         return [c for c in self.cells if c.attrs.get("class") == cls
                 and (section is None or c.attrs.get("section") == section)]
+
+    def decision_cells(self) -> dict[tuple, str]:
+        """``(dataset, scorer, category, k, column)`` → text of every decisions-table cell."""
+        out = {}
+        for cell in self.cells:
+            a = cell.attrs
+            if a.get("class") == "decision":
+                key = (a.get("data-dataset"), a.get("data-scorer"), a.get("data-category"),
+                       a.get("data-k"), a.get("data-column"))
+                assert key not in out, f"decision cell {key} appears twice"
+                out[key] = cell.text
+        return out
 
     def metric_cells(self, level: str) -> dict[tuple, str]:
         """``(dataset, scorer, category, k, metric)`` → text of every metric cell of
@@ -123,11 +143,10 @@ def expected_metrics(summary: pd.DataFrame, level: str, labelled: set[str]
     """What the page must show for ``level`` rows of labelled datasets: format_metric of the
     summary's mean and std, keyed like :meth:`Page.metric_cells`. A pixel metric is shown for
     a dataset when any of its summary rows has a value (pooled rows have none: n/a)."""
-    optional = {"pixel_auroc", "aupro"}
     out = {}
     for dataset, everything in summary[summary["dataset"].isin(labelled)].groupby("dataset"):
         shown = [m for m in METRICS if f"{m}_mean" in everything.columns
-                 and (m not in optional or everything[f"{m}_mean"].notna().any())]
+                 and (m not in OPTIONAL or everything[f"{m}_mean"].notna().any())]
         for r in everything[everything["level"] == level].to_dict("records"):
             for m in shown:
                 key = (r["dataset"], r["scorer"], r["category"], str(r["k"]), m)
@@ -137,14 +156,33 @@ def expected_metrics(summary: pd.DataFrame, level: str, labelled: set[str]
 
 def expected_comparison(comparison: pd.DataFrame, scorers: list[str]) -> dict[tuple, str]:
     """What the overview must show: every scorer's AUROC and AUPRC of the comparison, and
-    its pixel AUROC and AUPRO where the comparison has values of them."""
+    its pixel AUROC, AUPRO and decision rates where the comparison has values of them."""
     out = {}
     for s in scorers:
-        shown = ["auroc", "auprc"] + [m for m in ("pixel_auroc", "aupro")
-                                      if f"{s}_{m}_mean" in comparison.columns
+        shown = ["auroc", "auprc"] + [m for m in COMPARED if m in OPTIONAL
+                                      and f"{s}_{m}_mean" in comparison.columns
                                       and comparison[f"{s}_{m}_mean"].notna().any()]
         for r in comparison.to_dict("records"):
             for m in shown:
                 out[(r["dataset"], s, None, str(r["k"]), m)] = format_metric(
                     r[f"{s}_{m}_mean"], r[f"{s}_{m}_std"])
+    return out
+
+
+def expected_decisions(summary: pd.DataFrame) -> dict[tuple, str]:
+    """What the decisions tables must show: per category row of the summary, its
+    calibration size, thresholds (mean ± std over seeds, as scores are written), confusion
+    counts, undecided rows and anomaly rate, keyed like :meth:`Page.decision_cells`."""
+    out = {}
+    for r in summary[summary["level"] == "category"].to_dict("records"):
+        key = (r["dataset"], r["scorer"], r["category"], str(r["k"]))
+        for column in ("calibration_size", "decision_tp", "decision_fp", "decision_tn",
+                       "decision_fn", "undecided_count"):
+            value = r[column]
+            out[(*key, column)] = "n/a" if pd.isna(value) else str(int(value))
+        for column in ("decision_threshold", "pixel_decision_threshold"):
+            mean, std = r[f"{column}_mean"], r[f"{column}_std"]
+            out[(*key, column)] = ("n/a" if pd.isna(mean) else format_score(mean) if pd.isna(std)
+                                   else f"{format_score(mean)} ± {format_score(std)}")
+        out[(*key, "anomaly_rate")] = format_metric(r["anomaly_rate_mean"], r["anomaly_rate_std"])
     return out

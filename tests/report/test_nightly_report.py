@@ -26,24 +26,27 @@ from pipeline.report.sections import QUANTILES, history_series
 from tests.report.pagecheck import read_page
 
 NIGHTS = ("2024-01-02", "2024-01-03", "2024-01-04")
-#: Low enough for the tiny backbone's scores to cross it, and any move counts as drift, so
-#: the nights have both alert rates and alerts to show.
-OPTIONS = NightlyOptions(alert_threshold=0.1, drift_tolerance=0.0)
+#: Any move counts as drift, so the nights have alerts to show.
+OPTIONS = NightlyOptions(drift_tolerance=0.0)
+#: Two calibration images per group reach this false-alarm rate (n + 1 >= 1 / alpha), so
+#: every query gets a decision and the nights have anomaly rates to show.
+ALPHA, CALIBRATION = 0.4, 2
 
 
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("nightly_report")
     manifest = make_manifest(generate_demo(str(root / "data"), image_size=32, n_train=2,
-                                           n_test_good=1, n_test_defect_per_type=1))
+                                           n_test_good=1, n_test_defect_per_type=1,
+                                           n_calibration=CALIBRATION))
     queries = manifest.index[manifest["role"] == "query"]
     manifest["capture_date"] = None
     manifest.loc[queries, "capture_date"] = [NIGHTS[i % len(NIGHTS)] for i in range(len(queries))]
-    manifest.loc[manifest["role"] == "reference", "capture_date"] = "2023-12-31"
+    manifest.loc[manifest["role"] != "query", "capture_date"] = "2023-12-31"
     write_manifest(manifest, str(root / "manifest.parquet"))
     out = str(root / "out")
     base = ScoreConfig(manifest=str(root / "manifest.parquet"), output=out, k=2, seeds=(0,),
-                       backbone=tiny_spec(), batch_size=4,
+                       backbone=tiny_spec(), batch_size=4, false_alarm_rate=ALPHA,
                        feature_cache=f"{out}/{FEATURE_CACHE_DIR}")
     for date in NIGHTS:
         run_nightly(replace(base, run_date=date, run_id=f"night-{date}"), [], OPTIONS)
@@ -88,10 +91,11 @@ def test_history_holds_each_nights_quantiles_rates_and_alerts(nights):
         for i, date in enumerate(NIGHTS):
             drift = files[date][1]
             row = drift[drift["dataset"] == dataset]
-            rates.append(float(row["today_above_fraction"].iloc[0]) if len(row) else math.nan)
+            rates.append(float(row["today_anomaly_rate"].iloc[0]) if len(row) else math.nan)
             if (row["status"] == DRIFT).any():
                 alerts.append(i)
         assert _same(history.rate, rates), dataset
+        assert all(r == r for r in rates), "every night has decisions"
         assert history.alerts == tuple(alerts), dataset
         assert 0 not in history.alerts  # the first night has nothing to drift from
         some_alert |= bool(alerts)
@@ -111,7 +115,7 @@ def test_the_last_nights_page_shows_drift_and_history(nights):
     for dataset in drift["dataset"]:
         section = _section(text, dataset)
         assert f"Last {len(NIGHTS)} night(s)" in section
-        assert "Score quantiles (inctrl)" in section and "Alert rate" in section
+        assert "Score quantiles (inctrl)" in section and "Anomaly rate" in section
         # Each alert is marked on both history charts.
         alerts = history_series(inputs, dataset).alerts
         assert section.count('class="alert"') == 2 * len(alerts)

@@ -315,4 +315,4 @@ def test_history_without_drift_files_plots_quantiles_only():
     page = render(inputs, {}, top_n=1, generated_at="now")
     assert SECTION_FAILED not in page
     assert "Score quantiles (inctrl), d" in page and "Alert rate" not in page
-    assert "no alert rate" in page and "No drift file for this date" in page
+    assert "no anomaly rate" in page and "No drift file for this date" in page

@@ -37,16 +37,19 @@ from pipeline.model.backbone import tiny_spec
 from pipeline.report import build_report, report_dir
 from pipeline.report.build import SECTION_FAILED
 from pipeline.report.formatting import format_score
-from pipeline.report.thumbnails import THUMBNAIL_SIZE
+from pipeline.report.thumbnails import THUMBNAIL_SIZE, thumbnail_name
 from pipeline.run import run_score
-from tests.report.pagecheck import (Page, expected_comparison, expected_metrics, local_target,
-                                    read_page)
+from tests.report.pagecheck import (Page, expected_comparison, expected_decisions,
+                                    expected_metrics, local_target, read_page)
 
 RUN_DATE = "2024-06-03"
 SEEDS = (0, 1)
 K = 2
 TOP_N = 3
 SCORERS = ("inctrl", "patchcore")
+#: Two calibration images per category plus the one reference the draw leaves: n = 3
+#: reaches this false-alarm rate, so queries get decisions and flagged ones defect masks.
+ALPHA, CALIBRATION = 0.25, 2
 #: A dataset without labels, named so that unescaped text would break the page.
 UNLABELLED = 'line <7> & "co"'
 BROKEN_ID = "broken-query"
@@ -76,7 +79,8 @@ class Built:
 
 def _manifest(root: Path) -> pd.DataFrame:
     frame = make_manifest(generate_demo(str(root / "data"), image_size=32, n_train=3,
-                                        n_test_good=2, n_test_defect_per_type=1))
+                                        n_test_good=2, n_test_defect_per_type=1,
+                                        n_calibration=CALIBRATION))
     first = sorted(frame["dataset"].unique())[0]
     # The unlabelled dataset gets copies of the first one's images under ids of its own.
     unlabelled = frame[frame["dataset"] == first].copy()
@@ -109,7 +113,8 @@ def built(tmp_path_factory) -> Built:
             if "write_anomaly_maps" in {f.name for f in dataclasses.fields(ScoreConfig)} else {})
     config = ScoreConfig(manifest=path, output=output, k=K, seeds=SEEDS, backbone=tiny_spec(),
                          run_date=RUN_DATE, run_id="report-run", batch_size=4, scorers=SCORERS,
-                         options=dict(cnn_backbone="mobilenet_v2", cnn_weights="random:0"), **maps)
+                         options=dict(cnn_backbone="mobilenet_v2", cnn_weights="random:0"),
+                         false_alarm_rate=ALPHA, **maps)
     run_score(config, beam_args=[])
     index = build_report(output, RUN_DATE, top_n=TOP_N)
     with open(index, encoding="utf-8") as f:
@@ -188,6 +193,47 @@ def test_the_metrics_on_the_page_are_the_summarys(built):
     assert scorers == list(SCORERS)
     assert built.page.metric_cells("comparison") == expected_comparison(built.comparison,
                                                                         scorers)
+
+
+def test_the_decisions_on_the_page_are_the_summarys(built):
+    want = expected_decisions(built.summary)
+    assert want and built.page.decision_cells() == want
+    # The run has decisions (n + 1 >= 1 / alpha) for every category.
+    rows = built.summary[built.summary["level"] == "category"]
+    assert rows["decision_note"].isna().all() and (rows["calibration_size"] >= 3).all()
+    assert "conformal p-value" in built.html
+
+
+def test_flagged_queries_show_their_decision_and_defect_mask_outline(built):
+    first = built.scores[(built.scores["scorer"] == SCORERS[0])
+                         & (built.scores["seed"] == min(SEEDS))]
+    for dataset, group in first.groupby("dataset"):
+        section = _section_html(built.html, dataset)
+        for row in group.sort_values("final_score", ascending=False,
+                                     kind="stable").head(TOP_N).to_dict("records"):
+            if row["is_anomalous"] is True or row["is_anomalous"] == 1:
+                assert f"flagged (p = {format_score(row['anomaly_p_value'])})" in section
+            elif row["is_anomalous"] is False or row["is_anomalous"] == 0:
+                assert f"not flagged (p = {format_score(row['anomaly_p_value'])})" in section
+    # Every flagged query with a map has a binary mask PNG of its image's size.
+    flagged = built.scores[built.scores["is_anomalous"].fillna(False).astype(bool)
+                           & built.scores["pixel_decision_threshold"].notna()]
+    assert len(flagged) > 0
+    for row in flagged.to_dict("records"):
+        with Image.open(row["defect_mask_uri"]) as mask, Image.open(row["image_uri"]) as image:
+            values = np.asarray(mask)
+            assert mask.size == image.size and set(np.unique(values)) <= {0, 255}
+        assert row["defect_area_fraction"] == pytest.approx((values > 0).mean())
+    # A flagged query in a gallery is shown as its overlay with the mask's outline drawn on.
+    outlined = 0
+    for dataset, group in first.groupby("dataset"):
+        top = group.sort_values("final_score", ascending=False, kind="stable").head(TOP_N)
+        for row in top.to_dict("records"):
+            if row["is_anomalous"] is True and isinstance(row["defect_mask_uri"], str):
+                assert thumbnail_name(row["overlay_uri"], row["defect_mask_uri"]) in \
+                    built.page.images
+                outlined += 1
+    assert built.html.count("outlined defect:") == outlined
 
 
 def test_the_gallery_shows_the_first_scorers_top_queries_of_the_smallest_seed(built):

@@ -1,8 +1,9 @@
 """MVTec AD, and the datasets InCTRL's paper converts to its layout (VisA split by its
 ``split_csv/1cls.csv``, AITEX, ELPV, SDD, BrainMRI, HeadCT, ...).
 
-``<root>/<category>/train/good/*`` are normal references, ``<category>/test/good/*`` normal
-queries and ``<category>/test/<defect>/*`` anomalous queries with their defect type. An
+``<root>/<category>/train/good/*`` are normal references, ``<category>/validation/good/*``
+(where a tree has it, as MVTec LOCO AD and MVTec AD 2 do) normal images held out for
+calibration, ``<category>/test/good/*`` normal queries and ``<category>/test/<defect>/*`` anomalous queries with their defect type. An
 anomalous query's mask is ``<category>/ground_truth/<defect>/<name>_mask.png`` (MVTec AD) or
 else ``<category>/ground_truth/<defect>/<name>.png`` (converted VisA keeps the image's name).
 A mask that no image claims is reported.
@@ -77,6 +78,9 @@ def read(tree: Tree, rows: Rows, options: ReadOptions) -> None:
         cat = tree.join(category)
         for image in rows.images_in(posixpath.join(cat, "train", NORMAL), required=False):
             rows.add(image, category, "reference", 0)
+        if tree.isdir(posixpath.join(cat, "validation", NORMAL)):
+            for image in rows.images_in(posixpath.join(cat, "validation", NORMAL)):
+                rows.add(image, category, "calibration", 0)
         test = posixpath.join(cat, "test")
         splits = [posixpath.basename(d) for d in tree.listdir(test)[0]]
         for split in splits:
