@@ -39,8 +39,8 @@ RUN_DATE = "2024-07-01"
 def _config(manifest: str, output: str, **kw) -> ScoreConfig:
     return ScoreConfig(manifest=manifest, output=output, k=K, seeds=SEEDS, backbone=tiny_spec(),
                        run_date=RUN_DATE, run_id="decisions", batch_size=4,
-                       scorers=("patchcore",), cnn_backbone="mobilenet_v2",
-                       cnn_weights="random:0", write_anomaly_maps=True, **kw)
+                       scorers=("patchcore",), write_anomaly_maps=True,
+                       options=dict(cnn_backbone="mobilenet_v2", cnn_weights="random:0"), **kw)
 
 
 @pytest.fixture(scope="module")
