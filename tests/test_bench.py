@@ -200,6 +200,9 @@ def test_quality_passes_the_trained_scorers_checkpoints_to_the_job(tmp_path, mon
                                                   random_regad, *SMALL_MODELS]))
     assert quality.random_scorers(marked) == {"regad"}
 
+    # by default every scorer that needs no trained file
+    assert set(quality.parse_args(SMALL_MODELS).scorer) == {
+        "inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino"}
     capsys.readouterr()
     for scorer in ("regad", "coop"):
         with pytest.raises(SystemExit):
