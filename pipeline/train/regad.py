@@ -5,7 +5,9 @@ categories is a query once per epoch; a batch holds queries of one category, eac
 support images of the same category drawn at random (with replacement, never the query
 itself: ``FSAD_Dataset_train``); the order of the batches is shuffled. The loss is
 ``RegadModel.siamese_loss`` (query vs the mean of its supports), optimised with SGD
-(momentum 0.9) over every parameter, the backbone's BatchNorm layers in training mode. No
+(momentum 0.9) over every parameter, the backbone's BatchNorm layers in training mode
+(``RegadSettings.freeze_bn`` keeps the CNN's in eval mode instead: see the README's RegAD
+notes for what the training-mode statistics do to a small auxiliary set). No
 augmentation in training (the official code has none). The learning rate follows a cosine
 over epochs, ``lr·½(1 + cos(π(e − 1)/E))`` for epoch e = 1 … E (the official schedule uses e
 instead of e − 1 and so spends its last epoch at 0).
@@ -166,6 +168,26 @@ class RegadSettings:
     momentum: float = 0.9  # official --momentum
     weight_decay: float = 0.0  # official: none
     log_every: int = 20
+    #: keep the CNN's BatchNorm layers in eval mode (their ImageNet running statistics); the
+    #: official code trains them in batch-statistics mode (False)
+    freeze_bn: bool = False
+
+
+def cnn_batch_norms(model: RegadModel) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of the CNN's stages (not those of the transformers or heads)."""
+    return [m for name, m in model.backbone.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and not name.split(".")[0].startswith("stn")]
+
+
+def set_train_mode(model: RegadModel, freeze_bn: bool) -> None:
+    """``model.train()``; with ``freeze_bn`` the CNN's BatchNorm layers stay in eval mode, so
+    they normalise with, and keep, their initial running statistics (their scale and shift
+    are still trained)."""
+    model.train()
+    if freeze_bn:
+        for bn in cnn_batch_norms(model):
+            bn.eval()
 
 
 def epoch_lr(lr: float, epoch: int, epochs: int) -> float:
@@ -185,7 +207,7 @@ def fit_regad(model: RegadModel, images: NormalImages, sampler: SupportSampler,
         lr = epoch_lr(settings.lr, epoch, settings.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model.train()
+        set_train_mode(model, settings.freeze_bn)
         epoch_start, losses = time.perf_counter(), []
         for queries, supports in sampler.epoch():
             t0 = time.perf_counter()

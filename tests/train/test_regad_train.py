@@ -16,8 +16,8 @@ from pipeline.core.manifest import write_manifest
 from pipeline.model.scorers.regad import RegadModel, RegadSpec, load_regad
 from pipeline.train.config import RegadTrainConfig
 from pipeline.train.data import TrainingDataError
-from pipeline.train.regad import (NormalImages, RegadSettings, SupportSampler, epoch_lr,
-                                  fit_regad, read_normal_images)
+from pipeline.train.regad import (NormalImages, RegadSettings, SupportSampler, cnn_batch_norms,
+                                  epoch_lr, fit_regad, read_normal_images)
 from pipeline.train_job import REGAD_FILE, run_regad_training
 
 SIZE = 32
@@ -85,6 +85,44 @@ def test_training_lowers_the_loss_and_is_deterministic(images):
     assert not torch.equal(moved, torch.tensor([0.0, 1.0, 1.0]))  # the transformers learned
     _, other = _train(images, seed=1, epochs=1)
     assert other.losses() != log.losses()[:len(other.losses())]
+
+
+def _running_stats(model: RegadModel, cnn: bool) -> dict[str, torch.Tensor]:
+    """Every BatchNorm running mean/var of the CNN (cnn=True) or of the rest."""
+    norms = {id(m) for m in cnn_batch_norms(model)}
+    return {f"{name}.{key}": getattr(m, key).clone()
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (id(m) in norms) == cnn
+            for key in ("running_mean", "running_var")}
+
+
+def test_freeze_bn_keeps_the_cnns_statistics_and_trains_the_rest(images):
+    """PyTorch's BatchNorm in eval mode normalises with its running statistics and leaves
+    them alone: with freeze_bn the CNN's stay bit-identical to the initial weights' while
+    the weights train; the transformers' and heads' own BatchNorm layers (new layers, no
+    statistics to keep) still update. Without it (the official code) the CNN's move."""
+    spec = RegadSpec("resnet18", "random:0", image_size=SIZE, seed=0)
+    start = RegadModel(spec)
+    names = [n for n, m in start.backbone.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(cnn_batch_norms(start)) == len([n for n in names if not n.startswith("stn")])
+    assert cnn_batch_norms(start) and len(cnn_batch_norms(start)) < len(names)
+    runs = {}
+    for freeze in (True, False):
+        model = RegadModel(spec)
+        sampler = SupportSampler(images, batch_size=6, k=2, seed=0)
+        fit_regad(model, images, sampler, RegadSettings(epochs=1, lr=0.05, freeze_bn=freeze))
+        runs[freeze] = model
+        assert not model.training  # left in eval mode either way
+        conv = next(n for n, _ in model.backbone.named_parameters() if not n.startswith("stn"))
+        assert not torch.equal(model.backbone.get_parameter(conv),
+                               start.backbone.get_parameter(conv)), freeze  # the CNN trained
+        for key, value in _running_stats(model, cnn=False).items():
+            assert not torch.equal(value, _running_stats(start, cnn=False)[key]), key
+    frozen, official, initial = (_running_stats(m, cnn=True)
+                                 for m in (runs[True], runs[False], start))
+    assert all(torch.equal(frozen[k], initial[k]) for k in initial)
+    assert not any(torch.equal(official[k], initial[k]) for k in initial)
 
 
 def test_too_few_normal_images_is_a_training_data_error(tmp_path):
