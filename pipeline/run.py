@@ -18,6 +18,7 @@ from pipeline.core.commit import CommitPlan
 from pipeline.core.lease import date_lease
 from pipeline.core.config import ScoreConfig
 from pipeline.core.console import start_progress, stop_progress
+from pipeline.core.failures import TooManyFailures, read_refusal
 from pipeline.core.manifest import manifest_files, validate_manifest_schema
 from pipeline.core.schemas import ERRORS
 from pipeline.core.selection import ALL_ROWS, RowSelection
@@ -67,12 +68,13 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdenti
     features = images["images"] | "ExtractQueryFeatures" >> ExtractSuiteFeatures(
         config.suite, config.batch_size, config.share_model_across_processes,
         on_device=config.features_on_device)
-    scored = features | "ScoreQueries" >> ScoreQueries(
+    scored = features["features"] | "ScoreQueries" >> ScoreQueries(
         config, identity, references["sets"], prompts)
+    image_errors = (images[ERRORS], features[ERRORS]) | "QueryImageErrors" >> beam.Flatten()
     return (
         {"scores": scored["scores"], "score_errors": scored[ERRORS], "queries": queries,
          "manifest_errors": manifest[ERRORS], "reference_errors": references[ERRORS],
-         "image_errors": images[ERRORS]}
+         "image_errors": image_errors}
         | "WriteOutputs" >> WriteOutputs(config, model_ids=identity.by_scorer(),
                                          manifest_schema=manifest_schema,
                                          carried_scores=selection.carried_scores, plan=plan,
@@ -122,7 +124,8 @@ def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
     The run holds the lock of its date (``pipeline.core.lease.date_lease``: waiting up to
     ``lock_wait_s`` for another run of the date, else refusing with ``LockHeld``) unless the
     caller holds it and passes its ``plan``; with ``commit=False`` the outputs are staged
-    for the caller to commit. On a local runner a progress line counts the queries scored
+    for the caller to commit. When more than ``config.max_failed_fraction`` of the rows
+    failed, nothing is committed (or staged) and :class:`TooManyFailures` is raised. On a local runner a progress line counts the queries scored
     against ``total_queries`` (default: the manifest's query rows).
     """
     if manifest_schema is None:
@@ -149,6 +152,10 @@ def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
                                          manifest_schema=manifest_schema,
                                          selection=selection, plan=held, commit=commit),
                 beam_args)
+            # Read before the lease ends: leaving it collects the run's staging folder.
+            refusal = read_refusal(config.output, held.staging)
+            if refusal is not None:
+                raise TooManyFailures(refusal[0], refusal[1], config.run_date)
     finally:
         if local:
             stop_progress()

@@ -40,6 +40,7 @@ from pipeline.core.anomaly_images import encode_map_png, encode_png, overlay
 from pipeline.core.config import ScoreConfig
 from pipeline.core.images import ImageLoadError, decode_image, read_bytes
 from pipeline.core.commit import CommitPlan
+from pipeline.core.failures import STAGE_MAP, STAGE_MASK  # error rows that keep their scores
 from pipeline.core.layout import MAPS, output_fs
 from pipeline.core.manifest import RowError
 from pipeline.core.pixel_metrics import (MaskError, PixelStats, aupro, merge_stats, pixel_auroc,
@@ -53,8 +54,6 @@ LOG = logging.getLogger(__name__)
 
 PIXEL = "pixel"
 FILES = "files"
-STAGE_MASK = "read_mask"
-STAGE_MAP = "write_map"
 #: Internal keys of score records that carry what this step needs; never written.
 PATCH_MAP_KEY, SIZE_KEY, GRID_KEY = "_patch_map", "_image_size", "_grid"
 #: The long side pixel metrics are computed at (maps and masks are resized to it).

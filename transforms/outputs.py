@@ -13,6 +13,7 @@ from pipeline.core.layout import unstorable_reason
 from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
 from pipeline.model.scorers.inctrl import INCTRL
 from transforms.errors import error_records
+from transforms.failures import TallyFailures
 from transforms.maps import FILES, PIXEL, AnomalyMaps
 from transforms.summary import SummarizeMetrics
 from transforms.write import REPORT, CommitStaged, StageFiles
@@ -71,6 +72,9 @@ class WriteOutputs(beam.PTransform):
     nightly job's) joins the new scores. ``plan`` says where and from which record the run
     commits (default: the current record, no lock); with ``commit=False`` the files are only
     staged and listed, and the caller commits them (the nightly job, adding its reports).
+    When more than ``config.max_failed_fraction`` of the run's (query, seed, scorer) rows
+    failed (``pipeline.core.failures``), nothing is committed or listed and a refusal marker
+    is left instead; the summary says how many rows failed (``failed_rows``).
     """
 
     def __init__(self, config: ScoreConfig, *, model_ids: dict[str, str],
@@ -87,6 +91,7 @@ class WriteOutputs(beam.PTransform):
     def expand(self, outputs: dict) -> dict:
         cfg, model_ids, plan = self._config, self._model_ids, self._plan
         scores = outputs["scores"]
+        new_scores = scores  # this run's rows only (not the carried ones)
         map_files = pixel = map_errors = None
         if cfg.anomaly_maps:
             mapped = scores | "AnomalyMaps" >> AnomalyMaps(
@@ -111,6 +116,7 @@ class WriteOutputs(beam.PTransform):
         scores = checked["ok"]
         errors = ((checked_errors["ok"], checked_errors[ERRORS], checked[ERRORS])
                   | "CheckedErrors" >> beam.Flatten())
+        tally = {"scores": new_scores, ERRORS: errors} | "TallyFailures" >> TallyFailures()
         query_datasets = (outputs["queries"]
                           | "QueryDatasets" >> beam.Map(lambda row: row.dataset)
                           | "StorableDatasets" >> beam.Filter(
@@ -132,12 +138,13 @@ class WriteOutputs(beam.PTransform):
                        "reference_selection": cfg.reference_selection,
                        "reference_pool_limit": cfg.reference_pool_limit,
                        "precision": cfg.backbone.precision},
-                pixel=pixel)
+                pixel=pixel, tally=tally)
             | "SummaryFiles" >> beam.FlatMap(_summary_files, cfg.output))
         committed = (
             (staged_scores, staged_errors, staged_summary)
             + ((map_files,) if map_files is not None else ())
             | "StagedFiles" >> beam.Flatten()
             | "CommitRun" >> CommitStaged(plan, {SCORES: score_schema, ERRORS: ERROR_SCHEMA},
-                                          datasets, commit=self._commit))
+                                          datasets, commit=self._commit, tally=tally,
+                                          max_failed_fraction=cfg.max_failed_fraction))
         return {"scores": scores, ERRORS: errors, "committed": committed}

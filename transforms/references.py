@@ -283,12 +283,11 @@ class PrepareReferences(beam.PTransform):
                   | "LoadReferenceImages" >> LoadImages(
                       cfg.suite, cfg.limits, decode_threads=cfg.decode_thread_count,
                       prefetch=cfg.batch_size))
-        features = (images["images"]
-                    | "ExtractReferenceFeatures" >> extract_suite_features(
-                        cfg.feature_cache, cfg.suite, cfg.batch_size,
-                        cfg.share_model_across_processes)
-                    | "RowOnly" >> beam.MapTuple(_row_features))
+        extracted = images["images"] | "ExtractReferenceFeatures" >> extract_suite_features(
+            cfg.feature_cache, cfg.suite, cfg.batch_size, cfg.share_model_across_processes)
+        features = extracted["features"] | "RowOnly" >> beam.MapTuple(_row_features)
         sets = ({"sets": pools, "features": features}
                 | "AssembleReferenceSets" >> AssembleReferenceSets(choose, choices))
-        errors = (drawn[ERRORS], images[ERRORS]) | "MergeErrors" >> beam.Flatten()
+        errors = ((drawn[ERRORS], images[ERRORS], extracted[ERRORS])
+                  | "MergeErrors" >> beam.Flatten())
         return {"sets": sets, ERRORS: errors}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping
 
+from pipeline.core.failures import DEFAULT_MAX_FAILED_FRACTION, check_fraction
 from pipeline.core.images import ImageLimits
 from pipeline.model.backbone import BackboneSpec
 from pipeline.model.prompts import DEFAULT_SEMANTIC_CLASSES
@@ -73,8 +74,11 @@ class ScoreConfig:
     # candidate, or a seeded sample of reference_pool_limit).
     reference_selection: str = RANDOM
     reference_pool_limit: int | None = None
+    # Above this fraction of failed (query, seed, scorer) rows the run does not commit.
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "max_failed_fraction", check_fraction(self.max_failed_fraction))
         if self.decode_threads < 0:
             raise ValueError(f"decode_threads must be 0 (auto) or more, got {self.decode_threads}")
         if self.k < 0:
