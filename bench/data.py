@@ -85,6 +85,24 @@ def interleaved_manifest(paths: list[str], groups: int, references: int, queries
     write_manifest(frame, path)
 
 
+def lines_manifest(paths: list[str], lines: int, references: int, queries: int,
+                   path: str) -> None:
+    """``lines`` product lines (each a dataset ``line<NNNN>`` with one category, as
+    ``make-manifest --folder-per-line`` gives) sharing ``queries`` queries as evenly as they
+    go, each with its own ``references`` normal references; ``paths`` hold
+    ``lines * references + queries`` distinct images. Rows shuffled, lines interleaved."""
+    if len(paths) < lines * references + queries:
+        raise ValueError(f"need {lines * references + queries} images, got {len(paths)}")
+    rows, start = [], 0
+    for line in range(lines):
+        n = references + queries // lines + (1 if line < queries % lines else 0)
+        group = _group_rows(paths[start:start + n], references, CATEGORY, f"l{line:04d}-")
+        rows.extend(dict(r, dataset=f"line{line:04d}") for r in group)
+        start += n
+    frame = pd.DataFrame(rows).sample(frac=1, random_state=0).reset_index(drop=True)
+    write_manifest(frame, path)
+
+
 def one_group_manifest(paths: list[str], references: int, path: str) -> None:
     """One dataset and category over ``paths`` (``_group_rows``)."""
     write_manifest(pd.DataFrame(_group_rows(paths, references, CATEGORY, "img")), path)

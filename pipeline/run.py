@@ -36,6 +36,8 @@ LOG = logging.getLogger(__name__)
 
 #: The manifest column of ground-truth masks; with it the job computes pixel metrics.
 MASK_COLUMN = "mask_uri"
+#: The run's own feature cache, in its staging folder, when no --feature-cache is given.
+RUN_FEATURE_CACHE = "features"
 
 
 def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdentity,
@@ -50,10 +52,14 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdenti
     ``plan`` and ``commit`` go to WriteOutputs (how the run commits, or only stages).
     Returns WriteOutputs' ``{'scores', 'errors', 'committed'}``.
     """
+    plan = plan or CommitPlan(config.output, config.run_date, config.run_id)
+    # Reference features go to the feature cache, the user's or one private to the run (in
+    # its staging folder, removed with it), and scoring workers read them from there.
+    cache = config.feature_cache or plan.staging_url(RUN_FEATURE_CACHE)
     manifest = p | "ReadManifest" >> ReadManifest(config.manifest)
     queries = manifest["rows"] | "SelectQueries" >> SelectQueries(selection.is_query)
     references = manifest["rows"] | "PrepareReferences" >> PrepareReferences(
-        config, selection.is_candidate)
+        config, cache, selection.is_candidate)
     # Prompt embeddings only for scorers that read text: a run without them loads no CLIP.
     prompts = (queries | "EncodePrompts" >> EncodePrompts(
         config.backbone, config.semantic_classes, config.feature_cache,
@@ -69,7 +75,7 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdenti
         config.suite, config.batch_size, config.share_model_across_processes,
         on_device=config.features_on_device)
     scored = features["features"] | "ScoreQueries" >> ScoreQueries(
-        config, identity, references["sets"], prompts)
+        config, identity, references["sets"], prompts, cache)
     image_errors = (images[ERRORS], features[ERRORS]) | "QueryImageErrors" >> beam.Flatten()
     return (
         {"scores": scored["scores"], "score_errors": scored[ERRORS], "queries": queries,

@@ -102,16 +102,6 @@ class CachedSuiteFeatures(beam.PTransform):
                 ERRORS: extracted[ERRORS]}
 
 
-def extract_suite_features(cache_root: str | None, suite: SuiteSpec, batch_size: int,
-                           share_across_processes: bool = False) -> beam.PTransform:
-    """Reference images' features (with the extractors' reference augmentations), through
-    the disk cache when a cache root is given: ``{'features', 'errors'}``."""
-    if cache_root:
-        return CachedSuiteFeatures(cache_root, suite, batch_size, share_across_processes,
-                                   references=True)
-    return ExtractSuiteFeatures(suite, batch_size, share_across_processes, references=True)
-
-
 def clip_suite(spec: BackboneSpec) -> SuiteSpec:
     """The run that extracts InCTRL's CLIP features only (training)."""
     return SuiteSpec((INCTRL,), clip=spec)

@@ -1,7 +1,11 @@
 """ScoreQueries: query features against their group's references, per seed and scorer.
 
-Reference sets and prompt embeddings arrive as side inputs; each scorer builds a group's
-normal memory once per (dataset, category, seed) on a worker and reuses it for every batch.
+Reference sets (ids and content hashes, no tensors) and prompt embeddings arrive as side
+inputs. The first batch of a (dataset, category, seed) on a worker reads that group's
+reference features from the feature cache the reference extraction wrote, and every scorer
+builds its normal memory from them; the memories stay in a bounded LRU of groups and are
+reused for every later batch. What a worker holds is bounded by that LRU, not by the number
+of groups in the run.
 """
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ from apache_beam.metrics import Metrics
 
 from pipeline.core import console
 from pipeline.core.config import ScoreConfig
+from pipeline.core.feature_cache import FeatureCache, read_stacked
 from pipeline.core.manifest import ManifestRow
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.scorers.base import CATEGORY, TEXT, ScorerOutput
 from pipeline.model.scorers.suite import IMAGE_SIZE, RunIdentity, TensorBundle, build_scorers
+from transforms.cache import cache_identities
 from transforms.errors import error_records, row_error
 from transforms.maps import GRID_KEY, PATCH_MAP_KEY, SIZE_KEY
 from transforms.references import ReferencePayload
@@ -28,7 +34,7 @@ LOG = logging.getLogger(__name__)
 
 STAGE_SCORE = "score"
 _PREPARED_CACHE = 64  # (group, seed) memories of every scorer kept on a worker
-_NO_REFERENCES = ReferencePayload(image_ids=(), features=TensorBundle(), selected=0)
+_NO_REFERENCES = ReferencePayload(image_ids=(), selected=0)
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -105,9 +111,10 @@ class _ScoreFn(beam.DoFn):
     of the (seed, scorer), a non-finite score its own row; each becomes an error row of stage
     ``score`` and the rest is scored."""
 
-    def __init__(self, config: ScoreConfig, identity: RunIdentity) -> None:
+    def __init__(self, config: ScoreConfig, identity: RunIdentity, cache_root: str) -> None:
         self._config = config
         self._identity = identity
+        self._cache_root = cache_root
         self._scored = Metrics.counter(METRICS_NAMESPACE, "queries_scored")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
         self._prepared_sets = Metrics.counter(METRICS_NAMESPACE, "reference_sets_prepared")
@@ -122,9 +129,17 @@ class _ScoreFn(beam.DoFn):
         self._scorers = build_scorers(suite)
         self._extractor = {name: suite.entry(name).extractor for name in self._scorers}
         self._model_ids = {name: self._identity.model_id(name) for name in self._scorers}
+        self._caches = {ext: FeatureCache(self._cache_root, identity) for ext, identity
+                        in cache_identities(suite, references=True).items()}
         # (dataset, category, seed) → {scorer: memory, or the exception that building it raised}
         self._prepared: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self._texts: dict[str, torch.Tensor] = {}  # category → text features on the device
+
+    def _references(self, payload: ReferencePayload) -> TensorBundle:
+        """A group's reference features, every extractor's (batch k), on the device."""
+        parts = {ext: read_stacked(cache, payload.hashes_for(ext))
+                 for ext, cache in self._caches.items()}
+        return TensorBundle.join(parts).to(self._device)
 
     def _memories(self, key: tuple, payload: ReferencePayload,
                   text: torch.Tensor | None) -> dict[str, Any]:
@@ -137,8 +152,10 @@ class _ScoreFn(beam.DoFn):
             return memories
         memories = {}
         try:
-            refs = payload.features.to(self._device)
+            refs = self._references(payload)
         except Exception as exc:  # noqa: BLE001 - the group's rows become error rows
+            LOG.warning("The reference features of %s could not be read: %s", key,
+                        failure_reason(exc, "reading the references' features"))
             refs = exc
         context = {CATEGORY: key[1]}
         if text is not None:
@@ -183,7 +200,7 @@ class _ScoreFn(beam.DoFn):
         """One scorer's records of one batch and seed; failures as error rows."""
         if isinstance(memory, Exception):
             yield from self._error_rows(rows, seed, name, failure_reason(
-                memory, "building the references' memory"))
+                memory, "preparing the references' memory"))
             return
         try:
             with torch.no_grad():
@@ -236,17 +253,21 @@ class ScoreQueries(beam.PTransform):
     """((row, sha256), TensorBundle) → score records (main) and error records ('errors'):
     one per query, seed and scorer.
 
-    Side inputs: ``ref_sets`` ((dataset, category, seed) → ReferencePayload) and ``prompts``
-    (category → text features; empty when no scorer reads text). ``identity``: what
-    produced each scorer's rows.
+    Side inputs: ``ref_sets`` ((dataset, category, seed) → ReferencePayload: ids and content
+    hashes) and ``prompts`` (category → (2, embed_dim) text features; empty when no scorer
+    reads text). The references' features are read from the feature cache at
+    ``cache_root`` (PrepareReferences wrote them there). ``identity``: what produced each
+    scorer's rows.
     """
 
-    def __init__(self, config: ScoreConfig, identity: RunIdentity, ref_sets, prompts) -> None:
+    def __init__(self, config: ScoreConfig, identity: RunIdentity, ref_sets, prompts,
+                 cache_root: str) -> None:
         super().__init__()
         self._config = config
         self._identity = identity
         self._ref_sets = ref_sets
         self._prompts = prompts
+        self._cache_root = cache_root
 
     def expand(self, query_features):
         out = (
@@ -254,7 +275,7 @@ class ScoreQueries(beam.PTransform):
             | "Batch" >> beam.BatchElements(min_batch_size=self._config.batch_size,
                                             max_batch_size=self._config.batch_size)
             | "Score" >> beam.ParDo(
-                _ScoreFn(self._config, self._identity),
+                _ScoreFn(self._config, self._identity, self._cache_root),
                 ref_sets=beam.pvalue.AsDict(self._ref_sets),
                 prompts=beam.pvalue.AsDict(self._prompts),
             ).with_outputs(ERRORS, main="scores")
