@@ -23,8 +23,12 @@ peak RSS (``ru_maxrss``) and the job's Beam counters.
     wall time should follow the images forwarded. Give it a backbone whose features are
     large, e.g. ``--backbone ViT-B-32 --pretrained random:0`` (~600 KB per image):
 
-    python -m bench.scaling --checks lines --backbone ViT-B-32 --pretrained random:0 \
-        --lines 1,10,100,1000 --line-queries 1000 --k 4
+    python -m bench.scaling --checks lines --backbone ViT-B-32 --pretrained random:0 \\
+        --lines 1,10,100,1000 --line-queries 1000 --k 4 [--shared-references]
+
+    With --shared-references every line's references are the same k images (same ids):
+    k reference forwards in all instead of k per line, while each line still builds and
+    holds its own memory; for machines too slow to forward 4,000 reference images.
 """
 from __future__ import annotations
 
@@ -64,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="product-line counts of the lines check")
     p.add_argument("--line-queries", type=int, default=1000,
                    help="queries of every run of the lines check, split over the lines")
+    p.add_argument("--shared-references", action="store_true",
+                   help="lines check: every line's k references are the same k images (one "
+                        "forward each for all lines; each line still builds its own memory)")
     p.add_argument("--checks", default="linear,groups,memory",
                    help="which checks to run (linear, groups, memory, lines)")
     p.add_argument("--json", default=None)
@@ -130,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     plan += [(f"L{n}", args.line_queries) for n in lines]
     images = max([queries + k for _, queries in plan] + [g * (k + 2 * gq) if "groups" in checks
                                                          else 0]
-                 + [n * k + args.line_queries for n in lines])
+                 + [(1 if args.shared_references else n) * k + args.line_queries
+                    for n in lines])
     paths = write_images(os.path.join(args.workdir, f"images-{args.image_size}"), images,
                          args.image_size, "png")
     runs: dict[str, dict] = {}
@@ -138,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         if label.startswith("L"):
             n = int(label[1:])
             manifest = os.path.join(args.workdir, f"manifest-{n}-lines-{queries}.parquet")
-            lines_manifest(paths, n, k, queries, manifest)
+            shared = args.shared_references
+            manifest = manifest.replace(".parquet", "-shared.parquet" if shared else ".parquet")
+            lines_manifest(paths, n, k, queries, manifest, shared_references=shared)
         elif label.startswith("G"):
             manifest = os.path.join(args.workdir, f"manifest-{g}-groups-{queries}.parquet")
             interleaved_manifest(paths, g, k, queries // g, manifest)
@@ -151,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"date": today(), "machine": machine(), "command": command_line(),
            "backbone": f"{args.backbone}@{args.pretrained}", "k": k, "queries": q, "rows": n,
            "groups": g, "group_queries": gq, "lines": lines, "line_queries": args.line_queries,
+           "shared_references": args.shared_references,
            "batch_size": args.batch_size, "image_size": args.image_size, "runs": runs}
     report(res)
     if args.json:

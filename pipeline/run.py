@@ -80,7 +80,7 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdenti
     return (
         {"scores": scored["scores"], "score_errors": scored[ERRORS], "queries": queries,
          "manifest_errors": manifest[ERRORS], "reference_errors": references[ERRORS],
-         "image_errors": image_errors}
+         "image_errors": image_errors, "manifest_rows": manifest["rows"]}
         | "WriteOutputs" >> WriteOutputs(config, model_ids=identity.by_scorer(),
                                          manifest_schema=manifest_schema,
                                          carried_scores=selection.carried_scores, plan=plan,

@@ -14,7 +14,7 @@ from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_
 from pipeline.model.scorers.inctrl import INCTRL
 from transforms.errors import error_records
 from transforms.failures import TallyFailures
-from transforms.maps import FILES, PIXEL, AnomalyMaps
+from transforms.maps import FILES, PIXEL, AnomalyMaps, CarriedPixelStats
 from transforms.summary import SummarizeMetrics
 from transforms.write import REPORT, CommitStaged, StageFiles
 
@@ -69,7 +69,9 @@ class WriteOutputs(beam.PTransform):
     turned into one error record per seed for queries (each query reconciles once per seed)
     and one with a null seed otherwise. Every dataset of ``queries``, and the rows without a
     dataset, get their partitions replaced in every table, even by none. ``carried_scores`` (a Parquet file of earlier score rows, the
-    nightly job's) joins the new scores. ``plan`` says where and from which record the run
+    nightly job's) joins the new scores; with pixel metrics and kept maps, their maps (read
+    back, masks from ``manifest_rows``, an optional input of every manifest row) count in
+    the pixel metrics too. ``plan`` says where and from which record the run
     commits (default: the current record, no lock); with ``commit=False`` the files are only
     staged and listed, and the caller commits them (the nightly job, adding its reports).
     When more than ``config.max_failed_fraction`` of the run's (query, seed, scorer) rows
@@ -92,16 +94,23 @@ class WriteOutputs(beam.PTransform):
         cfg, model_ids, plan = self._config, self._model_ids, self._plan
         scores = outputs["scores"]
         new_scores = scores  # this run's rows only (not the carried ones)
-        map_files = pixel = map_errors = None
-        if cfg.anomaly_maps:
-            mapped = scores | "AnomalyMaps" >> AnomalyMaps(
-                cfg, plan, write=cfg.write_anomaly_maps, pixel=cfg.pixel_metrics)
-            scores, map_files, pixel = mapped["scores"], mapped[FILES], mapped[PIXEL]
-            map_errors = mapped[ERRORS]
+        carried = carried_stats = None
         if self._carried:
             carried = (scores.pipeline
                        | "ReadCarriedScores" >> beam.io.ReadFromParquet(self._carried)
                        | "CarriedScorer" >> beam.Map(_with_scorer))
+            if cfg.pixel_metrics and cfg.write_anomaly_maps and "manifest_rows" in outputs:
+                # Carried rows count in the date's pixel metrics through the maps they kept.
+                carried_stats = ({"carried": carried, "rows": outputs["manifest_rows"]}
+                                 | "CarriedPixelStats" >> CarriedPixelStats())
+        map_files = pixel = map_errors = None
+        if cfg.anomaly_maps:
+            mapped = scores | "AnomalyMaps" >> AnomalyMaps(
+                cfg, plan, write=cfg.write_anomaly_maps, pixel=cfg.pixel_metrics,
+                carried_stats=carried_stats)
+            scores, map_files, pixel = mapped["scores"], mapped[FILES], mapped[PIXEL]
+            map_errors = mapped[ERRORS]
+        if carried is not None:
             scores = (scores, carried) | "WithCarriedScores" >> beam.Flatten()
         row_errors = (
             [outputs[key] for key in ROW_ERRORS]

@@ -156,7 +156,8 @@ class _ScoreFn(beam.DoFn):
         except Exception as exc:  # noqa: BLE001 - the group's rows become error rows
             LOG.warning("The reference features of %s could not be read: %s", key,
                         failure_reason(exc, "reading the references' features"))
-            refs = exc
+            self._memory_failures.inc(len(self._scorers))
+            refs = exc.with_traceback(None)  # kept: its frames would pin their tensors
         context = {CATEGORY: key[1]}
         if text is not None:
             context[TEXT] = text
@@ -171,8 +172,8 @@ class _ScoreFn(beam.DoFn):
                                                          context)
             except Exception as exc:  # noqa: BLE001 - the group's rows become error rows
                 LOG.warning("Scorer %s could not build the memory of %s: %s", name, key,
-                            failure_reason(exc, "building the references' memory"))
-                memories[name] = exc
+                            failure_reason(exc, "preparing the references' memory"))
+                memories[name] = exc.with_traceback(None)  # kept: frames pin tensors
                 self._memory_failures.inc()
         self._prepared[key] = memories
         while len(self._prepared) > _PREPARED_CACHE:
