@@ -85,6 +85,33 @@ def interleaved_manifest(paths: list[str], groups: int, references: int, queries
     write_manifest(frame, path)
 
 
+def lines_manifest(paths: list[str], lines: int, references: int, queries: int,
+                   path: str, shared_references: bool = False) -> None:
+    """``lines`` product lines (each a dataset ``line<NNNN>`` with one category, as
+    ``make-manifest --folder-per-line`` gives) sharing ``queries`` queries as evenly as they
+    go, each with ``references`` normal references: its own, or with ``shared_references``
+    the same ``references`` images (same ids) for every line, extracted once for all of them
+    (every line still builds its own memory from them). ``paths`` hold the references
+    first, then the queries. Rows shuffled, lines interleaved."""
+    needed = (1 if shared_references else lines) * references + queries
+    if len(paths) < needed:
+        raise ValueError(f"need {needed} images, got {len(paths)}")
+    n_refs = references if shared_references else lines * references
+    refs, pool = paths[:n_refs], paths[n_refs:]
+    rows, start = [], 0
+    for line in range(lines):
+        n = queries // lines + (1 if line < queries % lines else 0)
+        own = refs if shared_references else refs[line * references:(line + 1) * references]
+        group = _group_rows(own + pool[start:start + n], references, CATEGORY, f"l{line:04d}-")
+        for i, row in enumerate(group):
+            if shared_references and i < references:
+                row["image_id"] = f"shared-ref{i}"
+            rows.append(dict(row, dataset=f"line{line:04d}"))
+        start += n
+    frame = pd.DataFrame(rows).sample(frac=1, random_state=0).reset_index(drop=True)
+    write_manifest(frame, path)
+
+
 def one_group_manifest(paths: list[str], references: int, path: str) -> None:
     """One dataset and category over ``paths`` (``_group_rows``)."""
     write_manifest(pd.DataFrame(_group_rows(paths, references, CATEGORY, "img")), path)

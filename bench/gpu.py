@@ -112,6 +112,8 @@ def scoring_stage(spec: BackboneSpec, pixels: list[torch.Tensor], n: int, batch_
     from pipeline.core.manifest import ManifestRow
     from pipeline.model.scorers.suite import TensorBundle
     from transforms.features import SuiteFeatureHandler
+    from pipeline.core.feature_cache import FeatureCache
+    from transforms.cache import cache_identities
     from transforms.references import ReferencePayload
     from transforms.score import _ScoreFn
 
@@ -119,12 +121,17 @@ def scoring_stage(spec: BackboneSpec, pixels: list[torch.Tensor], n: int, batch_
                          run_id="bench", run_date="2000-01-01")
     handler = SuiteFeatureHandler(config.suite, batch_size, on_device=on_device)
     model = handler.load_model()
-    fn = _ScoreFn(config, config.suite.identity())
+    cache_root = f"{workdir}/features"
+    fn = _ScoreFn(config, config.suite.identity(), cache_root)
     fn.setup()
     views = [TensorBundle({"clip": p}) for p in pixels]
     refs = handler.run_inference(views[:k], model)
-    ref_sets = {(DATASET, CATEGORY, 0): ReferencePayload(
-        tuple(f"ref{i}" for i in range(k)), TensorBundle.cat(refs).to("cpu"), k)}
+    # As the job: the references' features in the feature cache, the set naming them.
+    cache = FeatureCache(cache_root, cache_identities(config.suite, references=True)["clip"])
+    ids = tuple(f"ref{i}" for i in range(k))
+    for i, ref in zip(ids, refs):
+        cache.put(i, ref.part("clip"))
+    ref_sets = {(DATASET, CATEGORY, 0): ReferencePayload(ids, k, content={i: i for i in ids})}
     prompts = {CATEGORY: text.cpu()}
     rows = [ManifestRow(f"/img/{i}.png", DATASET, CATEGORY, "query", 0, f"q{i}", None, None)
             for i in range(batch_size)]

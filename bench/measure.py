@@ -125,7 +125,7 @@ class Timer:
 def beam_metrics(result) -> dict[str, float]:
     """Counters and distribution sums of a finished pipeline, keyed ``step|namespace|name``.
 
-    Distributions give ``…|name.count`` and ``…|name.sum``. Steps are full labels
+    Distributions give ``…|name.count``, ``…|name.sum`` and ``…|name.max``. Steps are full labels
     (``PrepareReferences/ExtractReferenceFeatures/...``); :func:`metric` picks them by one
     part, so the reference and query branches stay apart.
     """
@@ -141,6 +141,8 @@ def beam_metrics(result) -> dict[str, float]:
             else:
                 out[name + ".count"] = out.get(name + ".count", 0) + value.count
                 out[name + ".sum"] = out.get(name + ".sum", 0) + value.sum
+                if value.count:
+                    out[name + ".max"] = max(out.get(name + ".max", value.max), value.max)
     return out
 
 
@@ -153,6 +155,13 @@ def metric(metrics: dict[str, float], step: str, name: str, default: float = 0.0
             total += value
             found = True
     return total if found else default
+
+
+def largest(metrics: dict[str, float], step: str, name: str, default: float = 0.0) -> float:
+    """Largest value of ``name`` over every step whose full label has a part ``step``."""
+    found = [value for key, value in metrics.items()
+             if step in key.split("|", 2)[0].split("/") and key.split("|", 2)[2] == name]
+    return max(found) if found else default
 
 
 def work_summary(metrics: dict[str, float]) -> dict[str, float]:
@@ -170,6 +179,8 @@ def work_summary(metrics: dict[str, float]) -> dict[str, float]:
         "query_images_loaded": metric(metrics, "LoadQueryImages", "images_loaded"),
         "queries_scored": metric(metrics, "ScoreQueries", "queries_scored"),
         "reference_sets_prepared": metric(metrics, "ScoreQueries", "reference_sets_prepared"),
+        # the most groups' memories one scoring worker held at once (a max, not a sum)
+        "reference_sets_held": largest(metrics, "ScoreQueries", "reference_sets_held.max"),
         "prompt_sets_encoded": metric(metrics, "EncodePrompts", "prompt_sets_encoded"),
         "prompt_sets_from_cache": metric(metrics, "EncodePrompts", "prompt_sets_from_cache"),
         "feature_cache_hits": metric(metrics, "ExtractReferenceFeatures", "feature_cache_hits"),

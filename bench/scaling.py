@@ -15,6 +15,20 @@ peak RSS (``ru_maxrss``) and the job's Beam counters.
   * memory: N and 10 N rows (distinct small images); the peak RSS ratio should stay under
     1.3. The tiny backbone keeps 10 N rows fast; its features are ~50 KB per image, so the
     per-row slope is also printed: a job that held every row's features would show it.
+  * lines (``--checks lines``): the same --line-queries queries split over each count of
+    --lines product lines (datasets of one category, k references each, interleaved): a
+    worker's peak RSS should not grow with the lines (target: 1,000 lines within 1.25x of
+    10), the most groups' reference sets a scoring worker held at once (the
+    ``reference_sets_held`` metric) should stay within its cache of prepared memories, and
+    wall time should follow the images forwarded. Give it a backbone whose features are
+    large, e.g. ``--backbone ViT-B-32 --pretrained random:0`` (~600 KB per image):
+
+    python -m bench.scaling --checks lines --backbone ViT-B-32 --pretrained random:0 \\
+        --lines 1,10,100,1000 --line-queries 1000 --k 4 [--shared-references]
+
+    With --shared-references every line's references are the same k images (same ids):
+    k reference forwards in all instead of k per line, while each line still builds and
+    holds its own memory; for machines too slow to forward 4,000 reference images.
 """
 from __future__ import annotations
 
@@ -27,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.data import interleaved_manifest, one_group_manifest, write_images
+from bench.data import interleaved_manifest, lines_manifest, one_group_manifest, write_images
 from bench.measure import (Timer, beam_metrics, command_line, machine, max_rss_mib, today,
                            work_summary)
 
@@ -50,7 +64,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "inctrl-scaling"))
     p.add_argument("--groups", type=int, default=70, help="G: categories of the groups check")
     p.add_argument("--group-queries", type=int, default=5, help="q: queries per category")
-    p.add_argument("--checks", default="linear,groups,memory", help="which checks to run")
+    p.add_argument("--lines", default="1,10,100,1000",
+                   help="product-line counts of the lines check")
+    p.add_argument("--line-queries", type=int, default=1000,
+                   help="queries of every run of the lines check, split over the lines")
+    p.add_argument("--shared-references", action="store_true",
+                   help="lines check: every line's k references are the same k images (one "
+                        "forward each for all lines; each line still builds its own memory)")
+    p.add_argument("--checks", default="linear,groups,memory",
+                   help="which checks to run (linear, groups, memory, lines)")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # manifest of one run
     return p.parse_args(argv)
@@ -111,12 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     plan += [("N", n - k), ("10N", 10 * n - k)] if "memory" in checks else []
     g, gq = args.groups, args.group_queries
     plan += [("G,q", g * gq), ("G,2q", g * 2 * gq)] if "groups" in checks else []
-    paths = write_images(os.path.join(args.workdir, f"images-{args.image_size}"),
-                         max(max(queries for _, queries in plan) + k, g * (k + 2 * gq)),
+    lines = [int(x) for x in args.lines.split(",")] if "lines" in checks else []
+    plan += [(f"L{n}", args.line_queries) for n in lines]
+    images = max([queries + k for _, queries in plan] + [g * (k + 2 * gq) if "groups" in checks
+                                                         else 0]
+                 + [(1 if args.shared_references else n) * k + args.line_queries
+                    for n in lines])
+    paths = write_images(os.path.join(args.workdir, f"images-{args.image_size}"), images,
                          args.image_size, "png")
     runs: dict[str, dict] = {}
     for label, queries in plan:
-        if label.startswith("G"):
+        if label.startswith("L"):
+            n = int(label[1:])
+            manifest = os.path.join(args.workdir, f"manifest-{n}-lines-{queries}.parquet")
+            shared = args.shared_references
+            manifest = manifest.replace(".parquet", "-shared.parquet" if shared else ".parquet")
+            lines_manifest(paths, n, k, queries, manifest, shared_references=shared)
+        elif label.startswith("G"):
             manifest = os.path.join(args.workdir, f"manifest-{g}-groups-{queries}.parquet")
             interleaved_manifest(paths, g, k, queries // g, manifest)
         else:
@@ -127,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[label] = min(tries, key=lambda r: r["seconds"])
     res = {"date": today(), "machine": machine(), "command": command_line(),
            "backbone": f"{args.backbone}@{args.pretrained}", "k": k, "queries": q, "rows": n,
-           "groups": g, "group_queries": gq,
+           "groups": g, "group_queries": gq, "lines": lines, "line_queries": args.line_queries,
+           "shared_references": args.shared_references,
            "batch_size": args.batch_size, "image_size": args.image_size, "runs": runs}
     report(res)
     if args.json:
@@ -157,6 +191,8 @@ def report(res: dict) -> None:
         groups(runs, res["groups"], k, w)
     if "N" in runs:
         memory(runs, n, w)
+    if res.get("lines"):
+        product_lines(runs, res["lines"], w)
 
 
 def linearity(runs: dict, w) -> None:
@@ -194,6 +230,37 @@ def memory(runs: dict, n: int, w) -> None:
     w(f"Memory: {n} rows {r1['peak_rss_mib']:.0f} MiB, {10 * n} rows {r10['peak_rss_mib']:.0f} MiB"
       f": ratio {ratio:.2f} ({'under' if ratio < 1.3 else 'NOT under'} 1.3), {slope:.1f} KiB per "
       "extra row.\n")
+
+
+def product_lines(runs: dict, lines: list[int], w) -> None:
+    """Peak RSS, reference sets held and wall time against the number of product lines."""
+    from transforms.score import _PREPARED_CACHE
+
+    w(f"\n{'lines':>6}{'queries':>8}{'ref fwd':>9}{'query fwd':>10}{'seconds':>9}"
+      f"{'s/image':>9}{'peak RSS MiB':>14}{'sets held':>10}\n")
+    for n in lines:
+        r = runs[f"L{n}"]
+        images = r["reference_forwards"] + r["query_forwards"]
+        w(f"{n:6d}{r['queries_scored']:8.0f}{r['reference_forwards']:9.0f}"
+          f"{r['query_forwards']:10.0f}{r['seconds']:9.1f}{r['seconds'] / images:9.3f}"
+          f"{r['peak_rss_mib']:14.0f}{r['reference_sets_held']:10.0f}\n")
+    if 10 in lines and 1000 in lines:
+        ratio = runs["L1000"]["peak_rss_mib"] / runs["L10"]["peak_rss_mib"]
+        w(f"Peak RSS at 1,000 lines / at 10 lines: {ratio:.2f} "
+          f"({'within' if ratio <= 1.25 else 'NOT within'} the 1.25x target).\n")
+    held = max(runs[f"L{n}"]["reference_sets_held"] for n in lines)
+    w(f"Reference sets held by a scoring worker: at most {held:.0f} (its cache: "
+      f"{_PREPARED_CACHE} groups; {'bounded' if held <= _PREPARED_CACHE else 'NOT bounded'}).\n")
+    xs = [runs[f"L{n}"]["reference_forwards"] + runs[f"L{n}"]["query_forwards"] for n in lines]
+    ts = [runs[f"L{n}"]["seconds"] for n in lines]
+    if len(set(xs)) > 1:
+        mx, mt = sum(xs) / len(xs), sum(ts) / len(ts)
+        slope = (sum((x - mx) * (t - mt) for x, t in zip(xs, ts))
+                 / sum((x - mx) ** 2 for x in xs))
+        fixed = mt - slope * mx
+        worst = max(abs(fixed + slope * x - t) / t for x, t in zip(xs, ts))
+        w(f"Wall time against images forwarded: T = {fixed:.1f} s + {1e3 * slope:.1f} ms x "
+          f"images fits every line count within {worst:.1%}.\n")
 
 
 if __name__ == "__main__":

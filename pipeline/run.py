@@ -18,6 +18,7 @@ from pipeline.core.commit import CommitPlan
 from pipeline.core.lease import date_lease
 from pipeline.core.config import ScoreConfig
 from pipeline.core.console import start_progress, stop_progress
+from pipeline.core.failures import TooManyFailures, read_refusal
 from pipeline.core.manifest import manifest_files, validate_manifest_schema
 from pipeline.core.schemas import ERRORS
 from pipeline.core.selection import ALL_ROWS, RowSelection
@@ -36,6 +37,8 @@ LOG = logging.getLogger(__name__)
 
 #: The manifest column of ground-truth masks; with it the job computes pixel metrics.
 MASK_COLUMN = "mask_uri"
+#: The run's own feature cache, in its staging folder, when no --feature-cache is given.
+RUN_FEATURE_CACHE = "features"
 
 
 def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdentity,
@@ -50,10 +53,14 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdenti
     ``plan`` and ``commit`` go to WriteOutputs (how the run commits, or only stages).
     Returns WriteOutputs' ``{'scores', 'errors', 'committed'}``.
     """
+    plan = plan or CommitPlan(config.output, config.run_date, config.run_id)
+    # Reference features go to the feature cache, the user's or one private to the run (in
+    # its staging folder, removed with it), and scoring workers read them from there.
+    cache = config.feature_cache or plan.staging_url(RUN_FEATURE_CACHE)
     manifest = p | "ReadManifest" >> ReadManifest(config.manifest)
     queries = manifest["rows"] | "SelectQueries" >> SelectQueries(selection.is_query)
     references = manifest["rows"] | "PrepareReferences" >> PrepareReferences(
-        config, selection.is_candidate)
+        config, cache, selection.is_candidate)
     # Normal images that calibrate the decisions travel with the queries, marked, and are
     # scored against the same references (transforms.decisions).
     calibration = manifest["rows"] | "SelectCalibration" >> SelectCalibration(
@@ -73,15 +80,17 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdenti
     features = images["images"] | "ExtractQueryFeatures" >> ExtractSuiteFeatures(
         config.suite, config.batch_size, config.share_model_across_processes,
         on_device=config.features_on_device)
-    scored = features | "ScoreQueries" >> ScoreQueries(
-        config, identity, references["sets"], prompts)
+    scored = features["features"] | "ScoreQueries" >> ScoreQueries(
+        config, identity, references["sets"], prompts, cache)
     decided = scored["scores"] | "DecideAnomalies" >> DecideAnomalies(config)
     # A reference candidate that cannot be read is PrepareReferences' to report.
-    image_errors = images[ERRORS] | "NotPoolErrors" >> beam.Filter(lambda e: not from_pool(e))
+    image_errors = ((images[ERRORS], features[ERRORS]) | "QueryImageErrors" >> beam.Flatten()
+                    | "NotPoolErrors" >> beam.Filter(lambda e: not from_pool(e)))
     return (
         {"scores": decided, "score_errors": scored[ERRORS], "queries": queries,
          "manifest_errors": manifest[ERRORS], "reference_errors": references[ERRORS],
-         "image_errors": image_errors, "calibration_errors": calibration[ERRORS]}
+         "image_errors": image_errors, "calibration_errors": calibration[ERRORS],
+         "manifest_rows": manifest["rows"]}
         | "WriteOutputs" >> WriteOutputs(config, model_ids=identity.by_scorer(),
                                          manifest_schema=manifest_schema,
                                          carried_scores=selection.carried_scores, plan=plan,
@@ -131,7 +140,8 @@ def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
     The run holds the lock of its date (``pipeline.core.lease.date_lease``: waiting up to
     ``lock_wait_s`` for another run of the date, else refusing with ``LockHeld``) unless the
     caller holds it and passes its ``plan``; with ``commit=False`` the outputs are staged
-    for the caller to commit. On a local runner a progress line counts the queries scored
+    for the caller to commit. When more than ``config.max_failed_fraction`` of the rows
+    failed, nothing is committed (or staged) and :class:`TooManyFailures` is raised. On a local runner a progress line counts the queries scored
     against ``total_queries`` (default: the manifest's query rows).
     """
     if manifest_schema is None:
@@ -158,6 +168,10 @@ def run_score(config: ScoreConfig, beam_args: Sequence[str] = (), *,
                                          manifest_schema=manifest_schema,
                                          selection=selection, plan=held, commit=commit),
                 beam_args)
+            # Read before the lease ends: leaving it collects the run's staging folder.
+            refusal = read_refusal(config.output, held.staging)
+            if refusal is not None:
+                raise TooManyFailures(refusal[0], refusal[1], config.run_date)
     finally:
         if local:
             stop_progress()

@@ -73,3 +73,17 @@ def counter(result: PipelineResult, name: str, step: str | None = None) -> int |
         LOG.info("No metrics from this runner (%s)", exc)
         return None
     return int(sum((c.committed or 0) for c in found if step is None or step in c.key.step))
+
+
+def distribution_max(result: PipelineResult, name: str, step: str | None = None) -> int | None:
+    """The largest value the project's distribution ``name`` saw over every step (or the
+    steps whose name contains ``step``); None when the runner reports none."""
+    try:
+        found = result.metrics().query(
+            MetricsFilter().with_namespace(NAMESPACE).with_name(name))["distributions"]
+    except Exception as exc:  # noqa: BLE001 - some runners report no metrics at all
+        LOG.info("No metrics from this runner (%s)", exc)
+        return None
+    values = [d.committed or d.attempted for d in found if step is None or step in d.key.step]
+    values = [v.max for v in values if v is not None and v.count]
+    return int(max(values)) if values else None

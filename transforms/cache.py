@@ -79,9 +79,10 @@ class _StoreFn(beam.DoFn):
 
 
 class CachedSuiteFeatures(beam.PTransform):
-    """((row, sha256), views) → ((row, sha256), TensorBundle): the extractors run only on
-    images whose features are not all cached, and store theirs. ``references``: reference
-    images (extractors add their augmentations, cached apart)."""
+    """((row, sha256), views) → ``{'features': ((row, sha256), TensorBundle), 'errors':
+    RowError}``: the extractors run only on images whose features are not all cached, and
+    store theirs. ``references``: reference images (extractors add their augmentations,
+    cached apart)."""
 
     def __init__(self, cache_root: str, suite: SuiteSpec, batch_size: int,
                  share_across_processes: bool = False, references: bool = False) -> None:
@@ -94,20 +95,11 @@ class CachedSuiteFeatures(beam.PTransform):
     def expand(self, keyed_views):
         looked = keyed_views | "Lookup" >> beam.ParDo(
             _LookupFn(self._root, self._identities)).with_outputs("missing", main="hits")
-        fresh = (looked.missing
-                 | "Extract" >> self._extract
-                 | "Store" >> beam.ParDo(_StoreFn(self._root, self._identities)))
-        return (looked.hits, fresh) | "HitsAndFresh" >> beam.Flatten()
-
-
-def extract_suite_features(cache_root: str | None, suite: SuiteSpec, batch_size: int,
-                           share_across_processes: bool = False) -> beam.PTransform:
-    """Reference images' features (with the extractors' reference augmentations), through
-    the disk cache when a cache root is given."""
-    if cache_root:
-        return CachedSuiteFeatures(cache_root, suite, batch_size, share_across_processes,
-                                   references=True)
-    return ExtractSuiteFeatures(suite, batch_size, share_across_processes, references=True)
+        extracted = looked.missing | "Extract" >> self._extract
+        fresh = extracted["features"] | "Store" >> beam.ParDo(
+            _StoreFn(self._root, self._identities))
+        return {"features": (looked.hits, fresh) | "HitsAndFresh" >> beam.Flatten(),
+                ERRORS: extracted[ERRORS]}
 
 
 def clip_suite(spec: BackboneSpec) -> SuiteSpec:
@@ -130,5 +122,7 @@ class CacheFeatures(beam.PTransform):
     def expand(self, rows):
         images = rows | "LoadImages" >> self._load
         features = images["images"] | "CachedExtractFeatures" >> self._extract
-        index = features | "IndexRecords" >> beam.MapTuple(lambda key, _f: index_record(*key))
-        return {"index": index, ERRORS: images[ERRORS]}
+        index = features["features"] | "IndexRecords" >> beam.MapTuple(
+            lambda key, _f: index_record(*key))
+        errors = (images[ERRORS], features[ERRORS]) | "AllErrors" >> beam.Flatten()
+        return {"index": index, ERRORS: errors}

@@ -9,15 +9,20 @@ write raw tensor bytes and report sizes without encoding anything.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import torch
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from pipeline.core.schemas import METRICS_NAMESPACE
+from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.scorers.suite import FeatureSuite, SuiteSpec, TensorBundle, get_feature_suite
+from transforms.errors import row_error
+
+LOG = logging.getLogger(__name__)
 
 
 def _tensor_state(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
@@ -123,9 +128,34 @@ class SuiteFeatureHandler(ModelHandler[TensorBundle, TensorBundle, FeatureSuite]
         return self._batching_kwargs
 
 
+#: The stage of error rows for images whose features could not be computed.
+STAGE_EXTRACT = "extract"
+
+
+class _FailedBatchFn(beam.DoFn):
+    """A batch RunInference could not run → one ``extract`` error row per image in it."""
+
+    def __init__(self) -> None:
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "images_failed_extract")
+
+    def process(self, element) -> Iterable:
+        batch, (exc_type, exc_repr, _trace) = element
+        name = getattr(exc_type, "__name__", str(exc_type))
+        reason = f"{name}: {exc_repr} (while extracting features of a batch of {len(batch)})"
+        LOG.warning("Feature extraction failed for a batch of %d images: %s", len(batch), reason)
+        for (row, _sha256), _views in batch:
+            self._failed.inc()
+            yield row_error(row, STAGE_EXTRACT, reason)
+
+
 class ExtractSuiteFeatures(beam.PTransform):
-    """(key, TensorBundle of views) → (key, TensorBundle of features, batch dimension 1);
-    ``references``: reference images, with their augmentations' features."""
+    """(key, TensorBundle of views) → ``{'features': (key, TensorBundle of features, batch
+    dimension 1), 'errors': RowError}``; ``references``: reference images, with their
+    augmentations' features. Keys are ``(row, sha256)``.
+
+    A batch whose forward raises (a bad tensor, an out-of-memory) becomes ``extract`` error
+    rows for its images (RunInference's dead-letter output), and the rest go on.
+    """
 
     def __init__(self, spec: SuiteSpec, batch_size: int,
                  share_across_processes: bool = False, on_device: bool = False,
@@ -135,5 +165,10 @@ class ExtractSuiteFeatures(beam.PTransform):
             spec, batch_size, share_across_processes, on_device, references))
 
     def expand(self, keyed_views):
-        return keyed_views | "RunInference" >> RunInference(self._handler).with_output_types(
-            KeyedBundle)
+        features, failed = (keyed_views
+                            | "RunInference" >> RunInference(self._handler)
+                            .with_exception_handling())
+        errors = failed.failed_inferences | "FailedBatches" >> beam.ParDo(_FailedBatchFn())
+        return {"features": features | "Typed" >> beam.Map(lambda kv: kv).with_output_types(
+                    KeyedBundle),
+                ERRORS: errors}

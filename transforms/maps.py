@@ -43,11 +43,12 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 from PIL import Image
 
-from pipeline.core.anomaly_images import encode_map_png, encode_png, overlay
+from pipeline.core.anomaly_images import decode_map_png, encode_map_png, encode_png, overlay
 from pipeline.core.calibration import defect_mask, defect_regions
 from pipeline.core.config import ScoreConfig
 from pipeline.core.images import ImageLoadError, decode_image, read_bytes
 from pipeline.core.commit import CommitPlan
+from pipeline.core.failures import STAGE_MAP, STAGE_MASK  # error rows that keep their scores
 from pipeline.core.layout import MAPS, output_fs
 from pipeline.core.manifest import RowError
 from pipeline.core.pixel_metrics import (MaskError, PixelStats, aupro, merge_stats, pixel_aupr,
@@ -61,8 +62,6 @@ LOG = logging.getLogger(__name__)
 
 PIXEL = "pixel"
 FILES = "files"
-STAGE_MASK = "read_mask"
-STAGE_MAP = "write_map"
 #: Internal keys of score records that carry what this step needs; never written.
 PATCH_MAP_KEY, SIZE_KEY, GRID_KEY = "_patch_map", "_image_size", "_grid"
 #: The long side pixel metrics are computed at (maps and masks are resized to it).
@@ -162,10 +161,7 @@ class _MapsFn(beam.DoFn):
             mask = None  # a normal image: every pixel is normal
         else:
             return  # anomalous without a mask, or unlabelled: nothing to measure
-        small, mask = _resize_long_side(amap, mask, PIXEL_SIDE)
-        key = (record["dataset"], record["category"], record["scorer"], record["k"],
-               record["seed"])
-        yield beam.pvalue.TaggedOutput(PIXEL, (key, pixel_stats(small, mask)))
+        yield beam.pvalue.TaggedOutput(PIXEL, _keyed_stats(record, amap, mask))
 
     def _files(self, record: dict, amap: torch.Tensor) -> Iterable:
         """Stage the map and the overlay; the record gets their URIs after the commit."""
@@ -227,6 +223,63 @@ class _MapsFn(beam.DoFn):
         yield record
 
 
+def _keyed_stats(record: dict, amap: torch.Tensor, mask: np.ndarray | None) -> tuple:
+    """((dataset, category, scorer, k, seed), PixelStats) of one row's (H, W) map."""
+    small, mask = _resize_long_side(amap, mask, PIXEL_SIDE)
+    key = (record["dataset"], record["category"], record["scorer"], record["k"],
+           record["seed"])
+    return key, pixel_stats(small, mask)
+
+
+class _CarriedStatsFn(beam.DoFn):
+    """Carried score rows of one (dataset, image_id) with their query's manifest row →
+    their pixel statistics, from the maps an earlier run kept (the 16-bit PNG decoded over
+    its [map_min, map_max]: within 1/65535 of the range of the map it was written from).
+    A row without a map, or whose map or mask cannot be read, adds nothing (its error row,
+    if any, was written by the run that scored it)."""
+
+    def __init__(self) -> None:
+        self._counted = Metrics.counter(METRICS_NAMESPACE, "carried_maps_measured")
+        self._unreadable = Metrics.counter(METRICS_NAMESPACE, "carried_maps_unreadable")
+
+    def process(self, element) -> Iterable:
+        _, joined = element
+        rows = [r for r in joined["rows"] if r.role == "query"]
+        if not rows:
+            return
+        mask_uri = rows[0].mask_uri
+        for record in joined["carried"]:
+            uri, lo, hi = (record.get("anomaly_map_uri"), record.get("map_min"),
+                           record.get("map_max"))
+            if not uri or lo is None or hi is None:
+                continue
+            try:
+                amap = torch.from_numpy(decode_map_png(read_bytes(uri), lo, hi))
+                mask = read_mask(mask_uri, tuple(amap.shape)) if mask_uri else None
+            except (ImageLoadError, MaskError, OSError, ValueError) as exc:
+                LOG.warning("Carried map %s not measured: %s", uri, exc)
+                self._unreadable.inc()
+                continue
+            if mask is None and record.get("label") != 0:
+                continue  # anomalous without a mask, or unlabelled: nothing to measure
+            self._counted.inc()
+            yield _keyed_stats(record, amap, mask)
+
+
+class CarriedPixelStats(beam.PTransform):
+    """``{'carried': carried score records, 'rows': manifest rows}`` → ((dataset, category,
+    scorer, k, seed), PixelStats) of the carried rows' kept maps, for AnomalyMaps to merge
+    with tonight's (the nightly job's pixel metrics then cover the whole date)."""
+
+    def expand(self, inputs):
+        carried = inputs["carried"] | "CarriedById" >> beam.Map(
+            lambda r: ((r.get("dataset"), r.get("image_id")), r))
+        rows = inputs["rows"] | "RowsById" >> beam.Map(lambda r: ((r.dataset, r.image_id), r))
+        return ({"carried": carried, "rows": rows}
+                | "JoinCarried" >> beam.CoGroupByKey()
+                | "Measure" >> beam.ParDo(_CarriedStatsFn()))
+
+
 class _MergeStats(beam.CombineFn):
     def create_accumulator(self) -> PixelStats:
         return PixelStats.empty()
@@ -257,17 +310,22 @@ class AnomalyMaps(beam.PTransform):
     """Score records (with the internal patch-map keys) → ``{'scores': records with map
     URIs, 'files': the successful bundle attempts that wrote maps (``ATTEMPT`` elements for
     the commit), 'pixel': per (dataset, category, scorer, k, seed) pixel-metric rows,
-    'errors': error records}``. ``plan`` is the run's: its key names the maps folder."""
+    'errors': error records}``. ``plan`` is the run's: its key names the maps folder.
+    ``carried_stats`` (CarriedPixelStats' output, or None) join the pixel metrics."""
 
     def __init__(self, config: ScoreConfig, plan: CommitPlan, *, write: bool,
-                 pixel: bool) -> None:
+                 pixel: bool, carried_stats=None) -> None:
         super().__init__()
         self._fn = _MapsFn(config, plan, write=write, pixel=pixel)
+        self._carried = carried_stats
 
     def expand(self, records):
         out = records | "Maps" >> beam.ParDo(self._fn).with_outputs(
             PIXEL, FILES, ERRORS, main="scores")
-        pixel = (out[PIXEL]
+        stats = out[PIXEL]
+        if self._carried is not None:
+            stats = (stats, self._carried) | "WithCarriedStats" >> beam.Flatten()
+        pixel = (stats
                  | "MergePixelStats" >> beam.CombinePerKey(_MergeStats())
                  | "PixelMetrics" >> beam.Map(_pixel_row))
         return {"scores": out.scores, FILES: out[FILES], PIXEL: pixel, ERRORS: out[ERRORS]}

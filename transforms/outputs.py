@@ -13,7 +13,8 @@ from pipeline.core.layout import unstorable_reason
 from pipeline.core.schemas import ERROR_SCHEMA, ERRORS, SCORES, SUMMARY, scores_schema
 from pipeline.model.scorers.inctrl import INCTRL
 from transforms.errors import error_records
-from transforms.maps import FILES, PIXEL, AnomalyMaps
+from transforms.failures import TallyFailures
+from transforms.maps import FILES, PIXEL, AnomalyMaps, CarriedPixelStats
 from transforms.summary import SummarizeMetrics
 from transforms.write import REPORT, CommitStaged, StageFiles
 
@@ -68,9 +69,14 @@ class WriteOutputs(beam.PTransform):
     turned into one error record per seed for queries (each query reconciles once per seed)
     and one with a null seed otherwise. Every dataset of ``queries``, and the rows without a
     dataset, get their partitions replaced in every table, even by none. ``carried_scores`` (a Parquet file of earlier score rows, the
-    nightly job's) joins the new scores. ``plan`` says where and from which record the run
+    nightly job's) joins the new scores; with pixel metrics and kept maps, their maps (read
+    back, masks from ``manifest_rows``, an optional input of every manifest row) count in
+    the pixel metrics too. ``plan`` says where and from which record the run
     commits (default: the current record, no lock); with ``commit=False`` the files are only
     staged and listed, and the caller commits them (the nightly job, adding its reports).
+    When more than ``config.max_failed_fraction`` of the run's (query, seed, scorer) rows
+    failed (``pipeline.core.failures``), nothing is committed or listed and a refusal marker
+    is left instead; the summary says how many rows failed (``failed_rows``).
     """
 
     def __init__(self, config: ScoreConfig, *, model_ids: dict[str, str],
@@ -87,16 +93,24 @@ class WriteOutputs(beam.PTransform):
     def expand(self, outputs: dict) -> dict:
         cfg, model_ids, plan = self._config, self._model_ids, self._plan
         scores = outputs["scores"]
-        map_files = pixel = map_errors = None
-        if cfg.anomaly_maps:
-            mapped = scores | "AnomalyMaps" >> AnomalyMaps(
-                cfg, plan, write=cfg.write_anomaly_maps, pixel=cfg.pixel_metrics)
-            scores, map_files, pixel = mapped["scores"], mapped[FILES], mapped[PIXEL]
-            map_errors = mapped[ERRORS]
+        new_scores = scores  # this run's rows only (not the carried ones)
+        carried = carried_stats = None
         if self._carried:
             carried = (scores.pipeline
                        | "ReadCarriedScores" >> beam.io.ReadFromParquet(self._carried)
                        | "CarriedScorer" >> beam.Map(_with_scorer))
+            if cfg.pixel_metrics and cfg.write_anomaly_maps and "manifest_rows" in outputs:
+                # Carried rows count in the date's pixel metrics through the maps they kept.
+                carried_stats = ({"carried": carried, "rows": outputs["manifest_rows"]}
+                                 | "CarriedPixelStats" >> CarriedPixelStats())
+        map_files = pixel = map_errors = None
+        if cfg.anomaly_maps:
+            mapped = scores | "AnomalyMaps" >> AnomalyMaps(
+                cfg, plan, write=cfg.write_anomaly_maps, pixel=cfg.pixel_metrics,
+                carried_stats=carried_stats)
+            scores, map_files, pixel = mapped["scores"], mapped[FILES], mapped[PIXEL]
+            map_errors = mapped[ERRORS]
+        if carried is not None:
             scores = (scores, carried) | "WithCarriedScores" >> beam.Flatten()
         row_errors = (
             [outputs[key] for key in ROW_ERRORS if key in outputs]
@@ -111,6 +125,7 @@ class WriteOutputs(beam.PTransform):
         scores = checked["ok"]
         errors = ((checked_errors["ok"], checked_errors[ERRORS], checked[ERRORS])
                   | "CheckedErrors" >> beam.Flatten())
+        tally = {"scores": new_scores, ERRORS: errors} | "TallyFailures" >> TallyFailures()
         query_datasets = (outputs["queries"]
                           | "QueryDatasets" >> beam.Map(lambda row: row.dataset)
                           | "StorableDatasets" >> beam.Filter(
@@ -133,12 +148,13 @@ class WriteOutputs(beam.PTransform):
                        "reference_pool_limit": cfg.reference_pool_limit,
                        "false_alarm_rate": cfg.false_alarm_rate,
                        "precision": cfg.backbone.precision},
-                pixel=pixel)
+                pixel=pixel, tally=tally)
             | "SummaryFiles" >> beam.FlatMap(_summary_files, cfg.output))
         committed = (
             (staged_scores, staged_errors, staged_summary)
             + ((map_files,) if map_files is not None else ())
             | "StagedFiles" >> beam.Flatten()
             | "CommitRun" >> CommitStaged(plan, {SCORES: score_schema, ERRORS: ERROR_SCHEMA},
-                                          datasets, commit=self._commit))
+                                          datasets, commit=self._commit, tally=tally,
+                                          max_failed_fraction=cfg.max_failed_fraction))
         return {"scores": scores, ERRORS: errors, "committed": committed}

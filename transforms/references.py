@@ -1,11 +1,18 @@
 """PrepareReferences: each group's few-shot normal references, drawn or chosen, loaded and
-extracted.
+extracted into the feature cache.
 
 Its steps: SelectReferences (the draw per group and seed: k candidates, or with
 ``representative`` selection the pool), LoadImages and feature extraction once per drawn
-image, AssembleReferenceSets (the features stacked per group and seed; with
+image into the feature cache (the user's ``--feature-cache``, else a cache private to the
+run), AssembleReferenceSets (per group and seed the references' ids and content hashes; with
 ``representative``, each extractor's k chosen from the pool by k-medoids in its own
-descriptor space, ``pipeline.model.scorers.references``).
+descriptor space, ``pipeline.model.scorers.references``, reading the pool's features from
+the cache one group at a time).
+
+No reference features travel in a PCollection: a group's set is a few ids and hashes, small
+enough for a side input at any number of groups, and the scoring worker reads the features
+of the groups it scores from the cache (``transforms.score``). A worker's memory therefore
+does not grow with the number of product lines.
 
 The draw itself is ``pipeline.core.sampling`` (seeded hash ranks, the same on any runner).
 With a feature cache, a pool's choice is kept (``SelectionCache``): the next run of the same
@@ -21,13 +28,13 @@ import torch
 from apache_beam.metrics import Metrics
 
 from pipeline.core.config import ScoreConfig
-from pipeline.core.feature_cache import SelectionCache, selection_key
+from pipeline.core.feature_cache import FeatureCache, SelectionCache, read_stacked, selection_key
 from pipeline.core.manifest import ManifestRow
 from pipeline.core.sampling import sampler_rank
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.scorers.references import choose_representative
 from pipeline.model.scorers.suite import SuiteSpec, TensorBundle
-from transforms.cache import extract_suite_features
+from transforms.cache import CachedSuiteFeatures, cache_identities
 from transforms.errors import row_error
 from transforms.images import LoadImages
 
@@ -38,14 +45,16 @@ GroupKey = tuple[str, str, int]  # (dataset, category, seed)
 
 @dataclass
 class ReferencePayload:
-    """A group's loaded references: ids in draw order and their stacked features."""
+    """A group's loaded references: ids in draw order and their content hashes, the keys of
+    their features in the feature cache (no tensors: it is a side input of every worker)."""
 
     image_ids: tuple[str, ...]
-    features: TensorBundle  # every extractor's Features of the k images, batch k
     selected: int  # how many the sampler drew (some may have failed to load)
     image_uris: tuple[str, ...] = ()  # in the order of image_ids
     # representative selection: each extractor's own k (ids and URIs), its features' order
     chosen: dict[str, tuple[tuple[str, str], ...]] | None = None
+    # image_id → sha256 of the file (the feature cache's key) of every image named above
+    content: dict[str, str] | None = None
 
     def ids_for(self, extractor: str) -> tuple[str, ...]:
         if self.chosen is not None and extractor in self.chosen:
@@ -56,6 +65,11 @@ class ReferencePayload:
         if self.chosen is not None and extractor in self.chosen:
             return tuple(u for _, u in self.chosen[extractor])
         return self.image_uris
+
+    def hashes_for(self, extractor: str) -> tuple[str, ...]:
+        """The cache keys of ``extractor``'s references, in the order its features stack."""
+        content = self.content or {}
+        return tuple(content[i] for i in self.ids_for(extractor))
 
 
 class _SplitReferencesFn(beam.DoFn):
@@ -141,46 +155,53 @@ def distinct_references(sets) -> "beam.PCollection":
 
 
 class _StackFn(beam.DoFn):
-    """Stacks a group's drawn references; with ``choose`` ((suite, k, cache root or None)),
-    keeps each extractor's k representative ones (a known choice from the ``choices`` side
-    input, else k-medoids on the pool, stored in the cache when there is one)."""
+    """A group's drawn references as a ReferencePayload (ids, URIs, content hashes); with
+    ``choose`` ((suite, k, cache root or None)), keeps each extractor's k representative
+    ones (a known choice from the ``choices`` side input, else k-medoids on the pool's
+    features read from ``features_root``, stored in the selection cache when there is one).
+    """
 
-    def __init__(self, choose: tuple[SuiteSpec, int, str | None] | None = None) -> None:
+    def __init__(self, choose: tuple[SuiteSpec, int, str | None] | None = None,
+                 features_root: str | None = None) -> None:
         self._choose = choose
+        self._features_root = features_root
         self._sets = Metrics.counter(METRICS_NAMESPACE, "reference_sets_built")
         self._chosen = Metrics.counter(METRICS_NAMESPACE, "reference_choices_computed")
 
     def setup(self) -> None:
         root = self._choose[2] if self._choose else None
         self._cache = SelectionCache(root) if root else None
+        self._features = None
+        if self._choose is not None:
+            self._features = {ext: FeatureCache(self._features_root, identity) for ext, identity
+                              in cache_identities(self._choose[0], references=True).items()}
+
+    def _pool(self, members: list, ext: str) -> dict[str, torch.Tensor]:
+        return read_stacked(self._features[ext], [m[2] for m in members])
 
     def _representative(self, key, members: list, known: dict) -> ReferencePayload:
         suite, k, _ = self._choose
         # One order for a pool whatever the seed that drew it: ties in k-medoids go to the
         # lower position, so a draw-ordered pool would let the seed decide between equals.
         members = sorted(members, key=lambda m: (m[1], m[4]))
-        pool = TensorBundle.cat([m[2] for m in members])
         ids = [m[1] for m in members]
         uri = {m[1]: m[4] for m in members}
         choice = known.get(key)
         if choice is None or set(choice) != set(suite.extractors):
-            choice = {ext: [ids[i] for i in choose_representative(ext, pool.part(ext), k)]
+            choice = {ext: [ids[i] for i in choose_representative(ext, self._pool(members, ext),
+                                                                   k)]
                       for ext in suite.extractors}
             self._chosen.inc()
             if self._cache is not None and len(members) == members[0][3]:  # all loaded
                 self._cache.put(pool_key(suite, k, [_IdUri(i, uri[i]) for i in ids]), choice)
-        tensors = {}
-        for ext in suite.extractors:
-            rows = [ids.index(i) for i in choice[ext] if i in uri]
-            index = torch.tensor(rows, dtype=torch.long)
-            tensors.update({f"{ext}/{name}": value.index_select(0, index)
-                            for name, value in pool.part(ext).items()})
         chosen = {ext: tuple((i, uri[i]) for i in choice[ext] if i in uri)
                   for ext in suite.extractors}
         first = suite.extractors[0]
         return ReferencePayload(image_ids=tuple(i for i, _ in chosen[first]),
-                                features=TensorBundle(tensors), selected=members[0][3],
-                                image_uris=tuple(u for _, u in chosen[first]), chosen=chosen)
+                                selected=members[0][3],
+                                image_uris=tuple(u for _, u in chosen[first]), chosen=chosen,
+                                content={m[1]: m[2] for m in members if m[1] in
+                                         {i for c in chosen.values() for i, _ in c}})
 
     def process(self, element, known: dict | None = None) -> Iterable:
         key, members = element
@@ -192,9 +213,9 @@ class _StackFn(beam.DoFn):
             return
         yield key, ReferencePayload(
             image_ids=tuple(m[1] for m in members),
-            features=TensorBundle.cat([m[2] for m in members]),
             selected=selected,
             image_uris=tuple(m[4] for m in members),
+            content={m[1]: m[2] for m in members},
         )
 
 
@@ -205,47 +226,52 @@ class _IdUri:
 
 
 class AssembleReferenceSets(beam.PTransform):
-    """Joins drawn sets with extracted features: ((dataset, category, seed), ReferencePayload).
+    """Joins drawn sets with the references whose features are in the cache:
+    ((dataset, category, seed), ReferencePayload).
 
-    Input: ``{'sets': ..., 'features': (ManifestRow, TensorBundle)}``. References that failed to
-    load are left out (their error rows come from LoadImages); a group left with none is absent.
+    Input: ``{'sets': ..., 'hashes': (ManifestRow, sha256)}``. References that failed to
+    load or extract are left out (their error rows come from LoadImages and the extraction);
+    a group left with none is absent. With ``choose`` the pools' features are read from
+    ``features_root`` (the cache the extraction wrote).
     """
 
     def __init__(self, choose: tuple[SuiteSpec, int, str | None] | None = None,
-                 choices=None) -> None:
+                 choices=None, features_root: str | None = None) -> None:
         super().__init__()
-        self._choose = choose
+        if choose is not None and features_root is None:
+            raise ValueError("representative selection reads the pools' features: give the "
+                             "feature cache they were extracted into (features_root)")
+        self._fn = _StackFn(choose, features_root)
         self._choices = choices
 
     def expand(self, inputs):
         members = inputs["sets"] | "Memberships" >> beam.FlatMap(lambda kv: [
             (row.image_id, (kv[0], position, len(kv[1]), row.image_uri))
             for position, row in enumerate(kv[1])])
-        feats = inputs["features"] | "FeaturesById" >> beam.MapTuple(
-            lambda row, f: (row.image_id, f))
+        hashes = inputs["hashes"] | "HashesById" >> beam.MapTuple(
+            lambda row, sha256: (row.image_id, sha256))
         return (
-            {"members": members, "features": feats}
+            {"members": members, "hashes": hashes}
             | "JoinById" >> beam.CoGroupByKey()
             | "ToGroups" >> beam.FlatMap(_to_groups)
             | "GroupSets" >> beam.GroupByKey()
-            | "Stack" >> (beam.ParDo(_StackFn(self._choose)) if self._choices is None else
-                          beam.ParDo(_StackFn(self._choose),
-                                     known=beam.pvalue.AsDict(self._choices)))
+            | "Stack" >> (beam.ParDo(self._fn) if self._choices is None else
+                          beam.ParDo(self._fn, known=beam.pvalue.AsDict(self._choices)))
         )
 
 
 def _to_groups(element) -> Iterable:
     image_id, joined = element
-    features = list(joined["features"])
-    if not features:
+    hashes = list(joined["hashes"])
+    if not hashes:
         return
     for key, position, selected, uri in joined["members"]:
-        yield key, (position, image_id, features[0], selected, uri)
+        yield key, (position, image_id, hashes[0], selected, uri)
 
 
-def _row_features(key: tuple, features: TensorBundle) -> tuple[ManifestRow, TensorBundle]:
-    """((row, sha256), features) → (row, features)."""
-    return key[0], features
+def _row_hash(key: tuple, _features: TensorBundle) -> tuple[ManifestRow, str]:
+    """((row, sha256), features) → (row, sha256): the features stay in the cache."""
+    return key[0], key[1]
 
 
 class PrepareReferences(beam.PTransform):
@@ -254,14 +280,15 @@ class PrepareReferences(beam.PTransform):
     Returns ``{'sets': ((dataset, category, seed), ReferencePayload), 'errors': RowError}``:
     draw k normal references per group and seed (rows for which ``candidate(row)`` is true),
     load each drawn image once however many seeds drew it, extract the features of every
-    extractor the run's scorers read (through the feature cache when
-    ``config.feature_cache`` is set and they all read CLIP's) and stack them per group.
+    extractor the run's scorers read into the feature cache at ``cache_root`` (images
+    already there are not run again) and name them per group by content hash.
     With k = 0 (zero-shot) nothing is drawn: both outputs are empty.
     """
 
-    def __init__(self, config: ScoreConfig, candidate=None) -> None:
+    def __init__(self, config: ScoreConfig, cache_root: str, candidate=None) -> None:
         super().__init__()
         self._config = config
+        self._cache_root = cache_root
         self._candidate = candidate
 
     def expand(self, rows):
@@ -283,12 +310,14 @@ class PrepareReferences(beam.PTransform):
                   | "LoadReferenceImages" >> LoadImages(
                       cfg.suite, cfg.limits, decode_threads=cfg.decode_thread_count,
                       prefetch=cfg.batch_size))
-        features = (images["images"]
-                    | "ExtractReferenceFeatures" >> extract_suite_features(
-                        cfg.feature_cache, cfg.suite, cfg.batch_size,
-                        cfg.share_model_across_processes)
-                    | "RowOnly" >> beam.MapTuple(_row_features))
-        sets = ({"sets": pools, "features": features}
-                | "AssembleReferenceSets" >> AssembleReferenceSets(choose, choices))
-        errors = (drawn[ERRORS], images[ERRORS]) | "MergeErrors" >> beam.Flatten()
+        extracted = images["images"] | "ExtractReferenceFeatures" >> CachedSuiteFeatures(
+            self._cache_root, cfg.suite, cfg.batch_size, cfg.share_model_across_processes,
+            references=True)
+        # Fused with the extraction: the features are dropped as soon as they are stored.
+        hashes = extracted["features"] | "RowAndHash" >> beam.MapTuple(_row_hash)
+        sets = ({"sets": pools, "hashes": hashes}
+                | "AssembleReferenceSets" >> AssembleReferenceSets(
+                    choose, choices, features_root=self._cache_root))
+        errors = ((drawn[ERRORS], images[ERRORS], extracted[ERRORS])
+                  | "MergeErrors" >> beam.Flatten())
         return {"sets": sets, ERRORS: errors}

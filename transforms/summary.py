@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline.core.decision_metrics import (DECISION_INPUTS, add_decision_metrics,
                                             short_calibration, summarize_decisions)
+from pipeline.core.failures import FailureTally
 from pipeline.core.metrics import (add_pixel_metrics, comparison_table, ordered_scorers,
                                    summarize_pixel_metrics, summarize_scores, summary_to_markdown,
                                    write_comparison, write_summary)
@@ -36,7 +37,8 @@ class _WriteFn(beam.DoFn):
         self._out_dir = out_dir
         self._extra = extra
 
-    def process(self, frames: list, pixel: list = ()) -> Iterable:
+    def process(self, frames: list, pixel: list = (), tally: FailureTally | None = None
+                ) -> Iterable:
         frames = [f for f in frames if len(f)]
         summary = pd.concat(frames, ignore_index=True) if frames else _summarize_dataset(
             (None, []))
@@ -45,10 +47,14 @@ class _WriteFn(beam.DoFn):
         summary = summary.sort_values(["dataset", "level", "scorer", "category", "k"],
                                       kind="stable", key=_sort_key).reset_index(drop=True)
         _warn_short_calibration(summary)
-        paths = write_summary(summary, self._out_dir, extra=self._extra)
+        extra = dict(self._extra)
+        if tally is not None:
+            extra.update(failed_rows=tally.failed, expected_rows=tally.expected,
+                         failed_reason=tally.most_common_reason)
+        paths = write_summary(summary, self._out_dir, extra=extra)
         LOG.info("Summary written to %s", self._out_dir)
         LOG.debug("Summary:\n%s", summary_to_markdown(summary))
-        comparison = write_comparison(comparison_table(summary), self._out_dir, extra=self._extra)
+        comparison = write_comparison(comparison_table(summary), self._out_dir, extra=extra)
         paths.update({f"comparison_{kind}": path for kind, path in comparison.items()})
         yield paths
 
@@ -87,11 +93,14 @@ class SummarizeMetrics(beam.PTransform):
     run's staging folder: the files become visible with the run's commit.
     """
 
-    def __init__(self, out_dir: str, extra: dict, pixel=None) -> None:
-        """``pixel``: a PCollection of per-seed pixel-metric rows (AnomalyMaps), or None."""
+    def __init__(self, out_dir: str, extra: dict, pixel=None, tally=None) -> None:
+        """``pixel``: a PCollection of per-seed pixel-metric rows (AnomalyMaps), or None;
+        ``tally``: the run's FailureTally (one element), or None: its ``failed_rows``,
+        ``expected_rows`` and ``failed_reason`` join ``extra``."""
         super().__init__()
         self._write = _WriteFn(out_dir, extra)
         self._pixel = pixel
+        self._tally = tally
 
     def expand(self, scores):
         frames = (
@@ -101,6 +110,9 @@ class SummarizeMetrics(beam.PTransform):
             | "Summarize" >> beam.Map(_summarize_dataset)
             | "Collect" >> beam.combiners.ToList()
         )
-        if self._pixel is None:
-            return frames | "Write" >> beam.ParDo(self._write)
-        return frames | "Write" >> beam.ParDo(self._write, pixel=beam.pvalue.AsList(self._pixel))
+        side = {}
+        if self._pixel is not None:
+            side["pixel"] = beam.pvalue.AsList(self._pixel)
+        if self._tally is not None:
+            side["tally"] = beam.pvalue.AsSingleton(self._tally)
+        return frames | "Write" >> beam.ParDo(self._write, **side)

@@ -24,6 +24,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.core.commit import CommitPlan, Staged, commit_run, stage_empty, write_staged
+from pipeline.core.failures import DEFAULT_MAX_FAILED_FRACTION, FailureTally, write_refusal
 from pipeline.core.layout import SUCCESS_MARKER, output_fs, partition_dir, unstorable_reason
 from pipeline.core.schemas import METRICS_NAMESPACE, to_table
 
@@ -93,12 +94,24 @@ class StageFiles(beam.PTransform):
 
 
 class _CommitFn(beam.DoFn):
-    def __init__(self, plan: CommitPlan, schemas: Mapping[str, pa.Schema], commit: bool) -> None:
+    def __init__(self, plan: CommitPlan, schemas: Mapping[str, pa.Schema], commit: bool,
+                 max_failed_fraction: float) -> None:
         self._plan = plan
         self._schemas = dict(schemas)
         self._commit = commit
+        self._max_failed = max_failed_fraction
 
-    def process(self, files: list, datasets: list) -> Iterable:
+    def process(self, files: list, datasets: list, tally: FailureTally | None = None
+                ) -> Iterable:
+        if tally is not None and tally.refused(self._max_failed):
+            # A systematic failure: the record in force stays; the launcher reads the marker,
+            # exits with its own status, and the run's lease collects what it wrote.
+            LOG.error("%d of %d (query, seed, scorer) rows failed (%.1f%%, above %g): run %s "
+                      "does not commit %s. Most common reason: %s", tally.failed,
+                      tally.expected, 100 * tally.fraction, self._max_failed, self._plan.run_id,
+                      self._plan.run_date, tally.most_common_reason)
+            write_refusal(self._plan.output, self._plan.staging, tally, self._max_failed)
+            return
         staged = Staged(
             parts=tuple((t, d, p) for kind, t, d, p in files if kind == PART),
             reports=tuple((t, p) for kind, t, _, p in files if kind == REPORT),
@@ -126,21 +139,29 @@ class CommitStaged(beam.PTransform):
     a row; each partitioned table of ``schemas`` gets an empty file for them. With
     ``commit=False`` the files are only listed in the staging folder
     (:func:`pipeline.core.commit.read_staged`), for a caller that adds files and commits.
+    ``tally`` (a one-element PCollection of :class:`FailureTally`): when its failed fraction
+    is above ``max_failed_fraction`` nothing is committed or listed, and a refusal marker
+    is left in the staging folder (:func:`pipeline.core.failures.read_refusal`).
     """
 
     def __init__(self, plan: CommitPlan, schemas: Mapping[str, pa.Schema], datasets=None,
-                 commit: bool = True) -> None:
+                 commit: bool = True, tally=None,
+                 max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION) -> None:
         super().__init__()
-        self._fn = _CommitFn(plan, schemas, commit)
+        self._fn = _CommitFn(plan, schemas, commit, max_failed_fraction)
         self._datasets = datasets
+        self._tally = tally
 
     def expand(self, files):
         datasets = self._datasets
         if datasets is None:
             datasets = files.pipeline | "NoDatasets" >> beam.Create([])
+        side = {"datasets": beam.pvalue.AsList(datasets)}
+        if self._tally is not None:
+            side["tally"] = beam.pvalue.AsSingleton(self._tally)
         return (files
                 | "AllFiles" >> beam.combiners.ToList()
-                | "Commit" >> beam.ParDo(self._fn, datasets=beam.pvalue.AsList(datasets)))
+                | "Commit" >> beam.ParDo(self._fn, **side))
 
 
 class WritePartitioned(beam.PTransform):

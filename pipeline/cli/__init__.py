@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     run = importlib.import_module(COMMANDS[command][0]).main
     from pipeline.core.commit import CommitConflict
+    from pipeline.core.failures import EXIT_TOO_MANY_FAILURES, TooManyFailures
     from pipeline.core.locks import LockHeld, LockLost, StoreNotExclusive
     from pipeline.core.manifest import ManifestSchemaError
     from pipeline.core.preflight import OutputNotWritableError
@@ -76,3 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Another run of the same date: nothing of this run was published.
         LOG.error("%s did not run: %s", command, exc)
         return EXIT_LOCKED
+    except TooManyFailures as exc:
+        # A systematic failure: the previous record stays in force.
+        LOG.error("%s failed: %s", command, exc)
+        return EXIT_TOO_MANY_FAILURES

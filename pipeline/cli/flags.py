@@ -14,6 +14,7 @@ from typing import Sequence
 
 from pipeline.core.config import (DEFAULT_BATCH_SIZE, DEFAULT_FALSE_ALARM_RATE, DEFAULT_K,
                                   ScoreConfig)
+from pipeline.core.failures import DEFAULT_MAX_FAILED_FRACTION, EXIT_TOO_MANY_FAILURES
 from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, BackboneSpec
 from pipeline.model.loading import backbone_for_heads
 from pipeline.model.scorers import registry
@@ -74,6 +75,14 @@ def non_negative_float(text: str) -> float:
     value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number from 0 to 1 (``--max-failed-fraction``)."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
     return value
 
 
@@ -239,6 +248,12 @@ def add_run_flags(parser: argparse.ArgumentParser, *, run_date: bool = True) -> 
     g.add_argument("--lock-wait", type=non_negative_float, default=0.0, metavar="SECONDS",
                    help="wait this long for another run of the same output and date to finish "
                         "(default 0: refuse at once, exit status 4)")
+    g.add_argument("--max-failed-fraction", type=fraction,
+                   default=DEFAULT_MAX_FAILED_FRACTION, metavar="FRACTION",
+                   help="largest fraction of (query, seed, scorer) rows that may fail (error "
+                        "rows) for the run to commit; above it nothing is committed and the "
+                        f"command exits with status {EXIT_TOO_MANY_FAILURES} (default "
+                        "%(default)s)")
 
 
 def add_vacuum_flags(parser: argparse.ArgumentParser) -> None:
@@ -300,6 +315,7 @@ def score_config_from_args(args: argparse.Namespace, **overrides) -> ScoreConfig
         decode_threads=args.decode_threads,
         scorers=tuple(args.scorer),
         options=options_from_args(args),
+        max_failed_fraction=args.max_failed_fraction,
     )
     for name in ("manifest", "run_date", "run_id", "semantic_classes"):
         if getattr(args, name, None) is not None:

@@ -10,6 +10,7 @@ from functools import cached_property
 from typing import Any, Mapping
 
 from pipeline.core.calibration import DEFAULT_FALSE_ALARM_RATE, check_alpha
+from pipeline.core.failures import DEFAULT_MAX_FAILED_FRACTION, check_fraction
 from pipeline.core.images import ImageLimits
 from pipeline.model.backbone import BackboneSpec
 from pipeline.model.prompts import DEFAULT_SEMANTIC_CLASSES
@@ -76,9 +77,12 @@ class ScoreConfig:
     reference_pool_limit: int | None = None
     # The stated false-alarm rate alpha of each query's calibrated decision.
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
+    # Above this fraction of failed (query, seed, scorer) rows the run does not commit.
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
 
     def __post_init__(self) -> None:
         check_alpha(self.false_alarm_rate)
+        object.__setattr__(self, "max_failed_fraction", check_fraction(self.max_failed_fraction))
         if self.decode_threads < 0:
             raise ValueError(f"decode_threads must be 0 (auto) or more, got {self.decode_threads}")
         if self.k < 0:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import uuid
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import fsspec
 import torch
@@ -90,6 +90,29 @@ class FeatureCache:
         with self._fs.open(tmp, "wb") as f:
             f.write(data)
         self._fs.mv(tmp, path)
+
+
+class MissingFeatures(KeyError):
+    """An image's features are not in the cache (never stored, removed, or unreadable)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "missing features"
+
+
+def read_stacked(cache: FeatureCache, content_hashes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Several images' Features stacked along the batch in the given order (each entry has
+    batch dimension 1: the result's is ``len(content_hashes)``); MissingFeatures names the
+    first image not in the cache. No hashes: an empty dict."""
+    entries = []
+    for content_hash in content_hashes:
+        feats = cache.get(content_hash)
+        if feats is None:
+            raise MissingFeatures(f"the features of image {content_hash[:16]}… are not in the "
+                                  f"feature cache {cache.root}")
+        entries.append(feats)
+    if not entries:
+        return {}
+    return {name: torch.cat([e[name] for e in entries]) for name in entries[0]}
 
 
 def prompts_key(normal: list[str], anomalous: list[str]) -> str:

@@ -260,6 +260,8 @@ def header(inputs: RunInputs, generated_at: str) -> str:
         facts.append(("Precision", extra["precision"]))
     if extra.get("false_alarm_rate") is not None:
         facts.append(("Stated false-alarm rate of the decisions", extra["false_alarm_rate"]))
+    if extra.get("failed_rows") is not None:
+        facts.append(("Failed rows", _failed_rows(extra)))
     facts.append(("Report generated", generated_at))
     items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts)
     parts = [f"<header><h1>Anomaly scoring report, {esc(inputs.run_date)}</h1>"
@@ -268,6 +270,17 @@ def header(inputs: RunInputs, generated_at: str) -> str:
         parts.append(_nightly_facts(inputs.nightly))
     parts.append("</header>")
     return "".join(parts)
+
+
+def _failed_rows(extra: Mapping[str, Any]) -> str:
+    """"F of E (query, seed, scorer) rows (x%)", with the most common reason when any."""
+    failed, expected = int(extra["failed_rows"]), int(extra.get("expected_rows") or 0)
+    text = f"{failed} of {expected} (query, seed, scorer) rows"
+    if expected:
+        text += f" ({failed / expected:.1%})"
+    if failed and extra.get("failed_reason"):
+        text += f"; most often: {extra['failed_reason']}"
+    return text
 
 
 def _models(inputs: RunInputs) -> str:

@@ -58,13 +58,20 @@ def test_beam_flags_still_pass_through():
 
 
 @pytest.mark.parametrize("bad", [["--k", "-1"], ["--seeds", "a"], ["--seeds", "1,1"],
-                                 ["--batch-size", "-2"], ["--decode-threads", "-1"]])
+                                 ["--batch-size", "-2"], ["--decode-threads", "-1"],
+                                 ["--max-failed-fraction", "1.5"],
+                                 ["--max-failed-fraction", "-0.1"]])
 def test_bad_values_are_usage_errors_in_every_command(bad, capsys):
     for parser, base in ((score_parser(), BASE), (demo_parser(), [])):
         with pytest.raises(SystemExit) as exit_:
             parse_with_beam(parser, [*base, *bad])
         assert exit_.value.code == 2
         assert bad[0] in capsys.readouterr().err
+
+
+def test_max_failed_fraction_flag():
+    assert parse_score_args(BASE)[0].max_failed_fraction == 0.05
+    assert parse_score_args([*BASE, "--max-failed-fraction", "0"])[0].max_failed_fraction == 0.0
 
 
 def test_scorers_and_zero_shot_flags(capsys):

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pandas as pd
+import pytest
 
 from pipeline.core.config import ScoreConfig
 from pipeline.core.demo_data import generate_demo
@@ -48,3 +49,48 @@ def test_carried_rows_keep_their_maps(tmp_path):
         assert os.path.isfile(rec.anomaly_map_uri) and os.path.isfile(rec.overlay_uri)
     kept = rows[rows.image_id != "late-query"].set_index("image_id").anomaly_map_uri
     assert kept.to_dict() == first.set_index("image_id").anomaly_map_uri.to_dict()
+
+
+def test_carried_rows_count_in_the_pixel_metrics(tmp_path):
+    """The night stands for the whole date: its pixel metrics measure the carried rows
+    through the maps they kept (decoded, 16 bits over their range), not only tonight's."""
+    pairs = generate_demo(str(tmp_path / "data"), image_size=32, n_train=2, n_test_good=1,
+                          n_test_defect_per_type=1)
+    manifest = make_manifest(pairs)
+    manifest = manifest[manifest.dataset == manifest.dataset.iloc[0]].copy()
+    queries = manifest.index[manifest.role == "query"]
+    manifest["capture_date"] = "2023-12-31"
+    manifest.loc[queries, "capture_date"] = DATE
+    write_manifest(manifest, str(tmp_path / "m1.parquet"))
+    late = manifest.loc[queries[0]].copy()
+    late["image_uri"] = str(tmp_path / "late.png")
+    late["image_id"] = "late-query"
+    shutil.copy(manifest.loc[queries[0], "image_uri"], late["image_uri"])
+    write_manifest(pd.concat([manifest, late.to_frame().T], ignore_index=True),
+                   str(tmp_path / "m2.parquet"))
+    out = str(tmp_path / "out")
+    base = dict(output=out, k=1, seeds=(0,), backbone=tiny_spec(), batch_size=4,
+                run_date=DATE, write_anomaly_maps=True)
+
+    def category_rows() -> pd.DataFrame:
+        summary = pd.read_parquet(f"{out}/summary/run_date={DATE}/summary.parquet")
+        return summary[summary.level == "category"].set_index("category")
+
+    run_nightly(ScoreConfig(manifest=str(tmp_path / "m1.parquet"), run_id="n1", **base), [],
+                NightlyOptions())
+    first = category_rows()
+    assert first["pixel_images"].sum() > 0
+    report = run_nightly(ScoreConfig(manifest=str(tmp_path / "m2.parquet"), run_id="n2",
+                                     **base), [], NightlyOptions())
+    assert report.scored_queries == 1
+    second = category_rows()
+    late_category = manifest.loc[queries[0], "category"]
+    added = pd.Series(0, index=first.index, name="pixel_images")
+    added[late_category] = 1
+    pd.testing.assert_series_equal(second["pixel_images"], first["pixel_images"] + added,
+                                   check_dtype=False)
+    untouched = [c for c in first.index if c != late_category]
+    assert untouched
+    for metric in ("pixel_auroc_mean", "aupro_mean"):
+        assert second.loc[untouched, metric].to_numpy() == pytest.approx(
+            first.loc[untouched, metric].to_numpy(), abs=1e-3, nan_ok=True)

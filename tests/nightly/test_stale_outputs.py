@@ -99,7 +99,8 @@ def history(tmp_path_factory):
     alpha = manifest(str(root / "images"), [ALPHA], bad_row=False)
     out = str(root / "out")
     base = ScoreConfig(manifest=both, output=out, k=1, seeds=(0,), backbone=tiny_spec(),
-                       batch_size=4, run_date=DATE, write_anomaly_maps=True)
+                       batch_size=4, run_date=DATE, write_anomaly_maps=True,
+                       max_failed_fraction=1.0)  # the bad row fails on purpose
     steps = {}
     steps["night1"] = step(out, run_nightly(replace(base, run_id="night1"), []))
     steps["night2"] = step(out, run_nightly(replace(base, manifest=alpha, run_id="night2"),

@@ -33,7 +33,8 @@ def run(tmp_path_factory) -> Run:
     path = str(root / "manifest.parquet")
     write_manifest(frame, path)
     config = ScoreConfig(manifest=path, output=str(root / "out"), k=K, seeds=SEEDS,
-                         backbone=tiny_spec(), run_date=RUN_DATE, run_id="bad-run", batch_size=4)
+                         backbone=tiny_spec(), run_date=RUN_DATE, run_id="bad-run", batch_size=4,
+                         max_failed_fraction=1.0)  # its rows fail on purpose: commit them
     result = run_score(config, beam_args=[])
     return Run(config, frame, result, read_table(config.output, SCORES),
                read_table(config.output, ERRORS))

@@ -30,7 +30,8 @@ def run(tmp_path_factory):
     path = str(root / "manifest.parquet")
     write_manifest(frame, path)
     config = ScoreConfig(manifest=path, output=str(root / "out"), k=2, seeds=SEEDS,
-                         backbone=tiny_spec(), run_date=RUN_DATE, run_id="nothing")
+                         backbone=tiny_spec(), run_date=RUN_DATE, run_id="nothing",
+                         max_failed_fraction=1.0)  # every row fails; allowed to commit
     result = run_score(config, beam_args=[])
     return config, frame, result
 

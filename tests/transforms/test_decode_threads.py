@@ -45,7 +45,8 @@ def bad_manifest(tmp_path_factory) -> str:
 def _job(manifest: str, output: str, threads: int):
     config = ScoreConfig(manifest=manifest, output=output, k=4, seeds=SEEDS, backbone=tiny_spec(),
                          run_date="2024-03-07", run_id="threads", batch_size=4,
-                         decode_threads=threads)
+                         decode_threads=threads,
+                         max_failed_fraction=1.0)  # the bad inputs fail on purpose
     result = run_score(config, beam_args=[])
     order = ["dataset", "category", "image_id", "image_uri", "seed"]
     tables = [read_table(output, t).sort_values(order, na_position="first").reset_index(drop=True)

@@ -208,3 +208,31 @@ def test_run_inference_returns_each_image_of_a_batched_forward(tiny):
         assert embeds.untyped_storage().nbytes() == embeds.nelement() * embeds.element_size()
     # The images are not mixed up: each differs from the others.
     assert not torch.equal(out[0]["clip/embeds"], out[1]["clip/embeds"])
+
+
+def test_a_batch_whose_forward_fails_becomes_extract_error_rows(tiny, test_pipeline):
+    """RunInference's dead-letter output: the images of a batch the model cannot run (here
+    a wrong-sized image, as a corrupt preprocessing would give) are ``extract`` error rows,
+    the other batches' features go on."""
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipeline.core.schemas import ERRORS
+    from tests.beamtest import counter, mrow
+    from transforms.features import STAGE_EXTRACT, ExtractSuiteFeatures
+
+    size = tiny.geometry.image_size
+    good = [((mrow(f"q{i}", role="query"), f"sha{i}"),
+             TensorBundle({"clip": torch.zeros(3, *size)})) for i in range(3)]
+    bad = ((mrow("bad", role="query"), "shabad"), TensorBundle({"clip": torch.zeros(3, 5, 7)}))
+    p = test_pipeline()
+    out = (p | beam.Create(good + [bad])
+           | ExtractSuiteFeatures(SuiteSpec(clip=tiny_spec()), batch_size=1))
+    assert_that(out["features"] | "Ids" >> beam.MapTuple(lambda key, f: (
+        key[0].image_id, tuple(f["clip/embeds"].shape))),
+        equal_to([(f"q{i}", (1, tiny.geometry.embed_dim)) for i in range(3)]), label="Ok")
+    assert_that(out[ERRORS] | "Errs" >> beam.Map(lambda e: (
+        e.image_id, e.stage, e.reason.split(":")[0].isidentifier())),
+        equal_to([("bad", STAGE_EXTRACT, True)]), label="Errors")
+    result = p.run()
+    result.wait_until_finish()
+    assert counter(result, "images_failed_extract") == 1

@@ -21,6 +21,7 @@ from pipeline.core.manifest import write_manifest
 from pipeline.core.schemas import SCORES
 from pipeline.model.backbone import tiny_spec
 from pipeline.run import run_score
+from pipeline.runner import distribution_max
 from tests.beamtest import counter, mrow, read_table
 from transforms.images import SpreadByGroup, _group_chunks
 
@@ -80,3 +81,5 @@ def test_each_group_prepares_its_references_once(interleaved_manifest, tmp_path,
     assert len(scores) == len(CATEGORIES) * QUERIES * len(SEEDS)
     assert counter(result, "queries_scored") == len(scores)
     assert counter(result, "reference_sets_prepared") == len(CATEGORIES) * len(SEEDS)
+    # the worker never held more groups' memories than its cache allows (issue 22)
+    assert 1 <= distribution_max(result, "reference_sets_held") <= 2

@@ -29,7 +29,7 @@ def test_decode_and_score_stages_load_no_model(no_model_loads, tmp_path):
     for target in (SuiteSpec(("inctrl",), clip=spec), config.suite):
         load = _LoadFn(target, ImageLimits(max_pixels=10**8))
         load.setup()
-    score = _ScoreFn(config, config.suite.identity())
+    score = _ScoreFn(config, config.suite.identity(), str(tmp_path / "cache"))
     score.setup()
     assert score._scorers["inctrl"].model.geometry == describe(spec).geometry
     assert score._scorers["inctrl"].model.geometry.num_patches == 225

@@ -4,12 +4,11 @@ from __future__ import annotations
 import random
 
 import apache_beam as beam
-import torch
+import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.core.sampling import draw_references, sampler_rank
 from pipeline.core.schemas import ERRORS
-from pipeline.model.scorers.suite import TensorBundle
 from tests.beamtest import mrow
 from transforms.references import AssembleReferenceSets, SelectReferences, distinct_references
 
@@ -106,28 +105,29 @@ def test_distinct_references_once_per_image(test_pipeline):
                     equal_to(expected))
 
 
-def _features(value: float) -> TensorBundle:
-    return TensorBundle.join({"clip": {"tokens": torch.full((1, 2, 4, 3), value),
-                                         "embeds": torch.full((1, 5), value)}})
-
-
 def test_assembled_sets_follow_draw_order_and_skip_unloaded(test_pipeline):
+    """A set names its references by id and content hash (their features stay in the
+    feature cache), in draw order; a reference that failed to load is left out."""
     rows = [mrow(f"a{i}") for i in range(5)]
     drawn = draw_references(rows, 0, K)
     missing = drawn[1].image_id  # failed to load: no features
     loaded = [r for r in rows if r.image_id != missing]
-    value = {r.image_id: float(i) for i, r in enumerate(rows)}
     expected_ids = tuple(r.image_id for r in drawn if r.image_id != missing)
 
     def check(kv):
         key, payload = kv
-        return (key, payload.image_ids, payload.selected, tuple(payload.features["clip/tokens"].shape),
-                payload.features["clip/embeds"][:, 0].tolist())
+        return (key, payload.image_ids, payload.selected, payload.hashes_for("clip"))
 
     with test_pipeline() as p:
         sets = (p | "Rows" >> beam.Create(rows) | SelectReferences(K, (0,)))["sets"]
-        feats = p | "Feats" >> beam.Create([(r, _features(value[r.image_id])) for r in loaded])
-        out = {"sets": sets, "features": feats} | AssembleReferenceSets()
+        hashes = p | "Hashes" >> beam.Create([(r, f"sha-{r.image_id}") for r in loaded])
+        out = {"sets": sets, "hashes": hashes} | AssembleReferenceSets()
         assert_that(out | beam.Map(check), equal_to([(
-            ("ds", "cat", 0), expected_ids, K, (K - 1, 2, 4, 3),
-            [value[i] for i in expected_ids])]))
+            ("ds", "cat", 0), expected_ids, K, tuple(f"sha-{i}" for i in expected_ids))]))
+
+
+def test_representative_selection_needs_the_cache_it_reads():
+    from pipeline.model.scorers.suite import SuiteSpec
+
+    with pytest.raises(ValueError, match="features_root"):
+        AssembleReferenceSets(choose=(SuiteSpec(), K, None))

@@ -2,7 +2,11 @@
 prompts, scored by fake scorers (the real ones are tested in tests/model)."""
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import tempfile
+from dataclasses import dataclass
 
 import apache_beam as beam
 import pytest
@@ -11,6 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import transforms.score as score_mod
 from pipeline.core.config import ScoreConfig
+from pipeline.core.feature_cache import FeatureCache
 from pipeline.core.schemas import ERRORS
 from pipeline.model.backbone import ImageFeatures, tiny_spec
 from pipeline.model.inctrl import ReferenceSet, ScoreComponents
@@ -18,6 +23,7 @@ from pipeline.model.scorers.base import TRAINING_FREE, ScorerOutput
 from pipeline.model.scorers.inctrl import InctrlScorer
 from pipeline.model.scorers.suite import RunIdentity, TensorBundle
 from tests.beamtest import counter, mrow
+from transforms.cache import cache_identities
 from transforms.references import ReferencePayload
 from transforms.score import STAGE_SCORE, ScoreQueries
 
@@ -115,17 +121,44 @@ def _query(image_id: str, category: str, value: float):
     return (row, f"sha-{image_id}"), feats
 
 
-def _payload(category: str, seed: int, k: int = 2) -> ReferencePayload:
+@dataclass
+class RefSet:
+    """A test's reference set: ids and features (``_score`` puts the features in a feature
+    cache and gives ScoreQueries the ids and content hashes, as PrepareReferences does)."""
+
+    image_ids: tuple[str, ...]
+    features: TensorBundle
+    selected: int
+
+
+def _payload(category: str, seed: int, k: int = 2) -> RefSet:
     """Reference embeddings all equal to ``seed + 1``: the set's shift is k * EMBED * (seed + 1)."""
     ids = tuple(f"{category}-ref{seed}-{i}" for i in range(k))
     features = clip_bundle(torch.zeros(k, LAYERS, PATCHES, WIDTH),
                            torch.full((k, EMBED), float(seed + 1)))
     features.tensors["cnn/x"] = torch.zeros(k, 2)
-    return ReferencePayload(image_ids=ids, selected=k, features=features)
+    return RefSet(image_ids=ids, selected=k, features=features)
 
 
-def _shift(payload: ReferencePayload) -> float:
+def _shift(payload: RefSet) -> float:
     return float(payload.features["clip/embeds"].sum())
+
+
+def _cached(ref_sets: dict, config: ScoreConfig, root: str) -> dict[tuple, ReferencePayload]:
+    """Each set's features into the feature cache at ``root`` (one entry per image and
+    extractor the run reads, keyed by a content hash), and its payload naming them."""
+    caches = {ext: FeatureCache(root, identity)
+              for ext, identity in cache_identities(config.suite, references=True).items()}
+    out = {}
+    for key, ref_set in ref_sets.items():
+        content = {}
+        for i, image_id in enumerate(ref_set.image_ids):
+            sha = hashlib.sha256(f"{key}/{image_id}".encode()).hexdigest()
+            for ext, cache in caches.items():
+                cache.put(sha, {n: v[i:i + 1] for n, v in ref_set.features.part(ext).items()})
+            content[image_id] = sha
+        out[key] = ReferencePayload(ref_set.image_ids, ref_set.selected, content=content)
+    return out
 
 
 PROMPT_WEIGHT = {"a": 1.0, "b": 2.0, "c": 3.0}
@@ -139,17 +172,22 @@ def _prompt(category: str) -> torch.Tensor:
 
 
 def _score(config, queries, ref_sets, categories=("a", "b", "c"), test_pipeline=None,
-           check=None):
+           check=None, cache_root=None, before_run=None):
     """Run ScoreQueries; ``check(outputs, p)`` adds assertions; returns the result."""
-    p = test_pipeline()
-    refs = p | "Refs" >> beam.Create(list(ref_sets.items()))
-    prompts = p | "Prompts" >> beam.Create([(c, _prompt(c)) for c in categories])
-    out = (p | "Queries" >> beam.Create(queries)
-           | ScoreQueries(config, IDENTITY, refs, prompts))
-    check(out)
-    result = p.run()
-    result.wait_until_finish()
-    return result
+    with tempfile.TemporaryDirectory() as tmp:
+        root = cache_root or tmp
+        p = test_pipeline()
+        payloads = _cached(ref_sets, config, root)
+        refs = p | "Refs" >> beam.Create(list(payloads.items()))
+        prompts = p | "Prompts" >> beam.Create([(c, _prompt(c)) for c in categories])
+        out = (p | "Queries" >> beam.Create(queries)
+               | ScoreQueries(config, IDENTITY, refs, prompts, root))
+        check(out)
+        if before_run is not None:
+            before_run(root, payloads)
+        result = p.run()
+        result.wait_until_finish()
+        return result
 
 
 def _scored(rec: dict) -> tuple:
@@ -295,3 +333,26 @@ def test_every_scorer_scores_every_query_once_per_seed(fakes, test_pipeline):
     # one memory per (group, seed, scorer) that a query used
     assert sorted(cnn.memories) == [1, 1, 2]
     assert counter(result, "reference_sets_prepared") == 6
+
+
+def test_a_group_whose_reference_features_left_the_cache_fails_alone(fake, test_pipeline):
+    """The features are read from the cache where the group is scored: an entry gone (a
+    cache emptied under a running job) fails that group's rows of that seed, nothing else."""
+    config = _config(seeds=(0, 1))
+    queries = [_query("a0", "a", 1.0), _query("b0", "b", 2.0)]
+    ref_sets = {("ds", c, s): _payload(c, s) for c in "ab" for s in config.seeds}
+
+    def drop_one(root, payloads):
+        cache = FeatureCache(root, cache_identities(config.suite, references=True)["clip"])
+        sha = payloads[("ds", "a", 1)].hashes_for("clip")[0]
+        os.remove(f"{cache.root}/{sha[:2]}/{sha}.safetensors")
+
+    def check(out):
+        assert_that(out["scores"] | beam.Map(lambda r: (r["image_id"], r["seed"])),
+                    equal_to([("a0", 0), ("b0", 0), ("b0", 1)]), label="Scored")
+        assert_that(out[ERRORS] | beam.Map(lambda r: (
+            r["image_id"], r["seed"], r["stage"], r["reason"].split(":")[0])),
+            equal_to([("a0", 1, STAGE_SCORE, "MissingFeatures")]), label="Errors")
+
+    _score(config, queries, ref_sets, test_pipeline=test_pipeline, check=check,
+           before_run=drop_one)
