@@ -192,7 +192,7 @@ def report(res: dict) -> None:
     if "N" in runs:
         memory(runs, n, w)
     if res.get("lines"):
-        product_lines(runs, res["lines"], w)
+        product_lines(runs, res["lines"], w, res.get("shared_references", False))
 
 
 def linearity(runs: dict, w) -> None:
@@ -232,11 +232,13 @@ def memory(runs: dict, n: int, w) -> None:
       "extra row.\n")
 
 
-def product_lines(runs: dict, lines: list[int], w) -> None:
+def product_lines(runs: dict, lines: list[int], w, shared: bool = False) -> None:
     """Peak RSS, reference sets held and wall time against the number of product lines."""
     from transforms.score import _PREPARED_CACHE
 
-    w(f"\n{'lines':>6}{'queries':>8}{'ref fwd':>9}{'query fwd':>10}{'seconds':>9}"
+    w("\nProduct lines: the same queries split over each number of lines (datasets of one "
+      f"category); {'the same' if shared else 'its own'} k references for every line.\n")
+    w(f"{'lines':>6}{'queries':>8}{'ref fwd':>9}{'query fwd':>10}{'seconds':>9}"
       f"{'s/image':>9}{'peak RSS MiB':>14}{'sets held':>10}\n")
     for n in lines:
         r = runs[f"L{n}"]

@@ -37,8 +37,6 @@ LOG = logging.getLogger(__name__)
 
 #: The manifest column of ground-truth masks; with it the job computes pixel metrics.
 MASK_COLUMN = "mask_uri"
-#: The run's own feature cache, in its staging folder, when no --feature-cache is given.
-RUN_FEATURE_CACHE = "features"
 
 
 def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdentity,
@@ -54,9 +52,9 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdenti
     Returns WriteOutputs' ``{'scores', 'errors', 'committed'}``.
     """
     plan = plan or CommitPlan(config.output, config.run_date, config.run_id)
-    # Reference features go to the feature cache, the user's or one private to the run (in
-    # its staging folder, removed with it), and scoring workers read them from there.
-    cache = config.feature_cache or plan.staging_url(RUN_FEATURE_CACHE)
+    # Reference features go to the feature cache, the user's or one private to the run
+    # (removed when the run's lease ends), and scoring workers read them from there.
+    cache = config.feature_cache or plan.feature_cache_url
     manifest = p | "ReadManifest" >> ReadManifest(config.manifest)
     queries = manifest["rows"] | "SelectQueries" >> SelectQueries(selection.is_query)
     references = manifest["rows"] | "PrepareReferences" >> PrepareReferences(

@@ -57,8 +57,8 @@ from pipeline.core.layout import (ATTEMPTS_FILE, COMMITS_DIR, FOLDER_TABLES, PAR
                                   REPORTS_DIR, STAGING_DIR, SUCCESS_MARKER, Kept, Partition,
                                   Record, commits_dir, current_record, folder_prefix, output_fs,
                                   partition_name, partition_path, read_record, record_in_force,
-                                  record_name, reports_path, run_folder, staging_path,
-                                  summary_path)
+                                  record_name, reports_path, run_cache_path, run_folder,
+                                  staging_path, summary_path)
 from pipeline.core.locks import (LockLost, LockToken, copy_file, create_exclusive, is_local,
                                  move_file, replace_file)
 from pipeline.core.runs import mark_committing, mark_published
@@ -158,6 +158,14 @@ class CommitPlan:
 
     def staging_url(self, *parts: str) -> str:
         return "/".join([self.output.rstrip("/"), self.staging, *parts])
+
+    @property
+    def feature_cache_url(self) -> str:
+        """The run's own feature cache (reference features, when no --feature-cache is
+        given): beside its staging folder, not in it, so that it outlives the commit (a
+        runner may recompute a step after it) and goes when the run's lease ends
+        (:func:`pipeline.core.vacuum.collect_run`)."""
+        return f"{self.output.rstrip('/')}/{run_cache_path(self.run_date, self.commit_id)}"
 
     def folder(self, table: str, dataset: str | None, attempt: str) -> str:
         """Where one bundle attempt writes ``dataset``'s files of an in-place table (maps),

@@ -164,6 +164,11 @@ def staging_path(run_date: str, key: str) -> str:
     return f"{STAGING_DIR}/{partition_name(run_date)}/{partition_value(key)}"
 
 
+def run_cache_path(run_date: str, key: str) -> str:
+    """A run's own feature cache, beside its staging folder, relative to the output root."""
+    return f"{staging_path(run_date, key)}.features"
+
+
 def staging_root(root: str, run_date: str, key: str) -> str:
     """Where the run of key ``key`` writes its files before they are committed."""
     return f"{root.rstrip('/')}/{staging_path(run_date, key)}"

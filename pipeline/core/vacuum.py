@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pipeline.core.commit import (collect_folders, publish, record_before, recover_date,
                                   remove_empty_parents, remove_file, remove_tree)
 from pipeline.core.layout import (FOLDER_TABLES, current_record, output_fs, record_dates,
-                                  reports_path, staging_path)
+                                  reports_path, run_cache_path, staging_path)
 from pipeline.core.locks import COLLECT, DateLock, LockHeld, lock_state
 from pipeline.core.runs import PUBLISHED, RunEntry, list_runs, unregister_run
 
@@ -52,11 +52,11 @@ def collect_run(output: str, entry: RunEntry, *, dry_run: bool = False) -> list[
             and not dry_run):
         publish(output, record, record_before(output, record))
     removed = []
-    staging = staging_path(date, key)
-    if fs.exists(f"{root}/{staging}"):
-        removed.append(f"{staging}/")
-        if not dry_run:
-            remove_tree(fs, f"{root}/{staging}", root)
+    for staging in (staging_path(date, key), run_cache_path(date, key)):
+        if fs.exists(f"{root}/{staging}"):
+            removed.append(f"{staging}/")
+            if not dry_run:
+                remove_tree(fs, f"{root}/{staging}", root)
     for rel in entry.moved:
         if (record is None or not record.names(rel)) and fs.exists(f"{root}/{rel}"):
             removed.append(rel)

@@ -10,7 +10,6 @@ import logging
 
 import pandas as pd
 import pytest
-import torch
 
 from pipeline.cli import main as cli_main
 from pipeline.core.config import ScoreConfig

@@ -28,7 +28,8 @@ def test_a_run_without_scores_gives_the_errors_and_a_sentence(tmp_path):
     output = str(tmp_path / "out")
     run_score(ScoreConfig(manifest=str(tmp_path / "manifest.parquet"), output=output, k=2,
                           seeds=(0, 1), backbone=tiny_spec(), run_date=RUN_DATE,
-                          run_id="nothing"), beam_args=[])
+                          run_id="nothing", max_failed_fraction=1.0),  # every row fails
+              beam_args=[])
     errors = read_partition(output, RUN_DATE, ERRORS).to_pandas()
     assert len(errors) == 4
 

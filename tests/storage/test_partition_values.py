@@ -5,6 +5,7 @@ untouched."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import duckdb
 import pandas as pd
@@ -27,7 +28,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("values")
     out = str(root / "out")
     everything = tiny_manifest(str(root / "all"), HOSTILE + [TOO_LONG])
-    run_score(config(everything, out, DATE, "together"))
+    # the dataset name too long for a folder fails on purpose: let the run commit anyway
+    run_score(replace(config(everything, out, DATE, "together"), max_failed_fraction=1.0))
     together = {t: rows(read_partition(out, DATE, t), COLS) for t in (SCORES, ERRORS)}
     write_errors = [r for r in read_partition(out, DATE, ERRORS).to_pylist()
                     if r["stage"] == "write"]
