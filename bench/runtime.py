@@ -1,0 +1,322 @@
+"""Speed of each precision and runtime on the CPU: every extractor alone and the whole job.
+
+    python -m bench.runtime                              # the defaults below, about 25 min
+    python -m bench.runtime --parts extractors --rounds 3 --json /tmp/runtime.json
+
+It prints this CPU's bf16 capabilities (the /proc/cpuinfo flags the job reads, torch's CPU
+capability, whether oneDNN has bf16), then, in one process and on the same inputs:
+
+  extractors  images/s of each extractor's forward alone, as the job loads it
+              (``ExtractorEntry.load``, random weights: the same FLOPs as trained ones), on a
+              batch of preprocessed pixels already in memory: the CLIP image tower InCTRL
+              and CoOp read (ViT-B-16-plus-240, ``encode_images``), WinCLIP's windows on it,
+              the CNN stages (mobilenet_v2 to features.13, wide_resnet50_2 to layer3, the
+              papers' three strides), DINOv2 ViT-S/14 at 448 px and RegAD's network
+              (resnet18 with its STNs, untrained). Variants: ``fp32``, ``bf16`` (the job's
+              ``--precision bf16``: the module's weights and input in bf16, channels-last
+              for the CNNs), ``fp32-cl`` (fp32 channels-last, CNNs only: not what the job
+              runs, measured to decide) and ``autocast`` (CLIP only: fp32 weights under
+              ``torch.autocast("cpu", bfloat16)``, what ``--precision bf16`` did before).
+  jobs        images/s of the whole ``score`` job (DirectRunner, in this process, training-
+              free, one category of k references and N - k queries) for InCTRL alone and
+              for the six scorers that need no trained file together, in fp32 and bf16;
+              and the same on k + 1 images, whose difference gives the marginal rate
+              (images/s a long run approaches: the run's fixed costs, the prompt ensemble
+              and reference memories, taken out). Models stay loaded between runs, as on a
+              worker; a first, untimed run per precision loads them.
+
+The machine is shared: every measurement is repeated ``--rounds`` times with the variants
+interleaved within each round (fp32, bf16, ... then again), so that load from other jobs
+hits every variant alike, and the median is reported with the 1-minute load average.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+from bench.data import one_group_manifest, write_images
+from bench.measure import Timer, command_line, machine, today
+from bench.quality import load_average
+from pipeline.core.config import ScoreConfig
+from pipeline.model.backbone import BackboneSpec, get_backbone
+from pipeline.model.precision import BF16, FP32, cpu_bf16, to_input, to_precision
+from pipeline.model.scorers.cnn import CnnSpec, CnnExtractor
+from pipeline.model.scorers.dino import DinoExtractor, DinoSpec
+from pipeline.model.scorers.regad import RegadExtractor, RegadModel, RegadSpec
+from pipeline.model.scorers.winclip import WinClipExtractor
+from pipeline.run import run_score
+
+LOG = logging.getLogger("bench.runtime")
+
+CLIP_BACKBONE = "ViT-B-16-plus-240"
+#: the six scorers a run can compare without a trained file
+TRAINING_FREE = ("inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino")
+PARTS = ("extractors", "jobs")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.runtime", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default=",".join(PARTS), help="extractors, jobs")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward and job batch")
+    p.add_argument("--n", type=int, default=16, help="images per extractor measurement")
+    p.add_argument("--n-windows", type=int, default=4,
+                   help="images per measurement of WinCLIP's windows (about 10 forwards each)")
+    p.add_argument("--job-n", type=int, default=24, help="images of the InCTRL job")
+    p.add_argument("--suite-n", type=int, default=12, help="images of the six-scorer job")
+    p.add_argument("--k", type=int, default=4, help="references of the jobs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "inctrl-runtime"))
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    args.parts = tuple(s.strip() for s in args.parts.split(",") if s.strip())
+    if not args.parts or any(s not in PARTS for s in args.parts):
+        p.error(f"--parts takes {', '.join(PARTS)}")
+    if args.rounds < 1 or args.n < 1 or args.n_windows < 1:
+        p.error("--rounds, --n and --n-windows must be positive")
+    if min(args.job_n, args.suite_n) <= args.k + 1:
+        p.error("--job-n and --suite-n must exceed k + 1 (the marginal rate needs both runs)")
+    return args
+
+
+def capabilities() -> dict[str, Any]:
+    """What this CPU offers for bf16, as the job sees it."""
+    found = cpu_bf16()
+    mkldnn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return {"native_bf16": found.native, "flags": list(found.flags),
+            "torch_cpu_capability": found.capability,
+            "onednn_bf16": bool(mkldnn_bf16()) if mkldnn_bf16 else None,
+            "describe": found.describe()}
+
+
+def interleaved(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict]:
+    """Run every variant once per round, in turn; each returns its images/s. Medians, all
+    values and the load average seen."""
+    values: dict[str, list[float]] = {name: [] for name in variants}
+    loads = []
+    for r in range(rounds):
+        for name, fn in variants.items():
+            loads.append(load_average())
+            values[name].append(fn())
+            LOG.warning("round %d %s: %.2f img/s", r + 1, name, values[name][-1])
+    return {name: {"ips": statistics.median(v), "all": v,
+                   "load": statistics.median(loads)} for name, v in values.items()}
+
+
+def rate(forward: Callable[[torch.Tensor], Any], pixels: torch.Tensor, batch: int) -> float:
+    """images/s of ``forward`` over ``pixels`` in batches of ``batch``."""
+    with Timer() as t, torch.no_grad():
+        for i in range(0, pixels.shape[0], batch):
+            forward(pixels[i:i + batch])
+    return pixels.shape[0] / t.seconds
+
+
+def pixels_for(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """(n, 3, H, W) normalised-looking pixels, the same for every variant."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, *size, generator=g)
+
+
+# --------------------------------------------------------------- extractors alone
+
+
+def _clip(args: argparse.Namespace) -> dict[str, dict]:
+    fp32 = get_backbone(BackboneSpec(CLIP_BACKBONE, "random:0"))
+    bf16 = get_backbone(BackboneSpec(CLIP_BACKBONE, "random:0", precision=BF16))
+    x = pixels_for(args.n, fp32.geometry.image_size)
+    bs = args.batch_size
+
+    def autocast(batch: torch.Tensor) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fp32.encode_images(batch)
+
+    for f in (fp32.encode_images, bf16.encode_images, autocast):  # warm-up
+        with torch.no_grad():
+            f(x[:bs])
+    out = {"clip": interleaved({
+        FP32: lambda: rate(fp32.encode_images, x, bs),
+        BF16: lambda: rate(bf16.encode_images, x, bs),
+        "autocast": lambda: rate(autocast, x, bs)}, args.rounds)}
+    windows = {p: WinClipExtractor(b) for p, b in ((FP32, fp32), (BF16, bf16))}
+    xw = x[:args.n_windows]
+    wb = min(bs, args.n_windows)
+    for w in windows.values():
+        w.extract(xw[:1])
+    out["windows"] = interleaved({p: (lambda w=w: rate(w.extract, xw, wb))
+                                  for p, w in windows.items()}, args.rounds)
+    return out
+
+
+def _channels_last_copy(extractor: CnnExtractor) -> Callable[[torch.Tensor], Any]:
+    """An fp32 channels-last forward of ``extractor``'s stages (not a job variant)."""
+    net = to_precision(copy.deepcopy(extractor._net), torch.float32, channels_last=True)
+
+    def forward(pixels: torch.Tensor) -> Any:
+        out = net(to_input(pixels, extractor.device, torch.float32, channels_last=True))
+        return {k: v.contiguous() for k, v in out.items()}
+
+    return forward
+
+
+def _cnns(args: argparse.Namespace) -> dict[str, dict]:
+    out = {}
+    for name in ("mobilenet_v2", "wide_resnet50_2"):
+        ext = {p: CnnExtractor(CnnSpec(name, "random:0", (4, 8, 16), precision=p))
+               for p in (FP32, BF16)}
+        x = pixels_for(args.n, (ext[FP32].spec.image_size,) * 2)
+        fns = {FP32: ext[FP32].extract, BF16: ext[BF16].extract,
+               "fp32-cl": _channels_last_copy(ext[FP32])}
+        for f in fns.values():
+            with torch.no_grad():
+                f(x[:args.batch_size])
+        out[f"cnn:{name}"] = interleaved(
+            {p: (lambda f=f: rate(f, x, args.batch_size)) for p, f in fns.items()}, args.rounds)
+    return out
+
+
+def _dino(args: argparse.Namespace) -> dict[str, dict]:
+    ext = {p: DinoExtractor(DinoSpec("vit_small_patch14_dinov2", "random:0", precision=p))
+           for p in (FP32, BF16)}
+    x = pixels_for(args.n, (ext[FP32].spec.image_size,) * 2)
+    for e in ext.values():
+        e.extract(x[:args.batch_size])
+    return {"dino": interleaved({p: (lambda e=e: rate(e.extract, x, args.batch_size))
+                                 for p, e in ext.items()}, args.rounds)}
+
+
+def _regad(args: argparse.Namespace) -> dict[str, dict]:
+    spec = RegadSpec("resnet18", "random:0")
+    ext = {p: RegadExtractor(RegadModel(spec), precision=p) for p in (FP32, BF16)}
+    x = pixels_for(args.n, (spec.image_size,) * 2)
+    for e in ext.values():
+        e.extract(x[:args.batch_size])
+    return {"regad": interleaved({p: (lambda e=e: rate(e.extract, x, args.batch_size))
+                                  for p, e in ext.items()}, args.rounds)}
+
+
+def extractors(args: argparse.Namespace) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for part in (_clip, _cnns, _dino, _regad):
+        out.update(part(args))
+    return out
+
+
+# --------------------------------------------------------------- whole jobs
+
+
+def _job_rate(args: argparse.Namespace, manifest: str, n: int, scorers: tuple[str, ...],
+              precision: str, output: str) -> float:
+    """images/s of one ``score`` run of ``scorers`` over the ``n`` images of ``manifest``."""
+    shutil.rmtree(output, ignore_errors=True)
+    config = ScoreConfig(
+        manifest=manifest, output=output, k=args.k, seeds=(0,), scorers=scorers,
+        backbone=BackboneSpec(CLIP_BACKBONE, "random:0", precision=precision),
+        batch_size=args.batch_size, run_date="2000-01-01", run_id=f"runtime-{precision}",
+        options=dict(cnn_weights="random:0", vit_weights="random:0"))
+    with Timer() as t:
+        run_score(config, [])
+    return n / t.seconds
+
+
+def jobs(args: argparse.Namespace) -> dict[str, dict]:
+    paths = write_images(os.path.join(args.workdir, "images"), max(args.job_n, args.suite_n),
+                         256, "png")
+    out = {}
+    for label, scorers, n in (("inctrl", ("inctrl",), args.job_n),
+                              ("six scorers", TRAINING_FREE, args.suite_n)):
+        manifests = {}
+        for size in (n, args.k + 1):
+            manifests[size] = os.path.join(args.workdir, f"manifest-{size}-{args.k}.parquet")
+            one_group_manifest(paths[:size], args.k, manifests[size])
+        runs = {}
+        for precision in (FP32, BF16):
+            for size in (n, args.k + 1):
+                out_dir = os.path.join(args.workdir, f"out-{precision}-{size}")
+                runs[f"{precision}@{size}"] = (
+                    lambda p=precision, s=size, o=out_dir:
+                    _job_rate(args, manifests[s], s, scorers, p, o))
+        for precision in (FP32, BF16):  # untimed: loads the models, encodes nothing twice
+            runs[f"{precision}@{args.k + 1}"]()
+        res = interleaved(runs, args.rounds)
+        entry = {}
+        for precision in (FP32, BF16):
+            whole, fixed = res[f"{precision}@{n}"], res[f"{precision}@{args.k + 1}"]
+            t_whole, t_fixed = n / whole["ips"], (args.k + 1) / fixed["ips"]
+            marginal = (n - args.k - 1) / (t_whole - t_fixed) if t_whole > t_fixed else None
+            entry[precision] = {"ips": whole["ips"], "all": whole["all"], "load": whole["load"],
+                                "fixed_s": t_fixed, "marginal_ips": marginal}
+        out[label] = entry
+    return out
+
+
+# --------------------------------------------------------------- report
+
+
+def render(res: dict) -> str:
+    lines = [f"bench.runtime, {res['date']}", f"machine: {res['machine']}",
+             f"command: {res['command']}", f"CPU bf16: {res['capabilities']['describe']}; "
+             f"oneDNN bf16: {res['capabilities']['onednn_bf16']}"]
+    if "extractors" in res:
+        lines += ["", f"extractors alone, batch {res['batch_size']}, medians of "
+                  f"{res['rounds']} interleaved rounds (img/s; x = vs fp32 of the same row)",
+                  f"{'extractor':24}{'fp32':>9}{'bf16':>15}{'fp32-cl':>15}{'autocast':>15}"
+                  f"{'load':>7}"]
+        for name, r in res["extractors"].items():
+            base = r[FP32]["ips"]
+            cells = [f"{base:9.2f}"]
+            for v in (BF16, "fp32-cl", "autocast"):
+                cells.append(f"{r[v]['ips']:8.2f} {r[v]['ips'] / base:4.2f}x" if v in r
+                             else f"{'':15}")
+            lines.append(f"{name:24}{''.join(cells)}{r[FP32]['load']:7.1f}")
+    if "jobs" in res:
+        lines += ["", "whole score job (DirectRunner, in-process), whole run and marginal "
+                  "(img/s)",
+                  f"{'job':14}{'fp32':>9}{'bf16':>15}{'fp32 marg.':>12}{'bf16 marg.':>16}"
+                  f"{'load':>7}"]
+        for name, r in res["jobs"].items():
+            a, b = r[FP32], r[BF16]
+            ma, mb = a["marginal_ips"], b["marginal_ips"]
+            marg = (f"{ma:12.2f}{mb:9.2f} {mb / ma:4.2f}x" if ma and mb else f"{'n/a':>28}")
+            lines.append(f"{name:14}{a['ips']:9.2f}{b['ips']:8.2f} {b['ips'] / a['ips']:4.2f}x"
+                         f"{marg}{a['load']:7.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    caps = capabilities()
+    print(f"CPU bf16: {caps['describe']}; oneDNN bf16: {caps['onednn_bf16']}", flush=True)
+    if not caps["native_bf16"]:
+        print("this CPU has no native bf16: the job refuses --precision bf16 here; nothing "
+              "to compare", file=sys.stderr)
+        return 1
+    os.makedirs(args.workdir, exist_ok=True)
+    res: dict = {"date": today(), "machine": machine(), "command": command_line(),
+                 "capabilities": caps, "rounds": args.rounds, "batch_size": args.batch_size}
+    if "extractors" in args.parts:
+        res["extractors"] = extractors(args)
+    if "jobs" in args.parts:
+        res["jobs"] = jobs(args)
+    print(render(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
