@@ -14,9 +14,10 @@ capability, whether oneDNN has bf16), then, in one process and on the same input
               papers' three strides), DINOv2 ViT-S/14 at 448 px and RegAD's network
               (resnet18 with its STNs, untrained). Variants: ``fp32``, ``bf16`` (the job's
               ``--precision bf16``: the module's weights and input in bf16, channels-last
-              for the CNNs), ``fp32-cl`` (fp32 channels-last, CNNs only: not what the job
-              runs, measured to decide) and ``autocast`` (CLIP only: fp32 weights under
-              ``torch.autocast("cpu", bfloat16)``, what ``--precision bf16`` did before).
+              for the CNNs), ``fp32-cl`` and ``bf16-nchw`` (CNNs only, the other memory
+              format: not what the job runs, measured to decide) and ``autocast`` (CLIP
+              only: fp32 weights under ``torch.autocast("cpu", bfloat16)``, what
+              ``--precision bf16`` did before).
   jobs        images/s of the whole ``score`` job (DirectRunner, in this process, training-
               free, one category of k references and N - k queries) for InCTRL alone and
               for the six scorers that need no trained file together, in fp32 and bf16;
@@ -69,10 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS), help="extractors, jobs")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians")
+    p.add_argument("--job-rounds", type=int, default=0,
+                   help="rounds of the six-scorer job (0: --rounds)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward and job batch")
     p.add_argument("--n", type=int, default=16, help="images per extractor measurement")
-    p.add_argument("--n-windows", type=int, default=4,
-                   help="images per measurement of WinCLIP's windows (about 10 forwards each)")
+    p.add_argument("--n-slow", type=int, default=2,
+                   help="images per measurement of the slow variants: WinCLIP's windows (about "
+                        "ten tower forwards an image) and CLIP under autocast")
     p.add_argument("--job-n", type=int, default=24, help="images of the InCTRL job")
     p.add_argument("--suite-n", type=int, default=12, help="images of the six-scorer job")
     p.add_argument("--k", type=int, default=4, help="references of the jobs")
@@ -83,8 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.parts = tuple(s.strip() for s in args.parts.split(",") if s.strip())
     if not args.parts or any(s not in PARTS for s in args.parts):
         p.error(f"--parts takes {', '.join(PARTS)}")
-    if args.rounds < 1 or args.n < 1 or args.n_windows < 1:
-        p.error("--rounds, --n and --n-windows must be positive")
+    if args.rounds < 1 or args.n < 1 or args.n_slow < 1 or args.job_rounds < 0:
+        p.error("--rounds, --n and --n-slow must be positive")
     if min(args.job_n, args.suite_n) <= args.k + 1:
         p.error("--job-n and --suite-n must exceed k + 1 (the marginal rate needs both runs)")
     return args
@@ -141,30 +145,33 @@ def _clip(args: argparse.Namespace) -> dict[str, dict]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return fp32.encode_images(batch)
 
+    slow = x[:args.n_slow]
     for f in (fp32.encode_images, bf16.encode_images, autocast):  # warm-up
         with torch.no_grad():
             f(x[:bs])
     out = {"clip": interleaved({
         FP32: lambda: rate(fp32.encode_images, x, bs),
         BF16: lambda: rate(bf16.encode_images, x, bs),
-        "autocast": lambda: rate(autocast, x, bs)}, args.rounds)}
+        "autocast": lambda: rate(autocast, slow, bs)}, args.rounds)}
     windows = {p: WinClipExtractor(b) for p, b in ((FP32, fp32), (BF16, bf16))}
-    xw = x[:args.n_windows]
-    wb = min(bs, args.n_windows)
     for w in windows.values():
-        w.extract(xw[:1])
-    out["windows"] = interleaved({p: (lambda w=w: rate(w.extract, xw, wb))
+        w.extract(slow[:1])
+    out["windows"] = interleaved({p: (lambda w=w: rate(w.extract, slow, 1))
                                   for p, w in windows.items()}, args.rounds)
     return out
 
 
-def _channels_last_copy(extractor: CnnExtractor) -> Callable[[torch.Tensor], Any]:
-    """An fp32 channels-last forward of ``extractor``'s stages (not a job variant)."""
-    net = to_precision(copy.deepcopy(extractor._net), torch.float32, channels_last=True)
+def _variant(extractor: CnnExtractor, dtype: torch.dtype,
+             channels_last: bool) -> Callable[[torch.Tensor], Any]:
+    """A forward of a copy of ``extractor``'s stages in ``dtype`` and memory format (the
+    variants the job does not run, measured to decide)."""
+    net = to_precision(copy.deepcopy(extractor._net), dtype, channels_last)
+    if not channels_last:
+        net.to(memory_format=torch.contiguous_format)
 
     def forward(pixels: torch.Tensor) -> Any:
-        out = net(to_input(pixels, extractor.device, torch.float32, channels_last=True))
-        return {k: v.contiguous() for k, v in out.items()}
+        out = net(to_input(pixels, extractor.device, dtype, channels_last))
+        return {k: v.float().contiguous() for k, v in out.items()}
 
     return forward
 
@@ -176,7 +183,8 @@ def _cnns(args: argparse.Namespace) -> dict[str, dict]:
                for p in (FP32, BF16)}
         x = pixels_for(args.n, (ext[FP32].spec.image_size,) * 2)
         fns = {FP32: ext[FP32].extract, BF16: ext[BF16].extract,
-               "fp32-cl": _channels_last_copy(ext[FP32])}
+               "fp32-cl": _variant(ext[FP32], torch.float32, channels_last=True),
+               "bf16-nchw": _variant(ext[BF16], torch.bfloat16, channels_last=False)}
         for f in fns.values():
             with torch.no_grad():
                 f(x[:args.batch_size])
@@ -233,8 +241,9 @@ def jobs(args: argparse.Namespace) -> dict[str, dict]:
     paths = write_images(os.path.join(args.workdir, "images"), max(args.job_n, args.suite_n),
                          256, "png")
     out = {}
-    for label, scorers, n in (("inctrl", ("inctrl",), args.job_n),
-                              ("six scorers", TRAINING_FREE, args.suite_n)):
+    for label, scorers, n, rounds in (
+            ("inctrl", ("inctrl",), args.job_n, args.rounds),
+            ("six scorers", TRAINING_FREE, args.suite_n, args.job_rounds or args.rounds)):
         manifests = {}
         for size in (n, args.k + 1):
             manifests[size] = os.path.join(args.workdir, f"manifest-{size}-{args.k}.parquet")
@@ -248,7 +257,7 @@ def jobs(args: argparse.Namespace) -> dict[str, dict]:
                     _job_rate(args, manifests[s], s, scorers, p, o))
         for precision in (FP32, BF16):  # untimed: loads the models, encodes nothing twice
             runs[f"{precision}@{args.k + 1}"]()
-        res = interleaved(runs, args.rounds)
+        res = interleaved(runs, rounds)
         entry = {}
         for precision in (FP32, BF16):
             whole, fixed = res[f"{precision}@{n}"], res[f"{precision}@{args.k + 1}"]
@@ -270,12 +279,12 @@ def render(res: dict) -> str:
     if "extractors" in res:
         lines += ["", f"extractors alone, batch {res['batch_size']}, medians of "
                   f"{res['rounds']} interleaved rounds (img/s; x = vs fp32 of the same row)",
-                  f"{'extractor':24}{'fp32':>9}{'bf16':>15}{'fp32-cl':>15}{'autocast':>15}"
-                  f"{'load':>7}"]
+                  f"{'extractor':24}{'fp32':>9}{'bf16':>15}{'fp32-cl':>15}{'bf16-nchw':>15}"
+                  f"{'autocast':>15}{'load':>7}"]
         for name, r in res["extractors"].items():
             base = r[FP32]["ips"]
             cells = [f"{base:9.2f}"]
-            for v in (BF16, "fp32-cl", "autocast"):
+            for v in (BF16, "fp32-cl", "bf16-nchw", "autocast"):
                 cells.append(f"{r[v]['ips']:8.2f} {r[v]['ips'] / base:4.2f}x" if v in r
                              else f"{'':15}")
             lines.append(f"{name:24}{''.join(cells)}{r[FP32]['load']:7.1f}")

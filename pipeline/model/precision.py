@@ -4,17 +4,20 @@
 with TensorFloat-32 matrix products on CUDA; fp32 on the CPU) or ``bf16``. How bf16 is done
 depends on the device, because what is fast differs:
 
-- On a CUDA device, bf16 is ``torch.autocast``: the weights stay fp32, matrix products and
-  convolutions run in bf16 (the GPU path as it was; no GPU was reachable to measure others).
-- On the CPU, autocast is slower than fp32 (it converts the fp32 weights at every call; 0.51x
-  on ViT-B-16-plus-240, bench/RESULTS.md). A bf16 run there converts the extractor's module
-  (its weights) and its input to bf16 once, which oneDNN runs on the CPU's bf16 units
-  (3.4x on the same ViT). That needs a CPU that has them natively (x86 ``avx512_bf16`` or
-  ``amx_bf16``, ARM ``bf16``): elsewhere oneDNN emulates bf16 and is slower than fp32, so a
-  bf16 run is refused (``PrecisionError``, one line).
+- On the CPU, ``torch.autocast`` is slower than fp32 (it converts the fp32 weights at every
+  call: 0.5x on ViT-B-16-plus-240). A bf16 run converts each extractor's module (its
+  weights) and its input to bf16 once, which oneDNN runs on the CPU's bf16 units: the CLIP
+  image tower (InCTRL, CoOp, WinCLIP's windows), the CNN stages (channels-last), DINOv2 and
+  RegAD's CNN (bench/RESULTS.md, "bf16 on the CPU", has the speed-ups). That needs a CPU
+  with native bf16 (x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``): elsewhere oneDNN
+  emulates bf16 and is slower than fp32, so a bf16 run is refused (``PrecisionError``, one
+  line). What was found is logged once per process (``cpu_bf16``).
+- On a CUDA device nothing changed, since no GPU was reachable to measure alternatives: the
+  CLIP image tower runs under bf16 autocast (weights fp32), the CNN, DINOv2 and RegAD
+  forwards in fp32 (``module_precision``).
 
 Either way features leave every extractor as float32: the scorers' math (distances,
-covariances, softmaxes) never sees bf16.
+covariances, softmaxes) never sees bf16, and the prompt ensemble is encoded in fp32.
 """
 from __future__ import annotations
 
