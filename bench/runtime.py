@@ -1,6 +1,6 @@
 """Speed of each precision and runtime on the CPU: every extractor alone and the whole job.
 
-    python -m bench.runtime                              # the defaults below, about 25 min
+    python -m bench.runtime                              # every part, the defaults below
     python -m bench.runtime --parts extractors --rounds 3 --json /tmp/runtime.json
 
 It prints this CPU's bf16 capabilities (the /proc/cpuinfo flags the job reads, torch's CPU
@@ -28,7 +28,10 @@ capability, whether oneDNN has bf16), then, in one process and on the same input
 
 The machine is shared: every measurement is repeated ``--rounds`` times with the variants
 interleaved within each round (fp32, bf16, ... then again), so that load from other jobs
-hits every variant alike, and the median is reported with the 1-minute load average.
+hits every variant alike, and the median is reported with the 1-minute load average. Each
+measurement gives images per wall-clock second and images per CPU-second of this process
+(``time.process_time``, all its threads): on a busy machine the wall clock mostly measures
+the other jobs, while CPU time is what the work itself costs.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from typing import Any, Callable
 
 import torch
@@ -63,6 +67,7 @@ CLIP_BACKBONE = "ViT-B-16-plus-240"
 #: the six scorers a run can compare without a trained file
 TRAINING_FREE = ("inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino")
 PARTS = ("extractors", "jobs")
+JOBS = ("inctrl", "six")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-slow", type=int, default=2,
                    help="images per measurement of the slow variants: WinCLIP's windows (about "
                         "ten tower forwards an image) and CLIP under autocast")
+    p.add_argument("--jobs", default="inctrl,six",
+                   help="which jobs: inctrl (InCTRL alone), six (the six scorers)")
     p.add_argument("--job-n", type=int, default=24, help="images of the InCTRL job")
     p.add_argument("--suite-n", type=int, default=12, help="images of the six-scorer job")
     p.add_argument("--k", type=int, default=4, help="references of the jobs")
@@ -89,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--parts takes {', '.join(PARTS)}")
     if args.rounds < 1 or args.n < 1 or args.n_slow < 1 or args.job_rounds < 0:
         p.error("--rounds, --n and --n-slow must be positive")
+    args.jobs = tuple(s.strip() for s in args.jobs.split(",") if s.strip())
+    if not args.jobs or any(j not in JOBS for j in args.jobs):
+        p.error(f"--jobs takes {', '.join(JOBS)}")
     if min(args.job_n, args.suite_n) <= args.k + 1:
         p.error("--job-n and --suite-n must exceed k + 1 (the marginal rate needs both runs)")
     return args
@@ -104,26 +114,40 @@ def capabilities() -> dict[str, Any]:
             "describe": found.describe()}
 
 
-def interleaved(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict]:
-    """Run every variant once per round, in turn; each returns its images/s. Medians, all
-    values and the load average seen."""
-    values: dict[str, list[float]] = {name: [] for name in variants}
+def interleaved(variants: dict[str, Callable[[], tuple[float, float]]],
+                rounds: int) -> dict[str, dict]:
+    """Run every variant once per round, in turn; each returns (images per wall second,
+    images per CPU-second). Medians of both, all values and the load average seen."""
+    values: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     loads = []
     for r in range(rounds):
         for name, fn in variants.items():
             loads.append(load_average())
             values[name].append(fn())
-            LOG.warning("round %d %s: %.2f img/s", r + 1, name, values[name][-1])
-    return {name: {"ips": statistics.median(v), "all": v,
+            LOG.warning("round %d %s: %.2f img/s, %.2f img/CPU-s", r + 1, name,
+                        *values[name][-1])
+    return {name: {"ips": statistics.median(w for w, _ in v),
+                   "cpu_ips": statistics.median(c for _, c in v), "all": v,
                    "load": statistics.median(loads)} for name, v in values.items()}
 
 
-def rate(forward: Callable[[torch.Tensor], Any], pixels: torch.Tensor, batch: int) -> float:
-    """images/s of ``forward`` over ``pixels`` in batches of ``batch``."""
-    with Timer() as t, torch.no_grad():
-        for i in range(0, pixels.shape[0], batch):
-            forward(pixels[i:i + batch])
-    return pixels.shape[0] / t.seconds
+def timed(fn: Callable[[], Any], images: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU-second of this process) of ``fn()``."""
+    cpu = time.process_time()
+    with Timer() as t:
+        fn()
+    return images / t.seconds, images / (time.process_time() - cpu)
+
+
+def rate(forward: Callable[[torch.Tensor], Any], pixels: torch.Tensor,
+         batch: int) -> tuple[float, float]:
+    """``timed`` of ``forward`` over ``pixels`` in batches of ``batch``."""
+    def run() -> None:
+        with torch.no_grad():
+            for i in range(0, pixels.shape[0], batch):
+                forward(pixels[i:i + batch])
+
+    return timed(run, pixels.shape[0])
 
 
 def pixels_for(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -224,17 +248,15 @@ def extractors(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def _job_rate(args: argparse.Namespace, manifest: str, n: int, scorers: tuple[str, ...],
-              precision: str, output: str) -> float:
-    """images/s of one ``score`` run of ``scorers`` over the ``n`` images of ``manifest``."""
+              precision: str, output: str) -> tuple[float, float]:
+    """``timed`` of one ``score`` run of ``scorers`` over the ``n`` images of ``manifest``."""
     shutil.rmtree(output, ignore_errors=True)
     config = ScoreConfig(
         manifest=manifest, output=output, k=args.k, seeds=(0,), scorers=scorers,
         backbone=BackboneSpec(CLIP_BACKBONE, "random:0", precision=precision),
         batch_size=args.batch_size, run_date="2000-01-01", run_id=f"runtime-{precision}",
         options=dict(cnn_weights="random:0", vit_weights="random:0"))
-    with Timer() as t:
-        run_score(config, [])
-    return n / t.seconds
+    return timed(lambda: run_score(config, []), n)
 
 
 def jobs(args: argparse.Namespace) -> dict[str, dict]:
@@ -243,7 +265,9 @@ def jobs(args: argparse.Namespace) -> dict[str, dict]:
     out = {}
     for label, scorers, n, rounds in (
             ("inctrl", ("inctrl",), args.job_n, args.rounds),
-            ("six scorers", TRAINING_FREE, args.suite_n, args.job_rounds or args.rounds)):
+            ("six", TRAINING_FREE, args.suite_n, args.job_rounds or args.rounds)):
+        if label not in args.jobs:
+            continue
         manifests = {}
         for size in (n, args.k + 1):
             manifests[size] = os.path.join(args.workdir, f"manifest-{size}-{args.k}.parquet")
@@ -261,10 +285,11 @@ def jobs(args: argparse.Namespace) -> dict[str, dict]:
         entry = {}
         for precision in (FP32, BF16):
             whole, fixed = res[f"{precision}@{n}"], res[f"{precision}@{args.k + 1}"]
-            t_whole, t_fixed = n / whole["ips"], (args.k + 1) / fixed["ips"]
-            marginal = (n - args.k - 1) / (t_whole - t_fixed) if t_whole > t_fixed else None
-            entry[precision] = {"ips": whole["ips"], "all": whole["all"], "load": whole["load"],
-                                "fixed_s": t_fixed, "marginal_ips": marginal}
+            entry[precision] = {**whole, "fixed": fixed}
+            for key in ("ips", "cpu_ips"):  # the marginal rate: the fixed run taken out
+                t_whole, t_fixed = n / whole[key], (args.k + 1) / fixed[key]
+                entry[precision][f"marginal_{key}"] = (
+                    (n - args.k - 1) / (t_whole - t_fixed) if t_whole > t_fixed else None)
         out[label] = entry
     return out
 
@@ -272,33 +297,39 @@ def jobs(args: argparse.Namespace) -> dict[str, dict]:
 # --------------------------------------------------------------- report
 
 
+def _cell(value: float | None, base: float | None) -> str:
+    if value is None:
+        return f"{'n/a':>15}"
+    return f"{value:8.2f} {value / base:4.2f}x" if base else f"{value:9.2f}{'':6}"
+
+
 def render(res: dict) -> str:
     lines = [f"bench.runtime, {res['date']}", f"machine: {res['machine']}",
              f"command: {res['command']}", f"CPU bf16: {res['capabilities']['describe']}; "
              f"oneDNN bf16: {res['capabilities']['onednn_bf16']}"]
+    variants = (FP32, BF16, "fp32-cl", "bf16-nchw", "autocast")
     if "extractors" in res:
-        lines += ["", f"extractors alone, batch {res['batch_size']}, medians of "
-                  f"{res['rounds']} interleaved rounds (img/s; x = vs fp32 of the same row)",
-                  f"{'extractor':24}{'fp32':>9}{'bf16':>15}{'fp32-cl':>15}{'bf16-nchw':>15}"
-                  f"{'autocast':>15}{'load':>7}"]
-        for name, r in res["extractors"].items():
-            base = r[FP32]["ips"]
-            cells = [f"{base:9.2f}"]
-            for v in (BF16, "fp32-cl", "bf16-nchw", "autocast"):
-                cells.append(f"{r[v]['ips']:8.2f} {r[v]['ips'] / base:4.2f}x" if v in r
-                             else f"{'':15}")
-            lines.append(f"{name:24}{''.join(cells)}{r[FP32]['load']:7.1f}")
+        for key, unit in (("cpu_ips", "images per CPU-second"), ("ips", "images/s, wall")):
+            lines += ["", f"extractors alone, batch {res['batch_size']}, {unit}, medians of "
+                      f"{res['rounds']} interleaved rounds (x: against fp32 of the row)",
+                      f"{'extractor':22}" + "".join(f"{v:>15}" for v in variants)
+                      + f"{'load':>7}"]
+            for name, r in res["extractors"].items():
+                base = r[FP32][key]
+                cells = "".join(_cell(r[v][key], base) if v in r else f"{'':15}"
+                                for v in variants)
+                lines.append(f"{name:22}{cells}{r[FP32]['load']:7.1f}")
     if "jobs" in res:
-        lines += ["", "whole score job (DirectRunner, in-process), whole run and marginal "
-                  "(img/s)",
-                  f"{'job':14}{'fp32':>9}{'bf16':>15}{'fp32 marg.':>12}{'bf16 marg.':>16}"
-                  f"{'load':>7}"]
-        for name, r in res["jobs"].items():
-            a, b = r[FP32], r[BF16]
-            ma, mb = a["marginal_ips"], b["marginal_ips"]
-            marg = (f"{ma:12.2f}{mb:9.2f} {mb / ma:4.2f}x" if ma and mb else f"{'n/a':>28}")
-            lines.append(f"{name:14}{a['ips']:9.2f}{b['ips']:8.2f} {b['ips'] / a['ips']:4.2f}x"
-                         f"{marg}{a['load']:7.1f}")
+        for key, unit in (("cpu_ips", "images per CPU-second"), ("ips", "images/s, wall")):
+            lines += ["", f"whole score job (DirectRunner, in-process), {unit}: whole run and "
+                      "marginal (the k + 1 image run taken out)",
+                      f"{'job':14}{'fp32':>15}{'bf16':>15}{'fp32 marginal':>15}"
+                      f"{'bf16 marginal':>15}{'load':>7}"]
+            for name, r in res["jobs"].items():
+                a, b = r[FP32], r[BF16]
+                ma, mb = a[f"marginal_{key}"], b[f"marginal_{key}"]
+                lines.append(f"{name:14}{_cell(a[key], None)}{_cell(b[key], a[key])}"
+                             f"{_cell(ma, None)}{_cell(mb, ma)}{a['load']:7.1f}")
     return "\n".join(lines)
 
 

@@ -128,9 +128,10 @@ class CnnSpec:
     @property
     def channels_last(self) -> bool:
         """Whether the forward runs in the channels-last memory format: in bf16, where oneDNN
-        runs it 1.3x to 1.6x faster than NCHW (bench/RESULTS.md, "bf16 on the CPU"); not in
-        fp32, whose results would move in their last bits (the fp32 scores of earlier runs
-        stay bit-identical) for a gain measured on some CNNs and a loss on others."""
+        ran it 1.9x (wide_resnet50_2) to 4.8x (mobilenet_v2) the images per CPU-second of
+        bf16 NCHW (bench/RESULTS.md, "bf16 on the CPU"); not in fp32, where it ran 1.08x
+        (mobilenet_v2) and 0.74x (wide_resnet50_2) and would move fp32 results in their last
+        bits (fp32 scores stay bit-identical to earlier runs')."""
         return self.precision == BF16
 
     @property
