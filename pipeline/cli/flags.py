@@ -15,8 +15,9 @@ from typing import Sequence
 from pipeline.core.config import (DEFAULT_BATCH_SIZE, DEFAULT_FALSE_ALARM_RATE, DEFAULT_K,
                                   ScoreConfig)
 from pipeline.core.failures import DEFAULT_MAX_FAILED_FRACTION, EXIT_TOO_MANY_FAILURES
-from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, PRECISIONS, BackboneSpec
+from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, BackboneSpec
 from pipeline.model.loading import backbone_for_heads
+from pipeline.model.precision import PRECISIONS, check_precision, default_precision
 from pipeline.model.scorers import registry
 from pipeline.model.scorers.references import RANDOM, SELECTIONS
 from pipeline.model.scorers.base import positive_int  # one validator, shared with the scorers
@@ -142,7 +143,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="1-based ViT blocks for patch tokens (default: InCTRL's 7,9,11 of 12)")
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     g.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="fp32, tf32 or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)")
+                   help="what image features are computed in: fp32; tf32 (CUDA matrix "
+                        "products); bf16 (autocast on CUDA; on a CPU with native bf16, every "
+                        "extractor's weights and input; refused on other CPUs). Default: "
+                        "bf16 on CUDA, fp32 on the CPU")
     g.add_argument("--semantic-classes", type=name_set, default=None,
                    help="comma-separated category names scored with the semantic prompt pair")
 
@@ -285,7 +289,9 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
 def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     """The backbone of the model flags; with ``--checkpoint``, the one its heads run on
     (``backbone_for_heads``: flags that contradict the heads' metadata are an error)."""
-    precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    precision = args.precision or default_precision(args.device)
+    # bf16 on a CPU without native bf16: one line now, not a worker's traceback later
+    check_precision(args.device, precision)
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint:
         return backbone_for_heads(checkpoint, name=args.backbone, pretrained=args.pretrained,

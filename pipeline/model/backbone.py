@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.model.precision import PRECISIONS, autocast, enable_tf32, module_dtype
 from pipeline.model.shared import peek, shared
 from pipeline.model.weights import file_sha256, is_random, random_seed, seeded
 
@@ -49,7 +50,6 @@ _registered = False
 _REFERENCE_DEPTH = 12
 _REFERENCE_BLOCKS = (7, 9, 11)
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class BackboneLoadError(RuntimeError):
@@ -545,13 +545,17 @@ class ClipBackbone:
     def __init__(self, spec: BackboneSpec) -> None:
         self.spec = spec
         self.device = _resolve_device(spec.device)
+        self.image_dtype = module_dtype(self.device, spec.precision)  # refused before loading
         model, self.preprocess, self.tokenizer = _create(spec)
         self.geometry = _geometry(model, spec)
         model.eval().requires_grad_(False)
         self.model = model.to(self.device)
-        if spec.precision == "tf32" and self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        # bf16 on the CPU: the image tower's own weights become bf16, in place (the text tower
+        # is a separate module and keeps fp32; no fp32 copy of the image tower is kept, since
+        # nothing in a bf16 process reads it in fp32: the spec, precision included, keys the
+        # per-process model cache). ViT-B-16-plus-240's image tower shrinks from 0.4 to 0.2 GB.
+        self.model.visual.to(self.image_dtype)
+        enable_tf32(self.device, spec.precision)
         if spec.is_test_only:
             LOG.warning(
                 "Using %s: a tiny randomly initialised backbone for tests and offline demos; "
@@ -561,10 +565,10 @@ class ClipBackbone:
         LOG.info("Loaded backbone %s on %s (%s): %s", spec.backbone_id, self.device,
                  spec.precision, self.geometry)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.spec.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def image_forward(self) -> contextlib.AbstractContextManager:
+        """The context the image tower runs in: bf16 autocast on a GPU for a bf16 run,
+        nothing otherwise (on the CPU the tower itself is bf16, ``image_dtype``)."""
+        return autocast(self.device, self.spec.precision)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> ImageFeatures:
@@ -574,8 +578,8 @@ class ClipBackbone:
         returns ImageFeatures with tokens (batch, layers, patches, token_width) and
         embeds (batch, embed_dim), float32, on the backbone's device
         """
-        pixels = pixels.to(self.device, non_blocking=True)
-        with self._autocast():
+        pixels = pixels.to(self.device, self.image_dtype, non_blocking=True)
+        with self.image_forward():
             out = self.model.visual.forward_intermediates(
                 pixels,
                 indices=[b - 1 for b in self.geometry.blocks],

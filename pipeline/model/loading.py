@@ -41,9 +41,12 @@ def heads_hash(checkpoint: str | None) -> str:
 
 
 def model_id(spec: BackboneSpec, heads: str) -> str:
-    """What produced a score: backbone, weights, blocks and heads. Written to every output row."""
+    """What produced a score: backbone, weights, blocks, heads and, unless fp32, the
+    precision (fp32 ids are those of the runs before it was recorded). Written to every
+    output row."""
     blocks = ",".join(str(b) for b in spec.blocks) if spec.blocks else "default"
-    return f"{spec.backbone_id}|blocks={blocks}|heads={heads}"
+    precision = f"|precision={spec.precision}" if spec.precision != "fp32" else ""
+    return f"{spec.backbone_id}|blocks={blocks}|heads={heads}{precision}"
 
 
 def _same_weights(given: str, recorded: str) -> bool:

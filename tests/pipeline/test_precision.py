@@ -1,8 +1,9 @@
-"""bf16 autocast, the GPU default, run on the CPU: the same code path the GPU job takes.
+"""The job in bf16 on the CPU (``--precision bf16``: every extractor's weights and input in
+bf16) against fp32: dtype at the edges, scores close and ranked alike, the feature cache's
+identity, the rows' model ids and the summary's record of the precision.
 
-CI has no GPU, so this is where the bf16 branch of ``ClipBackbone`` and the job's handling of
-its outputs (dtype at the edges, the feature cache's identity, the summary's record of the
-precision) are checked. Tolerances are bf16's: 8 bits of mantissa through a few blocks.
+A CPU without native bf16 refuses bf16 (``tests/model/test_precision.py``), so these tests
+need one. Tolerances are bf16's: 8 bits of mantissa through a few blocks.
 """
 from __future__ import annotations
 
@@ -22,11 +23,16 @@ from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import write_manifest
 from pipeline.core.schemas import SCORES, SUMMARY
 from pipeline.model.backbone import get_backbone, tiny_spec
+from pipeline.model.precision import cpu_bf16
 from pipeline.run import run_score
 from tests.beamtest import counter, read_table
 
+pytestmark = pytest.mark.skipif(not cpu_bf16().native,
+                                reason="this CPU has no native bf16 (the job refuses it)")
+
 RUN_DATE = "2024-05-06"
-KEY = ["dataset", "category", "image_id", "seed"]
+KEY = ["dataset", "category", "image_id", "seed", "scorer"]
+SCORERS = ("inctrl", "patchcore")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def test_bf16_features_are_float32_and_close_to_fp32(pixels):
     bf16 = bf16_backbone.encode_images(pixels)
     assert bf16.tokens.dtype == torch.float32 and bf16.embeds.dtype == torch.float32
     assert bf16.tokens.shape == fp32.tokens.shape and bf16.embeds.shape == fp32.embeds.shape
-    # The autocast really ran in bf16: not bit-identical to fp32 ...
+    # bf16 really ran: not bit-identical to fp32 ...
     assert not torch.equal(bf16.tokens, fp32.tokens)
     # ... but every patch token points the same way.
     cos = F.cosine_similarity(bf16.tokens, fp32.tokens, dim=-1)
@@ -85,7 +91,9 @@ def manifest(tmp_path_factory) -> str:
 def _run(manifest: str, output: str, precision: str, cache: str):
     config = ScoreConfig(manifest=manifest, output=output, k=2, seeds=(0,),
                          backbone=tiny_spec(precision=precision), run_date=RUN_DATE,
-                         run_id=f"precision-{precision}", batch_size=4, feature_cache=cache)
+                         run_id=f"precision-{precision}", batch_size=4, feature_cache=cache,
+                         scorers=SCORERS, options={"cnn_backbone": "mobilenet_v2",
+                                                   "cnn_weights": "random:0"})
     result = run_score(config, beam_args=[])
     scores = read_table(output, SCORES).sort_values(KEY).reset_index(drop=True)
     return result, scores
@@ -102,10 +110,12 @@ def runs(manifest, tmp_path_factory):
 
 
 def test_bf16_job_scores_every_query_close_to_fp32(runs):
-    (_, fp32), (_, bf16), _ = runs
-    assert len(bf16) == len(fp32) > 10
-    assert bf16[KEY].equals(fp32[KEY])
-    assert (bf16["reference_ids"].map(tuple) == fp32["reference_ids"].map(tuple)).all()
+    (_, fp32_all), (_, bf16_all), _ = runs
+    assert len(bf16_all) == len(fp32_all) > 20
+    assert bf16_all[KEY].equals(fp32_all[KEY])
+    assert (bf16_all["reference_ids"].map(tuple) == fp32_all["reference_ids"].map(tuple)).all()
+    inctrl = bf16_all["scorer"] == "inctrl"
+    bf16, fp32 = bf16_all[inctrl], fp32_all[inctrl]
     # Training-free (no heads): holistic and image-residual scores are NaN by design. The text
     # prior's x100 temperature amplifies the bf16 image embedding's rounding.
     for column, tolerance in (("final_score", 5e-3), ("fine_score", 5e-3),
@@ -115,6 +125,21 @@ def test_bf16_job_scores_every_query_close_to_fp32(runs):
         assert np.abs(a - b).max() < tolerance, column
     # What decides a user's ranking of the queries survives bf16.
     assert spearmanr(bf16["final_score"], fp32["final_score"]).statistic > 0.95
+    # PatchCore's score is a distance in the CNN's feature space: relative closeness.
+    a = bf16_all[~inctrl]["final_score"].to_numpy()
+    b = fp32_all[~inctrl]["final_score"].to_numpy()
+    assert np.isfinite(a).all() and not np.array_equal(a, b)
+    assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
+    assert spearmanr(a, b).statistic > 0.95
+
+
+def test_every_row_names_its_precision(runs):
+    (_, fp32), (_, bf16), _ = runs
+    for scorer in SCORERS:
+        ids = set(bf16.loc[bf16["scorer"] == scorer, "model_id"])
+        assert len(ids) == 1 and ids.pop().endswith("|precision=bf16"), scorer
+        fp32_ids = fp32.loc[fp32["scorer"] == scorer, "model_id"]
+        assert not fp32_ids.str.contains("precision").any(), scorer
 
 
 def test_bf16_job_does_not_reuse_fp32_reference_features(runs):
@@ -131,3 +156,5 @@ def test_summary_records_the_precision(runs):
         extra = json.load(f)["extra"]
     assert extra["precision"] == "bf16"
     assert extra["run_id"] == "precision-bf16"
+    assert set(extra["model_ids"]) == set(SCORERS)
+    assert all(i.endswith("|precision=bf16") for i in extra["model_ids"].values())

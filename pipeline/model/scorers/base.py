@@ -107,7 +107,8 @@ class Option:
 
 class Models(Protocol):
     """What entries read of a run (``suite.SuiteSpec``): the scorers, InCTRL's CLIP model
-    and heads, the device, whether reference descriptors are needed, and the settings."""
+    and heads, the device and numeric precision, whether reference descriptors are needed,
+    and the settings."""
 
     scorers: tuple[str, ...]
     checkpoint: str | None
@@ -118,6 +119,9 @@ class Models(Protocol):
 
     @property
     def device(self) -> str: ...
+
+    @property
+    def precision(self) -> str: ...
 
     def setting(self, name: str) -> Any: ...
 

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from pipeline.model.maps import InputGeometry
+from pipeline.model.precision import (BF16, FP32, module_dtype, module_precision, to_input,
+                                      to_precision)
 from pipeline.model.scorers.base import ExtractorEntry, Features, Models, Option, name_list
 from pipeline.model.shared import shared
 from pipeline.model.weights import (RANDOM_PREFIX, file_sha256, is_random, random_seed, seeded,
@@ -87,7 +89,8 @@ class CnnSpec:
 
     ``strides`` picks stages by output stride; ``stages`` (node or module names such as
     ``layer2``) overrides them. ``resize_size`` 0 means the papers' ratio 256/224 of
-    ``image_size``.
+    ``image_size``. ``precision``: what the forward computes in, ``fp32`` or ``bf16`` (the
+    module's weights and input in bf16, on a CPU with native bf16; ``module_precision``).
     """
 
     backbone: str = DEFAULT_CNN_BACKBONE
@@ -98,8 +101,11 @@ class CnnSpec:
     image_size: int = DEFAULT_IMAGE_SIZE
     resize_size: int = 0
     device: str = "cpu"
+    precision: str = FP32
 
     def __post_init__(self) -> None:
+        if self.precision not in (FP32, BF16):
+            raise ValueError(f"a CNN computes in {FP32} or {BF16}, got {self.precision!r}")
         if self.image_size < 1 or self.resize_size < 0:
             raise ValueError(f"bad input size {self.image_size} / resize {self.resize_size}")
         if not self.stages and not self.strides and not self.pooled:
@@ -118,6 +124,21 @@ class CnnSpec:
     @property
     def random_seed(self) -> int:
         return random_seed(self.weights)
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the forward runs in the channels-last memory format: in bf16, where oneDNN
+        ran it 1.9x (wide_resnet50_2) to 4.8x (mobilenet_v2) the images per CPU-second of
+        bf16 NCHW (bench/RESULTS.md, "bf16 on the CPU"); not in fp32, where it ran 1.08x
+        (mobilenet_v2) and 0.74x (wide_resnet50_2) and would move fp32 results in their last
+        bits (fp32 scores stay bit-identical to earlier runs')."""
+        return self.precision == BF16
+
+    @property
+    def precision_suffix(self) -> str:
+        """``|precision=bf16`` for a bf16 spec, nothing for fp32 (whose identities are those
+        of the runs before precision was recorded)."""
+        return "" if self.precision == FP32 else f"|precision={self.precision}"
 
 
 @dataclass(frozen=True)
@@ -346,9 +367,12 @@ def load_staged(spec: CnnSpec) -> StagedModel:
 class CnnExtractor:
     """A frozen torchvision CNN returning the maps of chosen strides (and the pooled feature).
 
-    identity: backbone, weights, stages and input size, e.g.
+    identity: backbone, weights, stages, input size and (bf16 only) precision, e.g.
     ``wide_resnet50_2@IMAGENET1K_V1[s4=layer1,s8=layer2,s16=layer3]@256/224``
     stages:   the chosen ``Stage`` per Features key, in stride order
+
+    In bf16 (``spec.precision``) the module's weights and its input are bf16 and the forward
+    runs channels-last; the features leave as float32 either way.
     """
 
     def __init__(self, spec: CnnSpec) -> None:
@@ -356,6 +380,7 @@ class CnnExtractor:
 
         self.spec = spec
         self.device = _resolve_device(spec.device)
+        self.dtype = module_dtype(self.device, spec.precision)  # refused before loading
         staged = load_staged(spec)
         model, graph, chosen, deepest = staged.model, staged.graph, staged.chosen, staged.deepest
         self.weights_label, self.mean, self.std = staged.weights_label, staged.mean, staged.std
@@ -365,9 +390,10 @@ class CnnExtractor:
         self._pooled_key = returns.get(deepest) if deepest is not None else None
         self._net = create_feature_extractor(model, return_nodes=returns).to(self.device)
         self._net.eval().requires_grad_(False)
+        to_precision(self._net, self.dtype, spec.channels_last)
         size = spec.image_size
         with torch.no_grad():
-            probe = self._net(torch.zeros(1, 3, size, size, device=self.device))
+            probe = self._net(self._input(torch.zeros(1, 3, size, size)))
         self.stages = {
             key: Stage(key, node, _module_name(node, graph.nodes), graph.stride[node],
                        int(probe[key].shape[1]), tuple(probe[key].shape[2:]))
@@ -378,7 +404,8 @@ class CnnExtractor:
         stages += (f"{',' if stages else ''}{POOLED}={_module_name(deepest, graph.nodes)}"
                    if deepest is not None else "")
         self.identity = (f"{spec.backbone}@{self.weights_label}[{stages}]"
-                         f"@{spec.resize}/{spec.image_size}")
+                         f"@{spec.resize}/{spec.image_size}"
+                         + (f"@{spec.precision}" if spec.precision != FP32 else ""))
         LOG.info("CNN extractor %s on %s", self.identity, self.device)
 
     @property
@@ -389,11 +416,15 @@ class CnnExtractor:
         """PIL image → (3, image_size, image_size): resize, center crop, ImageNet mean/std."""
         return _transform(self.spec, self.mean, self.std)
 
+    def _input(self, pixels: torch.Tensor) -> torch.Tensor:
+        return to_input(pixels, self.device, self.dtype, self.spec.channels_last)
+
     def extract(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, H, W) → {stage key: (B, C, h, w), "pooled": (B, C)} on the device, float32."""
+        """(B, 3, H, W) → {stage key: (B, C, h, w), "pooled": (B, C)} on the device, float32
+        and contiguous whatever the forward computed in."""
         with torch.no_grad():
-            out = self._net(pixels.to(self.device, torch.float32))
-        feats = {key: out[key].float() for key in self.stages}
+            out = self._net(self._input(pixels))
+        feats = {key: out[key].float().contiguous() for key in self.stages}
         if self._pooled_key is not None:
             feats[POOLED] = out[self._pooled_key].float().mean(dim=(2, 3))
         return feats
@@ -442,12 +473,13 @@ def _resolve_device(device: str) -> torch.device:
 def build_cnn_extractor(name: str = DEFAULT_CNN_BACKBONE, weights: str = DEFAULT_CNN_WEIGHTS,
                         device: str = "cpu", strides: Sequence[int] = (4, 8, 16),
                         image_size: int = DEFAULT_IMAGE_SIZE, *, pooled: bool = False,
-                        stages: Sequence[str] = (), resize_size: int = 0) -> CnnExtractor:
+                        stages: Sequence[str] = (), resize_size: int = 0,
+                        precision: str = FP32) -> CnnExtractor:
     """Load ``name`` (a torchvision model builder) with ``weights`` as a frozen extractor of
     the maps at ``strides`` (or the named ``stages``) and, with ``pooled``, the pooled
     deepest feature. See ``required_features`` for what a set of scorers needs."""
     return CnnExtractor(CnnSpec(name, weights, tuple(strides), tuple(stages), pooled,
-                                image_size, resize_size, device))
+                                image_size, resize_size, device, precision))
 
 
 def get_cnn_extractor(spec: CnnSpec) -> CnnExtractor:
@@ -488,7 +520,8 @@ class CnnEntry(ExtractorEntry):
             pooled = pooled or bool(need.get("pooled", False))
         return CnnSpec(models.setting("cnn_backbone"), models.setting("cnn_weights"),
                        strides=tuple(sorted(strides)), stages=models.setting("cnn_stages"),
-                       pooled=pooled, device=models.device)
+                       pooled=pooled, device=models.device,
+                       precision=module_precision(models.device, models.precision))
 
     def preprocess(self, spec: CnnSpec) -> Callable[[Any], torch.Tensor]:
         return cnn_preprocess(spec)
@@ -496,7 +529,7 @@ class CnnEntry(ExtractorEntry):
     def identity(self, spec: CnnSpec) -> str:
         return (f"cnn|{spec.backbone}|{weights_label(spec.weights)}|{spec.strides}"
                 f"|pooled={spec.pooled}|{spec.resize}/{spec.image_size}"
-                + (f"|stages={spec.stages}" if spec.stages else ""))
+                + (f"|stages={spec.stages}" if spec.stages else "") + spec.precision_suffix)
 
     def load(self, spec: CnnSpec) -> CnnExtractor:
         return get_cnn_extractor(spec)

@@ -21,6 +21,8 @@ from pipeline.model.augment import even_angles, rotations
 from pipeline.model.scorers.anomalydino import DEFAULT_ROTATIONS, PATCHES, ROTATED
 from pipeline.model.scorers.cnn import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.model.maps import InputGeometry
+from pipeline.model.precision import (BF16, FP32, module_dtype, module_precision, to_input,
+                                      to_precision)
 from pipeline.model.scorers.base import (ExtractorEntry, Features, Models, Option,
                                          positive_int)
 from pipeline.model.shared import shared
@@ -48,6 +50,8 @@ class DinoSpec:
     result is cropped to a multiple of the patch size. ``rotations``: references are also
     extracted at this many angles evenly around the circle (the official 8; 1: none).
     ``overrides``: timm architecture arguments (``(("depth", 2),)``), for tests.
+    ``precision``: ``fp32``, or ``bf16`` (the ViT's weights and input in bf16, on a CPU with
+    native bf16; ``pipeline.model.precision.module_precision``).
     """
 
     name: str = DEFAULT_DINO
@@ -57,8 +61,11 @@ class DinoSpec:
     device: str = "cpu"
     overrides: tuple[tuple[str, Any], ...] = ()
     rotations: int = DEFAULT_ROTATIONS
+    precision: str = FP32
 
     def __post_init__(self) -> None:
+        if self.precision not in (FP32, BF16):
+            raise ValueError(f"a DINO ViT computes in {FP32} or {BF16}, got {self.precision!r}")
         if self.image_size < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         if self.rotations < 1:
@@ -171,7 +178,8 @@ def dino_preprocess(image_size: int, keep_aspect: bool, patch_size: tuple[int, i
 
 class DinoExtractor:
     """Frozen DINOv2 ViT → Features {``patches``: (batch, H/p, W/p, width)} (final-norm
-    patch tokens, not L2-normalised; prefix tokens dropped)."""
+    patch tokens, not L2-normalised; prefix tokens dropped), float32; in bf16
+    (``spec.precision``) the ViT's weights and input are bf16."""
 
     def __init__(self, spec: DinoSpec) -> None:
         self.spec = spec
@@ -179,8 +187,10 @@ class DinoExtractor:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackboneLoadError(f"device {spec.device!r} was asked for, but CUDA is not "
                                     "available here")
+        self.dtype = module_dtype(self.device, spec.precision)  # refused before loading
         model, weights_id = _create(spec)
         self.model = model.eval().requires_grad_(False).to(self.device)
+        to_precision(self.model, self.dtype)
         self.patch_size = tuple(int(p) for p in model.patch_embed.patch_size)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         self.width = int(model.embed_dim)
@@ -193,6 +203,8 @@ class DinoExtractor:
         self.identity = f"dino:{arch}{extra}@{weights_id}:size={spec.image_size}:{mode}"
         if spec.rotations > 1:
             self.identity += f":rotations={spec.rotations}"
+        if spec.precision != FP32:
+            self.identity += f":{spec.precision}"
         if spec.is_random:
             LOG.warning("Using %s: random weights, for tests only; its scores say nothing "
                         "about detection quality.", self.identity)
@@ -216,7 +228,7 @@ class DinoExtractor:
         if height % self.patch_size[0] or width % self.patch_size[1]:
             raise ValueError(f"input {height}x{width} is not a multiple of the patch size "
                              f"{self.patch_size}; use this extractor's preprocess()")
-        tokens = self.model.forward_features(pixels.to(self.device, torch.float32))
+        tokens = self.model.forward_features(to_input(pixels, self.device, self.dtype))
         patches = tokens[:, self.num_prefix_tokens:]
         h, w = self.grid(height, width)
         return {PATCHES: patches.float().reshape(b, h, w, patches.shape[-1])}
@@ -284,7 +296,8 @@ class DinoEntry(ExtractorEntry):
         rotations = max([int(n.get("rotations", 1)) for n in needs] or [1])
         return DinoSpec(models.setting("vit_backbone"), models.setting("vit_weights"),
                         image_size=models.setting("vit_image_size"), device=models.device,
-                        rotations=rotations)
+                        rotations=rotations,
+                        precision=module_precision(models.device, models.precision))
 
     def preprocess(self, spec: DinoSpec) -> Callable[[Any], torch.Tensor]:
         return dino_view_preprocess(spec)
@@ -292,7 +305,9 @@ class DinoEntry(ExtractorEntry):
     def identity(self, spec: DinoSpec) -> str:
         return (f"dino|{spec.name}|{weights_label(spec.weights)}|{spec.image_size}"
                 f"|{spec.keep_aspect}"
-                + (f"|rotations={spec.rotations}" if spec.rotations > 1 else ""))
+                + (f"|rotations={spec.rotations}" if spec.rotations > 1 else "")
+                # fp32 adds nothing: the identities of the runs before precision was recorded
+                + (f"|precision={spec.precision}" if spec.precision != FP32 else ""))
 
     def load(self, spec: DinoSpec) -> DinoExtractor:
         return get_dino_extractor(spec)

@@ -4,7 +4,8 @@ on the CLIP extractor's tokens and embedding, with the category's prompt pair.
 With k ≥ 1 exactly ``InCTRLModel``'s forward (the final score with heads, the fine patch
 residual without); with k = 0 the text prior alone (zero-shot), which has no patch map.
 Its rows keep the model id the job has always written:
-``<backbone>@<weights>|blocks=...|heads=<sha256 prefix or none>``.
+``<backbone>@<weights>|blocks=...|heads=<sha256 prefix or none>``, with
+``|precision=<bf16 or tf32>`` added for a run in another precision than fp32.
 """
 from __future__ import annotations
 

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.maps import InputGeometry
+from pipeline.model.precision import FP32, module_dtype, module_precision, to_input, to_precision
 from pipeline.model.scorers.base import (ExtractorEntry, Features, Models, Option, ScorerEntry,
                                          ScorerOutput, batch_size)
 from pipeline.model.scorers.cnn import (CnnLoadError, CnnSpec, _module_name, _resolve_device,
@@ -165,8 +166,13 @@ class SpatialTransformer(nn.Module):
         return rotation_scale_theta(self.fc(self.conv(x).flatten(1)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        theta = self.theta(x)
-        return warp(x, theta), theta
+        # θ and the warp in the transformer's own dtype, the map leaving in its input's: a
+        # bf16 extractor keeps its transformers in fp32 (``RegadExtractor``), since a bf16
+        # sampling grid (8 bits of mantissa) would misplace the samples. For fp32 maps both
+        # conversions are no-ops.
+        dtype = self.fc[0].weight.dtype
+        theta = self.theta(x.to(dtype))
+        return warp(x.to(dtype), theta).to(x.dtype), theta
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,18 +427,29 @@ class RegadExtractor:
     identity: ``regad:<backbone>@<init weights>[s4=layer1,...]@<size>#<checkpoint hash>``
     extract(pixels)            → {stage key: (B, C, h, w)} registered maps, float32
     extract_references(pixels) → the same for the 22 views of each reference: (22k, ...)
+
+    In bf16 (``precision``) the CNN stages run with bf16 weights and input, channels-last;
+    the spatial transformers (small, and where a bf16 grid would misplace samples) and the
+    registration back into the input's frame stay fp32.
     """
 
     def __init__(self, model: RegadModel, checkpoint_hash: str = "untrained",
-                 device: str = "cpu", batch_size: int = 32) -> None:
+                 device: str = "cpu", batch_size: int = 32, precision: str = FP32) -> None:
         self.device = _resolve_device(device)
+        self.dtype = module_dtype(self.device, precision)
+        self.channels_last = self.dtype == torch.bfloat16
         self.model = model.to(self.device).eval().requires_grad_(False)
+        to_precision(self.model, self.dtype, self.channels_last)
+        for module in self.model.modules():
+            if isinstance(module, SpatialTransformer):
+                module.float()
         self.batch_size = batch_size
         spec = model.spec
         self.mean, self.std = model.mean, model.std
         self.strides = tuple(s.stride for s in model.stages.values())
         self.identity = (f"regad:{spec.backbone}@{model.weights_label}[{model.stage_names}]"
-                         f"@{spec.image_size}#{checkpoint_hash}")
+                         f"@{spec.image_size}#{checkpoint_hash}"
+                         + (f"@{precision}" if precision != FP32 else ""))
 
     def preprocess(self) -> Callable[[Any], torch.Tensor]:
         """PIL image → (3, S, S): resize to S (official ``Resize(img_size)``), center crop,
@@ -441,8 +458,9 @@ class RegadExtractor:
 
     def extract(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            out = self.model(pixels.to(self.device, torch.float32))
-            return {k: v.float() for k, v in self.model.registered(out).items()}
+            out = self.model(to_input(pixels, self.device, self.dtype, self.channels_last))
+            out = {k: v.float() for k, v in out.items()}  # registered in fp32
+            return {k: v.float().contiguous() for k, v in self.model.registered(out).items()}
 
     def reference_views(self, pixels: torch.Tensor) -> torch.Tensor:
         """(k, 3, S, S) → (22k, 3, S, S), the official augmentations."""
@@ -600,11 +618,11 @@ def load_regad(path: str) -> tuple[RegadModel, dict[str, Any], str]:
     return model.eval(), meta, digest
 
 
-def load_regad_scorer(path: str, device: str = "cpu"
+def load_regad_scorer(path: str, device: str = "cpu", precision: str = FP32
                       ) -> tuple[RegadExtractor, Regad, dict[str, Any], str]:
     """The extractor and scorer of a RegAD checkpoint, and its metadata and hash."""
     model, meta, digest = load_regad(path)
-    extractor = RegadExtractor(model, digest, device)
+    extractor = RegadExtractor(model, digest, device, precision=precision)
     scorer = Regad(tuple(meta["strides"]), float(meta.get("epsilon", EPSILON)),
                    float(meta.get("sigma", SIGMA)))
     return extractor, scorer, meta, digest
@@ -621,10 +639,17 @@ TRAIN_HINT = ("train one with: python -m pipeline train --method regad --manifes
 
 @dataclass(frozen=True)
 class RegadRun:
-    """A RegAD checkpoint on a device: the extractor's spec."""
+    """A RegAD checkpoint on a device, in a precision (``fp32``, ``bf16``): the
+    extractor's spec."""
 
     checkpoint: str
     device: str = "cpu"
+    precision: str = FP32
+
+    @classmethod
+    def of(cls, models: Models) -> "RegadRun":
+        return cls(models.setting("regad_checkpoint"), models.device,
+                   module_precision(models.device, models.precision))
 
     def described(self) -> tuple[dict[str, Any], str]:
         from pipeline.model.scorers.saved import describe_trained
@@ -633,7 +658,8 @@ class RegadRun:
 
 
 def _loaded(run: RegadRun) -> tuple[RegadExtractor, Regad, dict[str, Any], str]:
-    return shared(REGAD, run, lambda: load_regad_scorer(run.checkpoint, run.device))
+    return shared(REGAD, run, lambda: load_regad_scorer(run.checkpoint, run.device,
+                                                        run.precision))
 
 
 class RegadExtractorEntry(ExtractorEntry):
@@ -644,7 +670,7 @@ class RegadExtractorEntry(ExtractorEntry):
     view = REGAD
 
     def spec(self, models: Models, needs: Sequence[Mapping[str, Any]]) -> RegadRun:
-        return RegadRun(models.setting("regad_checkpoint"), models.device)
+        return RegadRun.of(models)
 
     def _cnn(self, run: RegadRun) -> CnnSpec:
         meta, _ = run.described()
@@ -659,7 +685,9 @@ class RegadExtractorEntry(ExtractorEntry):
         meta, digest = spec.described()
         stages = ",".join(f"{k}={v}" for k, v in sorted(meta["stage_modules"].items()))
         return (f"regad|{meta['backbone']}@{meta['init_weights']}[{stages}]"
-                f"@{meta['image_size']}|checkpoint={digest}")
+                f"@{meta['image_size']}|checkpoint={digest}"
+                # fp32 adds nothing: the identities of the runs before precision was recorded
+                + (f"|precision={spec.precision}" if spec.precision != FP32 else ""))
 
     def load(self, spec: RegadRun) -> RegadExtractor:
         return _loaded(spec)[0]
@@ -702,8 +730,7 @@ class RegadEntry(ScorerEntry):
             raise ValueError(f"regad needs --regad-checkpoint FILE; {TRAIN_HINT}")
 
     def build(self, models: Models) -> Regad:
-        run = RegadRun(models.setting("regad_checkpoint"), models.device)
-        return _loaded(run)[1]
+        return _loaded(RegadRun.of(models))[1]
 
     def identity(self, models: Models, extractor_identity: str, checkpoint_hash: str | None
                  ) -> str:

@@ -175,6 +175,12 @@ class SuiteSpec:
     def device(self) -> str:
         return self.clip.device
 
+    @property
+    def precision(self) -> str:
+        """The run's ``--precision`` (carried by the CLIP spec, as the device is); every
+        extractor computes in it (``pipeline.model.precision``)."""
+        return self.clip.precision
+
     def entry(self, scorer: str) -> ScorerEntry:
         return scorer_entry(scorer)
 

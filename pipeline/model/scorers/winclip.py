@@ -28,7 +28,6 @@ row 0 normal, row 1 anomalous.
 from __future__ import annotations
 
 import argparse
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -334,11 +333,6 @@ class WinClipExtractor:
         """The backbone's own open_clip transform."""
         return self.backbone.preprocess
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.backbone.spec.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _project(self, pooled: torch.Tensor) -> torch.Tensor:
         proj = self.visual.proj
         return pooled if proj is None else pooled @ proj
@@ -357,8 +351,9 @@ class WinClipExtractor:
     @torch.no_grad()
     def extract(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) from ``preprocess`` → the Features above."""
-        pixels = pixels.to(self.device, non_blocking=True)
-        with self._autocast():
+        # The backbone's precision: its bf16 image tower on the CPU, autocast on a GPU.
+        pixels = pixels.to(self.device, self.backbone.image_dtype, non_blocking=True)
+        with self.backbone.image_forward():
             tokens = self.visual._embeds(pixels)  # (B, 1 + P, width), as the ViT sees them
             pooled, patch_tokens = self.visual._pool(self.visual.transformer(tokens))
             out = {IMAGE: F.normalize(self._project(pooled).float(), dim=-1),

@@ -1,0 +1,362 @@
+"""Speed of each precision and runtime on the CPU: every extractor alone and the whole job.
+
+    python -m bench.runtime                              # every part, the defaults below
+    python -m bench.runtime --parts extractors --rounds 3 --json /tmp/runtime.json
+
+It prints this CPU's bf16 capabilities (the /proc/cpuinfo flags the job reads, torch's CPU
+capability, whether oneDNN has bf16), then, in one process and on the same inputs:
+
+  extractors  images/s of each extractor's forward alone, as the job loads it
+              (``ExtractorEntry.load``, random weights: the same FLOPs as trained ones), on a
+              batch of preprocessed pixels already in memory: the CLIP image tower InCTRL
+              and CoOp read (ViT-B-16-plus-240, ``encode_images``), WinCLIP's windows on it,
+              the CNN stages (mobilenet_v2 to features.13, wide_resnet50_2 to layer3, the
+              papers' three strides), DINOv2 ViT-S/14 at 448 px and RegAD's network
+              (resnet18 with its STNs, untrained). Variants: ``fp32``, ``bf16`` (the job's
+              ``--precision bf16``: the module's weights and input in bf16, channels-last
+              for the CNNs), ``fp32-cl`` and ``bf16-nchw`` (CNNs only, the other memory
+              format: not what the job runs, measured to decide) and ``autocast`` (CLIP
+              only: fp32 weights under ``torch.autocast("cpu", bfloat16)``, what
+              ``--precision bf16`` did before).
+  jobs        images/s of the whole ``score`` job (DirectRunner, in this process, training-
+              free, one category of k references and N - k queries) for InCTRL alone and
+              for the six scorers that need no trained file together, in fp32 and bf16;
+              and the same on k + 1 images, whose difference gives the marginal rate
+              (images/s a long run approaches: the run's fixed costs, the prompt ensemble
+              and reference memories, taken out). Models stay loaded between runs, as on a
+              worker; a first, untimed run per precision loads them.
+
+The machine is shared: every measurement is repeated ``--rounds`` times with the variants
+interleaved within each round (fp32, bf16, ... then again), so that load from other jobs
+hits every variant alike, and the median is reported with the 1-minute load average. Each
+measurement gives images per wall-clock second and images per CPU-second of this process
+(``time.process_time``, all its threads): on a busy machine the wall clock mostly measures
+the other jobs, while CPU time is what the work itself costs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+
+from bench.data import one_group_manifest, write_images
+from bench.measure import Timer, command_line, machine, today
+from bench.quality import load_average
+from pipeline.core.config import ScoreConfig
+from pipeline.model.backbone import BackboneSpec, get_backbone
+from pipeline.model.precision import BF16, FP32, cpu_bf16, to_input, to_precision
+from pipeline.model.scorers.cnn import CnnSpec, CnnExtractor
+from pipeline.model.scorers.dino import DinoExtractor, DinoSpec
+from pipeline.model.scorers.regad import RegadExtractor, RegadModel, RegadSpec
+from pipeline.model.scorers.winclip import WinClipExtractor
+from pipeline.run import run_score
+
+LOG = logging.getLogger("bench.runtime")
+
+CLIP_BACKBONE = "ViT-B-16-plus-240"
+#: the six scorers a run can compare without a trained file
+TRAINING_FREE = ("inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino")
+PARTS = ("extractors", "jobs")
+JOBS = ("inctrl", "six")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.runtime", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default=",".join(PARTS), help="extractors, jobs")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians")
+    p.add_argument("--job-rounds", type=int, default=0,
+                   help="rounds of the six-scorer job (0: --rounds)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward and job batch")
+    p.add_argument("--n", type=int, default=16, help="images per extractor measurement")
+    p.add_argument("--n-slow", type=int, default=2,
+                   help="images per measurement of the slow variants: WinCLIP's windows (about "
+                        "ten tower forwards an image) and CLIP under autocast")
+    p.add_argument("--jobs", default="inctrl,six",
+                   help="which jobs: inctrl (InCTRL alone), six (the six scorers)")
+    p.add_argument("--job-n", type=int, default=24, help="images of the InCTRL job")
+    p.add_argument("--suite-n", type=int, default=12, help="images of the six-scorer job")
+    p.add_argument("--k", type=int, default=4, help="references of the jobs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "inctrl-runtime"))
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    args.parts = tuple(s.strip() for s in args.parts.split(",") if s.strip())
+    if not args.parts or any(s not in PARTS for s in args.parts):
+        p.error(f"--parts takes {', '.join(PARTS)}")
+    if args.rounds < 1 or args.n < 1 or args.n_slow < 1 or args.job_rounds < 0:
+        p.error("--rounds, --n and --n-slow must be positive")
+    args.jobs = tuple(s.strip() for s in args.jobs.split(",") if s.strip())
+    if not args.jobs or any(j not in JOBS for j in args.jobs):
+        p.error(f"--jobs takes {', '.join(JOBS)}")
+    if min(args.job_n, args.suite_n) <= args.k + 1:
+        p.error("--job-n and --suite-n must exceed k + 1 (the marginal rate needs both runs)")
+    return args
+
+
+def capabilities() -> dict[str, Any]:
+    """What this CPU offers for bf16, as the job sees it."""
+    found = cpu_bf16()
+    mkldnn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return {"native_bf16": found.native, "flags": list(found.flags),
+            "torch_cpu_capability": found.capability,
+            "onednn_bf16": bool(mkldnn_bf16()) if mkldnn_bf16 else None,
+            "describe": found.describe()}
+
+
+def interleaved(variants: dict[str, Callable[[], tuple[float, float]]],
+                rounds: int) -> dict[str, dict]:
+    """Run every variant once per round, in turn; each returns (images per wall second,
+    images per CPU-second). Medians of both, all values and the load average seen."""
+    values: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    loads = []
+    for r in range(rounds):
+        for name, fn in variants.items():
+            loads.append(load_average())
+            values[name].append(fn())
+            LOG.warning("round %d %s: %.2f img/s, %.2f img/CPU-s", r + 1, name,
+                        *values[name][-1])
+    return {name: {"ips": statistics.median(w for w, _ in v),
+                   "cpu_ips": statistics.median(c for _, c in v), "all": v,
+                   "load": statistics.median(loads)} for name, v in values.items()}
+
+
+def timed(fn: Callable[[], Any], images: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU-second of this process) of ``fn()``."""
+    cpu = time.process_time()
+    with Timer() as t:
+        fn()
+    return images / t.seconds, images / (time.process_time() - cpu)
+
+
+def rate(forward: Callable[[torch.Tensor], Any], pixels: torch.Tensor,
+         batch: int) -> tuple[float, float]:
+    """``timed`` of ``forward`` over ``pixels`` in batches of ``batch``."""
+    def run() -> None:
+        with torch.no_grad():
+            for i in range(0, pixels.shape[0], batch):
+                forward(pixels[i:i + batch])
+
+    return timed(run, pixels.shape[0])
+
+
+def pixels_for(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """(n, 3, H, W) normalised-looking pixels, the same for every variant."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, *size, generator=g)
+
+
+# --------------------------------------------------------------- extractors alone
+
+
+def _clip(args: argparse.Namespace) -> dict[str, dict]:
+    fp32 = get_backbone(BackboneSpec(CLIP_BACKBONE, "random:0"))
+    bf16 = get_backbone(BackboneSpec(CLIP_BACKBONE, "random:0", precision=BF16))
+    x = pixels_for(args.n, fp32.geometry.image_size)
+    bs = args.batch_size
+
+    def autocast(batch: torch.Tensor) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fp32.encode_images(batch)
+
+    slow = x[:args.n_slow]
+    for f in (fp32.encode_images, bf16.encode_images, autocast):  # warm-up
+        with torch.no_grad():
+            f(x[:bs])
+    out = {"clip": interleaved({
+        FP32: lambda: rate(fp32.encode_images, x, bs),
+        BF16: lambda: rate(bf16.encode_images, x, bs),
+        "autocast": lambda: rate(autocast, slow, bs)}, args.rounds)}
+    windows = {p: WinClipExtractor(b) for p, b in ((FP32, fp32), (BF16, bf16))}
+    for w in windows.values():
+        w.extract(slow[:1])
+    out["windows"] = interleaved({p: (lambda w=w: rate(w.extract, slow, 1))
+                                  for p, w in windows.items()}, args.rounds)
+    return out
+
+
+def _variant(extractor: CnnExtractor, dtype: torch.dtype,
+             channels_last: bool) -> Callable[[torch.Tensor], Any]:
+    """A forward of a copy of ``extractor``'s stages in ``dtype`` and memory format (the
+    variants the job does not run, measured to decide)."""
+    net = to_precision(copy.deepcopy(extractor._net), dtype, channels_last)
+    if not channels_last:
+        net.to(memory_format=torch.contiguous_format)
+
+    def forward(pixels: torch.Tensor) -> Any:
+        out = net(to_input(pixels, extractor.device, dtype, channels_last))
+        return {k: v.float().contiguous() for k, v in out.items()}
+
+    return forward
+
+
+def _cnns(args: argparse.Namespace) -> dict[str, dict]:
+    out = {}
+    for name in ("mobilenet_v2", "wide_resnet50_2"):
+        ext = {p: CnnExtractor(CnnSpec(name, "random:0", (4, 8, 16), precision=p))
+               for p in (FP32, BF16)}
+        x = pixels_for(args.n, (ext[FP32].spec.image_size,) * 2)
+        fns = {FP32: ext[FP32].extract, BF16: ext[BF16].extract,
+               "fp32-cl": _variant(ext[FP32], torch.float32, channels_last=True),
+               "bf16-nchw": _variant(ext[BF16], torch.bfloat16, channels_last=False)}
+        for f in fns.values():
+            with torch.no_grad():
+                f(x[:args.batch_size])
+        out[f"cnn:{name}"] = interleaved(
+            {p: (lambda f=f: rate(f, x, args.batch_size)) for p, f in fns.items()}, args.rounds)
+    return out
+
+
+def _dino(args: argparse.Namespace) -> dict[str, dict]:
+    ext = {p: DinoExtractor(DinoSpec("vit_small_patch14_dinov2", "random:0", precision=p))
+           for p in (FP32, BF16)}
+    x = pixels_for(args.n, (ext[FP32].spec.image_size,) * 2)
+    for e in ext.values():
+        e.extract(x[:args.batch_size])
+    return {"dino": interleaved({p: (lambda e=e: rate(e.extract, x, args.batch_size))
+                                 for p, e in ext.items()}, args.rounds)}
+
+
+def _regad(args: argparse.Namespace) -> dict[str, dict]:
+    spec = RegadSpec("resnet18", "random:0")
+    ext = {p: RegadExtractor(RegadModel(spec), precision=p) for p in (FP32, BF16)}
+    x = pixels_for(args.n, (spec.image_size,) * 2)
+    for e in ext.values():
+        e.extract(x[:args.batch_size])
+    return {"regad": interleaved({p: (lambda e=e: rate(e.extract, x, args.batch_size))
+                                  for p, e in ext.items()}, args.rounds)}
+
+
+def extractors(args: argparse.Namespace) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for part in (_clip, _cnns, _dino, _regad):
+        out.update(part(args))
+    return out
+
+
+# --------------------------------------------------------------- whole jobs
+
+
+def _job_rate(args: argparse.Namespace, manifest: str, n: int, scorers: tuple[str, ...],
+              precision: str, output: str) -> tuple[float, float]:
+    """``timed`` of one ``score`` run of ``scorers`` over the ``n`` images of ``manifest``."""
+    shutil.rmtree(output, ignore_errors=True)
+    config = ScoreConfig(
+        manifest=manifest, output=output, k=args.k, seeds=(0,), scorers=scorers,
+        backbone=BackboneSpec(CLIP_BACKBONE, "random:0", precision=precision),
+        batch_size=args.batch_size, run_date="2000-01-01", run_id=f"runtime-{precision}",
+        options=dict(cnn_weights="random:0", vit_weights="random:0"))
+    return timed(lambda: run_score(config, []), n)
+
+
+def jobs(args: argparse.Namespace) -> dict[str, dict]:
+    paths = write_images(os.path.join(args.workdir, "images"), max(args.job_n, args.suite_n),
+                         256, "png")
+    out = {}
+    for label, scorers, n, rounds in (
+            ("inctrl", ("inctrl",), args.job_n, args.rounds),
+            ("six", TRAINING_FREE, args.suite_n, args.job_rounds or args.rounds)):
+        if label not in args.jobs:
+            continue
+        manifests = {}
+        for size in (n, args.k + 1):
+            manifests[size] = os.path.join(args.workdir, f"manifest-{size}-{args.k}.parquet")
+            one_group_manifest(paths[:size], args.k, manifests[size])
+        runs = {}
+        for precision in (FP32, BF16):
+            for size in (n, args.k + 1):
+                out_dir = os.path.join(args.workdir, f"out-{precision}-{size}")
+                runs[f"{precision}@{size}"] = (
+                    lambda p=precision, s=size, o=out_dir:
+                    _job_rate(args, manifests[s], s, scorers, p, o))
+        for precision in (FP32, BF16):  # untimed: loads the models, encodes nothing twice
+            runs[f"{precision}@{args.k + 1}"]()
+        res = interleaved(runs, rounds)
+        entry = {}
+        for precision in (FP32, BF16):
+            whole, fixed = res[f"{precision}@{n}"], res[f"{precision}@{args.k + 1}"]
+            entry[precision] = {**whole, "fixed": fixed}
+            for key in ("ips", "cpu_ips"):  # the marginal rate: the fixed run taken out
+                t_whole, t_fixed = n / whole[key], (args.k + 1) / fixed[key]
+                entry[precision][f"marginal_{key}"] = (
+                    (n - args.k - 1) / (t_whole - t_fixed) if t_whole > t_fixed else None)
+        out[label] = entry
+    return out
+
+
+# --------------------------------------------------------------- report
+
+
+def _cell(value: float | None, base: float | None) -> str:
+    if value is None:
+        return f"{'n/a':>15}"
+    return f"{value:8.2f} {value / base:4.2f}x" if base else f"{value:9.2f}{'':6}"
+
+
+def render(res: dict) -> str:
+    lines = [f"bench.runtime, {res['date']}", f"machine: {res['machine']}",
+             f"command: {res['command']}", f"CPU bf16: {res['capabilities']['describe']}; "
+             f"oneDNN bf16: {res['capabilities']['onednn_bf16']}"]
+    variants = (FP32, BF16, "fp32-cl", "bf16-nchw", "autocast")
+    if "extractors" in res:
+        for key, unit in (("cpu_ips", "images per CPU-second"), ("ips", "images/s, wall")):
+            lines += ["", f"extractors alone, batch {res['batch_size']}, {unit}, medians of "
+                      f"{res['rounds']} interleaved rounds (x: against fp32 of the row)",
+                      f"{'extractor':22}" + "".join(f"{v:>15}" for v in variants)
+                      + f"{'load':>7}"]
+            for name, r in res["extractors"].items():
+                base = r[FP32][key]
+                cells = "".join(_cell(r[v][key], base) if v in r else f"{'':15}"
+                                for v in variants)
+                lines.append(f"{name:22}{cells}{r[FP32]['load']:7.1f}")
+    if "jobs" in res:
+        for key, unit in (("cpu_ips", "images per CPU-second"), ("ips", "images/s, wall")):
+            lines += ["", f"whole score job (DirectRunner, in-process), {unit}: whole run and "
+                      "marginal (the k + 1 image run taken out)",
+                      f"{'job':14}{'fp32':>15}{'bf16':>15}{'fp32 marginal':>15}"
+                      f"{'bf16 marginal':>15}{'load':>7}"]
+            for name, r in res["jobs"].items():
+                a, b = r[FP32], r[BF16]
+                ma, mb = a[f"marginal_{key}"], b[f"marginal_{key}"]
+                lines.append(f"{name:14}{_cell(a[key], None)}{_cell(b[key], a[key])}"
+                             f"{_cell(ma, None)}{_cell(mb, ma)}{a['load']:7.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    caps = capabilities()
+    print(f"CPU bf16: {caps['describe']}; oneDNN bf16: {caps['onednn_bf16']}", flush=True)
+    if not caps["native_bf16"]:
+        print("this CPU has no native bf16: the job refuses --precision bf16 here; nothing "
+              "to compare", file=sys.stderr)
+        return 1
+    os.makedirs(args.workdir, exist_ok=True)
+    res: dict = {"date": today(), "machine": machine(), "command": command_line(),
+                 "capabilities": caps, "rounds": args.rounds, "batch_size": args.batch_size}
+    if "extractors" in args.parts:
+        res["extractors"] = extractors(args)
+    if "jobs" in args.parts:
+        res["jobs"] = jobs(args)
+    print(render(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
