@@ -36,6 +36,14 @@ def nearest(patches: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
                       for i in range(0, patches.shape[0], 256)])
 
 
+def local_patches(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """(N, C8, h, w), (N, C16, h', w') stage maps → (N, h·w, C8 + C16): each map's zero-padded
+    3×3 mean, the coarse one bilinearly resized to the fine grid, the channels concatenated."""
+    fine, coarse = (F.avg_pool2d(m, 3, stride=1, padding=1) for m in (fine, coarse))
+    coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.cat([fine, coarse], 1).flatten(2).transpose(1, 2)
+
+
 class PatchKnn:
     """Load ``backbone`` with a state-dict file; score queries against references."""
 
@@ -55,13 +63,15 @@ class PatchKnn:
             T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
 
     @torch.no_grad()
+    def maps(self, images: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """PIL images → the two stages' maps, (N, C8, h, w) and (N, C16, h/2, w/2)."""
+        out = self.net(torch.stack([self.transform(im.convert("RGB")) for im in images]))
+        fine, coarse = (out[s] for s in self.stages)
+        return fine, coarse
+
     def patches(self, images: Sequence) -> torch.Tensor:
         """PIL images → (N, h·w, C8 + C16) local patch features on the stride-8 grid."""
-        out = self.net(torch.stack([self.transform(im.convert("RGB")) for im in images]))
-        fine, coarse = (F.avg_pool2d(out[s], 3, stride=1, padding=1) for s in self.stages)
-        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        return torch.cat([fine, coarse], 1).flatten(2).transpose(1, 2)
+        return local_patches(*self.maps(images))
 
     def scores(self, references: Sequence, queries: Sequence) -> list[float]:
         """Each query's largest nearest-reference-patch distance."""

@@ -95,7 +95,8 @@ def test_rows_name_their_own_scorers_model(manifest, tmp_path):
     ids = scores.groupby("scorer")["model_id"].unique()
     assert list(ids["inctrl"]) == ["InCTRL-Tiny-ViT-TESTONLY@random:0|blocks=default|heads=none"]
     (patchcore,) = ids["patchcore"]
-    assert patchcore.startswith("patchcore[patchcore_aggregation=mean,coreset_ratio=None]|cnn|"
+    assert patchcore.startswith("patchcore[patchcore_aggregation=mean,"
+                                "patchcore_stage_dims=pooled,coreset_ratio=None]|cnn|"
                                 "resnet18|random:0|(8, 16)|")
     assert "InCTRL" not in patchcore
     assert set(scores[scores.scorer == "patchcore"]["backbone"]) == {"resnet18"}

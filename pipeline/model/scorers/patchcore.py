@@ -20,6 +20,24 @@ aggregation (``aggregation``):
   MobileNetV2 with real weights it loses 0.03–0.05 image AUROC (0.13–0.15 on magnified
   regions) against ``mean`` (bench/RESULTS.md), hence not the default.
 
+Stage weights (``stage_dims``):
+
+- ``pooled`` (default, the reference): each stage pooled to ``pretrain_dim`` and the
+  concatenation to ``target_dim``, as the official ``Preprocessing``/``MeanMapper`` and
+  ``Aggregator`` do whatever a layer's width (its registry lists narrow backbones such as
+  MNASNet and EfficientNet with the same 1024/1024 chain). Every stage so gets the same
+  number of values: a narrower stage has its channels repeated, a wider one averaged in
+  groups. On MobileNetV2 (32 and 96 channels) each stage holds half of the squared
+  distance and a stride-8 channel counts three times a stride-16 one; on WRN-50 layer2's
+  512 channels stay single and layer3's 1024 are averaged in pairs.
+- ``concat``: no channel pooling: the stages' aggregated channels concatenated as they are
+  (``sum(C)`` dimensions, the paper's concatenation of the levels), so a stage weighs by
+  its channel count (on MobileNetV2 128 dimensions instead of 1024). Measured on
+  MobileNetV2 (``bench.patchcore_gap``, bench/RESULTS.md) it equals the ``bench.patch_knn``
+  yardstick: about +0.015 on displaced and rotated regions of the same texture (the
+  stride-16 stage weighs more) and about as much less on scaled ones (the stride-8 stage
+  weighs less), the same on the mean of the kinds; an option, not the default.
+
 Memory: every patch of the k references; optionally a greedy k-center coreset of
 ``coreset_ratio`` of them, chosen in a seeded random projection to ``projection_dim``
 dimensions (the paper's Johnson–Lindenstrauss speed-up). The official code runs an
@@ -51,6 +69,8 @@ PROJECTION_DIM = 128
 PATCH_SIZE = 3
 MEAN, OFFICIAL = "mean", "official"
 AGGREGATIONS = (MEAN, OFFICIAL)
+POOLED, CONCAT = "pooled", "concat"
+STAGE_DIMS = (POOLED, CONCAT)
 # Bound one unfolded block (images × C·9 × positions) to about this many elements.
 _MAX_UNFOLDED = 1 << 24
 
@@ -145,11 +165,14 @@ class PatchCore:
     def __init__(self, strides: tuple[int, ...] = PATCHCORE_STRIDES,
                  pretrain_dim: int = PRETRAIN_DIM, target_dim: int = TARGET_DIM,
                  coreset_ratio: float | None = None, projection_dim: int = PROJECTION_DIM,
-                 seed: int = 0, chunk: int = DEFAULT_CHUNK, aggregation: str = MEAN) -> None:
+                 seed: int = 0, chunk: int = DEFAULT_CHUNK, aggregation: str = MEAN,
+                 stage_dims: str = POOLED) -> None:
         if not strides or min(pretrain_dim, target_dim, projection_dim) < 1:
             raise ValueError("PatchCore needs strides and positive dimensions")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if stage_dims not in STAGE_DIMS:
+            raise ValueError(f"stage_dims must be one of {STAGE_DIMS}, got {stage_dims!r}")
         if coreset_ratio is not None and not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         self.strides = tuple(sorted(strides))
@@ -160,21 +183,30 @@ class PatchCore:
         self.seed = seed
         self.chunk = chunk
         self.aggregation = aggregation
+        self.stage_dims = stage_dims
 
     def embed(self, features: Features) -> torch.Tensor:
-        """Locally aware patch features: (B, h, w, target_dim) on the finest stage's grid."""
+        """Locally aware patch features on the finest stage's grid: (B, h, w, target_dim);
+        with ``stage_dims`` ``concat`` (B, h, w, D), D the stages' aggregated widths summed
+        (C, or C·9 for the ``official`` aggregation)."""
         parts: list[torch.Tensor] = []
         aggregate = local_means if self.aggregation == MEAN else patch_vectors
         for s in self.strides:
-            layer = aggregate(features[stage_key(s)].float(), self.pretrain_dim)
+            feature_map = features[stage_key(s)].float()
+            # concat keeps each stage's own width: pool to the width it already has
+            dim = (self.pretrain_dim if self.stage_dims == POOLED else
+                   feature_map.shape[1] * (1 if self.aggregation == MEAN else PATCH_SIZE**2))
+            layer = aggregate(feature_map, dim)
             if parts and layer.shape[-2:] != parts[0].shape[-2:]:
                 layer = F.interpolate(layer, size=parts[0].shape[-2:], mode="bilinear",
                                       align_corners=False)
             parts.append(layer)
-        b, _, h, w = parts[0].shape
-        joined = torch.cat(parts, dim=1).permute(0, 2, 3, 1).reshape(
-            b * h * w, 1, self.pretrain_dim * len(parts))
-        return F.adaptive_avg_pool1d(joined, self.target_dim).view(b, h, w, self.target_dim)
+        joined = torch.cat(parts, dim=1).permute(0, 2, 3, 1)  # (B, h, w, D)
+        if self.stage_dims == CONCAT:
+            return joined
+        b, h, w, d = joined.shape
+        pooled = F.adaptive_avg_pool1d(joined.reshape(b * h * w, 1, d), self.target_dim)
+        return pooled.view(b, h, w, self.target_dim)
 
     def build_memory(self, references: Features, context=None) -> PatchCoreMemory:
         k = batch_size(references)
@@ -213,6 +245,11 @@ class PatchCoreEntry(ScorerEntry):
                "of each channel; default) or 'official' (the authors' code: each flattened "
                "C×3×3 patch pooled; the same on WRN-50's layer3, unsmoothed on narrow layers)",
                choices=AGGREGATIONS),
+        Option("patchcore_stage_dims", POOLED,
+               "patchcore: 'pooled' (the authors' code: each stage pooled to 1024, then "
+               "together to 1024, so every stage weighs the same; default) or 'concat' (the "
+               "stages' channels concatenated unpooled, each stage weighing by its width)",
+               choices=STAGE_DIMS),
         Option("coreset_ratio", None,
                "patchcore: keep this fraction of the reference patches (greedy coreset; "
                "default: all, as suits few shots)", type=unit_fraction),
@@ -223,7 +260,8 @@ class PatchCoreEntry(ScorerEntry):
 
     def build(self, models: Models) -> PatchCore:
         return PatchCore(coreset_ratio=models.setting("coreset_ratio"),
-                         aggregation=models.setting("patchcore_aggregation"))
+                         aggregation=models.setting("patchcore_aggregation"),
+                         stage_dims=models.setting("patchcore_stage_dims"))
 
 
 PATCHCORE_ENTRY = PatchCoreEntry()

@@ -120,6 +120,48 @@ def test_narrow_layers_keep_the_neighbourhood_and_wide_ones_average_it():
     assert torch.allclose(narrow[0], unfolded.repeat_interleave(2, dim=0), atol=1e-6)
 
 
+def test_concat_is_the_papers_concatenation_of_the_aggregated_levels():
+    """``stage_dims="concat"``: the paper's locally aware features of each level (here the
+    zero-padded 3×3 mean, or the official unfolded 3×3 patch) with the deeper level
+    bilinearly rescaled to the finer grid and the two concatenated, no dimension pooling."""
+    feats = _features(2, 0)  # 5 and 7 channels
+    for aggregation, local in (("mean", _smooth_loop), ("official", _unfold_loop)):
+        pc = PatchCore(pretrain_dim=6, target_dim=4, aggregation=aggregation,
+                       stage_dims="concat")
+        got = pc.embed(feats)
+        for i in range(2):
+            fine = local(feats["s8"][i])
+            coarse = bilinear_loop(local(feats["s16"][i]), fine.shape[1:])
+            want = torch.cat([fine, coarse]).permute(1, 2, 0)  # (h, w, C8 + C16)
+            assert got[i].shape == want.shape
+            assert torch.allclose(got[i], want, atol=1e-5)
+    pc = PatchCore(stage_dims="concat")
+    refs, queries = _features(2, 0), _features(3, 1)
+    out = pc.score(queries, pc.build_memory(refs))
+    bank = pc.embed(refs).reshape(-1, 12)
+    for n in range(3):
+        squared = [nearest_distance_loop(p, bank)[0] ** 2
+                   for p in pc.embed(queries)[n].reshape(-1, 12)]
+        assert out.score[n].item() == pytest.approx(max(squared), rel=1e-5)
+
+
+def test_pooled_chain_gives_each_stage_the_same_share():
+    """The official ``MeanMapper`` (each layer adaptive-average-pooled to 1024, whatever its
+    width) and ``Aggregator`` (the stacked layers pooled to 1024), on a 2-channel and a
+    6-channel stage pooled to 12 and 12: the fine channels are repeated 6 times and the
+    coarse ones twice, the pairs then averaged, so each fine channel appears 3 times and each
+    coarse one once: the squared distance weighs the stages 6 : 6, a fine channel 3 : 1
+    (MobileNetV2's 32 and 96 channels, 1024 and 1024, give the same 3 : 1)."""
+    feats = _features(2, 0, c8=2, c16=6)
+    pooled = PatchCore(pretrain_dim=12, target_dim=12).embed(feats)
+    plain = PatchCore(stage_dims="concat").embed(feats)  # (2, 4, 4, 8)
+    repeated = torch.cat([plain[..., :2].repeat_interleave(3, dim=-1), plain[..., 2:]], -1)
+    assert torch.allclose(pooled, repeated, atol=1e-6)
+    # the default keeps the reference chain: the same as the explicit "pooled"
+    assert torch.equal(PatchCore(pretrain_dim=12, target_dim=12, stage_dims="pooled")
+                       .embed(feats), pooled)
+
+
 @pytest.mark.parametrize("aggregation", ["mean", "official"])
 def test_score_is_the_max_squared_nearest_distance(aggregation):
     pc = PatchCore(pretrain_dim=6, target_dim=4, aggregation=aggregation)
@@ -201,3 +243,5 @@ def test_edge_cases():
         PatchCore(coreset_ratio=0.0)
     with pytest.raises(ValueError, match="aggregation"):
         PatchCore(aggregation="max")
+    with pytest.raises(ValueError, match="stage_dims"):
+        PatchCore(stage_dims="sum")
