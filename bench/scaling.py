@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 from bench.data import interleaved_manifest, lines_manifest, one_group_manifest, write_images
 from bench.measure import (Timer, beam_metrics, command_line, machine, max_rss_mib, today,
@@ -94,10 +95,12 @@ def child(args: argparse.Namespace) -> int:
     config = ScoreConfig(manifest=args.child, output=output, k=args.k, seeds=(0,),
                          backbone=spec, batch_size=args.batch_size, run_id="scaling",
                          run_date="2000-01-01")
+    cpu = time.process_time()
     with Timer() as t:
         result = run_score(config, [])
+    cpu = time.process_time() - cpu  # every thread of this process: what the work cost
     shutil.rmtree(output, ignore_errors=True)
-    print(json.dumps({"seconds": t.seconds, "peak_rss_mib": max_rss_mib(),
+    print(json.dumps({"seconds": t.seconds, "cpu_seconds": cpu, "peak_rss_mib": max_rss_mib(),
                       **work_summary(beam_metrics(result))}))
     return 0
 
@@ -239,12 +242,14 @@ def product_lines(runs: dict, lines: list[int], w, shared: bool = False) -> None
     w("\nProduct lines: the same queries split over each number of lines (datasets of one "
       f"category); {'the same' if shared else 'its own'} k references for every line.\n")
     w(f"{'lines':>6}{'queries':>8}{'ref fwd':>9}{'query fwd':>10}{'seconds':>9}"
-      f"{'s/image':>9}{'peak RSS MiB':>14}{'sets held':>10}\n")
+      f"{'s/image':>9}{'CPU s':>9}{'CPU s/image':>12}{'peak RSS MiB':>14}{'sets held':>10}\n")
     for n in lines:
         r = runs[f"L{n}"]
         images = r["reference_forwards"] + r["query_forwards"]
+        cpu = r.get("cpu_seconds", float("nan"))
         w(f"{n:6d}{r['queries_scored']:8.0f}{r['reference_forwards']:9.0f}"
           f"{r['query_forwards']:10.0f}{r['seconds']:9.1f}{r['seconds'] / images:9.3f}"
+          f"{cpu:9.1f}{cpu / images:12.3f}"
           f"{r['peak_rss_mib']:14.0f}{r['reference_sets_held']:10.0f}\n")
     if 10 in lines and 1000 in lines:
         ratio = runs["L1000"]["peak_rss_mib"] / runs["L10"]["peak_rss_mib"]
@@ -254,15 +259,21 @@ def product_lines(runs: dict, lines: list[int], w, shared: bool = False) -> None
     w(f"Reference sets held by a scoring worker: at most {held:.0f} (its cache: "
       f"{_PREPARED_CACHE} groups; {'bounded' if held <= _PREPARED_CACHE else 'NOT bounded'}).\n")
     xs = [runs[f"L{n}"]["reference_forwards"] + runs[f"L{n}"]["query_forwards"] for n in lines]
-    ts = [runs[f"L{n}"]["seconds"] for n in lines]
-    if len(set(xs)) > 1:
-        mx, mt = sum(xs) / len(xs), sum(ts) / len(ts)
-        slope = (sum((x - mx) * (t - mt) for x, t in zip(xs, ts))
-                 / sum((x - mx) ** 2 for x in xs))
-        fixed = mt - slope * mx
-        worst = max(abs(fixed + slope * x - t) / t for x, t in zip(xs, ts))
-        w(f"Wall time against images forwarded: T = {fixed:.1f} s + {1e3 * slope:.1f} ms x "
-          f"images fits every line count within {worst:.1%}.\n")
+    for what, key in (("Wall time", "seconds"), ("CPU time", "cpu_seconds")):
+        ts = [runs[f"L{n}"].get(key) for n in lines]
+        if None in ts:
+            continue
+        if len(set(xs)) > 1:
+            mx, mt = sum(xs) / len(xs), sum(ts) / len(ts)
+            slope = (sum((x - mx) * (t - mt) for x, t in zip(xs, ts))
+                     / sum((x - mx) ** 2 for x in xs))
+            fixed = mt - slope * mx
+            worst = max(abs(fixed + slope * x - t) / t for x, t in zip(xs, ts))
+            w(f"{what} against images forwarded: T = {fixed:.1f} s + {1e3 * slope:.1f} ms x "
+              f"images fits every line count within {worst:.1%}.\n")
+        else:  # the same images forwarded at every line count: time should not move
+            w(f"{what} at {xs[0]} images forwarded for every line count: largest / smallest "
+              f"= {max(ts) / min(ts):.2f}.\n")
 
 
 if __name__ == "__main__":
