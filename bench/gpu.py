@@ -154,10 +154,13 @@ def end_to_end(spec: BackboneSpec, paths: list[str], k: int, batch_size: int,
                decode_threads: int, workdir: str) -> dict:
     """The job on ``paths``; then on k + 1 of them, whose time is the fixed cost of a run."""
     from pipeline.core.config import ScoreConfig
+    from pipeline.model.shared import clear
     from pipeline.run import run_score
+    from transforms.prompts import PROMPT_PAIRS
 
     out = {}
     for name, subset in (("full", paths), ("fixed", paths[:k + 1])):
+        clear(PROMPT_PAIRS)  # both runs encode the prompt ensemble: the fixed cost includes it
         manifest = os.path.join(workdir, f"manifest-e2e-{len(subset)}.parquet")
         one_group_manifest(subset, k, manifest)
         output = os.path.join(workdir, "out-e2e")

@@ -183,5 +183,6 @@ def work_summary(metrics: dict[str, float]) -> dict[str, float]:
         "reference_sets_held": largest(metrics, "ScoreQueries", "reference_sets_held.max"),
         "prompt_sets_encoded": metric(metrics, "EncodePrompts", "prompt_sets_encoded"),
         "prompt_sets_from_cache": metric(metrics, "EncodePrompts", "prompt_sets_from_cache"),
+        "prompt_sets_reused": metric(metrics, "EncodePrompts", "prompt_sets_reused"),
         "feature_cache_hits": metric(metrics, "ExtractReferenceFeatures", "feature_cache_hits"),
     }

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.model.pixels import host_normalizing
 from pipeline.model.precision import PRECISIONS, autocast, enable_tf32, module_dtype
 from pipeline.model.shared import peek, shared
 from pipeline.model.weights import file_sha256, is_random, random_seed, seeded
@@ -471,6 +472,7 @@ def _create(spec: BackboneSpec) -> tuple[torch.nn.Module, Callable, Callable]:
                 model_name, pretrained=pretrained, **overrides
             )
         tokenizer = open_clip.get_tokenizer(model_name)
+        preprocess = host_normalizing(preprocess)
     except BackboneLoadError:
         raise
     except Exception as exc:  # open_clip raises many types; the user needs one clear message
@@ -536,7 +538,8 @@ def _describe(spec: BackboneSpec) -> BackboneInfo:
                 model_name, pretrained=None, load_weights=False, device="meta", **overrides)
     except Exception as exc:
         raise BackboneLoadError(f"could not read the config of backbone {spec.name!r}: {exc}") from exc
-    return BackboneInfo(_geometry(model, spec), preprocess, _resolve_device(spec.device))
+    return BackboneInfo(_geometry(model, spec), host_normalizing(preprocess),
+                        _resolve_device(spec.device))
 
 
 class ClipBackbone:

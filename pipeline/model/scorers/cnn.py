@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from pipeline.model.maps import InputGeometry
+from pipeline.model.pixels import host_normalizing
 from pipeline.model.precision import (BF16, FP32, module_dtype, module_precision, to_input,
                                       to_precision)
 from pipeline.model.scorers.base import ExtractorEntry, Features, Models, Option, name_list
@@ -438,13 +439,13 @@ def _transform(spec: CnnSpec, mean: Sequence[float],
                std: Sequence[float]) -> Callable[[Any], torch.Tensor]:
     from torchvision import transforms as T
 
-    return T.Compose([
+    return host_normalizing(T.Compose([
         T.Lambda(_rgb),
         T.Resize(spec.resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
         T.CenterCrop(spec.image_size),
         T.ToTensor(),
         T.Normalize(tuple(mean), tuple(std)),
-    ])
+    ]))
 
 
 def cnn_preprocess(spec: CnnSpec) -> Callable[[Any], torch.Tensor]:

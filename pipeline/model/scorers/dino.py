@@ -21,6 +21,7 @@ from pipeline.model.augment import even_angles, rotations
 from pipeline.model.scorers.anomalydino import DEFAULT_ROTATIONS, PATCHES, ROTATED
 from pipeline.model.scorers.cnn import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.model.maps import InputGeometry
+from pipeline.model.pixels import host_normalizing
 from pipeline.model.precision import (BF16, FP32, module_dtype, module_precision, to_input,
                                       to_precision)
 from pipeline.model.scorers.base import (ExtractorEntry, Features, Models, Option,
@@ -167,13 +168,13 @@ def dino_preprocess(image_size: int, keep_aspect: bool, patch_size: tuple[int, i
     multiple of the patch size. Picklable."""
     from torchvision import transforms as T
 
-    return T.Compose([
+    return host_normalizing(T.Compose([
         T.Resize(image_size if keep_aspect else (image_size, image_size),
                  interpolation=T.InterpolationMode.BICUBIC, antialias=True),
         T.ToTensor(),
         T.Normalize(mean, std),
         _CropToMultiple(patch_size),
-    ])
+    ]))
 
 
 class DinoExtractor:
