@@ -63,27 +63,31 @@ def run_pipeline(build: Callable[[beam.Pipeline], object],
     return result
 
 
-def counter(result: PipelineResult, name: str, step: str | None = None) -> int | None:
-    """The committed total of the project's counter ``name`` over every step (or the steps
-    whose name contains ``step``); None when the runner reports no metrics."""
+def _query(result: PipelineResult, name: str, kind: str, step: str | None) -> list | None:
+    """The project's metrics ``name`` of ``kind`` ("counters", "distributions") over every
+    step (or the steps whose name contains ``step``); None when the runner reports none."""
     try:
         found = result.metrics().query(
-            MetricsFilter().with_namespace(NAMESPACE).with_name(name))["counters"]
+            MetricsFilter().with_namespace(NAMESPACE).with_name(name))[kind]
     except Exception as exc:  # noqa: BLE001 - some runners report no metrics at all
         LOG.info("No metrics from this runner (%s)", exc)
         return None
-    return int(sum((c.committed or 0) for c in found if step is None or step in c.key.step))
+    return [m for m in found if step is None or step in m.key.step]
+
+
+def counter(result: PipelineResult, name: str, step: str | None = None) -> int | None:
+    """The committed total of the project's counter ``name`` over every step (or the steps
+    whose name contains ``step``); None when the runner reports no metrics."""
+    found = _query(result, name, "counters", step)
+    return None if found is None else int(sum((c.committed or 0) for c in found))
 
 
 def distribution_max(result: PipelineResult, name: str, step: str | None = None) -> int | None:
     """The largest value the project's distribution ``name`` saw over every step (or the
     steps whose name contains ``step``); None when the runner reports none."""
-    try:
-        found = result.metrics().query(
-            MetricsFilter().with_namespace(NAMESPACE).with_name(name))["distributions"]
-    except Exception as exc:  # noqa: BLE001 - some runners report no metrics at all
-        LOG.info("No metrics from this runner (%s)", exc)
+    found = _query(result, name, "distributions", step)
+    if found is None:
         return None
-    values = [d.committed or d.attempted for d in found if step is None or step in d.key.step]
+    values = [d.committed or d.attempted for d in found]
     values = [v.max for v in values if v is not None and v.count]
     return int(max(values)) if values else None
