@@ -15,6 +15,8 @@ from pipeline.model.backbone import ClipBackbone, Geometry, ImageFeatures
 from pipeline.model.heads import InCTRLHeads
 from pipeline.model.prompts import DEFAULT_SEMANTIC_CLASSES, prompts_for
 from pipeline.model.residual import (
+    Bf16Rows,
+    bf16_reference_rows,
     image_residual,
     normalize_reference_tokens,
     patch_anomaly_map,
@@ -29,12 +31,15 @@ class ReferenceSet:
     tokens_unit:   (layers, k * patches, width) unit-norm patch tokens
     embeds:        (k, embed_dim) raw image embeddings
     adapted_mean:  (embed_dim,) mean adapted embedding, or None without heads
+    tokens_bf16:   the raw tokens where they are all bf16 values on a CPU with bf16 units
+                   (a bf16 run), for the residual's exact bf16-product path; None otherwise
     """
 
     tokens_unit: torch.Tensor
     embeds: torch.Tensor
     adapted_mean: torch.Tensor | None
     k: int
+    tokens_bf16: Bf16Rows | None = None
 
 
 @dataclass
@@ -111,6 +116,7 @@ class InCTRLModel(nn.Module):
             embeds=refs.embeds,
             adapted_mean=adapted,
             k=len(refs),
+            tokens_bf16=bf16_reference_rows(refs.tokens),
         )
 
     def forward(
@@ -122,7 +128,7 @@ class InCTRLModel(nn.Module):
         refs:          the group's prepared references
         text_features: (2, embed_dim) normal/anomalous prompt embeddings of the category
         """
-        patch_map = patch_anomaly_map(queries.tokens, refs.tokens_unit)  # (B, P)
+        patch_map = patch_anomaly_map(queries.tokens, refs.tokens_unit, refs.tokens_bf16)  # (B, P)
         fine = patch_map.amax(dim=-1)
         prior = text_prior(queries.embeds, text_features)
         if self.heads is None:

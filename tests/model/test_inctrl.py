@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.backbone import ImageFeatures
+from pipeline.model.backbone import ImageFeatures, get_backbone, tiny_spec
 from pipeline.model.heads import InCTRLHeads
 from pipeline.model.inctrl import InCTRLModel, ReferenceSet, build_text_features
 from pipeline.model.prompts import prompts_for
+from pipeline.model.residual import exact_bf16_products_available
 from pipeline.model.checkpoint import import_official_checkpoint
 from tests.model.helpers import (
     geometry,
@@ -90,6 +91,29 @@ def test_fine_and_map_follow_the_paper_loop_on_real_features(tiny, feats, text):
     _, want_map, want_fine = residual_loop(feats["queries"].tokens, feats["refs"].tokens)
     torch.testing.assert_close(out.patch_map.double(), want_map, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.fine.double(), want_fine, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not exact_bf16_products_available(torch.device("cpu")),
+                    reason="a bf16 run on the CPU needs native bf16")
+def test_bf16_tower_tokens_score_through_the_bf16_path_like_the_paper_loop(images, text):
+    # A bf16 run: the tiny tower in bf16 gives bf16-valued tokens, so the prepared
+    # references carry their raw rows and the patch residual takes the exact bf16-product
+    # path; it must still be the paper's min_j ½(1 − cos) of those tokens (float64 loop).
+    tiny16 = get_backbone(tiny_spec(precision="bf16"))
+    enc = lambda ims: tiny16.encode_images(_stack(tiny16, ims))  # noqa: E731
+    refs_f, queries_f = enc(images["refs"]), enc([images["clean"], images["defect"]])
+    scorer = InCTRLModel(tiny16.geometry).eval()
+    refs = scorer.prepare_references(refs_f)
+    assert refs.tokens_bf16 is not None
+    out = scorer(queries_f, refs, text)
+    _, want_map, want_fine = residual_loop(queries_f.tokens, refs_f.tokens)
+    torch.testing.assert_close(out.patch_map.double(), want_map, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.fine.double(), want_fine, atol=1e-6, rtol=0)
+    assert out.fine[1] > out.fine[0]  # the pasted defect still scores higher
+
+
+def test_fp32_references_carry_no_bf16_rows(tiny, feats):
+    assert InCTRLModel(tiny.geometry).prepare_references(feats["refs"]).tokens_bf16 is None
 
 
 def test_with_heads_final_is_mean_of_holistic_and_fine(tiny, feats, text, heads):
