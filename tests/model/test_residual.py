@@ -254,6 +254,9 @@ def test_all_bf16_values_reads_the_low_bits():
     assert residual.all_bf16_values(x.T)  # not contiguous
     x[3, 5] += 2 ** -20
     assert not residual.all_bf16_values(x.T)
+    assert residual.all_bf16_values(torch.tensor(0.5)) and not residual.all_bf16_values(
+        torch.tensor(0.1))  # 0-d
+    assert residual.all_bf16_values(torch.zeros(0, 3))
 
 
 @needs_bf16_units
