@@ -17,7 +17,10 @@ depends on the device, because what is fast differs:
   forwards in fp32 (``module_precision``).
 
 Either way features leave every extractor as float32: the scorers' math (distances,
-covariances, softmaxes) never sees bf16, and the prompt ensemble is encoded in fp32.
+covariances, softmaxes) never sees bf16, and the prompt ensemble is encoded in fp32. The one
+product that uses the bf16 units on float32 data is InCTRL's patch residual on tokens that
+are all bf16 values, where bf16 products summed in float32 are exact products
+(``pipeline.model.residual``).
 """
 from __future__ import annotations
 
