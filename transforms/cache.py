@@ -1,7 +1,13 @@
-"""CachedSuiteFeatures: ExtractSuiteFeatures that skips images whose features are on disk,
-for any extractors (``pipeline.core.feature_cache``: one entry per image and extractor
-identity); and CacheFeatures, which loads images and fills the cache with InCTRL's CLIP
-features (the training job's extraction: the same entries scoring runs read)."""
+"""CachedSuiteFeatures: fills the feature cache for any extractors, running them only on
+images whose features are not on disk yet (``pipeline.core.feature_cache``: one entry per
+image and extractor identity); and CacheFeatures, which loads images and fills the cache
+with InCTRL's CLIP features (the training job's extraction: the same entries scoring runs
+read).
+
+Only the images' keys come out of either: the features stay in the cache, and whoever needs
+them reads them there. A runner may hold a whole PCollection in memory (the FnApiRunner
+materialises every Flatten, and everything crossing a GroupByKey), so a PCollection of
+features would make a local run's memory grow with the images extracted (issue 22)."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -16,7 +22,7 @@ from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.backbone import BackboneSpec
 from pipeline.model.scorers.inctrl import INCTRL
 from pipeline.model.scorers.registry import extractor_entry
-from pipeline.model.scorers.suite import SuiteSpec, TensorBundle
+from pipeline.model.scorers.suite import SuiteSpec
 from pipeline.train.data import index_record
 from transforms.features import ExtractSuiteFeatures
 from transforms.images import LoadImages
@@ -37,8 +43,8 @@ def cache_identities(suite: SuiteSpec, references: bool) -> dict[str, str]:
 
 
 class _LookupFn(beam.DoFn):
-    """An image whose every extractor's features are cached becomes its bundle (``hits``);
-    the others go on to extraction (``missing``)."""
+    """An image whose every extractor's features are cached (and readable) becomes its key
+    (``hits``); the others go on to extraction (``missing``)."""
 
     def __init__(self, root: str, identities: dict[str, str]) -> None:
         self._root, self._identities = root, identities
@@ -51,19 +57,19 @@ class _LookupFn(beam.DoFn):
 
     def process(self, element) -> Iterable:
         key, _views = element
-        parts = {}
-        for ext, cache in self._caches.items():
-            feats = cache.get(key[1])
-            if feats is None:
+        for cache in self._caches.values():
+            # Read, not only looked up: an unreadable entry is extracted and written again.
+            if cache.get(key[1]) is None:
                 self._misses.inc()
                 yield beam.pvalue.TaggedOutput("missing", element)
                 return
-            parts[ext] = feats
         self._hits.inc()
-        yield key, TensorBundle.join(parts)
+        yield key
 
 
 class _StoreFn(beam.DoFn):
+    """(key, features) → key, once every extractor's features are in the cache."""
+
     def __init__(self, root: str, identities: dict[str, str]) -> None:
         self._root, self._identities = root, identities
 
@@ -75,14 +81,18 @@ class _StoreFn(beam.DoFn):
         key, feats = element
         for ext, cache in self._caches.items():
             cache.put(key[1], feats.part(ext))
-        yield element
+        yield key
 
 
 class CachedSuiteFeatures(beam.PTransform):
-    """((row, sha256), views) → ``{'features': ((row, sha256), TensorBundle), 'errors':
-    RowError}``: the extractors run only on images whose features are not all cached, and
-    store theirs. ``references``: reference images (extractors add their augmentations,
-    cached apart)."""
+    """((row, sha256), views) → ``{'stored': (row, sha256), 'errors': RowError}``: the key of
+    every image whose features are all in the cache afterwards; the extractors run only on
+    images whose features are not all cached, and store theirs. ``references``: reference
+    images (extractors add their augmentations, cached apart).
+
+    The features are dropped in the stage that read or computed them: the cached images and
+    the fresh ones meet as keys (a Flatten of features would be held whole by a local
+    runner)."""
 
     def __init__(self, cache_root: str, suite: SuiteSpec, batch_size: int,
                  share_across_processes: bool = False, references: bool = False) -> None:
@@ -98,7 +108,7 @@ class CachedSuiteFeatures(beam.PTransform):
         extracted = looked.missing | "Extract" >> self._extract
         fresh = extracted["features"] | "Store" >> beam.ParDo(
             _StoreFn(self._root, self._identities))
-        return {"features": (looked.hits, fresh) | "HitsAndFresh" >> beam.Flatten(),
+        return {"stored": (looked.hits, fresh) | "HitsAndFresh" >> beam.Flatten(),
                 ERRORS: extracted[ERRORS]}
 
 
@@ -122,7 +132,6 @@ class CacheFeatures(beam.PTransform):
     def expand(self, rows):
         images = rows | "LoadImages" >> self._load
         features = images["images"] | "CachedExtractFeatures" >> self._extract
-        index = features["features"] | "IndexRecords" >> beam.MapTuple(
-            lambda key, _f: index_record(*key))
+        index = features["stored"] | "IndexRecords" >> beam.MapTuple(index_record)
         errors = (images[ERRORS], features[ERRORS]) | "AllErrors" >> beam.Flatten()
         return {"index": index, ERRORS: errors}

@@ -33,7 +33,7 @@ from pipeline.core.manifest import ManifestRow
 from pipeline.core.sampling import sampler_rank
 from pipeline.core.schemas import ERRORS, METRICS_NAMESPACE
 from pipeline.model.scorers.references import choose_representative
-from pipeline.model.scorers.suite import SuiteSpec, TensorBundle
+from pipeline.model.scorers.suite import SuiteSpec
 from transforms.cache import CachedSuiteFeatures, cache_identities
 from transforms.errors import row_error
 from transforms.images import LoadImages
@@ -269,11 +269,6 @@ def _to_groups(element) -> Iterable:
         yield key, (position, image_id, hashes[0], selected, uri)
 
 
-def _row_hash(key: tuple, _features: TensorBundle) -> tuple[ManifestRow, str]:
-    """((row, sha256), features) → (row, sha256): the features stay in the cache."""
-    return key[0], key[1]
-
-
 class PrepareReferences(beam.PTransform):
     """Manifest rows → each group's few-shot references, drawn, loaded and extracted once.
 
@@ -313,9 +308,9 @@ class PrepareReferences(beam.PTransform):
         extracted = images["images"] | "ExtractReferenceFeatures" >> CachedSuiteFeatures(
             self._cache_root, cfg.suite, cfg.batch_size, cfg.share_model_across_processes,
             references=True)
-        # Fused with the extraction: the features are dropped as soon as they are stored.
-        hashes = extracted["features"] | "RowAndHash" >> beam.MapTuple(_row_hash)
-        sets = ({"sets": pools, "hashes": hashes}
+        # (row, sha256) of each image whose features are in the cache: no tensor leaves
+        # the extraction's stage.
+        sets = ({"sets": pools, "hashes": extracted["stored"]}
                 | "AssembleReferenceSets" >> AssembleReferenceSets(
                     choose, choices, features_root=self._cache_root))
         errors = ((drawn[ERRORS], images[ERRORS], extracted[ERRORS])

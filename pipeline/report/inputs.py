@@ -12,9 +12,11 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Sequence
 
 import fsspec
+import numpy as np
 import pandas as pd
 
 from pipeline.core.layout import (DRIFT, NIGHTLY, current_record, read_partition, record_dates,
@@ -36,6 +38,36 @@ SCORE_COLUMNS = ("dataset", "category", "image_id", "image_uri", "label", "defec
 DRIFT_FILE, DRIFT_JSON, NIGHTLY_FILE = "drift.parquet", "drift.json", "nightly.json"
 
 
+class ByDataset:
+    """One table's rows per dataset, split once: one stable sort by dataset, then a slice
+    per dataset.
+
+    ``by[name]`` holds what ``frame[frame["dataset"].astype(str) == name]`` gives (the rows
+    in the table's order, their index kept; an empty frame for a name without rows; a
+    missing name matches none, as in the scan) but costs a slice instead of a scan of the
+    table: the report asks once per dataset and section, and a scan (or a ``take``) each
+    time made a report's cost grow with lines x rows (issue 22). The split happens on first
+    use, so a table without a ``dataset`` column raises the same ``KeyError`` the scan did,
+    when it is asked. The slices are views: read them, do not write into them.
+    """
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self._frame = frame
+        self._ranges: dict[str, tuple[int, int]] | None = None
+
+    def _split(self) -> dict[str, tuple[int, int]]:
+        codes, names = pd.factorize(self._frame["dataset"].astype(str))  # missing: -1
+        self._frame = self._frame.take(np.argsort(codes, kind="stable"))
+        ends = np.cumsum(np.bincount(codes + 1, minlength=len(names) + 1)).tolist()
+        return {str(name): (ends[i], ends[i + 1]) for i, name in enumerate(names)}
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        if self._ranges is None:
+            self._ranges = self._split()
+        start, end = self._ranges.get(name, (0, 0))
+        return self._frame.iloc[start:end]
+
+
 @dataclass(frozen=True)
 class Night:
     """One date's summary and drift report, for the history plots."""
@@ -44,6 +76,20 @@ class Night:
     summary: pd.DataFrame | None
     drift: pd.DataFrame | None
     drift_extra: dict = field(default_factory=dict)
+
+    @cached_property
+    def _split(self) -> dict[str, ByDataset]:
+        return {name: ByDataset(frame) for name, frame in (("summary", self.summary),
+                                                           ("drift", self.drift))
+                if frame is not None}
+
+    def rows_of(self, table: str, dataset: str) -> pd.DataFrame | None:
+        """The rows of ``table`` (``summary`` or ``drift``) of ``dataset`` (:class:`ByDataset`),
+        or None when the night has no such table or it has no ``dataset`` column."""
+        frame = self.summary if table == "summary" else self.drift
+        if frame is None or "dataset" not in frame.columns:
+            return None
+        return self._split[table][dataset]
 
 
 @dataclass(frozen=True)
@@ -78,6 +124,21 @@ class RunInputs:
             if frame is not None and "dataset" in frame.columns:
                 names.update(str(d) for d in frame["dataset"].dropna().unique())
         return sorted(names)
+
+    @cached_property
+    def _split(self) -> dict[str, ByDataset]:
+        return {name: ByDataset(frame) for name, frame in (("scores", self.scores),
+                                                           ("summary", self.summary),
+                                                           ("errors", self.errors))
+                if frame is not None}
+
+    def rows_of(self, table: str, dataset: str) -> pd.DataFrame:
+        """The rows of ``table`` (``scores``, ``summary`` or ``errors``, which must be there)
+        of ``dataset``, as the report's per-dataset sections read them (:class:`ByDataset`:
+        split once, not scanned per dataset)."""
+        if table not in self._split:
+            raise ValueError(f"no {table} table on {self.run_date}")
+        return self._split[table][dataset]
 
 
 def committed_file(output: str, run_date: str, table: str, name: str) -> str | None:

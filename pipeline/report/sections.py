@@ -21,7 +21,7 @@ from pipeline.nightly.drift import DRIFT
 from pipeline.report import curves, svg
 from pipeline.report.formatting import (ANOMALOUS, MISSING, NORMAL, UNLABELLED, format_metric,
                                         format_percent, format_score, format_value, label_name)
-from pipeline.report.inputs import Night, RunInputs
+from pipeline.report.inputs import RunInputs
 from pipeline.report.thumbnails import Thumbnail
 
 #: Summary metrics the tables show, in order: (column prefix, heading, always shown). The
@@ -164,7 +164,7 @@ class DatasetView:
 
 def dataset_view(inputs: RunInputs, dataset: str) -> DatasetView:
     """The view of ``dataset`` the per-dataset sections share."""
-    rows = inputs.scores[inputs.scores["dataset"].astype(str) == dataset]
+    rows = inputs.rows_of("scores", dataset)
     present = set(rows["scorer"].astype(str))
     scorers = tuple(s for s in inputs.scorers if s in present) + tuple(
         sorted(present - set(inputs.scorers)))
@@ -406,9 +406,15 @@ def _metric_rows(rows: pd.DataFrame, metrics: list[tuple[str, str]], *, category
 
 
 def _ordered(rows: pd.DataFrame, scorers: Sequence[str]) -> pd.DataFrame:
+    """``rows`` by scorer (in run order), category and k, ties in their order. The order is
+    found on those three columns alone and the wide summary rows moved once (sorting the
+    rows themselves copied every column three times, per dataset: issue 22)."""
     rank = {s: i for i, s in enumerate(scorers)}
-    return rows.assign(_rank=rows["scorer"].map(lambda s: rank.get(s, len(rank)))).sort_values(
-        ["_rank", "category", "k"], kind="stable").drop(columns="_rank")
+    keys = pd.DataFrame({"_rank": rows["scorer"].map(lambda s: rank.get(s, len(rank))),
+                         "category": rows["category"], "k": rows["k"]})
+    order = keys.reset_index(drop=True).sort_values(["_rank", "category", "k"],
+                                                    kind="stable").index
+    return rows.take(order)
 
 
 def metrics_section(inputs: RunInputs, view: DatasetView) -> str:
@@ -417,7 +423,7 @@ def metrics_section(inputs: RunInputs, view: DatasetView) -> str:
     parts = ["<h3>Metrics</h3>"]
     if inputs.summary is None:
         return "".join(parts) + note("summary.parquet is not in this date's outputs: no metrics.")
-    rows = inputs.summary[inputs.summary["dataset"].astype(str) == view.name]
+    rows = inputs.rows_of("summary", view.name)
     if rows.empty:
         return "".join(parts) + note("The summary has no rows for this dataset.")
     rows = _ordered(rows, inputs.scorers)
@@ -443,8 +449,8 @@ def quantiles_section(inputs: RunInputs, view: DatasetView) -> str:
     """Score quantiles per scorer (unlabelled datasets have no metrics)."""
     parts = ["<h3>Score distribution</h3>"]
     summary = inputs.summary
-    rows = None if summary is None else summary[(summary["dataset"].astype(str) == view.name)
-                                                & (summary["level"] == POOLED_LEVEL)]
+    rows = None if summary is None else inputs.rows_of("summary", view.name)
+    rows = None if rows is None else rows[rows["level"] == POOLED_LEVEL]
     if rows is None or rows.empty:
         return "".join(parts) + note("The summary has no pooled rows for this dataset: no "
                                      "quantiles.")
@@ -594,8 +600,8 @@ def decisions_section(inputs: RunInputs, view: DatasetView) -> str:
     summary = inputs.summary
     if summary is None or "calibration_size" not in summary.columns:
         return "".join(parts) + note("The summary has no decisions (written before them).")
-    rows = summary[(summary["dataset"].astype(str) == view.name)
-                   & (summary["level"] == CATEGORY_LEVEL)]
+    rows = inputs.rows_of("summary", view.name)
+    rows = rows[rows["level"] == CATEGORY_LEVEL]
     if rows.empty:
         return "".join(parts) + note("The summary has no category rows for this dataset.")
     rows = _ordered(rows, inputs.scorers)
@@ -628,7 +634,7 @@ def dataset_section(inputs: RunInputs, view: DatasetView, index: int, top_n: int
              f"<h2>{esc(view.name)}</h2>"]
     errors = 0
     if inputs.errors is not None and "dataset" in inputs.errors.columns:
-        errors = int((inputs.errors["dataset"].astype(str) == view.name).sum())
+        errors = len(inputs.rows_of("errors", view.name))
     if view.primary is None:
         parts.append(note(f"No query of this dataset was scored ({errors} error rows, see "
                           "Errors).", "warning"))
@@ -746,13 +752,6 @@ def _alert_rate(row: Mapping[str, Any], night: str) -> Any:
     return row.get(f"{night}_above_fraction")
 
 
-def _night_rows(night: Night, table_name: str, dataset: str) -> pd.DataFrame | None:
-    frame = night.summary if table_name == "summary" else night.drift
-    if frame is None or "dataset" not in frame.columns:
-        return None
-    return frame[frame["dataset"].astype(str) == dataset]
-
-
 QUANTILES = ("score_p50", "score_p90", "score_p99")
 
 
@@ -788,14 +787,14 @@ def history_series(inputs: RunInputs, dataset: str) -> History:
     quantiles: dict[str, list[float]] = {q: [] for q in QUANTILES}
     rate, alerts = [], []
     for x, night in enumerate(inputs.history):
-        summary = _night_rows(night, "summary", dataset)
+        summary = night.rows_of("summary", dataset)
         pooled = None if summary is None else summary[(summary["level"] == POOLED_LEVEL)
                                                       & (summary["scorer"] == scorer)]
         if pooled is not None and "k" in pooled.columns:
             pooled = pooled.sort_values("k", kind="stable")  # several k: the smallest
         for q in QUANTILES:
             quantiles[q].append(_first(pooled, q))
-        drift = _night_rows(night, "drift", dataset)
+        drift = night.rows_of("drift", dataset)
         rate.append(_first(drift, "today_anomaly_rate" if drift is not None
                            and "today_anomaly_rate" in drift.columns
                            else "today_above_fraction"))
