@@ -12,6 +12,9 @@ import torch
 
 # Bound each (rows, columns) block of squared distances to about this many elements.
 DEFAULT_CHUNK = 1 << 22
+# The block of distances written and read back in place (4 MiB): fresh 16 MiB tensors, several
+# per block, cost SPADE more than its products; smaller blocks add threads' sync points.
+CACHE_BLOCK = 1 << 20
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,17 +84,36 @@ def grouped_min_distance(a: torch.Tensor, groups: torch.Tensor,
 
     a: (n, d), groups: (g, m, d) (e.g. the patches of g reference images)
     returns: (n, g) with [i, j] = min_p ‖a_i − groups[j, p]‖
+
+    The winners are chosen on the same squared distances as ``squared_distances`` gives,
+    value for value, so the result is bit-identical to it; but the norms are computed once,
+    and each block of rows is formed in place in one buffer of at most
+    min(``chunk``, ``CACHE_BLOCK``) elements (at least one row): SPADE's finest level makes
+    n × g·m = 3,136 × 25,088 distances per image at k = 8, and writing them block by block
+    into new tensors, each several times over, cost more than the products themselves.
     """
     n, d = a.shape
     g, m, gd = groups.shape
     if gd != d:
         raise ValueError(f"queries have width {d}, groups {gd}")
+    if m == 0:
+        raise ValueError("every group needs at least one row")
+    if n == 0 or g == 0:
+        return a.new_zeros((n, g))
     flat = groups.reshape(g * m, d)
-    rows = max(1, min(chunk // max(g * m, 1), chunk // max(g * d, 1)))
-    out = []
+    a_sq = (a * a).sum(-1, keepdim=True)  # (n, 1)
+    b_sq = (flat * flat).sum(-1)  # (g·m,)
+    block = min(chunk, CACHE_BLOCK)
+    rows = max(1, min(n, block // (g * m), chunk // (g * d)))
+    buffer = a.new_empty((rows, g * m))
+    out = a.new_empty((n, g))
+    pick = torch.arange(g, device=a.device).unsqueeze(0)  # (1, g)
     for r0 in range(0, n, rows):
-        q = a[r0:r0 + rows]
-        idx = squared_distances(q, flat).view(q.shape[0], g, m).argmin(dim=2)  # (rows, g)
-        winners = groups[torch.arange(g, device=a.device).unsqueeze(0), idx]  # (rows, g, d)
-        out.append((q.unsqueeze(1) - winners).norm(dim=-1))
-    return torch.cat(out) if out else a.new_zeros((0, g))
+        r1 = min(n, r0 + rows)
+        q, d2 = a[r0:r1], buffer[:r1 - r0]
+        # a_sq − 2·a·bᵀ + b_sq, clamped: the values and order of ``squared_distances``
+        torch.addmm(a_sq[r0:r1], q, flat.T, beta=1.0, alpha=-2.0, out=d2)
+        d2.add_(b_sq).clamp_min_(0.0)
+        idx = d2.view(r1 - r0, g, m).argmin(dim=2)  # (rows, g)
+        out[r0:r1] = (q.unsqueeze(1) - groups[pick, idx]).norm(dim=-1)
+    return out
