@@ -12,9 +12,6 @@ import torch
 
 # Bound each (rows, columns) block of squared distances to about this many elements.
 DEFAULT_CHUNK = 1 << 22
-# The block of distances written and read back in place (4 MiB): fresh 16 MiB tensors, several
-# per block, cost SPADE more than its products; smaller blocks add threads' sync points.
-CACHE_BLOCK = 1 << 20
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,11 +83,12 @@ def grouped_min_distance(a: torch.Tensor, groups: torch.Tensor,
     returns: (n, g) with [i, j] = min_p ‖a_i − groups[j, p]‖
 
     The winners are chosen on the same squared distances as ``squared_distances`` gives,
-    value for value, so the result is bit-identical to it; but the norms are computed once,
-    and each block of rows is formed in place in one buffer of at most
-    min(``chunk``, ``CACHE_BLOCK``) elements (at least one row): SPADE's finest level makes
-    n × g·m = 3,136 × 25,088 distances per image at k = 8, and writing them block by block
-    into new tensors, each several times over, cost more than the products themselves.
+    value for value, so the result is bit-identical to it (and to any ``chunk``); but the
+    norms are computed once per call and each block of rows is formed in place in one
+    reused buffer of about ``chunk`` elements: SPADE's finest level makes 3,136 × 25,088
+    distances per image at k = 8, and a fresh tensor for every step of every block cost as
+    much as the products. Blocks smaller than ``chunk`` were slower with 2 threads on a
+    loaded CPU (more parallel regions; bench/RESULTS.md, "SPADE's cost").
     """
     n, d = a.shape
     g, m, gd = groups.shape
@@ -103,8 +101,7 @@ def grouped_min_distance(a: torch.Tensor, groups: torch.Tensor,
     flat = groups.reshape(g * m, d)
     a_sq = (a * a).sum(-1, keepdim=True)  # (n, 1)
     b_sq = (flat * flat).sum(-1)  # (g·m,)
-    block = min(chunk, CACHE_BLOCK)
-    rows = max(1, min(n, block // (g * m), chunk // (g * d)))
+    rows = max(1, min(n, chunk // (g * m), chunk // (g * d)))
     buffer = a.new_empty((rows, g * m))
     out = a.new_empty((n, g))
     pick = torch.arange(g, device=a.device).unsqueeze(0)  # (1, g)
