@@ -40,9 +40,10 @@ def _spade_loop(spade: Spade, refs: dict, queries: dict):
     return torch.tensor(scores), torch.stack(maps)
 
 
+@pytest.mark.parametrize("chunk", [97, 1 << 22])  # a row per block; every query row in one
 @pytest.mark.parametrize("top_k", [50, 2])  # the paper's K (all references), and a gallery of 2
-def test_score_and_map_equal_the_loop(top_k):
-    spade = Spade(top_k=top_k, chunk=97)  # a small chunk: many blocks
+def test_score_and_map_equal_the_loop(top_k, chunk):
+    spade = Spade(top_k=top_k, chunk=chunk)
     refs, queries = _features(4, 0), _features(3, 1)
     out = spade.score(queries, spade.build_memory(refs))
     score, maps = _spade_loop(spade, refs, queries)
