@@ -36,7 +36,7 @@ def normalize_reference_tokens(ref_tokens: torch.Tensor) -> torch.Tensor:
 # (a no-op for them) and whose products are summed in float32 computes exactly what a float32
 # GEMM computes, up to the order of the float32 sums. oneDNN does that on the CPU's bf16
 # units (AMX, AVX512-BF16) when torch's fp32 matmul precision for it is "bf16": about 3x the
-# float32 GEMM here (bench/RESULTS.md, "the bf16 patch residual"). Normalised tokens are not
+# float32 GEMM here (bench/RESULTS.md, "the patch residual on bf16 units"). Normalised tokens are not
 # bf16 values, so this path takes the raw tokens and divides by the norms afterwards.
 # Float32 tokens (an fp32 run) never take it: their results stay bit for bit what they were.
 
@@ -115,7 +115,6 @@ def _inverse_norm(x: torch.Tensor) -> torch.Tensor:
     return 1.0 / x.norm(dim=-1).clamp_min(_NORMALIZE_EPS)
 
 
-
 def patch_residual_map(query_tokens: torch.Tensor, ref_unit: torch.Tensor,
                        ref_bf16: Bf16Rows | None = None) -> torch.Tensor:
     """Per-layer patch residuals r_l(i) = min_j ½(1 − cos(q_l,i, p_l,j)).
@@ -140,8 +139,7 @@ def patch_residual_map(query_tokens: torch.Tensor, ref_unit: torch.Tensor,
     if ref_bf16 is not None and ref_bf16.raw.shape != ref_unit.shape:
         raise ValueError(f"bf16 reference rows {tuple(ref_bf16.raw.shape)} are not the "
                          f"references {tuple(ref_unit.shape)}")
-    exact_bf16 = (ref_bf16 is not None and query_tokens.dtype == torch.float32
-                  and all_bf16_values(query_tokens))
+    exact_bf16 = ref_bf16 is not None and all_bf16_values(query_tokens)
     per_query = layers * patches * ref_unit.shape[1]
     step = max(1, _MAX_SIM_ELEMENTS // max(per_query, 1))
     out = []
