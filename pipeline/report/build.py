@@ -95,8 +95,8 @@ def build_report(output: str, run_date: str, *, top_n: int = 8,
     inputs = read_inputs(output, run_date, history_nights=history_nights)
     fs, root = output_fs(folder)
     fs.makedirs(f"{root}/{IMAGES_DIR}", exist_ok=True)
-    thumbs = copy_thumbnails(sections.image_uris(inputs, top_n), folder,
-                             outlines=sections.mask_outlines(inputs, top_n))
+    uris, outlines = sections.shown_images(inputs, top_n)
+    thumbs = copy_thumbnails(uris, folder, outlines=outlines)
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = render(inputs, thumbs, top_n=top_n, generated_at=generated)
     index = f"{folder}/{INDEX}"

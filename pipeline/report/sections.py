@@ -248,16 +248,18 @@ def _uri(value: Any) -> str | None:
     return None if _is_missing(value) or not value else str(value)
 
 
-def image_uris(inputs: RunInputs, top_n: int) -> list[str]:
-    """Every image the report shows (to copy before rendering)."""
-    return [u for d in inputs.datasets for item in gallery_items(dataset_view(inputs, d), top_n)
-            for u in item.uris()]
-
-
-def mask_outlines(inputs: RunInputs, top_n: int) -> dict[str, str]:
-    """Shown image URI → the defect mask outlined on its thumbnail (flagged queries)."""
-    return {item.shown_uri: item.outline for d in inputs.datasets
-            for item in gallery_items(dataset_view(inputs, d), top_n) if item.outline}
+def shown_images(inputs: RunInputs, top_n: int) -> tuple[list[str], dict[str, str]]:
+    """Every image the report shows (to copy before rendering), and shown image URI → the
+    defect mask outlined on its thumbnail (flagged queries): one pass over the datasets'
+    galleries for both."""
+    uris: list[str] = []
+    outlines: dict[str, str] = {}
+    for dataset in inputs.datasets:
+        for item in gallery_items(dataset_view(inputs, dataset), top_n):
+            uris.extend(item.uris())
+            if item.outline:
+                outlines[item.shown_uri] = item.outline
+    return uris, outlines
 
 
 # --------------------------------------------------------------------------------------------

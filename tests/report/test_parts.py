@@ -17,7 +17,7 @@ from pipeline.report import build_report, format_metric, report_dir
 from pipeline.report import curves, svg
 from pipeline.report.build import SECTION_FAILED, render
 from pipeline.report.inputs import Night, RunInputs
-from pipeline.report.sections import dataset_view, gallery_items, history_series, image_uris
+from pipeline.report.sections import dataset_view, gallery_items, history_series, shown_images
 from pipeline.report.thumbnails import THUMBNAIL_SIZE, copy_thumbnails, make_thumbnail
 from tests.report.pagecheck import local_target, read_page
 
@@ -209,7 +209,7 @@ def test_gallery_ranks_by_the_first_scorer_on_the_smallest_seed():
     assert [(i.image_id, i.score) for i in items] == [("b", 0.8), ("a", 0.2)]
     assert [i.shown_uri for i in items] == ["ub", "oa"]  # the overlay when there is one
     assert items[0].references == (("r1", "u1"), ("r2", "u2"))
-    assert sorted(set(image_uris(inputs, 5))) == ["oa", "u1", "u2", "ub"]
+    assert sorted(set(shown_images(inputs, 5)[0])) == ["oa", "u1", "u2", "ub"]
 
 
 def test_overlays_and_references_become_local_thumbnails(tmp_path):
@@ -227,7 +227,7 @@ def test_overlays_and_references_become_local_thumbnails(tmp_path):
     folder = tmp_path / "report"
     (folder / "images").mkdir(parents=True)
     inputs = _inputs(scores)
-    thumbs = copy_thumbnails(image_uris(inputs, 8), str(folder))
+    thumbs = copy_thumbnails(shown_images(inputs, 8)[0], str(folder))
     page = read_page(render(inputs, thumbs, top_n=8, generated_at="now"))
     assert len(page.images) == 3  # the overlay (not the plain image) and two references
     colours = []
