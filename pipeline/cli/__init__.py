@@ -65,12 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.core.preflight import OutputNotWritableError
     from pipeline.model.backbone import BackboneLoadError
     from pipeline.model.checkpoint import CheckpointError
+    from pipeline.model.compiled import RuntimeUnavailable
     from pipeline.model.precision import PrecisionError
 
     try:
         return run(rest)
     except (ManifestSchemaError, CheckpointError, BackboneLoadError, PrecisionError,
-            OutputNotWritableError, StoreNotExclusive) as exc:
+            RuntimeUnavailable, OutputNotWritableError, StoreNotExclusive) as exc:
         # Problems of the user's inputs: one clear line, no traceback.
         LOG.error("%s failed: %s", command, exc)
         return 1

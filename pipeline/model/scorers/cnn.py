@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from pipeline.model.compiled import (CACHE_ENV, OPENVINO, RUNTIMES, TORCH, CompiledModule,
+                                     check_runtime)
 from pipeline.model.maps import InputGeometry
 from pipeline.model.pixels import host_normalizing
 from pipeline.model.precision import (BF16, FP32, module_dtype, module_precision, to_input,
@@ -92,6 +94,9 @@ class CnnSpec:
     ``layer2``) overrides them. ``resize_size`` 0 means the papers' ratio 256/224 of
     ``image_size``. ``precision``: what the forward computes in, ``fp32`` or ``bf16`` (the
     module's weights and input in bf16, on a CPU with native bf16; ``module_precision``).
+    ``runtime``: ``torch``, or ``openvino`` (the stages compiled by OpenVINO for the CPU,
+    ``pipeline.model.compiled``; ``compiled_cache`` is its cache directory, empty for the
+    default, and is not part of what the features are).
     """
 
     backbone: str = DEFAULT_CNN_BACKBONE
@@ -103,10 +108,13 @@ class CnnSpec:
     resize_size: int = 0
     device: str = "cpu"
     precision: str = FP32
+    runtime: str = TORCH
+    compiled_cache: str = ""
 
     def __post_init__(self) -> None:
         if self.precision not in (FP32, BF16):
             raise ValueError(f"a CNN computes in {FP32} or {BF16}, got {self.precision!r}")
+        check_runtime(self.runtime, self.device)
         if self.image_size < 1 or self.resize_size < 0:
             raise ValueError(f"bad input size {self.image_size} / resize {self.resize_size}")
         if not self.stages and not self.strides and not self.pooled:
@@ -133,13 +141,14 @@ class CnnSpec:
         bf16 NCHW (bench/RESULTS.md, "bf16 on the CPU"); not in fp32, where it ran 1.08x
         (mobilenet_v2) and 0.74x (wide_resnet50_2) and would move fp32 results in their last
         bits (fp32 scores stay bit-identical to earlier runs')."""
-        return self.precision == BF16
+        return self.precision == BF16 and self.runtime == TORCH
 
     @property
     def precision_suffix(self) -> str:
         """``|precision=bf16`` for a bf16 spec, nothing for fp32 (whose identities are those
-        of the runs before precision was recorded)."""
-        return "" if self.precision == FP32 else f"|precision={self.precision}"
+        of the runs before precision was recorded); ``|runtime=openvino`` for OpenVINO."""
+        return (("" if self.precision == FP32 else f"|precision={self.precision}")
+                + ("" if self.runtime == TORCH else f"|runtime={self.runtime}"))
 
 
 @dataclass(frozen=True)
@@ -391,7 +400,10 @@ class CnnExtractor:
         self._pooled_key = returns.get(deepest) if deepest is not None else None
         self._net = create_feature_extractor(model, return_nodes=returns).to(self.device)
         self._net.eval().requires_grad_(False)
-        to_precision(self._net, self.dtype, spec.channels_last)
+        if spec.runtime == TORCH:
+            to_precision(self._net, self.dtype, spec.channels_last)
+        else:  # OpenVINO converts the float32 module and computes in the spec's precision
+            self.dtype = torch.float32
         size = spec.image_size
         with torch.no_grad():
             probe = self._net(self._input(torch.zeros(1, 3, size, size)))
@@ -406,7 +418,13 @@ class CnnExtractor:
                    if deepest is not None else "")
         self.identity = (f"{spec.backbone}@{self.weights_label}[{stages}]"
                          f"@{spec.resize}/{spec.image_size}"
-                         + (f"@{spec.precision}" if spec.precision != FP32 else ""))
+                         + (f"@{spec.precision}" if spec.precision != FP32 else "")
+                         + (f"@{spec.runtime}" if spec.runtime != TORCH else ""))
+        self._compiled: CompiledModule | None = None
+        if spec.runtime == OPENVINO:
+            self._compiled = CompiledModule(self._net, (3, size, size), spec.precision,
+                                            self.identity, spec.compiled_cache or None)
+            self._net = None  # the compiled model replaces the torch one
         LOG.info("CNN extractor %s on %s", self.identity, self.device)
 
     @property
@@ -423,8 +441,11 @@ class CnnExtractor:
     def extract(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) → {stage key: (B, C, h, w), "pooled": (B, C)} on the device, float32
         and contiguous whatever the forward computed in."""
-        with torch.no_grad():
-            out = self._net(self._input(pixels))
+        if self._compiled is not None:
+            out = self._compiled(pixels)
+        else:
+            with torch.no_grad():
+                out = self._net(self._input(pixels))
         feats = {key: out[key].float().contiguous() for key in self.stages}
         if self._pooled_key is not None:
             feats[POOLED] = out[self._pooled_key].float().mean(dim=(2, 3))
@@ -511,6 +532,13 @@ class CnnEntry(ExtractorEntry):
         Option("cnn_stages", (), "comma-separated module or node names of the CNN "
                "(layer2,layer3; features.6,features.13): each replaces the automatic stage "
                "at its own stride", type=name_list, metavar="NAMES"),
+        Option("cnn_runtime", TORCH, "spade/padim/patchcore: what runs the CNN on the CPU: "
+               "torch, or openvino (compiled by OpenVINO, at --precision; optional package "
+               "'openvino'; faster on the CPUs measured, not bit-identical to torch; "
+               "default %(default)s)", choices=RUNTIMES),
+        Option("compiled_cache", "", "directory of the compiled models --cnn-runtime "
+               f"openvino keeps, on the worker's local disk (default ${CACHE_ENV}, else "
+               "~/.cache/inctrl/compiled)", metavar="DIR"),
     )
 
     def spec(self, models: Models, needs: Sequence[Mapping[str, Any]]) -> CnnSpec:
@@ -522,7 +550,9 @@ class CnnEntry(ExtractorEntry):
         return CnnSpec(models.setting("cnn_backbone"), models.setting("cnn_weights"),
                        strides=tuple(sorted(strides)), stages=models.setting("cnn_stages"),
                        pooled=pooled, device=models.device,
-                       precision=module_precision(models.device, models.precision))
+                       precision=module_precision(models.device, models.precision),
+                       runtime=models.setting("cnn_runtime"),
+                       compiled_cache=models.setting("compiled_cache"))
 
     def preprocess(self, spec: CnnSpec) -> Callable[[Any], torch.Tensor]:
         return cnn_preprocess(spec)
