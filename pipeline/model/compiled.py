@@ -34,6 +34,7 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,8 +192,10 @@ class CompiledModule:
         example = torch.zeros(1, c, h, w)
         with torch.no_grad():
             expected = set(module(example))
-        converted = self._ov.convert_model(
-            module, example_input=example, input=[self._ov.PartialShape([-1, c, h, w])])
+        with warnings.catch_warnings():  # OpenVINO traces with torch.jit: its deprecation
+            warnings.simplefilter("ignore", FutureWarning)
+            converted = self._ov.convert_model(
+                module, example_input=example, input=[self._ov.PartialShape([-1, c, h, w])])
         compiled = self._core.compile_model(converted, "CPU", self.config)
         names = {next(iter(sorted(o.get_names()))) for o in compiled.outputs}
         if names != expected:

@@ -98,6 +98,19 @@ def test_scorers_and_zero_shot_flags(capsys):
         assert "regad needs --regad-checkpoint FILE" in capsys.readouterr().err
 
 
+def test_cnn_runtime_flags_reach_the_cnn(tmp_path):
+    default = parse_score_args([*BASE, "--scorer", "patchcore"])[0]
+    assert default.suite.extractor_spec("cnn").runtime == "torch"
+    with pytest.raises(SystemExit) as exit_:
+        parse_score_args([*BASE, "--scorer", "patchcore", "--cnn-runtime", "onnx"])
+    assert exit_.value.code == 2
+    pytest.importorskip("openvino", reason="the optional openvino package is not installed")
+    config, _ = parse_score_args([*BASE, "--scorer", "patchcore", "--cnn-runtime", "openvino",
+                                  "--compiled-cache", str(tmp_path)])
+    cnn = config.suite.extractor_spec("cnn")
+    assert (cnn.runtime, cnn.compiled_cache) == ("openvino", str(tmp_path))
+
+
 def test_the_demo_takes_the_score_flags():
     args, _ = parse_with_beam(demo_parser(), ["--k", "2", "--seeds", "4,5", "--batch-size", "3"])
     assert (args.k, args.seeds, args.batch_size) == (2, (4, 5), 3)
