@@ -228,6 +228,21 @@ def test_container_requirements_agree_with_setup_py():
             f"requirements-worker.txt pins {req.name}=={version}, setup.py asks {req.specifier}")
     # gcsfs is released in step with fsspec.
     assert pinned(worker["gcsfs"]) == pinned(worker["fsspec"])
+    # the optional extras the container carries satisfy setup.py's extras too
+    extras = setup_py_extras()
+    for line in extras["openvino"]:
+        req = Requirement(line)
+        version = pinned(worker[canonicalize_name(req.name)])
+        assert req.specifier.contains(version, prereleases=True), (
+            f"requirements-worker.txt pins {req.name}=={version}, setup.py asks {req.specifier}")
+
+
+def setup_py_extras() -> dict[str, list[str]]:
+    """setup.py's extras_require, read without running it."""
+    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", None) == "setup")
+    return ast.literal_eval(next(k.value for k in call.keywords if k.arg == "extras_require"))
 
 
 def dockerfile_args() -> tuple[dict[str, str], str]:
