@@ -14,9 +14,21 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipeline.core.config import ScoreConfig
+from pipeline.core.demo_data import generate_demo
 from pipeline.core.layout import PARTITIONING, current_files
-from pipeline.core.manifest import ManifestRow
+from pipeline.core.make_manifest import make_manifest
+from pipeline.core.manifest import ManifestRow, write_manifest
 from pipeline.runner import make_runner
+
+
+def small_demo_manifest(root) -> str:
+    """The embedded demo at 32 px (4 train, 3 good and 2 per defect type a category) under
+    ``root``, and the path of its manifest: a whole job on it takes seconds."""
+    roots = generate_demo(str(root / "data"), image_size=32, n_train=4, n_test_good=3,
+                          n_test_defect_per_type=2)
+    path = str(root / "manifest.parquet")
+    write_manifest(make_manifest(roots), path)
+    return path
 
 
 @dataclass

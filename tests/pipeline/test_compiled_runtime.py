@@ -15,14 +15,11 @@ import pytest
 from scipy.stats import spearmanr
 
 from pipeline.core.config import ScoreConfig
-from pipeline.core.demo_data import generate_demo
-from pipeline.core.make_manifest import make_manifest
-from pipeline.core.manifest import write_manifest
 from pipeline.core.schemas import SCORES
 from pipeline.model.backbone import tiny_spec
 from pipeline.model.precision import cpu_bf16
 from pipeline.run import run_score
-from tests.beamtest import counter, read_table
+from tests.beamtest import counter, read_table, small_demo_manifest
 
 pytest.importorskip("openvino", reason="the optional openvino package is not installed")
 
@@ -33,12 +30,7 @@ SCORERS = ("padim", "patchcore")
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("compiled")
-    roots = generate_demo(str(root / "data"), image_size=32, n_train=4, n_test_good=3,
-                          n_test_defect_per_type=2)
-    path = str(root / "manifest.parquet")
-    write_manifest(make_manifest(roots), path)
-    return path
+    return small_demo_manifest(tmp_path_factory.mktemp("compiled"))
 
 
 def _run(manifest: str, output: str, runtime: str, compiled: str, features: str,

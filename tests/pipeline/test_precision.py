@@ -17,15 +17,12 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from pipeline.core.config import ScoreConfig
-from pipeline.core.demo_data import generate_demo
 from pipeline.core.feature_cache import FeatureCache
-from pipeline.core.make_manifest import make_manifest
-from pipeline.core.manifest import write_manifest
 from pipeline.core.schemas import SCORES, SUMMARY
 from pipeline.model.backbone import get_backbone, tiny_spec
 from pipeline.model.precision import cpu_bf16
 from pipeline.run import run_score
-from tests.beamtest import counter, read_table
+from tests.beamtest import counter, read_table, small_demo_manifest
 
 pytestmark = pytest.mark.skipif(not cpu_bf16().native,
                                 reason="this CPU has no native bf16 (the job refuses it)")
@@ -80,12 +77,7 @@ def test_feature_cache_keeps_precisions_apart(tmp_path, pixels):
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("precision")
-    roots = generate_demo(str(root / "data"), image_size=32, n_train=4, n_test_good=3,
-                          n_test_defect_per_type=2)
-    path = str(root / "manifest.parquet")
-    write_manifest(make_manifest(roots), path)
-    return path
+    return small_demo_manifest(tmp_path_factory.mktemp("precision"))
 
 
 def _run(manifest: str, output: str, precision: str, cache: str):
