@@ -17,10 +17,25 @@ capability, whether oneDNN has bf16), then, in one process and on the same input
               for the CNNs), ``fp32-cl`` and ``bf16-nchw`` (CNNs only, the other memory
               format: not what the job runs, measured to decide) and ``autocast`` (CLIP
               only: fp32 weights under ``torch.autocast("cpu", bfloat16)``, what
-              ``--precision bf16`` did before).
+              ``--precision bf16`` did before), and, where the ``openvino`` package is
+              importable, ``ov-fp32`` and ``ov-bf16``: the same forward compiled by
+              OpenVINO (``pipeline.model.compiled``) at that precision, in the same rounds.
+              The CNNs run as the job runs ``--cnn-runtime openvino`` (``CnnExtractor`` with
+              ``runtime="openvino"``); the CLIP tower (``forward_intermediates`` at the
+              backbone's blocks, what ``encode_images`` runs) and DINOv2
+              (``forward_features``) through ``CompiledModule``, which the job does not
+              offer for them: measured to show where OpenVINO does not beat torch.
+              WinCLIP's windows and RegAD have no OpenVINO variant. Per OpenVINO row it
+              also prints the load seconds: the torch extractor's, the first OpenVINO load
+              (convert, compile, write the cache entry) and a cached one (a second load
+              from the same, fresh cache directory under ``--workdir``). Without
+              ``openvino`` the columns are absent and one log line says why.
   jobs        images/s of the whole ``score`` job (DirectRunner, in this process, training-
               free, one category of k references and N - k queries) for InCTRL alone and
-              for the six scorers that need no trained file together, in fp32 and bf16;
+              for the six scorers that need no trained file together, in fp32 and bf16,
+              and for the six also ``fp32+ov`` and ``bf16+ov``: the CNN scorers' extractor
+              under OpenVINO (``cnn_runtime=openvino``; CLIP and DINO stay on torch) where
+              ``openvino`` is importable;
               and the same on k + 1 images, whose difference gives the marginal rate
               (images/s a long run approaches: the run's fixed costs, the prompt ensemble
               and reference memories, taken out). Models stay loaded between runs, as on a
@@ -61,6 +76,7 @@ from bench.measure import Timer, command_line, machine, today
 from bench.quality import load_average
 from pipeline.core.config import ScoreConfig
 from pipeline.model.backbone import BackboneSpec, get_backbone
+from pipeline.model.compiled import OPENVINO, TORCH, CompiledModule
 from pipeline.model.precision import BF16, FP32, cpu_bf16, to_input, to_precision
 from pipeline.model.scorers.cnn import CnnSpec, CnnExtractor
 from pipeline.model.scorers.dino import DinoExtractor, DinoSpec
@@ -77,6 +93,11 @@ CLIP_BACKBONE = "ViT-B-16-plus-240"
 TRAINING_FREE = ("inctrl", "spade", "padim", "patchcore", "winclip", "anomalydino")
 PARTS = ("extractors", "jobs")
 JOBS = ("inctrl", "six")
+#: the OpenVINO variants of the extractors and their precision
+OV_VARIANTS = {"ov-fp32": FP32, "ov-bf16": BF16}
+#: the variants of the jobs: (precision, the CNN extractor's runtime)
+JOB_VARIANTS = {FP32: (FP32, TORCH), BF16: (BF16, TORCH),
+                "fp32+ov": (FP32, OPENVINO), "bf16+ov": (BF16, OPENVINO)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,6 +147,15 @@ def capabilities() -> dict[str, Any]:
             "describe": found.describe()}
 
 
+def openvino_version() -> tuple[str | None, str | None]:
+    """(OpenVINO's version, None), or (None, why the OpenVINO variants cannot run here)."""
+    try:
+        import openvino
+    except ImportError as exc:
+        return None, f"openvino is not importable ({exc})"
+    return openvino.get_version(), None
+
+
 def interleaved(variants: dict[str, Callable[[], tuple[float, float]]],
                 rounds: int) -> dict[str, dict]:
     """Run every variant once per round, in turn; each returns (images per wall second,
@@ -171,8 +201,71 @@ def pixels_for(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
 # --------------------------------------------------------------- extractors alone
 
 
-def _clip(args: argparse.Namespace) -> dict[str, dict]:
-    fp32 = get_backbone(BackboneSpec(CLIP_BACKBONE, "random:0"))
+class _ClipTower(torch.nn.Module):
+    """The CLIP image tower as ``encode_images`` runs it, returning a dict (what
+    ``CompiledModule`` takes): tokens (B, layers, patches, width) at the backbone's blocks and
+    the image embedding (B, embed_dim)."""
+
+    def __init__(self, backbone: Any) -> None:
+        super().__init__()
+        self.visual = backbone.model.visual
+        self.indices = [b - 1 for b in backbone.geometry.blocks]
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.visual.forward_intermediates(pixels, indices=self.indices,
+                                                output_fmt="NLC",
+                                                normalize_intermediates=False)
+        return {"tokens": torch.stack(out["image_intermediates"], dim=1),
+                "embeds": out["image_features"]}
+
+
+class _DinoTokens(torch.nn.Module):
+    """DINOv2's ``forward_features`` (B, prefix + patches, width) as a dict."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"tokens": self.model.forward_features(pixels)}
+
+
+def _loaded(load: Callable[[], Any]) -> tuple[Any, float]:
+    """``load()`` and its seconds."""
+    with Timer() as t:
+        value = load()
+    return value, t.seconds
+
+
+def _ov_loads(build: Callable[[str], Any], source: Callable[[Any], str], name: str,
+              torch_seconds: float, loads: dict) -> dict[str, Any]:
+    """Per OpenVINO variant, the compiled forward of ``build(precision)`` (into a fresh
+    cache directory): built twice, the first load converting, compiling and writing the
+    cache entry, the second reading it; both loads' seconds go to ``loads[name]``, and the
+    second, cached instance is the one measured."""
+    loads[name] = {"torch_s": torch_seconds}
+    out = {}
+    for variant, precision in OV_VARIANTS.items():
+        first, first_s = _loaded(lambda: build(precision))
+        cached, cached_s = _loaded(lambda: build(precision))
+        if (source(first), source(cached)) != ("built", "cache"):
+            raise RuntimeError(f"{name} {variant}: expected a built then a cached load, got "
+                               f"{source(first)!r} then {source(cached)!r}")
+        del first  # not measured: one compiled model per variant in memory
+        loads[name][variant] = {"first_s": first_s, "cached_s": cached_s}
+        LOG.warning("%s %s: first load %.1f s, cached load %.1f s (torch load %.1f s)", name,
+                    variant, first_s, cached_s, torch_seconds)
+        out[variant] = cached
+    return out
+
+
+def _cache_dir(args: argparse.Namespace, name: str) -> str:
+    """A fresh, empty compiled-model cache directory for ``name`` under the run's."""
+    return tempfile.mkdtemp(prefix=name.replace(":", "-") + "-", dir=args.compiled_cache)
+
+
+def _clip(args: argparse.Namespace, loads: dict) -> dict[str, dict]:
+    fp32, torch_s = _loaded(lambda: get_backbone(BackboneSpec(CLIP_BACKBONE, "random:0")))
     bf16 = get_backbone(BackboneSpec(CLIP_BACKBONE, "random:0", precision=BF16))
     x = pixels_for(args.n, fp32.geometry.image_size)
     bs = args.batch_size
@@ -182,13 +275,19 @@ def _clip(args: argparse.Namespace) -> dict[str, dict]:
             return fp32.encode_images(batch)
 
     slow = x[:args.n_slow]
-    for f in (fp32.encode_images, bf16.encode_images, autocast):  # warm-up
+    fns = {FP32: fp32.encode_images, BF16: bf16.encode_images}
+    if args.openvino:
+        cache = _cache_dir(args, "clip")
+        fns.update(_ov_loads(
+            lambda p: CompiledModule(_ClipTower(fp32).eval(), (3, *fp32.geometry.image_size),
+                                     p, f"bench:clip-tower:{CLIP_BACKBONE}@random:0", cache),
+            lambda m: m.source, "clip", torch_s, loads))
+    for f in (*fns.values(), autocast):  # warm-up
         with torch.no_grad():
             f(x[:bs])
-    out = {"clip": interleaved({
-        FP32: lambda: rate(fp32.encode_images, x, bs),
-        BF16: lambda: rate(bf16.encode_images, x, bs),
-        "autocast": lambda: rate(autocast, slow, bs)}, args.rounds)}
+    variants = {p: (lambda f=f: rate(f, x, bs)) for p, f in fns.items()}
+    variants["autocast"] = lambda: rate(autocast, slow, bs)
+    out = {"clip": interleaved(variants, args.rounds)}
     windows = {p: WinClipExtractor(b) for p, b in ((FP32, fp32), (BF16, bf16))}
     for w in windows.values():
         w.extract(slow[:1])
@@ -212,15 +311,24 @@ def _variant(extractor: CnnExtractor, dtype: torch.dtype,
     return forward
 
 
-def _cnns(args: argparse.Namespace) -> dict[str, dict]:
+def _cnns(args: argparse.Namespace, loads: dict) -> dict[str, dict]:
     out = {}
     for name in ("mobilenet_v2", "wide_resnet50_2"):
-        ext = {p: CnnExtractor(CnnSpec(name, "random:0", (4, 8, 16), precision=p))
-               for p in (FP32, BF16)}
+        ext = {}
+        ext[FP32], torch_s = _loaded(
+            lambda: CnnExtractor(CnnSpec(name, "random:0", (4, 8, 16), precision=FP32)))
+        ext[BF16] = CnnExtractor(CnnSpec(name, "random:0", (4, 8, 16), precision=BF16))
         x = pixels_for(args.n, (ext[FP32].spec.image_size,) * 2)
         fns = {FP32: ext[FP32].extract, BF16: ext[BF16].extract,
                "fp32-cl": _variant(ext[FP32], torch.float32, channels_last=True),
                "bf16-nchw": _variant(ext[BF16], torch.bfloat16, channels_last=False)}
+        if args.openvino:
+            cache = _cache_dir(args, name)
+            compiled = _ov_loads(
+                lambda p: CnnExtractor(CnnSpec(name, "random:0", (4, 8, 16), precision=p,
+                                               runtime=OPENVINO, compiled_cache=cache)),
+                lambda e: e._compiled.source, f"cnn:{name}", torch_s, loads)
+            fns.update({v: e.extract for v, e in compiled.items()})
         for f in fns.values():
             with torch.no_grad():
                 f(x[:args.batch_size])
@@ -229,17 +337,28 @@ def _cnns(args: argparse.Namespace) -> dict[str, dict]:
     return out
 
 
-def _dino(args: argparse.Namespace) -> dict[str, dict]:
-    ext = {p: DinoExtractor(DinoSpec("vit_small_patch14_dinov2", "random:0", precision=p))
-           for p in (FP32, BF16)}
-    x = pixels_for(args.n, (ext[FP32].spec.image_size,) * 2)
-    for e in ext.values():
-        e.extract(x[:args.batch_size])
-    return {"dino": interleaved({p: (lambda e=e: rate(e.extract, x, args.batch_size))
-                                 for p, e in ext.items()}, args.rounds)}
+def _dino(args: argparse.Namespace, loads: dict) -> dict[str, dict]:
+    arch = "vit_small_patch14_dinov2"
+    ext = {}
+    ext[FP32], torch_s = _loaded(lambda: DinoExtractor(DinoSpec(arch, "random:0")))
+    ext[BF16] = DinoExtractor(DinoSpec(arch, "random:0", precision=BF16))
+    size = ext[FP32].spec.image_size
+    x = pixels_for(args.n, (size,) * 2)
+    fns = {p: e.extract for p, e in ext.items()}
+    if args.openvino:
+        cache = _cache_dir(args, "dino")
+        fns.update(_ov_loads(
+            lambda p: CompiledModule(_DinoTokens(ext[FP32].model).eval(), (3, size, size), p,
+                                     f"bench:{ext[FP32].identity}", cache),
+            lambda m: m.source, "dino", torch_s, loads))
+    for f in fns.values():
+        with torch.no_grad():
+            f(x[:args.batch_size])
+    return {"dino": interleaved({p: (lambda f=f: rate(f, x, args.batch_size))
+                                 for p, f in fns.items()}, args.rounds)}
 
 
-def _regad(args: argparse.Namespace) -> dict[str, dict]:
+def _regad(args: argparse.Namespace, loads: dict) -> dict[str, dict]:
     spec = RegadSpec("resnet18", "random:0")
     ext = {p: RegadExtractor(RegadModel(spec), precision=p) for p in (FP32, BF16)}
     x = pixels_for(args.n, (spec.image_size,) * 2)
@@ -249,28 +368,41 @@ def _regad(args: argparse.Namespace) -> dict[str, dict]:
                                   for p, e in ext.items()}, args.rounds)}
 
 
-def extractors(args: argparse.Namespace) -> dict[str, dict]:
+def extractors(args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per extractor row, per variant: the ``interleaved`` figures; and per row with
+    OpenVINO variants, its load seconds."""
     out: dict[str, dict] = {}
+    loads: dict[str, dict] = {}
     for part in (_clip, _cnns, _dino, _regad):
-        out.update(part(args))
-    return out
+        out.update(part(args, loads))
+    return out, loads
 
 
 # --------------------------------------------------------------- whole jobs
 
 
 def _job_rate(args: argparse.Namespace, manifest: str, n: int, scorers: tuple[str, ...],
-              precision: str, output: str) -> tuple[float, float]:
-    """``timed`` of one ``score`` run of ``scorers`` over the ``n`` images of ``manifest``."""
+              variant: str, output: str) -> tuple[float, float]:
+    """``timed`` of one ``score`` run of ``scorers`` over the ``n`` images of ``manifest``,
+    at the precision and CNN runtime of ``variant`` (``JOB_VARIANTS``)."""
+    precision, runtime = JOB_VARIANTS[variant]
+    options = dict(cnn_weights="random:0", vit_weights="random:0")
+    if runtime != TORCH:
+        options.update(cnn_runtime=runtime,
+                       compiled_cache=os.path.join(args.compiled_cache, "jobs"))
     shutil.rmtree(output, ignore_errors=True)
     config = ScoreConfig(
         manifest=manifest, output=output, k=args.k, seeds=(0,), scorers=scorers,
         backbone=BackboneSpec(CLIP_BACKBONE, "random:0", precision=precision),
-        batch_size=args.batch_size, run_date="2000-01-01", run_id=f"runtime-{precision}",
-        options=dict(cnn_weights="random:0", vit_weights="random:0"))
+        batch_size=args.batch_size, run_date="2000-01-01",
+        run_id=f"runtime-{_slug(variant)}", options=options)
     if args.encode_prompts:
         clear(PROMPT_PAIRS)
     return timed(lambda: run_score(config, []), n)
+
+
+def _slug(variant: str) -> str:
+    return variant.replace("+", "-")
 
 
 def jobs(args: argparse.Namespace) -> dict[str, dict]:
@@ -286,28 +418,31 @@ def jobs(args: argparse.Namespace) -> dict[str, dict]:
         for size in (n, args.k + 1):
             manifests[size] = os.path.join(args.workdir, f"manifest-{size}-{args.k}.parquet")
             one_group_manifest(paths[:size], args.k, manifests[size])
+        variants = (FP32, BF16)
+        if label == "six" and args.openvino:  # the CNN scorers' extractor under OpenVINO
+            variants += ("fp32+ov", "bf16+ov")
         runs = {}
-        for precision in (FP32, BF16):
+        for variant in variants:
             for size in (n, args.k + 1):
-                out_dir = os.path.join(args.workdir, f"out-{precision}-{size}")
-                runs[f"{precision}@{size}"] = (
-                    lambda p=precision, s=size, o=out_dir:
-                    _job_rate(args, manifests[s], s, scorers, p, o))
-        for precision in (FP32, BF16):  # untimed: loads the models, encodes nothing twice
-            runs[f"{precision}@{args.k + 1}"]()
+                out_dir = os.path.join(args.workdir, f"out-{_slug(variant)}-{size}")
+                runs[f"{variant}@{size}"] = (
+                    lambda v=variant, s=size, o=out_dir:
+                    _job_rate(args, manifests[s], s, scorers, v, o))
+        for variant in variants:  # untimed: loads (compiles) the models, encodes nothing twice
+            runs[f"{variant}@{args.k + 1}"]()
         if label == "inctrl":
             runs.update(_bare_towers(args, n - args.k - 1))
         res = interleaved(runs, rounds)
         entry = {}
-        for precision in (FP32, BF16):
-            whole, fixed = res[f"{precision}@{n}"], res[f"{precision}@{args.k + 1}"]
-            entry[precision] = {**whole, "fixed": fixed}
+        for variant in variants:
+            whole, fixed = res[f"{variant}@{n}"], res[f"{variant}@{args.k + 1}"]
+            entry[variant] = {**whole, "fixed": fixed}
             for key in ("ips", "cpu_ips"):  # the marginal rate: the fixed run taken out
                 t_whole, t_fixed = n / whole[key], (args.k + 1) / fixed[key]
-                entry[precision][f"marginal_{key}"] = (
+                entry[variant][f"marginal_{key}"] = (
                     (n - args.k - 1) / (t_whole - t_fixed) if t_whole > t_fixed else None)
-            if f"bare-{precision}" in res:
-                entry[precision]["bare"] = res[f"bare-{precision}"]
+            if f"bare-{variant}" in res:
+                entry[variant]["bare"] = res[f"bare-{variant}"]
         out[label] = entry
     return out
 
@@ -340,8 +475,13 @@ def render(res: dict) -> str:
     lines = [f"bench.runtime, {res['date']}", f"machine: {res['machine']}",
              f"command: {res['command']}", f"CPU bf16: {res['capabilities']['describe']}; "
              f"oneDNN bf16: {res['capabilities']['onednn_bf16']}"]
-    variants = (FP32, BF16, "fp32-cl", "bf16-nchw", "autocast")
+    if res.get("openvino"):
+        lines.append(f"OpenVINO: {res['openvino']}")
+    elif res.get("openvino_missing"):
+        lines.append(f"OpenVINO variants absent: {res['openvino_missing']}")
     if "extractors" in res:
+        variants = [v for v in (FP32, BF16, "fp32-cl", "bf16-nchw", "autocast", *OV_VARIANTS)
+                    if any(v in r for r in res["extractors"].values())]
         for key, unit in (("cpu_ips", "images per CPU-second"), ("ips", "images/s, wall")):
             lines += ["", f"extractors alone, batch {res['batch_size']}, {unit}, medians of "
                       f"{res['rounds']} interleaved rounds (x: against fp32 of the row)",
@@ -352,17 +492,41 @@ def render(res: dict) -> str:
                 cells = "".join(_cell(r[v][key], base) if v in r else f"{'':15}"
                                 for v in variants)
                 lines.append(f"{name:22}{cells}{r[FP32]['load']:7.1f}")
+        if any(v in variants for v in OV_VARIANTS):
+            lines.append("ov-*: OpenVINO at that precision (the job offers it for the CNNs "
+                         "only); none for windows and regad")
+        if res.get("ov_loads"):
+            lines += ["", "load seconds: the torch fp32 extractor's; OpenVINO's first load "
+                      "(convert, compile, write the cache entry) and a cached one (the CNNs' "
+                      "include building the torch module, as the job's do; clip's and dino's "
+                      "start from it)",
+                      f"{'extractor':22}{'torch':>8}"
+                      + "".join(f"{v + ' ' + w:>16}" for v in OV_VARIANTS
+                                for w in ("first", "cached"))]
+            for name, r in res["ov_loads"].items():
+                lines.append(f"{name:22}{r['torch_s']:8.1f}" + "".join(
+                    f"{r[v][w]:16.1f}" for v in OV_VARIANTS for w in ("first_s", "cached_s")))
     if "jobs" in res:
+        variants = [v for v in JOB_VARIANTS if any(v in r for r in res["jobs"].values())]
         for key, unit in (("cpu_ips", "images per CPU-second"), ("ips", "images/s, wall")):
             lines += ["", f"whole score job (DirectRunner, in-process), {unit}: whole run and "
-                      "marginal (the k + 1 image run taken out)",
-                      f"{'job':14}{'fp32':>15}{'bf16':>15}{'fp32 marginal':>15}"
-                      f"{'bf16 marginal':>15}{'load':>7}"]
+                      "marginal (the k + 1 image run taken out); x: against fp32",
+                      f"{'job':14}" + "".join(f"{v:>15}" for v in variants)
+                      + "".join(f"{'marg. ' + v:>15}" for v in variants) + f"{'load':>7}"]
             for name, r in res["jobs"].items():
-                a, b = r[FP32], r[BF16]
-                ma, mb = a[f"marginal_{key}"], b[f"marginal_{key}"]
-                lines.append(f"{name:14}{_cell(a[key], None)}{_cell(b[key], a[key])}"
-                             f"{_cell(ma, None)}{_cell(mb, ma)}{a['load']:7.1f}")
+                whole = marginal = ""
+                for v in variants:
+                    if v not in r:
+                        whole, marginal = whole + f"{'':15}", marginal + f"{'':15}"
+                        continue
+                    first = v == FP32
+                    whole += _cell(r[v][key], None if first else r[FP32][key])
+                    marginal += _cell(r[v][f"marginal_{key}"],
+                                      None if first else r[FP32][f"marginal_{key}"])
+                lines.append(f"{name:14}{whole}{marginal}{r[FP32]['load']:7.1f}")
+            if "fp32+ov" in variants:
+                lines.append("+ov: the CNN scorers' extractor under OpenVINO "
+                             "(--cnn-runtime openvino); CLIP and DINO on torch")
             bare = {n: r for n, r in res["jobs"].items() if "bare" in r[FP32]}
             if bare:
                 lines += ["", f"the job's marginal against the bare image tower it runs ({unit}, "
@@ -391,12 +555,22 @@ def main(argv: list[str] | None = None) -> int:
               "to compare", file=sys.stderr)
         return 1
     os.makedirs(args.workdir, exist_ok=True)
+    version, missing = openvino_version()
+    args.openvino = missing is None
+    if missing:
+        LOG.warning("no OpenVINO variants: %s", missing)
     res: dict = {"date": today(), "machine": machine(), "command": command_line(),
-                 "capabilities": caps, "rounds": args.rounds, "batch_size": args.batch_size}
-    if "extractors" in args.parts:
-        res["extractors"] = extractors(args)
-    if "jobs" in args.parts:
-        res["jobs"] = jobs(args)
+                 "capabilities": caps, "rounds": args.rounds, "batch_size": args.batch_size,
+                 "openvino": version, "openvino_missing": missing}
+    # compiled models go to a fresh directory, removed at the end: first loads compile
+    args.compiled_cache = tempfile.mkdtemp(prefix="compiled-", dir=args.workdir)
+    try:
+        if "extractors" in args.parts:
+            res["extractors"], res["ov_loads"] = extractors(args)
+        if "jobs" in args.parts:
+            res["jobs"] = jobs(args)
+    finally:
+        shutil.rmtree(args.compiled_cache, ignore_errors=True)
     print(render(res))
     if args.json:
         with open(args.json, "w") as f:
