@@ -145,9 +145,7 @@ class CompiledModule:
                             self._ov.get_version(), cpu)
         self.cache_dir = cache_dir or default_cache_dir()
         self.source = ""  # "cache" or "built": how this process got the model
-        self._module = module
-        self._compiled = self._load() or self._build()
-        self._module = None  # the torch module is not needed any more
+        self._compiled = self._load() or self._build(module)
         self._outputs = list(self._compiled.outputs)
         self.output_names = [next(iter(sorted(o.get_names()))) for o in self._outputs]
         self._local = threading.local()
@@ -186,8 +184,7 @@ class CompiledModule:
         LOG.info("Loaded compiled %s from %s", self.key.identity, blob_path)
         return compiled
 
-    def _build(self) -> Any:
-        module = self._module
+    def _build(self, module: torch.nn.Module) -> Any:
         c, h, w = self.key.input_shape
         example = torch.zeros(1, c, h, w)
         with torch.no_grad():

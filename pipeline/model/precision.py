@@ -97,12 +97,13 @@ def default_precision(device: str | torch.device) -> str:
     """What a run computes in when ``--precision`` is not given: bf16 on CUDA (autocast, as
     before), fp32 on the CPU.
 
-    fp32 stays the CPU default although bf16 measured 1.7x to 3.1x faster there on most
-    extractors with ranks kept (Spearman ≥ 0.9989; bench/RESULTS.md, "bf16 on the CPU"):
-    SPADE's per-defect-type AUROC moved by up to 0.017, RegAD was not faster, and fp32
-    scores are bit-identical from run to run and release to release, which the nightly
-    record, the feature caches of earlier runs and the tests compare against. bf16 on the
-    CPU is one flag away where speed matters more."""
+    fp32 stays the CPU default although bf16 measured 1.7x to 3.4x faster there with the
+    quality kept (image AUROC per defect type within 0.007 for SPADE, PaDiM and PatchCore on
+    the larger photo set; bench/RESULTS.md, "bf16 on the CPU"): the precision is a
+    property of the whole run (rows' model ids, feature-cache keys, the summary, the nightly
+    record), decided where the run is configured, which for a remote runner is not the
+    machine whose CPU would run it; and fp32 scores are bit-identical from run to run and
+    release to release. bf16 on the CPU is one flag away."""
     return BF16 if torch.device(device).type == "cuda" else FP32
 
 
