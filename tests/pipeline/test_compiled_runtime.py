@@ -14,17 +14,13 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from pipeline.core.config import ScoreConfig
-from pipeline.core.schemas import SCORES
-from pipeline.model.backbone import tiny_spec
 from pipeline.model.precision import cpu_bf16
-from pipeline.run import run_score
-from tests.beamtest import counter, read_table, small_demo_manifest
+from tests.beamtest import SCORE_KEY, counter, score_small, small_demo_manifest
 
 pytest.importorskip("openvino", reason="the optional openvino package is not installed")
 
 RUN_DATE = "2024-05-06"
-KEY = ["dataset", "category", "image_id", "seed", "scorer"]
+KEY = SCORE_KEY
 SCORERS = ("padim", "patchcore")
 
 
@@ -35,15 +31,8 @@ def manifest(tmp_path_factory) -> str:
 
 def _run(manifest: str, output: str, runtime: str, compiled: str, features: str,
          precision: str = "fp32"):
-    config = ScoreConfig(manifest=manifest, output=output, k=2, seeds=(0,),
-                         backbone=tiny_spec(precision=precision), run_date=RUN_DATE,
-                         run_id=f"{runtime}-{precision}", batch_size=4, feature_cache=features,
-                         scorers=SCORERS,
-                         options={"cnn_backbone": "mobilenet_v2", "cnn_weights": "random:0",
-                                  "cnn_runtime": runtime, "compiled_cache": compiled})
-    result = run_score(config, beam_args=[])
-    scores = read_table(output, SCORES).sort_values(KEY).reset_index(drop=True)
-    return result, scores
+    return score_small(manifest, output, precision, f"{runtime}-{precision}", features, SCORERS,
+                       RUN_DATE, cnn_runtime=runtime, compiled_cache=compiled)
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,17 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from pipeline.core.config import ScoreConfig
 from pipeline.core.feature_cache import FeatureCache
-from pipeline.core.schemas import SCORES, SUMMARY
+from pipeline.core.schemas import SUMMARY
 from pipeline.model.backbone import get_backbone, tiny_spec
 from pipeline.model.precision import cpu_bf16
-from pipeline.run import run_score
-from tests.beamtest import counter, read_table, small_demo_manifest
+from tests.beamtest import SCORE_KEY, counter, score_small, small_demo_manifest
 
 pytestmark = pytest.mark.skipif(not cpu_bf16().native,
                                 reason="this CPU has no native bf16 (the job refuses it)")
 
 RUN_DATE = "2024-05-06"
-KEY = ["dataset", "category", "image_id", "seed", "scorer"]
+KEY = SCORE_KEY
 SCORERS = ("inctrl", "patchcore")
 
 
@@ -81,14 +79,8 @@ def manifest(tmp_path_factory) -> str:
 
 
 def _run(manifest: str, output: str, precision: str, cache: str):
-    config = ScoreConfig(manifest=manifest, output=output, k=2, seeds=(0,),
-                         backbone=tiny_spec(precision=precision), run_date=RUN_DATE,
-                         run_id=f"precision-{precision}", batch_size=4, feature_cache=cache,
-                         scorers=SCORERS, options={"cnn_backbone": "mobilenet_v2",
-                                                   "cnn_weights": "random:0"})
-    result = run_score(config, beam_args=[])
-    scores = read_table(output, SCORES).sort_values(KEY).reset_index(drop=True)
-    return result, scores
+    return score_small(manifest, output, precision, f"precision-{precision}", cache, SCORERS,
+                       RUN_DATE)
 
 
 @pytest.fixture(scope="module")
