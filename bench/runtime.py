@@ -478,19 +478,20 @@ class TowerClock:
     ratio of the marginal rate to a bare tower timed minutes apart, it does not move with
     the host's speed between the two measurements."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.seconds = 0.0
         self.runs: dict[str, list[tuple[float, float]]] = {}  # key → [(wall s, tower s)]
+        self._clock = clock
 
     def install(self, backbone: Any) -> None:
         inner = backbone.encode_images
 
         def encode_images(pixels: torch.Tensor) -> Any:
-            start = time.perf_counter()
+            start = self._clock()
             try:
                 return inner(pixels)
             finally:
-                self.seconds += time.perf_counter() - start
+                self.seconds += self._clock() - start
 
         backbone.encode_images = encode_images  # the instance's attribute shadows the method
 

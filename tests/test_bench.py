@@ -376,3 +376,40 @@ def test_patch_knn_scores_its_references_zero_and_a_pasted_square_higher(tmp_pat
     assert clean == pytest.approx(0.0, abs=1e-3) and pasted > 0.1
     with pytest.raises(ValueError, match="no stages known"):
         PatchKnn("vgg11", str(weights))
+
+
+def test_tower_clock_counts_the_towers_time_inside_each_run_only():
+    """bench.runtime's drift-free figure: the tower's share of the job's marginal time is
+    (tower seconds of the long run − of the short run) / (wall seconds of the one − the
+    other), round by round; the bare tower timed between runs must not count."""
+    from types import SimpleNamespace
+
+    from bench.runtime import TowerClock
+
+    now = [0.0]
+
+    def tower(pixels):
+        now[0] += 0.1  # every forward costs 0.1 s of the fake clock
+        return pixels
+
+    backbone = SimpleNamespace(encode_images=tower)
+    clock = TowerClock(clock=lambda: now[0])
+    clock.install(backbone)
+
+    def job(forwards: int, wall: float, images: int):
+        def run():
+            for _ in range(forwards):
+                backbone.encode_images(None)
+            return images / wall, images / wall
+        return run
+
+    short_run = clock.clocked(job(2, 1.0, 5), "bf16@5", 5)  # tower 0.2 s of 1.0 s
+    for wall in (2.0, 1.8):  # tower 1.0 s of 2.0 s, then of 1.8 s
+        clock.clocked(job(10, wall, 20), "bf16@20", 20)()
+        backbone.encode_images(None)  # a bare forward between runs: not the job's
+        short_run()
+    shares = clock.shares("bf16@20", "bf16@5")
+    assert [round(r["share"], 6) for r in shares["rounds"]] == [0.8, 1.0]
+    assert [round(r["tower_s"], 6) for r in shares["rounds"]] == [0.8, 0.8]
+    assert round(shares["median"], 6) == 0.9
+    assert backbone.encode_images(None) is None  # the wrapped tower still returns its result
