@@ -35,9 +35,11 @@ SCORE_KEY = ["dataset", "category", "image_id", "seed", "scorer"]
 
 
 def score_small(manifest: str, output: str, precision: str, run_id: str, feature_cache: str,
-                scorers: tuple[str, ...], run_date: str, **options) -> tuple[object, pd.DataFrame]:
+                scorers: tuple[str, ...], run_date: str, share_model: bool = False,
+                **options) -> tuple[object, pd.DataFrame]:
     """One job on ``small_demo_manifest``'s manifest (k = 2, seed 0, batch 4, the tiny CLIP at
-    ``precision``, the CNN a seeded random mobilenet_v2 unless ``options`` say otherwise):
+    ``precision``, the CNN a seeded random mobilenet_v2 unless ``options`` say otherwise;
+    ``share_model``: the models served from one process per machine):
     (result, score rows sorted by ``SCORE_KEY``)."""
     from pipeline.core.schemas import SCORES
     from pipeline.model.backbone import tiny_spec
@@ -46,8 +48,9 @@ def score_small(manifest: str, output: str, precision: str, run_id: str, feature
     config = ScoreConfig(manifest=manifest, output=output, k=2, seeds=(0,),
                          backbone=tiny_spec(precision=precision), run_date=run_date,
                          run_id=run_id, batch_size=4, feature_cache=feature_cache,
-                         scorers=scorers, options={"cnn_backbone": "mobilenet_v2",
-                                                   "cnn_weights": "random:0", **options})
+                         scorers=scorers, share_model_across_processes=share_model,
+                         options={"cnn_backbone": "mobilenet_v2", "cnn_weights": "random:0",
+                                  **options})
     result = run_score(config, beam_args=[])
     return result, read_table(output, SCORES).sort_values(SCORE_KEY).reset_index(drop=True)
 

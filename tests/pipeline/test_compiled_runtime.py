@@ -106,3 +106,16 @@ def test_openvino_bf16_ranks_the_queries_as_torch_fp32(runs, manifest, tmp_path)
         assert np.abs(a - b).max() < 0.05 * np.abs(b).max(), scorer
         assert spearmanr(a, b).statistic > 0.95, scorer
 
+
+
+def test_a_model_served_to_every_process_scores_alike(runs, manifest, tmp_path):
+    """With the models in one process per machine (``share_model_across_processes``) the
+    compiled CNN lives and runs there; the rows are those of the in-process run."""
+    out, compiled = runs
+    _, shared = score_small(manifest, str(tmp_path / "out"), "fp32", "openvino-shared",
+                            str(tmp_path / "f"), SCORERS, RUN_DATE, share_model=True,
+                            cnn_runtime="openvino", compiled_cache=compiled)
+    _, alone = out["openvino"]
+    assert shared[KEY].equals(alone[KEY])
+    np.testing.assert_array_equal(shared["final_score"].to_numpy(),
+                                  alone["final_score"].to_numpy())
