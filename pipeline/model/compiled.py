@@ -1,9 +1,9 @@
 """Frozen torch modules compiled by OpenVINO for the CPU, cached on disk.
 
-Why: on this project's CPU (Xeon with AMX) OpenVINO 2026.4 ran the CNN extractors' stages
-far faster than torch's best path, bf16 channels-last: mobilenet_v2 3.1x, wide_resnet50_2
-1.3x; its fp32 ran mobilenet_v2 at 5x torch's fp32. It did not beat torch on the
-transformers (the CLIP image tower: 0.98x, DINOv2: 0.89x of torch bf16), so only the CNN
+Why: on this project's CPU (Xeon with AMX) OpenVINO 2026.4 in bf16 ran the CNN extractors'
+stages faster than torch's best path, bf16 channels-last: mobilenet_v2 2.37x,
+wide_resnet50_2 1.26x; its fp32 ran mobilenet_v2 at 4.0x torch's fp32. It did not beat torch
+on the transformers (the CLIP image tower 0.90x, DINOv2 1.00x of torch bf16), so only the CNN
 extractor offers it (``--cnn-runtime openvino``; bench/RESULTS.md, "OpenVINO").
 
 OpenVINO is an optional dependency (``pip install .[openvino]``); asking for it without it
@@ -20,8 +20,8 @@ logged and skipped (the compiled model still runs).
 
 Precision: OpenVINO's CPU plugin computes in bf16 by default where the CPU has AMX; the
 precision is therefore always given (``INFERENCE_PRECISION_HINT``), at compile and at import:
-``fp32`` runs float32 (within 3e-8 of torch's fp32 on mobilenet_v2, but not bit-identical,
-which is why a run names its runtime in its identity), ``bf16`` runs bf16.
+``fp32`` runs float32 (within relative 1e-6 of torch's fp32 on the CNN stages, but not
+bit-identical, which is why a run names its runtime in its identity), ``bf16`` runs bf16.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def weights_checksum(module: torch.nn.Module) -> str:
     for name, value in module.state_dict().items():
         t = value.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes in place, no copy
     return h.hexdigest()
 
 
@@ -230,8 +230,10 @@ class CompiledModule:
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
         array = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
-        result = request.infer({0: array})
-        return {name: torch.from_numpy(np.array(result[port], dtype=np.float32, copy=True))
+        # The input is read in place (the call waits for the result); the outputs come back
+        # as arrays of their own (share_outputs=False), outliving the request's next call.
+        result = request.infer({0: array}, share_inputs=True)
+        return {name: torch.from_numpy(result[port])
                 for name, port in zip(self.output_names, self._outputs)}
 
 
