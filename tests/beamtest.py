@@ -18,6 +18,9 @@ from pipeline.core.demo_data import generate_demo
 from pipeline.core.layout import PARTITIONING, current_files
 from pipeline.core.make_manifest import make_manifest
 from pipeline.core.manifest import ManifestRow, write_manifest
+from pipeline.core.schemas import SCORES
+from pipeline.model.backbone import tiny_spec
+from pipeline.run import run_score
 from pipeline.runner import make_runner
 
 
@@ -41,10 +44,6 @@ def score_small(manifest: str, output: str, precision: str, run_id: str, feature
     ``precision``, the CNN a seeded random mobilenet_v2 unless ``options`` say otherwise;
     ``share_model``: the models served from one process per machine):
     (result, score rows sorted by ``SCORE_KEY``)."""
-    from pipeline.core.schemas import SCORES
-    from pipeline.model.backbone import tiny_spec
-    from pipeline.run import run_score
-
     config = ScoreConfig(manifest=manifest, output=output, k=2, seeds=(0,),
                          backbone=tiny_spec(precision=precision), run_date=run_date,
                          run_id=run_id, batch_size=4, feature_cache=feature_cache,
