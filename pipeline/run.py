@@ -75,9 +75,11 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, *, identity: RunIdenti
               | "LoadQueryImages" >> LoadImages(
                   config.suite, config.limits, decode_threads=config.decode_thread_count,
                   prefetch=config.batch_size, group_chunk=config.query_chunk))
+    # Each query's features a view of its batch's: ScoreQueries, fused behind, scores them
+    # batch by batch and drops them.
     features = images["images"] | "ExtractQueryFeatures" >> ExtractSuiteFeatures(
         config.suite, config.batch_size, config.share_model_across_processes,
-        on_device=config.features_on_device)
+        on_device=config.features_on_device, views=True)
     scored = features["features"] | "ScoreQueries" >> ScoreQueries(
         config, identity, references["sets"], prompts, cache)
     decided = scored["scores"] | "DecideAnomalies" >> DecideAnomalies(config)

@@ -3,6 +3,11 @@ numpy: the same IEEE float32 operations as torchvision's ``ToTensor`` then ``Nor
 (uint8 → float32, ÷ 255, − mean, ÷ std; each correctly rounded), so the pixels are
 bit-identical, but on the calling thread alone.
 
+Each output value depends only on its channel and its uint8 input, so those operations run
+once, on the 256 values of each channel, into a (3, 256) table; an image is then three table
+lookups that write the (3, H, W) planes directly, with no whole-image float passes and no
+transposed copy (0.54 against 1.26 ms for a 240 px image here).
+
 Why: torch splits each of those five whole-image passes (permute, convert, divide, subtract,
 divide) over its intra-op threads, and on a two-core worker whose other thread is busy (the
 model's forward, another process) every split waits for it: the torchvision tail cost 9 to 48
@@ -32,21 +37,30 @@ class NormalizedTensor:
         self.normalize = normalize
         self.mean = np.asarray(normalize.mean, dtype=np.float32)
         self.std = np.asarray(normalize.std, dtype=np.float32)
+        self.table = (_uint8_table(self.mean, self.std)
+                      if self.mean.shape == (3,) and self.std.shape == (3,) else None)
 
     def __call__(self, image: Any) -> torch.Tensor:
-        if (getattr(image, "mode", None) != "RGB" or self.mean.shape != (3,)
-                or self.std.shape != (3,) or torch.get_default_dtype() != torch.float32
+        if (getattr(image, "mode", None) != "RGB" or self.table is None
+                or torch.get_default_dtype() != torch.float32
                 or getattr(self.normalize, "inplace", False)):
             return self.normalize(self.to_tensor(image))
-        x = np.asarray(image, dtype=np.float32)  # (H, W, 3), exact
-        x = x / np.float32(255)
-        x -= self.mean
-        x /= self.std
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        rgb = np.asarray(image)  # (H, W, 3) uint8
+        out = np.empty((3,) + rgb.shape[:2], dtype=np.float32)
+        for channel in range(3):
+            np.take(self.table[channel], rgb[..., channel], out=out[channel])
+        return torch.from_numpy(out)
 
     def __repr__(self) -> str:
         mean, std = (tuple(float(v) for v in a) for a in (self.mean, self.std))
         return f"NormalizedTensor(mean={mean}, std={std})"
+
+
+def _uint8_table(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(3, 256) float32: ``(v / 255 - mean[c]) / std[c]`` for every uint8 ``v``, each step
+    one correctly rounded float32 operation, in torchvision's order."""
+    values = np.arange(256, dtype=np.float32)[None, :] / np.float32(255)  # (1, 256)
+    return ((values - mean[:, None]) / std[:, None]).astype(np.float32, copy=False)
 
 
 def host_normalizing(transform: Any) -> Any:

@@ -43,6 +43,22 @@ def test_equals_torchvision_bit_for_bit(mean, std):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("mean,std", [(CLIP_MEAN, CLIP_STD),
+                                      ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                                      ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+def test_every_uint8_value_of_every_channel(mean, std):
+    """The pixels come from a per-channel table of the 256 values: an image holding every
+    value in every channel, in a different order per channel, checks the whole table against
+    torchvision's ToTensor + Normalize."""
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rgb = np.stack([ramp, ramp.T, ramp[::-1]], axis=-1)
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    want = T.Normalize(mean, std)(T.ToTensor()(image))
+    got = NormalizedTensor(T.ToTensor(), T.Normalize(mean, std))(image)
+    assert got.shape == (3, 16, 16) and got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, want)
+
+
 def test_the_jobs_views_take_it_and_keep_their_pixels():
     """CLIP (open_clip's own transform), the CNN and DINO views: each against the same
     transform with torchvision's steps put back."""

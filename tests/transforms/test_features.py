@@ -210,6 +210,33 @@ def test_run_inference_returns_each_image_of_a_batched_forward(tiny):
     assert not torch.equal(out[0]["clip/embeds"], out[1]["clip/embeds"])
 
 
+def test_views_share_the_batch_and_encode_their_own_image_alone(tiny):
+    """The query path's ``views``: the same values as the copies, each a view of one batch
+    storage (no per-image copy), and the coder still writes one image's bytes, not the
+    batch's: a runner that encodes them between stages ships 1/B of the storage each."""
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(3, 3, *tiny.geometry.image_size, generator=g)
+    inputs = [TensorBundle({"clip": p}) for p in pixels]
+    copies = SuiteFeatureHandler(SuiteSpec(clip=tiny_spec()), batch_size=3)
+    views = SuiteFeatureHandler(SuiteSpec(clip=tiny_spec()), batch_size=3, views=True)
+    suite = copies.load_model()
+    want = list(copies.run_inference(inputs, suite))
+    got = list(views.run_inference(inputs, suite))
+    storages = {f["clip/tokens"].untyped_storage().data_ptr() for f in got}
+    assert len(storages) == 1  # one batch, no copies
+    for i, (v, c) in enumerate(zip(got, want)):
+        tokens = v["clip/tokens"]
+        assert tokens.untyped_storage().nbytes() == 3 * tokens.nelement() * tokens.element_size()
+        assert tokens.storage_offset() == i * tokens.nelement()
+        for key in c.keys():
+            assert_same(v[key], c[key])
+        decoded = TensorBundleCoder().decode(TensorBundleCoder().encode(v))
+        assert decoded["clip/tokens"].untyped_storage().nbytes() == \
+            tokens.nelement() * tokens.element_size()
+        for key in c.keys():
+            assert_same(decoded[key], c[key])
+
+
 def test_a_batch_whose_forward_fails_becomes_extract_error_rows(tiny, test_pipeline):
     """RunInference's dead-letter output: the images of a batch the model cannot run (here
     a wrong-sized image, as a corrupt preprocessing would give) are ``extract`` error rows,

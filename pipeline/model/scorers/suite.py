@@ -106,9 +106,14 @@ class TensorBundle:
         return TensorBundle({k: torch.cat([b.tensors[k] for b in items])
                              for k in items[0].tensors})
 
-    def split(self) -> list["TensorBundle"]:
-        """One bundle per image, each an own copy (a view would carry the batch's storage)."""
-        return [TensorBundle({k: v[i:i + 1].clone() for k, v in self.tensors.items()})
+    def split(self, copy: bool = True) -> list["TensorBundle"]:
+        """One bundle per image: each an own copy, or with ``copy=False`` views of this batch
+        (each keeps the whole batch's storage alive: only for a consumer that drops them
+        batch by batch; a coder writes a view's own values alone)."""
+        if copy:
+            return [TensorBundle({k: v[i:i + 1].clone() for k, v in self.tensors.items()})
+                    for i in range(len(self))]
+        return [TensorBundle({k: v[i:i + 1] for k, v in self.tensors.items()})
                 for i in range(len(self))]
 
 
