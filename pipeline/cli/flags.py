@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import difflib
+import logging
 import math
 from typing import Sequence
 
@@ -17,11 +18,14 @@ from pipeline.core.config import (DEFAULT_BATCH_SIZE, DEFAULT_FALSE_ALARM_RATE, 
 from pipeline.core.failures import DEFAULT_MAX_FAILED_FRACTION, EXIT_TOO_MANY_FAILURES
 from pipeline.model.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, BackboneSpec
 from pipeline.model.loading import backbone_for_heads
-from pipeline.model.precision import PRECISIONS, check_precision, default_precision
+from pipeline.model.precision import (FP32, PRECISIONS, check_precision, default_precision,
+                                       describe_default)
 from pipeline.model.scorers import registry
 from pipeline.model.scorers.references import RANDOM, SELECTIONS
 from pipeline.model.scorers.base import positive_int  # one validator, shared with the scorers
 from pipeline.model.scorers.suite import SuiteSpec, parse_scorers
+
+LOG = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Validators: argparse types that turn a bad value into one usage line, never a traceback
@@ -146,7 +150,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="what image features are computed in: fp32; tf32 (CUDA matrix "
                         "products); bf16 (autocast on CUDA; on a CPU with native bf16, every "
                         "extractor's weights and input; refused on other CPUs). Default: "
-                        "bf16 on CUDA, fp32 on the CPU")
+                        "bf16 on CUDA; for scoring on the CPU, bf16 when it has native bf16 "
+                        "and the DirectRunner runs the workers here, fp32 otherwise (and for "
+                        "training); the choice and its reason are logged")
     g.add_argument("--semantic-classes", type=name_set, default=None,
                    help="comma-separated category names scored with the semantic prompt pair")
 
@@ -286,10 +292,32 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
+def _device_type(device: str) -> str:
+    return device.split(":", 1)[0]
+
+
+def runs_here(args: argparse.Namespace) -> bool:
+    """Whether the run's workers are this machine: the DirectRunner (Beam's default)."""
+    return getattr(args, "beam_runner", None) in (None, "DirectRunner")
+
+
+def backbone_from_args(args: argparse.Namespace, *, training: bool = False) -> BackboneSpec:
     """The backbone of the model flags; with ``--checkpoint``, the one its heads run on
-    (``backbone_for_heads``: flags that contradict the heads' metadata are an error)."""
-    precision = args.precision or default_precision(args.device)
+    (``backbone_for_heads``: flags that contradict the heads' metadata are an error).
+
+    Without ``--precision``: ``default_precision`` for a scoring run (bf16 on a CPU with
+    native bf16 under the DirectRunner), logged with its reason; fp32 on the CPU for a
+    ``training`` run."""
+    precision = args.precision
+    if precision is None and training and _device_type(args.device) == "cpu":
+        # Heads trained on bf16 features were not measured: training keeps fp32 on the CPU.
+        precision = FP32
+        LOG.info("precision fp32 (default for training on the CPU)")
+    elif precision is None:
+        here = runs_here(args)
+        precision = default_precision(args.device, workers_here=here)
+        LOG.info("%s", describe_default(args.device, precision, workers_here=here))
+    args.precision = precision  # resolved once: a command reading the flags again agrees
     # bf16 on a CPU without native bf16: one line now, not a worker's traceback later
     check_precision(args.device, precision)
     checkpoint = getattr(args, "checkpoint", None)
@@ -381,10 +409,12 @@ def parse_with_beam(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     usage message naming it and the closest flag of this command."""
     args, rest = parser.parse_known_args(argv)
     _check_together(parser, args)
+    args.beam_runner = None  # the runner Beam's flags name (None: the DirectRunner)
     if not rest:
         return args, []
     beam = _beam_parser()
-    _, unknown = beam.parse_known_args(rest)
+    beam_args, unknown = beam.parse_known_args(rest)
+    args.beam_runner = getattr(beam_args, "runner", None)
     if unknown:
         flags = [a.split("=", 1)[0] for a in unknown if a.startswith("-")]
         # suggest only this command's own flags: Beam's are many and no usage text shows them

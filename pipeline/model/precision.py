@@ -93,18 +93,37 @@ def cpu_bf16() -> CpuBf16:
     return found
 
 
-def default_precision(device: str | torch.device) -> str:
-    """What a run computes in when ``--precision`` is not given: bf16 on CUDA (autocast, as
-    before), fp32 on the CPU.
+def default_precision(device: str | torch.device, *, workers_here: bool = True) -> str:
+    """What a run computes in when ``--precision`` is not given.
 
-    fp32 stays the CPU default although bf16 measured 1.7x to 3.4x faster there with the
-    quality kept (image AUROC per defect type within 0.007 for SPADE, PaDiM and PatchCore on
-    the larger photo set; bench/RESULTS.md, "bf16 on the CPU"): the precision is a
-    property of the whole run (rows' model ids, feature-cache keys, the summary, the nightly
-    record), decided where the run is configured, which for a remote runner is not the
-    machine whose CPU would run it; and fp32 scores are bit-identical from run to run and
-    release to release. bf16 on the CPU is one flag away."""
-    return BF16 if torch.device(device).type == "cuda" else FP32
+    - CUDA: bf16 (autocast, as before).
+    - The CPU, when the run's workers are this machine (``workers_here``: the DirectRunner)
+      and its CPU has native bf16: bf16. Measured there at 2.5x to 3.4x the fp32 speed with
+      the quality kept: image AUROC per defect type within 0.007 of fp32 for SPADE, PaDiM
+      and PatchCore on the larger photo set, InCTRL's scores at Spearman 0.9998
+      (bench/RESULTS.md, "bf16 on the CPU"), which is the issue's rule for the default.
+    - Any other CPU run: fp32. Without native bf16, bf16 is emulated and slower. On a remote
+      runner the workers' CPU is not this machine's and cannot be seen from here, while the
+      precision is fixed where the run is configured (rows' model ids, feature-cache keys,
+      the summary, the nightly record): ``--precision bf16`` says they have it.
+
+    ``--precision fp32`` keeps fp32's bit-identical scores on any machine."""
+    if torch.device(device).type == "cuda":
+        return BF16
+    return BF16 if workers_here and cpu_bf16().native else FP32
+
+
+def describe_default(device: str | torch.device, precision: str, *, workers_here: bool) -> str:
+    """One line saying why ``precision`` is the default here."""
+    if torch.device(device).type == "cuda":
+        return f"precision {precision} (default on CUDA: bf16 autocast)"
+    if precision == BF16:
+        return (f"precision bf16 (default: this CPU has native bf16: {cpu_bf16().describe()}; "
+                "--precision fp32 for fp32 scores)")
+    if not workers_here:
+        return ("precision fp32 (default for a remote runner: its workers' CPU cannot be seen "
+                "from here; --precision bf16 where they have native bf16)")
+    return f"precision fp32 (default: this CPU has no native bf16: {cpu_bf16().describe()})"
 
 
 def check_precision(device: str | torch.device, precision: str) -> None:
@@ -171,5 +190,6 @@ def enable_tf32(device: torch.device, precision: str) -> None:
 
 
 __all__ = ["BF16", "FP32", "PRECISIONS", "TF32", "CpuBf16", "PrecisionError", "autocast",
-           "check_precision", "cpu_bf16", "default_precision", "enable_tf32", "module_dtype",
+           "check_precision", "cpu_bf16", "default_precision", "describe_default", "enable_tf32",
+           "module_dtype",
            "module_precision", "read_cpu_bf16", "to_input", "to_precision"]

@@ -112,9 +112,62 @@ def test_what_each_device_runs_a_precision_as(cpu_with_bf16):
         assert isinstance(autocast(cuda, p), contextlib.nullcontext)
 
 
-def test_the_default_precision_is_fp32_on_the_cpu_and_bf16_on_cuda(cpu_with_bf16):
-    assert default_precision("cpu") == FP32
-    assert default_precision("cuda:0") == BF16
+def test_the_default_is_bf16_on_a_native_cpu_that_runs_the_workers(cpu_with_bf16):
+    """The issue's rule: bf16 where the CPU has it natively (the quality check held), fp32
+    otherwise; a remote runner's workers are not this CPU; CUDA keeps bf16 autocast."""
+    assert default_precision("cpu") == BF16
+    assert default_precision("cpu", workers_here=False) == FP32
+    assert default_precision("cuda:0") == default_precision("cuda:0", workers_here=False) == BF16
+
+
+def test_the_default_is_fp32_on_a_cpu_without_native_bf16(cpu_without_bf16):
+    assert default_precision("cpu") == default_precision("cpu", workers_here=False) == FP32
+
+
+def _score_precision(argv: list[str]) -> str:
+    from pipeline.cli.score import parse_score_command
+
+    config, _, _ = parse_score_command(["--manifest", "m.parquet", "--output", "out", *argv])
+    return config.backbone.precision
+
+
+def test_the_score_command_resolves_and_logs_the_default(cpu_with_bf16, caplog):
+    caplog.set_level("INFO", logger="pipeline.cli.flags")
+    assert _score_precision([]) == BF16
+    assert "precision bf16 (default: this CPU has native bf16: avx512_bf16, amx_bf16" \
+        in caplog.text
+    assert _score_precision(["--runner", "DirectRunner"]) == BF16
+    caplog.clear()
+    assert _score_precision(["--runner", "DataflowRunner", "--project", "p"]) == FP32
+    assert "default for a remote runner" in caplog.text
+    assert _score_precision(["--runner", "FlinkRunner", "--precision", "bf16"]) == BF16
+    assert _score_precision(["--precision", "fp32"]) == FP32  # fp32's bit-identical scores
+    # recorded where every row's model id and the feature cache read it
+    assert "|precision=bf16" in _score_feature_id([])
+    assert "|precision=fp32" in _score_feature_id(["--runner", "FlinkRunner"])
+
+
+def _score_feature_id(argv: list[str]) -> str:
+    from pipeline.cli.score import parse_score_command
+
+    config, _, _ = parse_score_command(["--manifest", "m.parquet", "--output", "out", *argv])
+    return config.backbone.feature_id
+
+
+def test_the_default_on_a_cpu_without_bf16_is_fp32_and_says_why(cpu_without_bf16, caplog):
+    caplog.set_level("INFO", logger="pipeline.cli.flags")
+    assert _score_precision([]) == FP32
+    assert "this CPU has no native bf16" in caplog.text
+
+
+def test_training_keeps_fp32_on_the_cpu(cpu_with_bf16):
+    from pipeline.cli.train import parse_train_args
+
+    config, _ = parse_train_args(["--manifest", "m.parquet", "--output", "heads"])
+    assert config.backbone.precision == FP32
+    config, _ = parse_train_args(["--manifest", "m.parquet", "--output", "heads",
+                                  "--precision", "bf16"])
+    assert config.backbone.precision == BF16
 
 
 def test_the_command_refuses_bf16_on_a_cpu_without_it_in_one_line(cpu_without_bf16, caplog,
