@@ -3,6 +3,7 @@ handler's per-image split of a batched forward."""
 from __future__ import annotations
 
 import contextlib
+import pickle
 import warnings
 from typing import Iterator
 
@@ -235,6 +236,48 @@ def test_views_share_the_batch_and_encode_their_own_image_alone(tiny):
             tokens.nelement() * tokens.element_size()
         for key in c.keys():
             assert_same(decoded[key], c[key])
+        # A runner that pickles elements (not through the coder) ships the image alone too.
+        pickled = pickle.dumps(v)
+        assert len(pickled) < 1.5 * tokens.nelement() * tokens.element_size()
+        unpickled = pickle.loads(pickled)
+        for key in c.keys():
+            assert_same(unpickled[key], c[key])
+    whole = pickle.dumps(got[0].tensors["clip/tokens"])  # what torch alone would ship
+    assert len(whole) > 2.5 * got[0]["clip/tokens"].nelement() * 4
+
+
+def test_cat_of_a_batchs_views_is_a_view_and_anything_else_a_copy():
+    """ScoreQueries concatenates a group's images: the views of one batch, in order, come
+    back as a view of that batch (no copy); other orders, other batches, gaps, copies and
+    mixed dtypes are concatenated as torch.cat would."""
+    batch = TensorBundle({"a": _sample((5, 3, 4), torch.float32, seed=2),
+                          "b": torch.arange(10).reshape(5, 2)})
+    views, copies = batch.split(copy=False), batch.split()
+    other = TensorBundle({"a": _sample((2, 3, 4), torch.float32, seed=3),
+                          "b": torch.arange(4).reshape(2, 2)}).split(copy=False)
+
+    def check(items, want_view):
+        got = TensorBundle.cat(items)
+        for key in ("a", "b"):
+            want = torch.cat([i[key] for i in items])
+            assert_same(got[key], want)
+            shares = got[key].untyped_storage().data_ptr() == \
+                batch[key].untyped_storage().data_ptr()
+            assert shares == want_view, (key, want_view)
+            assert got[key].is_contiguous()
+
+    check(views, True)
+    check(views[1:4], True)  # a run inside the batch
+    check(views[3:4], True)
+    check([views[0], views[2]], False)  # a gap
+    check([views[1], views[0]], False)  # out of order
+    check(copies, False)
+    check([views[3], views[4], other[0]], False)  # two batches
+    two_rows = TensorBundle({"a": batch["a"][:2], "b": batch["b"][:2]})
+    check([two_rows, views[2]], True)  # parts of several rows
+    mixed = TensorBundle({"a": views[1]["a"].double(), "b": views[1]["b"]})
+    got = TensorBundle.cat([views[0], mixed])  # torch.cat promotes; no view claims a dtype
+    assert got["a"].dtype == torch.float64
 
 
 def test_a_batch_whose_forward_fails_becomes_extract_error_rows(tiny, test_pipeline):

@@ -14,6 +14,7 @@ scorers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
@@ -68,12 +69,54 @@ def check_k(scorers: Iterable[str], k: int) -> None:
 # --------------------------------------------------------------- features as one bundle
 
 
+def _owns_storage(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage holds its values and nothing else."""
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.nelement() * t.element_size())
+
+
+def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``: a view where ``_joined_view`` finds one."""
+    view = _joined_view(parts)
+    return torch.cat(list(parts)) if view is None else view
+
+
+def _joined_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``torch.cat(parts)`` as a view, when the parts are contiguous and lie back to back, in
+    order, in one storage (a batch split into views); None otherwise."""
+    first = parts[0]
+    if first.dim() == 0:
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    row = math.prod(first.shape[1:])
+    rows = 0
+    for part in parts:
+        if (not part.is_contiguous() or part.dtype != first.dtype
+                or part.device != first.device or part.shape[1:] != first.shape[1:]
+                or part.untyped_storage().data_ptr() != storage
+                or part.storage_offset() != offset + rows * row):
+            return None
+        rows += part.shape[0]
+    shape = (rows, *first.shape[1:])
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return first.as_strided(shape, strides, offset)
+
+
 @dataclass
 class TensorBundle:
     """Named tensors of one image (or a stack of images, batch first), by
     ``<extractor>/<feature>`` key; what travels between the job's stages."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict:
+        """Pickled (a runner that pickles elements instead of using TensorBundleCoder), each
+        tensor carries its own values alone: torch would pickle a view's whole storage, the
+        whole batch for ``split(copy=False)``."""
+        return {"tensors": {k: v if _owns_storage(v) else v.clone()
+                            for k, v in self.tensors.items()}}
 
     def __len__(self) -> int:
         return next(iter(self.tensors.values())).shape[0] if self.tensors else 0
@@ -100,10 +143,12 @@ class TensorBundle:
 
     @staticmethod
     def cat(items: Sequence["TensorBundle"]) -> "TensorBundle":
-        """Stack along the batch; every item has the same keys."""
+        """Stack along the batch; every item has the same keys. Items that are consecutive
+        views of one batch (``split(copy=False)``, in order) come back as a view of it, with
+        no copy; anything else is concatenated."""
         if not items:
             raise ValueError("nothing to concatenate")
-        return TensorBundle({k: torch.cat([b.tensors[k] for b in items])
+        return TensorBundle({k: _joined([b.tensors[k] for b in items])
                              for k in items[0].tensors})
 
     def split(self, copy: bool = True) -> list["TensorBundle"]:
