@@ -126,6 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encode-prompts", action="store_true",
                    help="every timed job run encodes the prompt ensemble (a process's first "
                         "run) instead of reusing the process's")
+    p.add_argument("--image-format", default="png", choices=("png", "jpg"),
+                   help="the jobs' 256 px input files (their noise PNGs decode about 7x "
+                        "slower than the JPEGs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "inctrl-runtime"))
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -413,8 +416,8 @@ def _slug(variant: str) -> str:
 
 
 def jobs(args: argparse.Namespace) -> dict[str, dict]:
-    paths = write_images(os.path.join(args.workdir, "images"),
-                         max(args.job_n, args.suite_n, args.cnn_n), 256, "png")
+    paths = write_images(os.path.join(args.workdir, f"images-{args.image_format}"),
+                         max(args.job_n, args.suite_n, args.cnn_n), 256, args.image_format)
     out = {}
     for label, scorers, n, rounds in (
             ("inctrl", ("inctrl",), args.job_n, args.rounds),
