@@ -13,6 +13,8 @@ import logging
 import math
 from typing import Sequence
 
+import torch
+
 from pipeline.core.config import (DEFAULT_BATCH_SIZE, DEFAULT_FALSE_ALARM_RATE, DEFAULT_K,
                                   ScoreConfig)
 from pipeline.core.failures import DEFAULT_MAX_FAILED_FRACTION, EXIT_TOO_MANY_FAILURES
@@ -292,10 +294,6 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _device_type(device: str) -> str:
-    return device.split(":", 1)[0]
-
-
 def runs_here(args: argparse.Namespace) -> bool:
     """Whether the run's workers are this machine: the DirectRunner (Beam's default)."""
     return getattr(args, "beam_runner", None) in (None, "DirectRunner")
@@ -309,7 +307,7 @@ def backbone_from_args(args: argparse.Namespace, *, training: bool = False) -> B
     native bf16 under the DirectRunner), logged with its reason; fp32 on the CPU for a
     ``training`` run."""
     precision = args.precision
-    if precision is None and training and _device_type(args.device) == "cpu":
+    if precision is None and training and torch.device(args.device).type == "cpu":
         # Heads trained on bf16 features were not measured: training keeps fp32 on the CPU.
         precision = FP32
         LOG.info("precision fp32 (default for training on the CPU)")

@@ -164,7 +164,8 @@ def train_config_from_args(args: argparse.Namespace
             class_names=classes, epochs=epochs, batch_size=batch, lr=lr,
             momentum=momentum, weight_decay=decay,
             warmup_epochs=1 if args.warmup_epochs is None else args.warmup_epochs,
-            seed=args.seed, backbone=backbone_from_args(args, training=True), feature_cache=args.feature_cache,
+            seed=args.seed, backbone=backbone_from_args(args, training=True),
+            feature_cache=args.feature_cache,
             extract_batch_size=args.extract_batch_size,
             feature_memory_mb=args.feature_memory_mb, log_every=args.log_every)
     kw = {}
@@ -174,7 +175,8 @@ def train_config_from_args(args: argparse.Namespace
         manifest=args.manifest, output=out, k=k, epochs=epochs,
         steps_per_epoch=args.steps_per_epoch or 100, batch_size=batch, lr=lr,
         weight_decay=decay, lr_schedule=args.lr_schedule or "constant", seed=args.seed,
-        backbone=backbone_from_args(args, training=True), validate_manifest=args.validate_manifest,
+        backbone=backbone_from_args(args, training=True),
+        validate_manifest=args.validate_manifest,
         feature_cache=args.feature_cache, extract_batch_size=args.extract_batch_size,
         feature_memory_mb=args.feature_memory_mb, log_every=args.log_every, **kw)
 

@@ -6,7 +6,7 @@ bit-identical, but on the calling thread alone.
 Each output value depends only on its channel and its uint8 input, so those operations run
 once, on the 256 values of each channel, into a (3, 256) table; an image is then three table
 lookups that write the (3, H, W) planes directly, with no whole-image float passes and no
-transposed copy (0.54 against 1.26 ms for a 240 px image here).
+transposed copy (2.3x the four numpy passes it replaced; bench/RESULTS.md, "session 5").
 
 Why: torch splits each of those five whole-image passes (permute, convert, divide, subtract,
 divide) over its intra-op threads, and on a two-core worker whose other thread is busy (the

@@ -191,5 +191,4 @@ def enable_tf32(device: torch.device, precision: str) -> None:
 
 __all__ = ["BF16", "FP32", "PRECISIONS", "TF32", "CpuBf16", "PrecisionError", "autocast",
            "check_precision", "cpu_bf16", "default_precision", "describe_default", "enable_tf32",
-           "module_dtype",
-           "module_precision", "read_cpu_bf16", "to_input", "to_precision"]
+           "module_dtype", "module_precision", "read_cpu_bf16", "to_input", "to_precision"]

@@ -124,11 +124,15 @@ def test_the_default_is_fp32_on_a_cpu_without_native_bf16(cpu_without_bf16):
     assert default_precision("cpu") == default_precision("cpu", workers_here=False) == FP32
 
 
-def _score_precision(argv: list[str]) -> str:
+def _score_backbone(argv: list[str]):
     from pipeline.cli.score import parse_score_command
 
     config, _, _ = parse_score_command(["--manifest", "m.parquet", "--output", "out", *argv])
-    return config.backbone.precision
+    return config.backbone
+
+
+def _score_precision(argv: list[str]) -> str:
+    return _score_backbone(argv).precision
 
 
 def test_the_score_command_resolves_and_logs_the_default(cpu_with_bf16, caplog):
@@ -143,15 +147,8 @@ def test_the_score_command_resolves_and_logs_the_default(cpu_with_bf16, caplog):
     assert _score_precision(["--runner", "FlinkRunner", "--precision", "bf16"]) == BF16
     assert _score_precision(["--precision", "fp32"]) == FP32  # fp32's bit-identical scores
     # recorded where every row's model id and the feature cache read it
-    assert "|precision=bf16" in _score_feature_id([])
-    assert "|precision=fp32" in _score_feature_id(["--runner", "FlinkRunner"])
-
-
-def _score_feature_id(argv: list[str]) -> str:
-    from pipeline.cli.score import parse_score_command
-
-    config, _, _ = parse_score_command(["--manifest", "m.parquet", "--output", "out", *argv])
-    return config.backbone.feature_id
+    assert "|precision=bf16" in _score_backbone([]).feature_id
+    assert "|precision=fp32" in _score_backbone(["--runner", "FlinkRunner"]).feature_id
 
 
 def test_the_default_on_a_cpu_without_bf16_is_fp32_and_says_why(cpu_without_bf16, caplog):

@@ -97,11 +97,7 @@ def _joined_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
                 or part.storage_offset() != offset + rows * row):
             return None
         rows += part.shape[0]
-    shape = (rows, *first.shape[1:])
-    strides = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
-    return first.as_strided(shape, strides, offset)
+    return first.new_empty(0).set_(first.untyped_storage(), offset, (rows, *first.shape[1:]))
 
 
 @dataclass
@@ -155,10 +151,8 @@ class TensorBundle:
         """One bundle per image: each an own copy, or with ``copy=False`` views of this batch
         (each keeps the whole batch's storage alive: only for a consumer that drops them
         batch by batch; a coder writes a view's own values alone)."""
-        if copy:
-            return [TensorBundle({k: v[i:i + 1].clone() for k, v in self.tensors.items()})
-                    for i in range(len(self))]
-        return [TensorBundle({k: v[i:i + 1] for k, v in self.tensors.items()})
+        return [TensorBundle({k: v[i:i + 1].clone() if copy else v[i:i + 1]
+                              for k, v in self.tensors.items()})
                 for i in range(len(self))]
 
 
